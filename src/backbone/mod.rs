@@ -1,0 +1,4 @@
+//! The frozen ResNet-50 backbone: torchvision's architecture and weights, batch norm folded.
+
+pub mod resnet;
+pub mod weights;

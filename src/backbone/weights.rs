@@ -1,0 +1,353 @@
+//! Strict loading of torchvision's ResNet-50 state dict, and batch-norm folding.
+//!
+//! Reads the two formats torchvision's weights come in: `.pth` files written by `torch.save`
+//! (the zip format, e.g. `resnet50-0676ba61.pth` for IMAGENET1K_V1 and `resnet50-11ad3fa6.pth`
+//! for IMAGENET1K_V2) and `.safetensors` (e.g. Hugging Face `timm/resnet50.tv_in1k`, which
+//! uses the same key names). Loading is strict: every tensor of the file is either used or
+//! knowingly ignored (`fc.*`, the classifier we cut off, and `*.num_batches_tracked`), every
+//! shape is checked, and an error names the missing or unexpected key or the wrong shape.
+//!
+//! [`synthetic_state_dict`] builds deterministic weights (a hash of each element's index) that
+//! `tools/gen_backbone_fixtures.py` reproduces bit for bit in PyTorch, for golden tests and
+//! benchmarks without the real 100 MB file.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{CandleContext, Error, Result};
+
+/// Batch-norm epsilon of torchvision's ResNet.
+pub const BN_EPS: f64 = 1e-5;
+/// Bottleneck blocks per stage of ResNet-50.
+pub const BLOCKS: [usize; 4] = [3, 4, 6, 3];
+/// Inner width of each stage's bottlenecks; the output width is four times this.
+pub const WIDTHS: [usize; 4] = [64, 128, 256, 512];
+/// Channel expansion of a bottleneck block.
+pub const EXPANSION: usize = 4;
+
+/// Every tensor the backbone needs, with its shape, in torchvision's state-dict order.
+/// The classifier `fc.*` and the `num_batches_tracked` counters are not listed: they are
+/// ignored on purpose.
+pub fn resnet50_keys() -> Vec<(String, Vec<usize>)> {
+    let mut keys = Vec::new();
+    let mut conv_bn = |prefix: &str, conv: &str, bn: &str, shape: [usize; 4]| {
+        keys.push((format!("{prefix}{conv}.weight"), shape.to_vec()));
+        for leaf in ["weight", "bias", "running_mean", "running_var"] {
+            keys.push((format!("{prefix}{bn}.{leaf}"), vec![shape[0]]));
+        }
+    };
+    conv_bn("", "conv1", "bn1", [64, 3, 7, 7]);
+    let mut in_ch = 64;
+    for (stage, (&blocks, &width)) in BLOCKS.iter().zip(WIDTHS.iter()).enumerate() {
+        for block in 0..blocks {
+            let p = format!("layer{}.{block}.", stage + 1);
+            let out = width * EXPANSION;
+            conv_bn(&p, "conv1", "bn1", [width, in_ch, 1, 1]);
+            conv_bn(&p, "conv2", "bn2", [width, width, 3, 3]);
+            conv_bn(&p, "conv3", "bn3", [out, width, 1, 1]);
+            if block == 0 {
+                conv_bn(&p, "downsample.0", "downsample.1", [out, in_ch, 1, 1]);
+            }
+            in_ch = out;
+        }
+    }
+    keys
+}
+
+/// True for keys that a backbone checkpoint may hold and we deliberately do not use.
+fn is_ignored(key: &str) -> bool {
+    key.starts_with("fc.") || key.ends_with(".num_batches_tracked")
+}
+
+/// The tensors of a weights file, consumed one by one as the network is built.
+#[derive(Debug)]
+pub struct StateDict {
+    path: PathBuf,
+    tensors: HashMap<String, Tensor>,
+}
+
+impl StateDict {
+    /// Reads a `.pth` (zip format) or `.safetensors` file, recognised by its content.
+    pub fn read(path: &Path) -> Result<Self> {
+        let mut magic = [0u8; 9];
+        {
+            use std::io::Read;
+            let mut f = std::fs::File::open(path).map_err(|e| Error::io("opening", path, e))?;
+            let mut got = 0;
+            while got < magic.len() {
+                let n = f
+                    .read(&mut magic[got..])
+                    .map_err(|e| Error::io("reading", path, e))?;
+                if n == 0 {
+                    break;
+                }
+                got += n;
+            }
+            if got < magic.len() {
+                return Err(weights_err(path, "file is too short to hold any weights"));
+            }
+        }
+        let tensors: Vec<(String, Tensor)> = if magic.starts_with(b"PK\x03\x04") {
+            candle_core::pickle::read_all(path).map_err(|e| {
+                weights_err(path, format!("cannot read as a torch.save zip (.pth): {e}"))
+            })?
+        } else if magic[8] == b'{' {
+            candle_core::safetensors::load(path, &Device::Cpu)
+                .map_err(|e| weights_err(path, format!("cannot read as safetensors: {e}")))?
+                .into_iter()
+                .collect()
+        } else {
+            return Err(weights_err(
+                path,
+                "neither a zip-format .pth (torch.save) nor a .safetensors file; \
+                 a legacy .pth can be re-saved with torch.save(torch.load(f), f2)",
+            ));
+        };
+        if tensors.is_empty() {
+            return Err(weights_err(path, "holds no tensors"));
+        }
+        Ok(Self::from_tensors(path, tensors.into_iter().collect()))
+    }
+
+    /// Wraps tensors already in memory; `path` is only used in error messages.
+    pub fn from_tensors(path: impl Into<PathBuf>, tensors: HashMap<String, Tensor>) -> Self {
+        Self {
+            path: path.into(),
+            tensors,
+        }
+    }
+
+    /// The file the tensors came from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Removes tensor `key`, checking its shape, as f32 on the CPU.
+    pub fn take(&mut self, key: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.tensors.remove(key).ok_or_else(|| {
+            weights_err(
+                &self.path,
+                format!(
+                    "missing tensor `{key}` (expected shape {shape:?}); \
+                     is this a torchvision ResNet-50 state dict?"
+                ),
+            )
+        })?;
+        if t.dims() != shape {
+            return Err(weights_err(
+                &self.path,
+                format!(
+                    "tensor `{key}` has shape {:?}, expected {shape:?} (ResNet-50)",
+                    t.dims()
+                ),
+            ));
+        }
+        let t = t
+            .to_dtype(DType::F32)
+            .ctx(format!("converting `{key}` to f32"))?;
+        if t.flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .ctx(format!("reading `{key}`"))?
+            .iter()
+            .any(|v| !v.is_finite())
+        {
+            return Err(weights_err(
+                &self.path,
+                format!("tensor `{key}` holds NaN or infinite values"),
+            ));
+        }
+        Ok(t)
+    }
+
+    /// Checks that every remaining tensor is one we ignore on purpose.
+    pub fn finish(self) -> Result<()> {
+        let mut unexpected: Vec<&String> = self.tensors.keys().filter(|k| !is_ignored(k)).collect();
+        unexpected.sort();
+        match unexpected.as_slice() {
+            [] => Ok(()),
+            [first, ..] => Err(weights_err(
+                &self.path,
+                format!(
+                    "unexpected tensor `{first}` ({} unexpected in all); not a torchvision \
+                     ResNet-50 state dict",
+                    unexpected.len()
+                ),
+            )),
+        }
+    }
+
+    /// Takes a convolution and the batch norm that follows it and folds them into one
+    /// convolution with bias: `w' = w·γ/√(σ²+ε)`, `b' = β − μ·γ/√(σ²+ε)`.
+    /// Returns `(weight [out, in, k, k], bias [out])`.
+    pub fn take_conv_bn(
+        &mut self,
+        conv: &str,
+        bn: &str,
+        shape: [usize; 4],
+    ) -> Result<(Tensor, Tensor)> {
+        let w = self.take(&format!("{conv}.weight"), &shape)?;
+        let c = [shape[0]];
+        let gamma = self.take(&format!("{bn}.weight"), &c)?;
+        let beta = self.take(&format!("{bn}.bias"), &c)?;
+        let mean = self.take(&format!("{bn}.running_mean"), &c)?;
+        let var = self.take(&format!("{bn}.running_var"), &c)?;
+        fold_bn(&w, &gamma, &beta, &mean, &var).ctx(format!("folding `{bn}` into `{conv}`"))
+    }
+}
+
+fn weights_err(path: &Path, msg: impl Into<String>) -> Error {
+    Error::Weights {
+        path: path.to_path_buf(),
+        msg: msg.into(),
+    }
+}
+
+/// Folds eval-mode batch norm into the preceding bias-free convolution.
+/// `w` is `[out, in, k, k]`, the others `[out]`; returns `(w', b')`.
+pub fn fold_bn(
+    w: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    mean: &Tensor,
+    var: &Tensor,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    // The scale is computed in f64: it multiplies every weight, so its rounding matters most.
+    let scale = (gamma.to_dtype(DType::F64)? / (var.to_dtype(DType::F64)? + BN_EPS)?.sqrt()?)?;
+    let bias = (beta.to_dtype(DType::F64)? - (mean.to_dtype(DType::F64)? * &scale)?)?;
+    let out = w.dim(0)?;
+    let w = w
+        .to_dtype(DType::F64)?
+        .broadcast_mul(&scale.reshape((out, 1, 1, 1))?)?;
+    Ok((w.to_dtype(DType::F32)?, bias.to_dtype(DType::F32)?))
+}
+
+/// FNV-1a (32-bit) of a tensor name: the per-tensor seed of [`synthetic_state_dict`].
+fn fnv1a32(name: &str) -> u32 {
+    name.bytes().fold(0x811C_9DC5u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
+}
+
+/// splitmix64's output function.
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Deterministic values for tensor `name` of `shape`, identical to
+/// `synthetic()` in `tools/gen_backbone_fixtures.py`: element `i` draws
+/// `u = top 24 bits of splitmix64(fnv1a32(name) << 32 | i) / 2²⁴`, then batch-norm γ and
+/// running variance are `0.5 + u`, biases and running means `0.1·(2u − 1)`, and
+/// convolution weights `√(3/fan_in)·(2u − 1)` (variance 1/fan_in).
+pub fn synthetic_values(name: &str, shape: &[usize]) -> Vec<f32> {
+    let n: usize = shape.iter().product();
+    let seed = u64::from(fnv1a32(name)) << 32;
+    let leaf = name.rsplit('.').next().unwrap_or(name);
+    let fan_in: usize = shape.iter().skip(1).product();
+    let conv_scale = (3.0f64 / fan_in.max(1) as f64).sqrt() as f32;
+    (0..n as u64)
+        .map(|i| {
+            let u = (splitmix64(seed | i) >> 40) as f32 * (1.0 / (1u32 << 24) as f32);
+            match leaf {
+                "running_var" => 0.5 + u,
+                "weight" if shape.len() == 1 => 0.5 + u,
+                "bias" | "running_mean" => (2.0 * u - 1.0) * 0.1,
+                _ => (2.0 * u - 1.0) * conv_scale,
+            }
+        })
+        .collect()
+}
+
+/// A complete torchvision ResNet-50 state dict (classifier and `num_batches_tracked`
+/// included, as in a real file) with [`synthetic_values`]: for tests and benchmarks.
+pub fn synthetic_state_dict() -> Result<HashMap<String, Tensor>> {
+    let mut keys = resnet50_keys();
+    keys.push(("fc.weight".into(), vec![1000, 2048]));
+    keys.push(("fc.bias".into(), vec![1000]));
+    let mut map = HashMap::new();
+    for (key, shape) in keys {
+        let t = Tensor::from_vec(
+            synthetic_values(&key, &shape),
+            shape.as_slice(),
+            &Device::Cpu,
+        )
+        .ctx(format!("building synthetic `{key}`"))?;
+        if let Some(bn) = key.strip_suffix(".running_var") {
+            let counter = Tensor::new(0i64, &Device::Cpu).ctx("num_batches_tracked")?;
+            map.insert(format!("{bn}.num_batches_tracked"), counter);
+        }
+        map.insert(key, t);
+    }
+    Ok(map)
+}
+
+/// Writes tensors as a `.safetensors` file, atomically.
+pub fn write_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = tempfile::Builder::new()
+        .prefix(".tmp-")
+        .tempfile_in(dir)
+        .map_err(|e| Error::io("creating a temporary file in", dir, e))?;
+    candle_core::safetensors::save(tensors, tmp.path())
+        .ctx(format!("writing safetensors for {}", path.display()))?;
+    tmp.persist(path)
+        .map_err(|e| Error::io("renaming into place", path, e.error))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_list_matches_resnet50() {
+        let keys = resnet50_keys();
+        // 53 conv+bn pairs (1 stem + 16 blocks × 3 + 4 downsamples), 5 tensors each.
+        assert_eq!(keys.len(), 53 * 5);
+        let params: usize = keys
+            .iter()
+            .filter(|(k, _)| !k.contains("running_"))
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum();
+        // torchvision's resnet50 has 25,557,032 parameters, 2,049,000 of them in fc.
+        assert_eq!(params, 25_557_032 - 2_049_000);
+    }
+
+    #[test]
+    fn synthetic_values_are_deterministic_and_in_range() {
+        let a = synthetic_values("layer1.0.conv1.weight", &[64, 64, 1, 1]);
+        assert_eq!(
+            a,
+            synthetic_values("layer1.0.conv1.weight", &[64, 64, 1, 1])
+        );
+        let bound = (3.0f32 / 64.0).sqrt();
+        assert!(a.iter().all(|v| v.abs() <= bound));
+        let var = synthetic_values("bn1.running_var", &[64]);
+        assert!(var.iter().all(|v| (0.5..1.5).contains(v)));
+        assert_ne!(var, synthetic_values("bn2.running_var", &[64]));
+    }
+
+    #[test]
+    fn fold_matches_batch_norm() {
+        let dev = Device::Cpu;
+        let w = Tensor::new(&[[[[2.0f32]]], [[[-1.0]]]], &dev).unwrap();
+        let gamma = Tensor::new(&[1.5f32, 0.5], &dev).unwrap();
+        let beta = Tensor::new(&[0.1f32, -0.2], &dev).unwrap();
+        let mean = Tensor::new(&[0.3f32, 0.4], &dev).unwrap();
+        let var = Tensor::new(&[4.0f32, 0.25], &dev).unwrap();
+        let (w2, b2) = fold_bn(&w, &gamma, &beta, &mean, &var).unwrap();
+        // x = 1: conv gives [2, -1]; BN gives γ(x−μ)/√(σ²+ε)+β.
+        for (c, conv) in [2.0f64, -1.0].iter().enumerate() {
+            let g = [1.5, 0.5][c];
+            let expected =
+                g * (conv - [0.3, 0.4][c]) / ([4.0, 0.25][c] + BN_EPS).sqrt() + [0.1, -0.2][c];
+            let wf = w2.flatten_all().unwrap().to_vec1::<f32>().unwrap()[c];
+            let bf = b2.to_vec1::<f32>().unwrap()[c];
+            assert!((f64::from(wf + bf) - expected).abs() < 1e-6);
+        }
+    }
+}

@@ -1,0 +1,314 @@
+//! `cifar-finetune download`: fetch CIFAR-10 and the pretrained ResNet-50 weights into the
+//! data directory, verified, with a progress bar.
+//!
+//! The work is done by `cifar_finetune::data::download`; this file only maps flags onto
+//! [`DownloadOptions`], draws progress (an indicatif bar on a terminal, plain log lines
+//! otherwise) and prints where the files are. Other subcommands reuse [`progress_reporter`].
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use cifar_finetune::data::download::{
+    self, Asset, CIFAR10_BIN_DIR, DownloadOptions, Progress, ProgressFn, Stage,
+};
+use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
+
+/// Download CIFAR-10 (binary version) and torchvision's ResNet-50 weights, verified.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Data directory: CIFAR-10 goes to DIR/cifar-10-batches-bin, the weights to DIR/<file>.
+    #[arg(long, value_name = "DIR", default_value = "data")]
+    pub data: PathBuf,
+
+    /// Which pretrained weights to fetch (v1 is the original script's `pretrained=True`).
+    #[arg(long, value_enum, default_value_t = WeightsChoice::V1)]
+    pub weights: WeightsChoice,
+
+    /// Do not fetch CIFAR-10.
+    #[arg(long)]
+    pub no_cifar: bool,
+
+    /// Base URL serving /~kriz/cifar-10-binary.tar.gz (default https://www.cs.toronto.edu,
+    /// or $CIFAR_FINETUNE_CIFAR_URL).
+    #[arg(long, value_name = "URL")]
+    pub cifar_url: Option<String>,
+
+    /// Base URL serving /models/resnet50-*.pth (default https://download.pytorch.org, or
+    /// $CIFAR_FINETUNE_WEIGHTS_URL).
+    #[arg(long, value_name = "URL")]
+    pub weights_url: Option<String>,
+
+    /// Base URL of Hugging Face, for --weights v1-safetensors (default https://huggingface.co,
+    /// or $CIFAR_FINETUNE_HF_URL).
+    #[arg(long, value_name = "URL")]
+    pub hf_url: Option<String>,
+
+    /// Never use the network: only check that the files are present, and say what is missing.
+    #[arg(long)]
+    pub offline: bool,
+}
+
+/// The pretrained weights to fetch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WeightsChoice {
+    /// torchvision IMAGENET1K_V1, resnet50-0676ba61.pth (the default).
+    V1,
+    /// torchvision IMAGENET1K_V2, resnet50-11ad3fa6.pth.
+    V2,
+    /// The V1 weights as safetensors from Hugging Face (timm/resnet50.tv_in1k; unverified).
+    V1Safetensors,
+    /// No weights.
+    None,
+}
+
+impl WeightsChoice {
+    /// The asset to fetch, if any.
+    pub fn asset(self) -> Option<&'static Asset> {
+        match self {
+            WeightsChoice::V1 => Some(&download::RESNET50_V1),
+            WeightsChoice::V2 => Some(&download::RESNET50_V2),
+            WeightsChoice::V1Safetensors => Some(&download::RESNET50_V1_SAFETENSORS),
+            WeightsChoice::None => None,
+        }
+    }
+}
+
+/// Runs `cifar-finetune download`.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let mut opts = DownloadOptions::from_env();
+    if let Some(url) = args.cifar_url {
+        opts.cifar_base_url = url;
+    }
+    if let Some(url) = args.weights_url {
+        opts.weights_base_url = url;
+    }
+    if let Some(url) = args.hf_url {
+        opts.hf_base_url = url;
+    }
+    opts.offline = args.offline;
+    let (reporter, progress) = progress_reporter();
+    opts.progress = Some(progress);
+
+    // Try every requested file even when one fails, so that one run lists all that is missing.
+    let mut failures = Vec::new();
+    let mut found = Vec::new();
+    if !args.no_cifar {
+        match download::ensure_cifar(&args.data, &opts) {
+            Ok(dir) => found.push(format!(
+                "CIFAR-10: {} (data_batch_1..5.bin, test_batch.bin, batches.meta.txt)",
+                dir.display()
+            )),
+            Err(e) => failures.push(e.to_string()),
+        }
+        reporter.finish();
+    }
+    if let Some(asset) = args.weights.asset() {
+        match download::ensure_weights(&args.data, asset, &opts) {
+            Ok(path) => {
+                let note = if asset.checksum.is_none() {
+                    " (no checksum pinned: not verified)"
+                } else {
+                    ""
+                };
+                found.push(format!(
+                    "weights:  {} — {}{note}",
+                    path.display(),
+                    asset.name
+                ));
+            }
+            Err(e) => failures.push(e.to_string()),
+        }
+        reporter.finish();
+    }
+
+    for line in &found {
+        println!("{line}");
+    }
+    let archive = args.data.join(download::CIFAR10_BINARY.file_name);
+    if !args.no_cifar && archive.is_file() && args.data.join(CIFAR10_BIN_DIR).is_dir() {
+        println!(
+            "(the archive {} is no longer needed and may be deleted)",
+            archive.display()
+        );
+    }
+    match failures.len() {
+        0 => Ok(()),
+        1 => bail!("{}", failures.remove(0)),
+        n => bail!("{n} downloads failed:\n\n{}", failures.join("\n\n")),
+    }
+}
+
+/// Handle on the progress display behind a [`ProgressFn`]: call [`Reporter::finish`] after
+/// each library call so that the last bar is completed.
+#[derive(Clone)]
+pub struct Reporter(Arc<Mutex<Display>>);
+
+impl Reporter {
+    /// Completes the current bar or log sequence, if any.
+    pub fn finish(&self) {
+        if let Ok(mut display) = self.0.lock() {
+            display.finish();
+        }
+    }
+}
+
+/// A progress callback for the download functions, drawing an indicatif bar on a terminal
+/// and a log line every 10 % (or 10 s) otherwise, plus the handle that completes it.
+pub fn progress_reporter() -> (Reporter, ProgressFn) {
+    let display = Arc::new(Mutex::new(Display {
+        terminal: std::io::stderr().is_terminal(),
+        current: None,
+    }));
+    let reporter = Reporter(Arc::clone(&display));
+    let callback: ProgressFn = Box::new(move |p: &Progress<'_>| {
+        if let Ok(mut display) = display.lock() {
+            display.update(p);
+        }
+    });
+    (reporter, callback)
+}
+
+/// The state of the progress display.
+struct Display {
+    terminal: bool,
+    current: Option<Current>,
+}
+
+/// The step being shown.
+struct Current {
+    stage: Stage,
+    file: PathBuf,
+    bar: Option<ProgressBar>,
+    last_log: Instant,
+    last_decile: u64,
+    done: u64,
+}
+
+impl Display {
+    fn update(&mut self, p: &Progress<'_>) {
+        let same = self
+            .current
+            .as_ref()
+            .is_some_and(|c| c.stage == p.stage && c.file == p.file);
+        if !same {
+            self.finish();
+            self.start(p);
+        }
+        let Some(current) = self.current.as_mut() else {
+            return;
+        };
+        current.done = p.done;
+        if let Some(bar) = &current.bar {
+            if let Some(total) = p.total {
+                bar.set_length(total);
+            }
+            bar.set_position(p.done);
+            return;
+        }
+        // Plain log lines: one per 10 % of a known total, else one every 10 s.
+        let decile = p.total.filter(|&t| t > 0).map(|t| p.done * 10 / t);
+        let due = match decile {
+            Some(d) => d > current.last_decile,
+            None => current.last_log.elapsed() >= Duration::from_secs(10),
+        };
+        if due {
+            current.last_decile = decile.unwrap_or(0);
+            current.last_log = Instant::now();
+            eprintln!(
+                "{} {}: {}",
+                verb(p.stage),
+                name(p.file),
+                amount(p.done, p.total)
+            );
+        }
+    }
+
+    fn start(&mut self, p: &Progress<'_>) {
+        let resuming = p.stage == Stage::Download && p.done > 0;
+        let message = format!(
+            "{} {}{}",
+            verb(p.stage),
+            name(p.file),
+            if resuming {
+                format!(" (resuming at {})", HumanBytes(p.done))
+            } else {
+                String::new()
+            }
+        );
+        let bar = if self.terminal {
+            let bar = match p.total {
+                Some(total) => ProgressBar::new(total).with_style(
+                    ProgressStyle::with_template(
+                        "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                    )
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+                ),
+                None => ProgressBar::new_spinner().with_style(
+                    ProgressStyle::with_template("{spinner} {msg} {bytes} {bytes_per_sec}")
+                        .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+                ),
+            };
+            bar.set_message(message);
+            bar.set_position(p.done);
+            bar.enable_steady_tick(Duration::from_millis(200));
+            Some(bar)
+        } else {
+            eprintln!("{message}...");
+            None
+        };
+        self.current = Some(Current {
+            stage: p.stage,
+            file: p.file.to_path_buf(),
+            bar,
+            last_log: Instant::now(),
+            last_decile: p.total.filter(|&t| t > 0).map_or(0, |t| p.done * 10 / t),
+            done: p.done,
+        });
+    }
+
+    fn finish(&mut self) {
+        if let Some(current) = self.current.take() {
+            match current.bar {
+                // `abandon` leaves the bar where it stands: full after a success, short of
+                // the end after a failure, which the error message then explains.
+                Some(bar) => bar.abandon(),
+                None => eprintln!(
+                    "{} {}: {} in all",
+                    verb(current.stage),
+                    name(&current.file),
+                    HumanBytes(current.done)
+                ),
+            }
+        }
+    }
+}
+
+fn verb(stage: Stage) -> &'static str {
+    match stage {
+        Stage::Download => "downloading",
+        Stage::Verify => "verifying",
+        Stage::Extract => "extracting",
+    }
+}
+
+fn name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string())
+}
+
+fn amount(done: u64, total: Option<u64>) -> String {
+    match total {
+        Some(t) if t > 0 => format!(
+            "{}% ({} of {})",
+            done * 100 / t,
+            HumanBytes(done),
+            HumanBytes(t)
+        ),
+        _ => HumanBytes(done).to_string(),
+    }
+}

@@ -1,0 +1,183 @@
+//! Where features come from, shared by every subcommand that needs them: the data and
+//! weights (downloaded when missing), the preprocessing, and the feature cache.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use cifar_finetune::data::cifar::{self, Part, Split};
+use cifar_finetune::data::download::{self, DownloadOptions};
+use cifar_finetune::data::transform::Preprocess;
+use cifar_finetune::features::{self, CacheOptions, Extractor, FeatureSet};
+
+use crate::progress::Progress;
+
+/// The normalisation applied after `ToTensor`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Normalize {
+    /// ImageNet mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225): what the weights
+    /// were trained with.
+    Imagenet,
+    /// mean = std = (0.5, 0.5, 0.5), as the original course script.
+    Half,
+}
+
+/// Options that say which features to use; flattened into every subcommand that needs them.
+#[derive(Debug, Clone, clap::Args)]
+pub struct FeatureArgs {
+    /// Data directory: holds (or receives) cifar-10-batches-bin/ (or the python version,
+    /// cifar-10-batches-py/) and the weights.
+    #[arg(long, default_value = "data")]
+    pub data: PathBuf,
+    /// ResNet-50 weights, .pth (torch.save) or .safetensors with torchvision's key names.
+    /// [default: <data>/resnet50-0676ba61.pth, torchvision's IMAGENET1K_V1, downloaded if
+    /// missing]
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    /// Feature cache directory [default: <data>/features-cache].
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// Shorter image side after resizing (torchvision's Resize(size), bilinear).
+    #[arg(long, default_value_t = 224)]
+    pub image_size: usize,
+    /// Normalisation after ToTensor.
+    #[arg(long, value_enum, default_value_t = Normalize::Imagenet)]
+    pub normalize: Normalize,
+    /// Images per backbone forward pass during extraction.
+    #[arg(long, default_value_t = 16)]
+    pub extract_batch_size: usize,
+    /// Images per cache shard: the most an interrupted extraction loses.
+    #[arg(long, default_value_t = 512)]
+    pub shard_size: usize,
+    /// Use only the first N images of each CIFAR-10 part (a quick trial).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Validation images held out of the training part
+    /// [default: a tenth of the training images used, 5,000 of 50,000].
+    #[arg(long)]
+    pub val_count: Option<usize>,
+    /// Seed of the train/validation split.
+    #[arg(long, default_value_t = 0)]
+    pub split_seed: u64,
+    /// Never download: fail if the data or weights are missing.
+    #[arg(long)]
+    pub offline: bool,
+}
+
+impl FeatureArgs {
+    /// The preprocessing these options describe.
+    pub fn preprocess(&self) -> Preprocess {
+        match self.normalize {
+            Normalize::Imagenet => Preprocess::imagenet(self.image_size),
+            Normalize::Half => Preprocess::half(self.image_size),
+        }
+    }
+
+    /// The cache directory in use.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.cache_dir
+            .clone()
+            .unwrap_or_else(|| self.data.join("features-cache"))
+    }
+
+    /// The weights file, downloaded first when it is the default one and missing.
+    pub fn weights_path(&self) -> anyhow::Result<PathBuf> {
+        match &self.weights {
+            Some(p) if p.exists() => Ok(p.clone()),
+            Some(p) => anyhow::bail!("--weights {}: no such file", p.display()),
+            None => Ok(download::ensure_weights(
+                &self.data,
+                &download::RESNET50_V1,
+                &self.download_options(),
+            )?),
+        }
+    }
+
+    /// Makes sure the CIFAR-10 files are in the data directory, downloading them if allowed.
+    pub fn ensure_data(&self) -> anyhow::Result<()> {
+        if cifar::part_files(&self.data, Part::Train).is_ok()
+            && cifar::part_files(&self.data, Part::Test).is_ok()
+        {
+            return Ok(());
+        }
+        download::ensure_cifar(&self.data, &self.download_options())?;
+        Ok(())
+    }
+
+    fn download_options(&self) -> DownloadOptions {
+        let mut opts = DownloadOptions::from_env();
+        opts.offline = self.offline;
+        opts
+    }
+
+    /// The extractor (weights hashed; the network is loaded only if something is missing
+    /// from the cache).
+    pub fn extractor(&self) -> anyhow::Result<Extractor> {
+        let weights = self.weights_path()?;
+        Ok(Extractor::load(&weights, self.preprocess())?)
+    }
+}
+
+/// The features of one CIFAR-10 part, from the cache, extracting what it lacks.
+pub fn load_part(
+    args: &FeatureArgs,
+    extractor: &Extractor,
+    part: Part,
+) -> anyhow::Result<FeatureSet> {
+    args.ensure_data()?;
+    let opts = CacheOptions {
+        dir: args.cache_dir(),
+        batch_size: args.extract_batch_size,
+        shard_size: args.shard_size,
+    };
+    let mut bar: Option<Progress> = None;
+    let set = features::cached_part(extractor, &args.data, part, args.limit, &opts, &mut |p| {
+        let bar = bar.get_or_insert_with(|| {
+            Progress::new(&format!("features ({part})"), "images", p.total as u64)
+        });
+        bar.update(p.done as u64, (p.done - p.cached) as u64);
+    })
+    .with_context(|| format!("extracting features of the {part} part"))?;
+    if let Some(bar) = bar {
+        bar.finish();
+    }
+    Ok(set)
+}
+
+/// The rows of the training part that make up `split` (Train or Val).
+pub fn split_rows(args: &FeatureArgs, n: usize, split: Split) -> anyhow::Result<Vec<usize>> {
+    let val_count = args.val_count.unwrap_or(n / 10);
+    let (train, val) = cifar::split_indices(n, val_count, args.split_seed)?;
+    Ok(match split {
+        Split::Train => train,
+        Split::Val => val,
+        Split::Test => (0..n).collect(),
+    })
+}
+
+/// The features of each split asked for, in that order (the cache is read once per part).
+pub fn load_many(args: &FeatureArgs, splits: &[Split]) -> anyhow::Result<Vec<FeatureSet>> {
+    let extractor = args.extractor()?;
+    let mut train_part: Option<FeatureSet> = None;
+    let mut out = Vec::with_capacity(splits.len());
+    for &split in splits {
+        let set = match split.part() {
+            Part::Test => load_part(args, &extractor, Part::Test)?,
+            Part::Train => {
+                if train_part.is_none() {
+                    train_part = Some(load_part(args, &extractor, Part::Train)?);
+                }
+                let whole = train_part.as_ref().context("training part not loaded")?;
+                whole.select(&split_rows(args, whole.len(), split)?)
+            }
+        };
+        out.push(set);
+    }
+    Ok(out)
+}
+
+/// The features of one split.
+pub fn load(args: &FeatureArgs, split: Split) -> anyhow::Result<FeatureSet> {
+    load_many(args, &[split])?
+        .pop()
+        .context("no feature set returned")
+}

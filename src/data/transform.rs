@@ -1,0 +1,526 @@
+//! torchvision's `Resize(size)` → `ToTensor()` → `Normalize(mean, std)`, bit for bit.
+//!
+//! The original PyTorch script feeds CIFAR-10's 32×32 PIL images through
+//! `transforms.Resize(224)`, which on a PIL image calls Pillow's `Image.resize` with the
+//! bilinear filter. Pillow's resampler (`src/libImaging/Resample.c`) is not textbook
+//! bilinear interpolation: it is a separable convolution with a triangle filter whose
+//! support widens with the downscaling factor (so it antialiases), computed in two passes
+//! (horizontal, then vertical) with the filter weights normalised, converted to fixed point
+//! (22 fractional bits) and the sums rounded and clipped to `u8` after *each* pass. A pass
+//! whose size does not change is skipped. [`Resizer`] reproduces all of that exactly, so
+//! the resized bytes equal Pillow's; `ToTensor` (`v / 255` in f32) and `Normalize`
+//! (`(x - mean) / std` in f32) are then a per-channel table over the 256 byte values, giving
+//! torchvision's floats exactly.
+//!
+//! Images are planar `[3, h, w]` bytes (R, G, B planes, row-major), as CIFAR-10 stores them;
+//! Pillow resamples each channel independently, so planar order changes nothing.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Fractional bits of Pillow's fixed-point filter weights (`PRECISION_BITS = 32 - 8 - 2`).
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+/// The preprocessing of one image: resize the shorter side to `size`, scale to `[0, 1]`,
+/// normalise per channel.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Preprocess {
+    /// Target length of the shorter side (torchvision's `Resize(size)` with an int).
+    pub size: usize,
+    /// Per-channel mean subtracted after scaling to `[0, 1]` (R, G, B).
+    pub mean: [f32; 3],
+    /// Per-channel standard deviation divided by after subtracting the mean (R, G, B).
+    pub std: [f32; 3],
+}
+
+impl Preprocess {
+    /// ImageNet channel means, as in torchvision's pretrained-model recipes.
+    pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+    /// ImageNet channel standard deviations, as in torchvision's pretrained-model recipes.
+    pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+    /// The ImageNet normalisation the backbone was trained with (the default).
+    pub fn imagenet(size: usize) -> Self {
+        Preprocess {
+            size,
+            mean: Self::IMAGENET_MEAN,
+            std: Self::IMAGENET_STD,
+        }
+    }
+
+    /// mean = std = 0.5 per channel, as in the original script.
+    pub fn half(size: usize) -> Self {
+        Preprocess {
+            size,
+            mean: [0.5; 3],
+            std: [0.5; 3],
+        }
+    }
+
+    /// Output `(height, width)` for an `h`×`w` input, as torchvision's `Resize(int)`:
+    /// the shorter side becomes `size`, the longer `int(size * long / short)`.
+    pub fn output_hw(&self, h: usize, w: usize) -> (usize, usize) {
+        let (short, long) = if w <= h { (w, h) } else { (h, w) };
+        if short == 0 {
+            return (0, 0);
+        }
+        // Python's `int(a * b / c)`: a correctly rounded true division, then truncation.
+        let new_long = ((self.size * long) as f64 / short as f64) as usize;
+        if w <= h {
+            (new_long, self.size)
+        } else {
+            (self.size, new_long)
+        }
+    }
+
+    /// Checks that the settings can be applied: a positive size, finite means and positive,
+    /// finite standard deviations.
+    pub fn validate(&self) -> Result<()> {
+        if self.size == 0 {
+            return Err(Error::invalid("image size", "must be at least 1"));
+        }
+        for c in 0..3 {
+            if !self.mean[c].is_finite() {
+                return Err(Error::invalid(
+                    "mean",
+                    format!("{:?} is not finite", self.mean),
+                ));
+            }
+            if !(self.std[c].is_finite() && self.std[c] > 0.0) {
+                return Err(Error::invalid(
+                    "std",
+                    format!("{:?} must be positive and finite", self.std),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Precomputes everything needed for `h`×`w` inputs: resize weights and the
+    /// byte → float table. Reuse the result for many images of the same size.
+    pub fn prepare(&self, h: usize, w: usize) -> Result<Prepared> {
+        self.validate()?;
+        if h == 0 || w == 0 {
+            return Err(Error::invalid(
+                "image size",
+                format!("cannot preprocess an empty {h}×{w} image"),
+            ));
+        }
+        let (oh, ow) = self.output_hw(h, w);
+        let resizer = Resizer::new(h, w, oh, ow)?;
+        let mut table = [[0f32; 256]; 3];
+        for (c, row) in table.iter_mut().enumerate() {
+            for (v, out) in row.iter_mut().enumerate() {
+                // Exactly torchvision's f32 operations: ToTensor's `div(255)`, then
+                // Normalize's `sub_(mean).div_(std)`.
+                *out = (v as f32 / 255.0 - self.mean[c]) / self.std[c];
+            }
+        }
+        Ok(Prepared { resizer, table })
+    }
+
+    /// `[3, h, w]` bytes → `[3, oh, ow]` floats (Resize → ToTensor → Normalize), where
+    /// `(oh, ow) = self.output_hw(h, w)`. Errors on wrong buffer lengths.
+    pub fn apply(&self, chw: &[u8], h: usize, w: usize, out: &mut [f32]) -> Result<()> {
+        self.prepare(h, w)?.apply(chw, out)
+    }
+
+    /// Stable text naming everything that determines the output: resize rule,
+    /// interpolation, size, mean and std. Used in cache keys.
+    pub fn fingerprint(&self) -> String {
+        format!(
+            "resize=shorter-side(torchvision.Resize(int));interp=pil-bilinear-antialias-fixed22;\
+             size={};to_tensor=div255-f32;mean={:?};std={:?}",
+            self.size, self.mean, self.std
+        )
+    }
+}
+
+/// A [`Preprocess`] made ready for one input size (see [`Preprocess::prepare`]).
+#[derive(Clone, Debug)]
+pub struct Prepared {
+    resizer: Resizer,
+    /// `[3][256]`: the normalised float of each byte value, per channel.
+    table: [[f32; 256]; 3],
+}
+
+impl Prepared {
+    /// Input `(height, width)`.
+    pub fn input_hw(&self) -> (usize, usize) {
+        (self.resizer.h, self.resizer.w)
+    }
+
+    /// Output `(height, width)`.
+    pub fn output_hw(&self) -> (usize, usize) {
+        (self.resizer.oh, self.resizer.ow)
+    }
+
+    /// Floats per output image: `3 * oh * ow`.
+    pub fn output_len(&self) -> usize {
+        3 * self.resizer.oh * self.resizer.ow
+    }
+
+    /// `[3, h, w]` bytes → `[3, oh, ow]` floats. Errors on wrong buffer lengths.
+    pub fn apply(&self, chw: &[u8], out: &mut [f32]) -> Result<()> {
+        if out.len() != self.output_len() {
+            return Err(Error::invalid(
+                "preprocess output buffer",
+                format!(
+                    "expected 3×{}×{} = {} floats, got {}",
+                    self.resizer.oh,
+                    self.resizer.ow,
+                    self.output_len(),
+                    out.len()
+                ),
+            ));
+        }
+        // [3, oh, ow]
+        let mut resized = vec![0u8; self.output_len()];
+        self.resizer.resize_into(chw, &mut resized)?;
+        let plane = self.resizer.oh * self.resizer.ow;
+        for c in 0..3 {
+            let table = &self.table[c];
+            let src = &resized[c * plane..(c + 1) * plane];
+            for (o, &v) in out[c * plane..(c + 1) * plane].iter_mut().zip(src) {
+                *o = table[usize::from(v)];
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Fixed-point filter weights of one resampling pass (one axis).
+#[derive(Clone, Debug)]
+struct Pass {
+    /// Per output position: first input index and number of taps.
+    bounds: Vec<(usize, usize)>,
+    /// `[out, ksize]` weights with `PRECISION_BITS` fractional bits; taps past the count are 0.
+    weights: Vec<i32>,
+    /// Row stride of `weights`.
+    ksize: usize,
+}
+
+impl Pass {
+    /// Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc` for the bilinear filter over
+    /// the whole input (box `[0, in_size)`).
+    fn bilinear(in_size: usize, out_size: usize) -> Pass {
+        // Pillow computes `in1 - in0` in single precision, then divides in double.
+        let scale = f64::from(in_size as f32 - 0.0f32) / out_size as f64;
+        let filterscale = scale.max(1.0);
+        // The triangle filter has support 1; downscaling stretches it.
+        let support = filterscale;
+        let ksize = support.ceil() as usize * 2 + 1;
+        let mut bounds = Vec::with_capacity(out_size);
+        let mut weights = vec![0i32; out_size * ksize];
+        let mut k = vec![0f64; ksize];
+        for xx in 0..out_size {
+            let center = 0.0 + (xx as f64 + 0.5) * scale;
+            let ss = 1.0 / filterscale;
+            // C's `(int)` truncates toward zero; a negative start is clamped to 0 anyway.
+            let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+            let xmax = ((center + support + 0.5) as i64).clamp(0, in_size as i64) as usize;
+            let count = xmax.saturating_sub(xmin).min(ksize);
+            let mut ww = 0.0;
+            for (x, kx) in k.iter_mut().enumerate().take(count) {
+                let w = triangle(((x + xmin) as f64 - center + 0.5) * ss);
+                *kx = w;
+                ww += w;
+            }
+            let row = &mut weights[xx * ksize..(xx + 1) * ksize];
+            for (x, out) in row.iter_mut().enumerate().take(count) {
+                let w = if ww != 0.0 { k[x] / ww } else { k[x] };
+                let scaled = w * f64::from(1u32 << PRECISION_BITS);
+                *out = if w < 0.0 {
+                    (-0.5 + scaled) as i32
+                } else {
+                    (0.5 + scaled) as i32
+                };
+            }
+            bounds.push((xmin, count));
+        }
+        Pass {
+            bounds,
+            weights,
+            ksize,
+        }
+    }
+
+    fn taps(&self, o: usize) -> (usize, &[i32]) {
+        let (start, count) = self.bounds[o];
+        (start, &self.weights[o * self.ksize..o * self.ksize + count])
+    }
+}
+
+/// Pillow's `bilinear_filter`: the triangle `max(0, 1 - |x|)`.
+fn triangle(x: f64) -> f64 {
+    let x = x.abs();
+    if x < 1.0 { 1.0 - x } else { 0.0 }
+}
+
+/// Pillow's `clip8`: drop the fractional bits (arithmetic shift) and saturate to a byte.
+fn clip8(acc: i32) -> u8 {
+    (acc >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+/// Pillow's bilinear resize of `[3, h, w]` bytes to `[3, oh, ow]`, precomputed for one
+/// pair of sizes.
+#[derive(Clone, Debug)]
+pub struct Resizer {
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+    /// The horizontal pass, when the width changes.
+    horizontal: Option<Pass>,
+    /// The vertical pass, when the height changes.
+    vertical: Option<Pass>,
+    /// Input rows the vertical pass reads (all rows when there is no vertical pass).
+    rows: (usize, usize),
+}
+
+impl Resizer {
+    /// Precomputes the weights for `h`×`w` → `oh`×`ow`. Errors on zero sizes.
+    pub fn new(h: usize, w: usize, oh: usize, ow: usize) -> Result<Resizer> {
+        if h == 0 || w == 0 || oh == 0 || ow == 0 {
+            return Err(Error::invalid(
+                "resize",
+                format!("cannot resize {h}×{w} to {oh}×{ow}: sizes must be positive"),
+            ));
+        }
+        // Pillow always computes the vertical weights, and uses their first and last rows
+        // to limit the horizontal pass to the rows the vertical pass reads.
+        let vertical = Pass::bilinear(h, oh);
+        let first = vertical.bounds[0].0;
+        let (last_start, last_count) = vertical.bounds[oh - 1];
+        let rows = if oh != h {
+            (first, last_start + last_count)
+        } else {
+            (0, h)
+        };
+        Ok(Resizer {
+            h,
+            w,
+            oh,
+            ow,
+            horizontal: (ow != w).then(|| Pass::bilinear(w, ow)),
+            vertical: (oh != h).then_some(vertical),
+            rows,
+        })
+    }
+
+    /// Resizes `src` (`[3, h, w]`) into `dst` (`[3, oh, ow]`). Errors on wrong lengths.
+    pub fn resize_into(&self, src: &[u8], dst: &mut [u8]) -> Result<()> {
+        let (h, w, oh, ow) = (self.h, self.w, self.oh, self.ow);
+        if src.len() != 3 * h * w {
+            return Err(Error::invalid(
+                "image buffer",
+                format!(
+                    "expected 3×{h}×{w} = {} bytes, got {}",
+                    3 * h * w,
+                    src.len()
+                ),
+            ));
+        }
+        if dst.len() != 3 * oh * ow {
+            return Err(Error::invalid(
+                "resize output buffer",
+                format!(
+                    "expected 3×{oh}×{ow} = {} bytes, got {}",
+                    3 * oh * ow,
+                    dst.len()
+                ),
+            ));
+        }
+        match (&self.horizontal, &self.vertical) {
+            (None, None) => dst.copy_from_slice(src),
+            (Some(hp), None) => horizontal_pass(hp, src, h, w, ow, (0, h), dst),
+            (None, Some(vp)) => vertical_pass(vp, src, h, w, 0, oh, dst),
+            (Some(hp), Some(vp)) => {
+                let (first, last) = self.rows;
+                // [3, last - first, ow]: the horizontally resized rows the vertical pass reads.
+                let mut tmp = vec![0u8; 3 * (last - first) * ow];
+                horizontal_pass(hp, src, h, w, ow, self.rows, &mut tmp);
+                vertical_pass(vp, &tmp, last - first, ow, first, oh, dst);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Horizontal pass over input rows `rows.0..rows.1` of each plane: `[3, h, w]` →
+/// `[3, rows.1 - rows.0, ow]`.
+fn horizontal_pass(
+    pass: &Pass,
+    src: &[u8],
+    h: usize,
+    w: usize,
+    ow: usize,
+    rows: (usize, usize),
+    dst: &mut [u8],
+) {
+    let nrows = rows.1 - rows.0;
+    for c in 0..3 {
+        for (r, y) in (rows.0..rows.1).enumerate() {
+            let line = &src[(c * h + y) * w..(c * h + y + 1) * w];
+            let out = &mut dst[(c * nrows + r) * ow..(c * nrows + r + 1) * ow];
+            for (xx, o) in out.iter_mut().enumerate() {
+                let (start, k) = pass.taps(xx);
+                let mut acc: i32 = 1 << (PRECISION_BITS - 1);
+                for (&px, &kx) in line[start..start + k.len()].iter().zip(k) {
+                    acc += i32::from(px) * kx;
+                }
+                *o = clip8(acc);
+            }
+        }
+    }
+}
+
+/// Vertical pass: `[3, h, w]` → `[3, oh, w]`, where the pass's row bounds are shifted down
+/// by `offset` (the first row kept by the horizontal pass).
+fn vertical_pass(
+    pass: &Pass,
+    src: &[u8],
+    h: usize,
+    w: usize,
+    offset: usize,
+    oh: usize,
+    dst: &mut [u8],
+) {
+    // [w]: one output row's sums. Integer sums are exact, so accumulating row by row gives
+    // Pillow's per-pixel result while letting the inner loop vectorise.
+    let mut acc = vec![0i32; w];
+    for c in 0..3 {
+        let plane = &src[c * h * w..(c + 1) * h * w];
+        for yy in 0..oh {
+            let (start, k) = pass.taps(yy);
+            acc.fill(1 << (PRECISION_BITS - 1));
+            for (t, &ky) in k.iter().enumerate() {
+                let y = start + t - offset;
+                for (a, &px) in acc.iter_mut().zip(&plane[y * w..(y + 1) * w]) {
+                    *a += i32::from(px) * ky;
+                }
+            }
+            let out = &mut dst[(c * oh + yy) * w..(c * oh + yy + 1) * w];
+            for (o, &a) in out.iter_mut().zip(&acc) {
+                *o = clip8(a);
+            }
+        }
+    }
+}
+
+/// `[3, h, w]` → `[3, oh, ow]`, bit-identical to Pillow's
+/// `Image.resize((ow, oh), Image.BILINEAR)` on the RGB image.
+///
+/// Returns an empty vector when a size is zero or `src.len() != 3 * h * w`; use
+/// [`Resizer`] to get an error instead.
+pub fn resize_bilinear(src: &[u8], h: usize, w: usize, oh: usize, ow: usize) -> Vec<u8> {
+    let mut dst = vec![0u8; 3 * oh * ow];
+    match Resizer::new(h, w, oh, ow).and_then(|r| r.resize_into(src, &mut dst)) {
+        Ok(()) => dst,
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Reads a PNG or JPEG of any size as RGB: `([3, h, w] bytes, h, w)`.
+///
+/// Grey and palette images are expanded and alpha is dropped, as PIL's `convert("RGB")`
+/// does. JPEG decoders may differ from libjpeg (PIL's) by a unit in some pixels.
+pub fn load_image(path: &Path) -> Result<(Vec<u8>, usize, usize)> {
+    let reader = image::ImageReader::open(path)
+        .map_err(|e| Error::io("opening image", path, e))?
+        .with_guessed_format()
+        .map_err(|e| Error::io("reading image", path, e))?;
+    let img = reader
+        .decode()
+        .map_err(|e| Error::format(path, format!("cannot decode as a PNG or JPEG image: {e}")))?;
+    // [h, w, 3], interleaved
+    let rgb = img.to_rgb8();
+    let (w, h) = (rgb.width() as usize, rgb.height() as usize);
+    if h == 0 || w == 0 {
+        return Err(Error::format(path, "image has no pixels"));
+    }
+    let plane = h * w;
+    // [3, h, w], planar
+    let mut chw = vec![0u8; 3 * plane];
+    for (i, px) in rgb.as_raw().chunks_exact(3).enumerate() {
+        chw[i] = px[0];
+        chw[plane + i] = px[1];
+        chw[2 * plane + i] = px[2];
+    }
+    Ok((chw, h, w))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_size_follows_torchvision() {
+        let p = Preprocess::imagenet(224);
+        assert_eq!(p.output_hw(32, 32), (224, 224));
+        // Portrait: width is the shorter side; int(224 * 50 / 37) = 302.
+        assert_eq!(p.output_hw(50, 37), (302, 224));
+        assert_eq!(p.output_hw(37, 50), (224, 302));
+        assert_eq!(Preprocess::half(24).output_hw(37, 50), (24, 32));
+    }
+
+    #[test]
+    fn weights_sum_to_one_in_fixed_point() {
+        for (i, o) in [(32, 224), (224, 32), (50, 23), (7, 7), (3, 1)] {
+            let p = Pass::bilinear(i, o);
+            for oo in 0..o {
+                let s: i32 = p.taps(oo).1.iter().sum();
+                assert!(
+                    (s - (1 << PRECISION_BITS)).abs() <= 4,
+                    "{i}->{o} at {oo}: {s}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn constant_image_stays_constant() {
+        let src = vec![77u8; 3 * 5 * 9];
+        let out = resize_bilinear(&src, 5, 9, 13, 4);
+        assert_eq!(out.len(), 3 * 13 * 4);
+        assert!(out.iter().all(|&v| v == 77));
+    }
+
+    #[test]
+    fn same_size_is_a_copy_and_bad_lengths_error() {
+        let src: Vec<u8> = (0..3 * 4 * 6).map(|i| (i * 7) as u8).collect();
+        assert_eq!(resize_bilinear(&src, 4, 6, 4, 6), src);
+        assert!(resize_bilinear(&src, 4, 5, 8, 8).is_empty());
+        let p = Preprocess::imagenet(8);
+        let mut out = vec![0f32; 3 * 8 * 12];
+        assert!(p.apply(&src, 4, 6, &mut out).is_ok());
+        let e = p.apply(&src[1..], 4, 6, &mut out).unwrap_err().to_string();
+        assert!(e.contains("image buffer") && e.contains("71"), "{e}");
+        let e = p.apply(&src, 4, 6, &mut out[1..]).unwrap_err().to_string();
+        assert!(e.contains("output buffer"), "{e}");
+    }
+
+    #[test]
+    fn fingerprint_names_every_setting() {
+        let a = Preprocess::imagenet(224).fingerprint();
+        assert!(
+            a.contains("size=224") && a.contains("0.485") && a.contains("0.229"),
+            "{a}"
+        );
+        assert_ne!(a, Preprocess::half(224).fingerprint());
+        assert_ne!(a, Preprocess::imagenet(160).fingerprint());
+    }
+
+    #[test]
+    fn invalid_settings_error() {
+        let mut p = Preprocess::half(0);
+        assert!(p.prepare(32, 32).is_err());
+        p.size = 4;
+        p.std[1] = 0.0;
+        let e = p.prepare(32, 32).unwrap_err().to_string();
+        assert!(e.contains("std"), "{e}");
+    }
+}

@@ -1,0 +1,127 @@
+//! The library's error type.
+//!
+//! Every variant names what it is about — the file, the tensor, the flag — so that the
+//! message alone tells a user what to fix. The binary prints the whole `source()` chain.
+
+use std::path::PathBuf;
+
+/// Result alias used across the library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in the library.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An I/O operation on a named file or directory failed.
+    #[error("{action} {}", path.display())]
+    Io {
+        /// What we were doing, e.g. "reading" or "creating directory".
+        action: &'static str,
+        /// The file or directory involved.
+        path: PathBuf,
+        /// The underlying I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A file exists but its content is not what its format requires.
+    #[error("{}: {msg}", path.display())]
+    Format {
+        /// The offending file.
+        path: PathBuf,
+        /// What is wrong with it.
+        msg: String,
+    },
+
+    /// A tensor is missing, unexpected or has the wrong shape (names the tensor).
+    #[error("{}: {msg}", path.display())]
+    Weights {
+        /// The weights file.
+        path: PathBuf,
+        /// What is wrong, naming the tensor key and shapes involved.
+        msg: String,
+    },
+
+    /// A user-supplied option or configuration value is invalid (names the flag or field).
+    #[error("invalid {what}: {msg}")]
+    Invalid {
+        /// The flag or field, e.g. "--batch-size".
+        what: String,
+        /// Why it is rejected.
+        msg: String,
+    },
+
+    /// A cache or checkpoint was made from other inputs than the ones in use.
+    #[error("{}: fingerprint mismatch: {msg}", path.display())]
+    Fingerprint {
+        /// The cache or checkpoint file.
+        path: PathBuf,
+        /// What differs.
+        msg: String,
+    },
+
+    /// A download failed; the message includes the manual steps.
+    #[error("{msg}")]
+    Download {
+        /// What failed and how to do it by hand.
+        msg: String,
+        /// The underlying error, if any.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+
+    /// Training diverged or hit a numerical problem.
+    #[error("{0}")]
+    Numerical(String),
+
+    /// A tensor operation failed inside candle.
+    #[error("{context}")]
+    Candle {
+        /// What we were computing.
+        context: String,
+        /// candle's error.
+        #[source]
+        source: candle_core::Error,
+    },
+}
+
+impl Error {
+    /// An [`Error::Io`] for `path`.
+    pub fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            action,
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// An [`Error::Format`] for `path`.
+    pub fn format(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
+        Error::Format {
+            path: path.into(),
+            msg: msg.into(),
+        }
+    }
+
+    /// An [`Error::Invalid`] for the flag or field `what`.
+    pub fn invalid(what: impl Into<String>, msg: impl Into<String>) -> Self {
+        Error::Invalid {
+            what: what.into(),
+            msg: msg.into(),
+        }
+    }
+}
+
+/// Adds context to candle results: `x.matmul(&w).ctx("head forward")?`.
+pub trait CandleContext<T> {
+    /// Wraps a candle error with a description of what was being computed.
+    fn ctx(self, context: impl Into<String>) -> Result<T>;
+}
+
+impl<T> CandleContext<T> for std::result::Result<T, candle_core::Error> {
+    fn ctx(self, context: impl Into<String>) -> Result<T> {
+        self.map_err(|source| Error::Candle {
+            context: context.into(),
+            source,
+        })
+    }
+}

@@ -1,0 +1,511 @@
+//! Cached backbone features: the one stage that runs the ResNet.
+//!
+//! The backbone is frozen, so an image's 2048-d feature never changes: [`cached_part`]
+//! computes it once per (weights, preprocessing, precision, dataset files, image) and keeps it
+//! on disk. Everything downstream — training, the λ sweep, evaluation — reads the cache.
+//!
+//! ## The cache on disk
+//!
+//! ```text
+//! <cache_dir>/<part>-<key>/fingerprint.json          what the key stands for, in full
+//! <cache_dir>/<part>-<key>/shard-000000-000512.safetensors   rows [0, 512) of the part
+//! ```
+//!
+//! `key` is a sha256 over the [`Extractor`] fingerprint (weights sha256, preprocessing,
+//! precision) and the sha256 of every dataset file of the part, so a cache made from other
+//! weights, preprocessing or data is never used. Shards are written atomically (temporary
+//! file + rename): an extraction killed at any point (Ctrl-C, `kill -9`) resumes from its last
+//! complete shard. Each shard is validated before use — its extractor, its rows, its labels
+//! against the dataset — and recomputed if it does not match.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use sha2::{Digest, Sha256};
+
+use crate::backbone::resnet::ResNet50;
+use crate::data::cifar::{self, Part};
+use crate::data::transform::Preprocess;
+use crate::error::{CandleContext, Error, Result};
+
+/// Feature width of ResNet-50 at its global average pool.
+pub const FEATURE_DIM: usize = crate::backbone::resnet::FEATURE_DIM;
+
+/// The frozen backbone with its preprocessing: CIFAR images in, features out.
+///
+/// The network itself is built on first use: when every feature is cached already, only
+/// the weights' checksum is needed.
+#[derive(Debug)]
+pub struct Extractor {
+    weights: Option<PathBuf>,
+    model: std::sync::OnceLock<ResNet50>,
+    preprocess: Preprocess,
+    fingerprint: String,
+}
+
+impl Extractor {
+    /// Hashes the weights file for the fingerprint; the network is loaded (strictly) on
+    /// first use.
+    pub fn load(weights: &Path, preprocess: Preprocess) -> Result<Self> {
+        let sha = crate::io::sha256_file(weights)?;
+        let mut ex = Self::with_fingerprint(preprocess, &sha);
+        ex.weights = Some(weights.to_path_buf());
+        Ok(ex)
+    }
+
+    /// Wraps an already-built backbone whose weights file has sha256 `weights_sha256`.
+    pub fn new(model: ResNet50, preprocess: Preprocess, weights_sha256: &str) -> Self {
+        let ex = Self::with_fingerprint(preprocess, weights_sha256);
+        // A fresh OnceLock is empty, so this cannot fail.
+        let _ = ex.model.set(model);
+        ex
+    }
+
+    fn with_fingerprint(preprocess: Preprocess, weights_sha256: &str) -> Self {
+        let fingerprint = format!(
+            "resnet50-avgpool; weights sha256:{weights_sha256}; {}; precision f32",
+            preprocess.fingerprint()
+        );
+        Self {
+            weights: None,
+            model: std::sync::OnceLock::new(),
+            preprocess,
+            fingerprint,
+        }
+    }
+
+    /// The network, loaded from the weights file on first call.
+    fn model(&self) -> Result<&ResNet50> {
+        if let Some(m) = self.model.get() {
+            return Ok(m);
+        }
+        let path = self
+            .weights
+            .as_deref()
+            .ok_or_else(|| Error::invalid("extractor", "no weights to load"))?;
+        let model = ResNet50::load(path)?;
+        Ok(self.model.get_or_init(|| model))
+    }
+
+    /// What produces these features: the weights' sha256, the preprocessing and the
+    /// precision. Stored with every feature file and checkpoint.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// The preprocessing applied before the backbone.
+    pub fn preprocess(&self) -> &Preprocess {
+        &self.preprocess
+    }
+
+    /// Features of a batch of images, each `[3, h, w]` u8 (R, G, B planes).
+    /// Returns `[images.len(), 2048]` row-major.
+    pub fn extract(&self, images: &[&[u8]], h: usize, w: usize) -> Result<Vec<f32>> {
+        if images.is_empty() {
+            return Ok(Vec::new());
+        }
+        let model = self.model()?;
+        let (oh, ow) = self.preprocess.output_hw(h, w);
+        let per = 3 * oh * ow;
+        // [b, 3, oh, ow]
+        let mut input = vec![0f32; images.len() * per];
+        for (img, out) in images.iter().zip(input.chunks_exact_mut(per)) {
+            self.preprocess.apply(img, h, w, out)?;
+        }
+        let x = Tensor::from_vec(input, (images.len(), 3, oh, ow), &Device::Cpu)
+            .ctx("building the input batch")?;
+        // [b, 2048]
+        let f = model.forward(&x)?;
+        f.flatten_all()
+            .and_then(|f| f.to_vec1::<f32>())
+            .ctx("reading features back")
+    }
+}
+
+/// How [`cached_part`] reads and fills the cache.
+#[derive(Debug, Clone)]
+pub struct CacheOptions {
+    /// Root directory of the cache.
+    pub dir: PathBuf,
+    /// Images per forward pass.
+    pub batch_size: usize,
+    /// Images per shard file: the most work an interruption can lose.
+    pub shard_size: usize,
+}
+
+/// Where an extraction stands, reported after each batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// Images whose features are available (cached or computed).
+    pub done: usize,
+    /// Images wanted in all.
+    pub total: usize,
+    /// Of `done`, those found in the cache.
+    pub cached: usize,
+}
+
+/// The features of the first `limit` images (all when `None`) of one CIFAR-10 part, in
+/// dataset order, computing only the shards the cache lacks.
+pub fn cached_part(
+    extractor: &Extractor,
+    data_dir: &Path,
+    part: Part,
+    limit: Option<usize>,
+    opts: &CacheOptions,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<FeatureSet> {
+    if opts.batch_size == 0 {
+        return Err(Error::invalid("--batch-size", "must be at least 1"));
+    }
+    if opts.shard_size == 0 {
+        return Err(Error::invalid("--shard-size", "must be at least 1"));
+    }
+    let files = cifar::part_files(data_dir, part)?;
+    let data = cifar::load_part(data_dir, part, None)?;
+    let total = limit.map_or(data.len(), |l| l.min(data.len()));
+    let dir = cache_dir_for(extractor, part, &files, &opts.dir)?;
+
+    let mut set = FeatureSet {
+        features: Vec::with_capacity(total * FEATURE_DIM),
+        labels: Vec::with_capacity(total),
+        index: Vec::with_capacity(total),
+        dim: FEATURE_DIM,
+        extractor: extractor.fingerprint().to_string(),
+    };
+    let mut cached = 0;
+    for start in (0..total).step_by(opts.shard_size) {
+        let end = (start + opts.shard_size).min(total);
+        let rows = end - start;
+        let shard = match find_shard(&dir, start, end, extractor, &data.labels) {
+            Some(shard) => {
+                cached += rows;
+                shard
+            }
+            None => {
+                let mut features = Vec::with_capacity(rows * FEATURE_DIM);
+                for b in (start..end).step_by(opts.batch_size) {
+                    let be = (b + opts.batch_size).min(end);
+                    let imgs: Vec<&[u8]> = (b..be).map(|i| data.image(i)).collect();
+                    features.extend(extractor.extract(&imgs, cifar::SIDE, cifar::SIDE)?);
+                    progress(Progress {
+                        done: be,
+                        total,
+                        cached,
+                    });
+                }
+                let shard = FeatureSet {
+                    features,
+                    labels: data.labels[start..end].to_vec(),
+                    index: (start as u32..end as u32).collect(),
+                    dim: FEATURE_DIM,
+                    extractor: extractor.fingerprint().to_string(),
+                };
+                shard.write(&dir.join(shard_name(start, end)))?;
+                remove_superseded(&dir, start, end)?;
+                shard
+            }
+        };
+        // A cached shard may be longer than needed (written by a run with a larger limit).
+        set.features
+            .extend_from_slice(&shard.features[..rows * FEATURE_DIM]);
+        set.labels.extend_from_slice(&shard.labels[..rows]);
+        set.index.extend_from_slice(&shard.index[..rows]);
+        progress(Progress {
+            done: end,
+            total,
+            cached,
+        });
+    }
+    Ok(set)
+}
+
+/// What a cache directory's key stands for, kept beside the shards in `fingerprint.json`.
+#[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+struct CacheFingerprint {
+    extractor: String,
+    part: String,
+    /// (file name, sha256) of every dataset file of the part.
+    files: Vec<(String, String)>,
+}
+
+/// The cache directory of one (extractor, part, dataset files) triple, created with its
+/// `fingerprint.json` if new; an existing one must describe the same inputs.
+fn cache_dir_for(
+    extractor: &Extractor,
+    part: Part,
+    files: &[PathBuf],
+    root: &Path,
+) -> Result<PathBuf> {
+    let mut fp = CacheFingerprint {
+        extractor: extractor.fingerprint().to_string(),
+        part: part.to_string(),
+        files: Vec::new(),
+    };
+    for f in files {
+        let name = f
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        fp.files.push((name, crate::io::sha256_file(f)?));
+    }
+    let text = serde_json::to_string(&fp)
+        .map_err(|e| Error::invalid("cache fingerprint", e.to_string()))?;
+    let key = crate::io::hex(&Sha256::digest(text.as_bytes()));
+    let dir = root.join(format!("{part}-{}", &key[..16]));
+    let meta = dir.join("fingerprint.json");
+    if meta.exists() {
+        let existing: CacheFingerprint = crate::io::read_json(&meta)?;
+        if existing != fp {
+            return Err(Error::Fingerprint {
+                path: meta,
+                msg: "the cache directory describes other weights, preprocessing or data \
+                      files; remove it"
+                    .into(),
+            });
+        }
+    } else {
+        crate::io::write_json(&meta, &fp)?;
+    }
+    Ok(dir)
+}
+
+fn shard_name(start: usize, end: usize) -> String {
+    format!("shard-{start:06}-{end:06}.safetensors")
+}
+
+/// A valid cached shard starting at `start` that covers at least `[start, end)`.
+fn find_shard(
+    dir: &Path,
+    start: usize,
+    end: usize,
+    extractor: &Extractor,
+    labels: &[u8],
+) -> Option<FeatureSet> {
+    let mut candidates = shard_ends(dir, start);
+    // Prefer the shortest shard that covers the range: the least to read.
+    candidates.sort_unstable();
+    candidates
+        .into_iter()
+        .filter(|&e| e >= end && e <= labels.len())
+        .find_map(|e| {
+            let set = FeatureSet::read(&dir.join(shard_name(start, e))).ok()?;
+            let valid = set.extractor == extractor.fingerprint()
+                && set.dim == FEATURE_DIM
+                && set.len() == e - start
+                && set.labels == labels[start..e]
+                && set.index.iter().copied().eq(start as u32..e as u32);
+            valid.then_some(set)
+        })
+}
+
+/// The `end`s of the shard files that start at `start`.
+fn shard_ends(dir: &Path, start: usize) -> Vec<usize> {
+    let prefix = format!("shard-{start:06}-");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            name.strip_prefix(&prefix)?
+                .strip_suffix(".safetensors")?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// After writing `[start, end)`, removes the shorter shards at `start` it supersedes.
+fn remove_superseded(dir: &Path, start: usize, end: usize) -> Result<()> {
+    for e in shard_ends(dir, start).into_iter().filter(|&e| e < end) {
+        let p = dir.join(shard_name(start, e));
+        std::fs::remove_file(&p).map_err(|err| Error::io("removing", &p, err))?;
+    }
+    Ok(())
+}
+
+/// A set of backbone features with their labels, as stored on disk.
+///
+/// On disk (safetensors, readable from Python): `features` f32 `[N, dim]`, `labels` u8 `[N]`,
+/// `index` i64 `[N]` (the image's index within its CIFAR-10 part), and in the metadata the
+/// `extractor` fingerprint (weights sha256 + preprocessing + precision).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FeatureSet {
+    /// Row-major `[N, dim]`.
+    pub features: Vec<f32>,
+    /// `[N]`, class ids 0..=9.
+    pub labels: Vec<u8>,
+    /// `[N]`, each row's index within its CIFAR-10 part (training or test batches).
+    pub index: Vec<u32>,
+    /// Width of one feature row.
+    pub dim: usize,
+    /// Fingerprint of what produced the features (weights, preprocessing, precision):
+    /// checkpoints record it, and a head is only ever applied to features with the same one.
+    pub extractor: String,
+}
+
+impl FeatureSet {
+    /// Number of rows.
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// True when there are no rows.
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// Row `i` of the feature matrix.
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.features[i * self.dim..(i + 1) * self.dim]
+    }
+
+    /// The rows at `rows` (positions in this set), in that order.
+    pub fn select(&self, rows: &[usize]) -> FeatureSet {
+        let mut features = Vec::with_capacity(rows.len() * self.dim);
+        for &r in rows {
+            features.extend_from_slice(self.row(r));
+        }
+        FeatureSet {
+            features,
+            labels: rows.iter().map(|&r| self.labels[r]).collect(),
+            index: rows.iter().map(|&r| self.index[r]).collect(),
+            dim: self.dim,
+            extractor: self.extractor.clone(),
+        }
+    }
+
+    /// Writes the set atomically as safetensors.
+    pub fn write(&self, path: &Path) -> Result<()> {
+        use safetensors::tensor::{Dtype, TensorView};
+        let n = self.len();
+        let feat_bytes: Vec<u8> = self.features.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let index_bytes: Vec<u8> = self
+            .index
+            .iter()
+            .flat_map(|&v| i64::from(v).to_le_bytes())
+            .collect();
+        let bad = |e: safetensors::SafeTensorError| Error::format(path, e.to_string());
+        let views = [
+            (
+                "features",
+                TensorView::new(Dtype::F32, vec![n, self.dim], &feat_bytes).map_err(bad)?,
+            ),
+            (
+                "labels",
+                TensorView::new(Dtype::U8, vec![n], &self.labels).map_err(bad)?,
+            ),
+            (
+                "index",
+                TensorView::new(Dtype::I64, vec![n], &index_bytes).map_err(bad)?,
+            ),
+        ];
+        let meta =
+            std::collections::HashMap::from([("extractor".to_string(), self.extractor.clone())]);
+        let bytes = safetensors::serialize(views, Some(meta)).map_err(bad)?;
+        crate::io::atomic_write_bytes(path, &bytes)
+    }
+
+    /// Reads a set written by [`FeatureSet::write`], validating every shape and dtype.
+    pub fn read(path: &Path) -> Result<FeatureSet> {
+        use safetensors::tensor::Dtype;
+        let bytes = std::fs::read(path).map_err(|e| Error::io("reading", path, e))?;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| Error::format(path, format!("not a safetensors file: {e}")))?;
+        let extractor = meta
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("extractor").cloned())
+            .ok_or_else(|| Error::format(path, "metadata has no `extractor` fingerprint"))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| Error::format(path, format!("not a safetensors file: {e}")))?;
+        let get = |name: &str, dtype: Dtype| {
+            let t = st
+                .tensor(name)
+                .map_err(|_| Error::format(path, format!("missing tensor `{name}`")))?;
+            if t.dtype() != dtype {
+                return Err(Error::format(
+                    path,
+                    format!("tensor `{name}` is {:?}, expected {dtype:?}", t.dtype()),
+                ));
+            }
+            Ok(t)
+        };
+        let f = get("features", Dtype::F32)?;
+        let l = get("labels", Dtype::U8)?;
+        let i = get("index", Dtype::I64)?;
+        let [n, dim] = f.shape() else {
+            return Err(Error::format(
+                path,
+                format!(
+                    "tensor `features` has shape {:?}, expected [N, D]",
+                    f.shape()
+                ),
+            ));
+        };
+        if l.shape() != [*n] || i.shape() != [*n] {
+            return Err(Error::format(
+                path,
+                format!(
+                    "tensors disagree on N: features {:?}, labels {:?}, index {:?}",
+                    f.shape(),
+                    l.shape(),
+                    i.shape()
+                ),
+            ));
+        }
+        let features: Vec<f32> = f
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let labels = l.data().to_vec();
+        if let Some(bad) = labels.iter().find(|&&y| y > 9) {
+            return Err(Error::format(
+                path,
+                format!("label {bad} is not a CIFAR-10 class"),
+            ));
+        }
+        let index = i
+            .data()
+            .chunks_exact(8)
+            .map(|c| {
+                let v = i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+                u32::try_from(v)
+                    .map_err(|_| Error::format(path, format!("tensor `index` holds {v}")))
+            })
+            .collect::<Result<Vec<u32>>>()?;
+        Ok(FeatureSet {
+            features,
+            labels,
+            index,
+            dim: *dim,
+            extractor,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_read_round_trip_and_select() {
+        let set = FeatureSet {
+            features: (0..12).map(|v| v as f32 * 0.5).collect(),
+            labels: vec![3, 9, 0],
+            index: vec![7, 1, 4],
+            dim: 4,
+            extractor: "abc".into(),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f.safetensors");
+        set.write(&p).unwrap();
+        assert_eq!(FeatureSet::read(&p).unwrap(), set);
+        let sub = set.select(&[2, 0]);
+        assert_eq!(sub.labels, vec![0, 3]);
+        assert_eq!(sub.index, vec![4, 7]);
+        assert_eq!(sub.row(0), &[4.0, 4.5, 5.0, 5.5]);
+    }
+}

@@ -1,0 +1,239 @@
+//! The ResNet-50 backbone against torchvision (fixtures from tools/gen_backbone_fixtures.py),
+//! and strict weight loading from both real formats.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use cifar_finetune::backbone::resnet::ResNet50;
+use cifar_finetune::backbone::weights::{self, StateDict};
+use cifar_finetune::data::transform::Preprocess;
+use cifar_finetune::features::Extractor;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/backbone")
+        .join(name)
+}
+
+fn read_f32(name: &str) -> Vec<f32> {
+    std::fs::read(fixture(name))
+        .unwrap()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn synthetic_model() -> ResNet50 {
+    let sd = weights::synthetic_state_dict().unwrap();
+    ResNet50::from_state_dict(StateDict::from_tensors("synthetic", sd)).unwrap()
+}
+
+/// Largest |ours − theirs| relative to the largest |theirs|.
+fn max_rel_err(ours: &[f32], theirs: &[f32]) -> f32 {
+    assert_eq!(ours.len(), theirs.len());
+    let scale = theirs.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let err = ours
+        .iter()
+        .zip(theirs)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    err / scale
+}
+
+#[test]
+fn features_match_torchvision_end_to_end() {
+    let images = std::fs::read(fixture("images.u8")).unwrap();
+    let imgs: Vec<&[u8]> = images.chunks_exact(3 * 32 * 32).collect();
+    assert_eq!(imgs.len(), 3);
+    let model = synthetic_model();
+    for (pre, name) in [
+        (Preprocess::imagenet(224), "features_224.f32"),
+        (Preprocess::half(64), "features_64_half.f32"),
+    ] {
+        let expected = read_f32(name);
+        let ex = Extractor::new(model.clone(), pre, "synthetic");
+        // Batched and one at a time must agree with torchvision alike.
+        let batched = ex.extract(&imgs, 32, 32).unwrap();
+        let err = max_rel_err(&batched, &expected);
+        assert!(err < 1e-4, "{name}: relative error {err}");
+        let single = ex.extract(&imgs[2..], 32, 32).unwrap();
+        let err = max_rel_err(&single, &expected[2 * 2048..]);
+        assert!(err < 1e-4, "{name} (single image): relative error {err}");
+        // The images differ, so must their features: a broadcast bug cannot pass.
+        assert!(max_rel_err(&batched[..2048], &batched[2048..4096]) > 1e-2);
+    }
+}
+
+#[test]
+fn fingerprint_names_weights_preprocessing_and_precision() {
+    let ex = Extractor::new(synthetic_model(), Preprocess::imagenet(224), "abc123");
+    let fp = ex.fingerprint();
+    assert!(fp.contains("abc123"), "{fp}");
+    assert!(fp.contains("224"), "{fp}");
+    assert!(fp.contains("f32"), "{fp}");
+    let other = Extractor::new(synthetic_model(), Preprocess::half(224), "abc123");
+    assert_ne!(fp, other.fingerprint());
+}
+
+fn tiny_expected() -> Vec<f32> {
+    // tiny.pth holds conv1.weight[:2, :, :2, :3] of the synthetic weights.
+    let full = weights::synthetic_values("conv1.weight", &[64, 3, 7, 7]);
+    let mut v = Vec::new();
+    for o in 0..2 {
+        for i in 0..3 {
+            for y in 0..2 {
+                for x in 0..3 {
+                    v.push(full[((o * 3 + i) * 7 + y) * 7 + x]);
+                }
+            }
+        }
+    }
+    v
+}
+
+#[test]
+fn reads_torch_save_zip_pth_with_int64_counter() {
+    let mut sd = StateDict::read(&fixture("tiny.pth")).unwrap();
+    let w = sd.take("conv1.weight", &[2, 3, 2, 3]).unwrap();
+    assert_eq!(
+        w.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        tiny_expected()
+    );
+    let mean = sd.take("bn1.running_mean", &[5]).unwrap();
+    assert_eq!(
+        mean.to_vec1::<f32>().unwrap(),
+        weights::synthetic_values("bn1.running_mean", &[5])
+    );
+    // fc.* and num_batches_tracked are ignored on purpose: finishing succeeds.
+    sd.finish().unwrap();
+}
+
+#[test]
+fn reads_safetensors() {
+    let mut sd = StateDict::read(&fixture("tiny.safetensors")).unwrap();
+    let w = sd.take("conv1.weight", &[2, 3, 2, 3]).unwrap();
+    assert_eq!(
+        w.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        tiny_expected()
+    );
+    let b = sd.take("fc.bias", &[7]).unwrap();
+    assert_eq!(b.to_vec1::<f32>().unwrap()[6], 0.5);
+}
+
+#[test]
+fn full_model_round_trips_through_safetensors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("resnet50.safetensors");
+    weights::write_safetensors(&weights::synthetic_state_dict().unwrap(), &path).unwrap();
+    let loaded = ResNet50::load(&path).unwrap();
+    let x = Tensor::ones((1, 3, 32, 32), DType::F32, &Device::Cpu).unwrap();
+    let a = loaded
+        .forward(&x)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let b = synthetic_model()
+        .forward(&x)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert_eq!(a, b);
+}
+
+fn load_err(sd: HashMap<String, Tensor>) -> String {
+    ResNet50::from_state_dict(StateDict::from_tensors("w.pth", sd))
+        .unwrap_err()
+        .to_string()
+}
+
+#[test]
+fn strict_loading_names_the_key() {
+    let mut sd = weights::synthetic_state_dict().unwrap();
+    sd.remove("layer3.4.bn2.running_var");
+    let err = load_err(sd);
+    assert!(err.contains("w.pth"), "{err}");
+    assert!(
+        err.contains("missing tensor `layer3.4.bn2.running_var`"),
+        "{err}"
+    );
+
+    let mut sd = weights::synthetic_state_dict().unwrap();
+    sd.insert(
+        "layer5.0.conv1.weight".into(),
+        Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap(),
+    );
+    let err = load_err(sd);
+    assert!(
+        err.contains("unexpected tensor `layer5.0.conv1.weight`"),
+        "{err}"
+    );
+
+    // A ResNet-18/34 has 3×3 convolutions where ResNet-50 has 1×1: the wrong model.
+    let mut sd = weights::synthetic_state_dict().unwrap();
+    sd.insert(
+        "layer1.0.conv1.weight".into(),
+        Tensor::zeros((64, 64, 3, 3), DType::F32, &Device::Cpu).unwrap(),
+    );
+    let err = load_err(sd);
+    assert!(
+        err.contains("`layer1.0.conv1.weight` has shape [64, 64, 3, 3], expected [64, 64, 1, 1]"),
+        "{err}"
+    );
+
+    let mut sd = weights::synthetic_state_dict().unwrap();
+    sd.insert(
+        "bn1.running_var".into(),
+        Tensor::new(&[f32::NAN; 64], &Device::Cpu).unwrap(),
+    );
+    let err = load_err(sd);
+    assert!(err.contains("`bn1.running_var` holds NaN"), "{err}");
+}
+
+#[test]
+fn wrong_model_file_is_rejected() {
+    // tiny.pth has real names but is not a whole ResNet-50.
+    let err = ResNet50::load(&fixture("tiny.pth"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("tiny.pth"), "{err}");
+    assert!(err.contains("conv1.weight"), "{err}");
+}
+
+#[test]
+fn truncated_or_corrupt_weights_give_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(fixture("tiny.pth")).unwrap();
+    for (name, content) in [
+        ("truncated.pth", bytes[..bytes.len() * 2 / 3].to_vec()),
+        ("garbage.pth", b"this is not a weights file at all".to_vec()),
+        ("empty.pth", Vec::new()),
+        ("corrupt.pth", {
+            // Zero the pickle (the zip's first entry, data.pkl, starts near byte 64).
+            let mut b = bytes.clone();
+            b[80..400].fill(0);
+            b
+        }),
+    ] {
+        let p = dir.path().join(name);
+        std::fs::write(&p, content).unwrap();
+        let result = StateDict::read(&p).and_then(|mut sd| {
+            sd.take("conv1.weight", &[2, 3, 2, 3])?;
+            sd.take("bn1.running_mean", &[5])?;
+            Ok(())
+        });
+        let err = result.expect_err(name).to_string();
+        assert!(err.contains(name), "{name}: {err}");
+    }
+    let st = std::fs::read(fixture("tiny.safetensors")).unwrap();
+    let p = dir.path().join("truncated.safetensors");
+    std::fs::write(&p, &st[..st.len() - 10]).unwrap();
+    let err = StateDict::read(&p).unwrap_err().to_string();
+    assert!(
+        err.contains("truncated.safetensors") && err.contains("safetensors"),
+        "{err}"
+    );
+}

@@ -1,0 +1,298 @@
+//! The feature cache: reuse, validation, fingerprints, and resuming a killed extraction.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use cifar_finetune::backbone::resnet::ResNet50;
+use cifar_finetune::backbone::weights::{self, StateDict};
+use cifar_finetune::data::cifar::Part;
+use cifar_finetune::data::transform::Preprocess;
+use cifar_finetune::features::{self, CacheOptions, Extractor, FeatureSet, Progress};
+
+fn data_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cifar")
+}
+
+/// A full synthetic ResNet-50 weights file, written once per test binary.
+fn weights_file() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let sd = weights::synthetic_state_dict().unwrap();
+        weights::write_safetensors(&sd, &dir.path().join("resnet50.safetensors")).unwrap();
+        dir
+    });
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| dir.path().join("resnet50.safetensors"))
+}
+
+fn extractor(pre: Preprocess) -> Extractor {
+    let sd = weights::synthetic_state_dict().unwrap();
+    let model = ResNet50::from_state_dict(StateDict::from_tensors("synthetic", sd)).unwrap();
+    Extractor::new(model, pre, "synthetic")
+}
+
+fn extract(
+    ex: &Extractor,
+    cache: &Path,
+    limit: Option<usize>,
+    shard_size: usize,
+) -> (FeatureSet, Progress) {
+    let opts = CacheOptions {
+        dir: cache.to_path_buf(),
+        batch_size: 2,
+        shard_size,
+    };
+    let mut last = None;
+    let set = features::cached_part(ex, &data_dir(), Part::Train, limit, &opts, &mut |p| {
+        last = Some(p)
+    })
+    .unwrap();
+    (set, last.unwrap())
+}
+
+fn shard_files(cache: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(cache)
+        .unwrap()
+        .flat_map(|d| std::fs::read_dir(d.unwrap().path()).unwrap())
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn second_run_reads_everything_from_the_cache() {
+    let ex = extractor(Preprocess::imagenet(32));
+    let cache = tempfile::tempdir().unwrap();
+    let (a, p) = extract(&ex, cache.path(), None, 4);
+    assert_eq!(p.cached, 0);
+    assert_eq!(p.done, a.len());
+    assert!(a.len() >= 10, "fixture should have a few records per batch");
+    assert_eq!(a.index, (0..a.len() as u32).collect::<Vec<_>>());
+    let (b, p) = extract(&ex, cache.path(), None, 4);
+    assert_eq!(p.cached, b.len());
+    assert!(a == b);
+    // The same rows straight from the backbone, without any cache.
+    let data = cifar_finetune::data::cifar::load_part(&data_dir(), Part::Train, None).unwrap();
+    let direct = ex.extract(&[data.image(0), data.image(7)], 32, 32).unwrap();
+    assert!(&direct[..2048] == a.row(0));
+    assert!(&direct[2048..] == a.row(7));
+    assert_eq!(a.labels, data.labels);
+}
+
+#[test]
+fn limit_then_more_reuses_and_supersedes_shards() {
+    let ex = extractor(Preprocess::imagenet(32));
+    let cache = tempfile::tempdir().unwrap();
+    let (small, p) = extract(&ex, cache.path(), Some(5), 4);
+    assert_eq!((small.len(), p.cached), (5, 0));
+    let (full, p) = extract(&ex, cache.path(), None, 4);
+    // Shard [0, 4) is reused; [4, 5) is superseded by [4, 8).
+    assert_eq!(p.cached, 4);
+    assert!(full.features[..4 * 2048] == small.features[..4 * 2048]);
+    // Row 4 was computed in a batch of one, then in a batch of two: the same up to the
+    // summation order of the matrix products.
+    let err = full
+        .row(4)
+        .iter()
+        .zip(small.row(4))
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(err < 1e-4, "row 4 differs by {err}");
+    let names: Vec<String> = shard_files(cache.path())
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names.contains(&"shard-000004-000008.safetensors".to_string()),
+        "{names:?}"
+    );
+    assert!(
+        !names.contains(&"shard-000004-000005.safetensors".to_string()),
+        "{names:?}"
+    );
+    // A smaller limit afterwards reads a prefix of the longer shards.
+    let (again, p) = extract(&ex, cache.path(), Some(6), 4);
+    assert_eq!(p.cached, 6);
+    assert!(again.features[..] == full.features[..6 * 2048]);
+}
+
+#[test]
+fn other_preprocessing_never_uses_the_cache() {
+    let cache = tempfile::tempdir().unwrap();
+    let (a, _) = extract(
+        &extractor(Preprocess::imagenet(32)),
+        cache.path(),
+        Some(4),
+        4,
+    );
+    let (b, p) = extract(&extractor(Preprocess::half(32)), cache.path(), Some(4), 4);
+    assert_eq!(p.cached, 0);
+    assert_ne!(a.features, b.features);
+    assert_ne!(a.extractor, b.extractor);
+    assert_eq!(std::fs::read_dir(cache.path()).unwrap().count(), 2);
+}
+
+#[test]
+fn damaged_shards_are_recomputed_not_used() {
+    let ex = extractor(Preprocess::imagenet(32));
+    let cache = tempfile::tempdir().unwrap();
+    let (good, _) = extract(&ex, cache.path(), Some(8), 4);
+    let shards = shard_files(cache.path());
+    assert_eq!(shards.len(), 2);
+    // A truncated shard, and a shard whose labels disagree with the dataset.
+    let bytes = std::fs::read(&shards[0]).unwrap();
+    std::fs::write(&shards[0], &bytes[..bytes.len() / 2]).unwrap();
+    let mut tampered = FeatureSet::read(&shards[1]).unwrap();
+    tampered.labels[0] = (tampered.labels[0] + 1) % 10;
+    tampered.write(&shards[1]).unwrap();
+    let (again, p) = extract(&ex, cache.path(), Some(8), 4);
+    assert_eq!(p.cached, 0);
+    assert!(again == good);
+}
+
+#[test]
+fn a_tampered_fingerprint_file_is_an_error() {
+    let ex = extractor(Preprocess::imagenet(32));
+    let cache = tempfile::tempdir().unwrap();
+    extract(&ex, cache.path(), Some(2), 4);
+    let dir = std::fs::read_dir(cache.path())
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let fp = dir.join("fingerprint.json");
+    let text = std::fs::read_to_string(&fp)
+        .unwrap()
+        .replace("synthetic", "other");
+    std::fs::write(&fp, text).unwrap();
+    let opts = CacheOptions {
+        dir: cache.path().to_path_buf(),
+        batch_size: 2,
+        shard_size: 4,
+    };
+    let err = features::cached_part(&ex, &data_dir(), Part::Train, Some(2), &opts, &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("fingerprint.json") && err.contains("fingerprint mismatch"),
+        "{err}"
+    );
+}
+
+fn features_cmd(cache: &Path, out: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cifar-finetune"));
+    cmd.arg("features")
+        .arg("--data")
+        .arg(data_dir())
+        .arg("--weights")
+        .arg(weights_file())
+        .arg("--cache-dir")
+        .arg(cache)
+        .args([
+            "--offline",
+            "--split",
+            "all",
+            "--shard-size",
+            "1",
+            "--batch-size",
+            "1",
+        ])
+        .args(["--image-size", "160"])
+        .arg("--out")
+        .arg(out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+#[test]
+fn killed_extraction_resumes_to_identical_features() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Uninterrupted reference.
+    let out_ref = tmp.path().join("ref.safetensors");
+    let status = features_cmd(&tmp.path().join("cache-ref"), &out_ref)
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    // kill -9 once a few shards are on disk, then run again.
+    let cache = tmp.path().join("cache");
+    let out = tmp.path().join("out.safetensors");
+    let mut child = features_cmd(&cache, &out).spawn().unwrap();
+    let start = Instant::now();
+    loop {
+        let n = if cache.exists() {
+            shard_files(&cache).len()
+        } else {
+            0
+        };
+        if n >= 3 {
+            break;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "finished before it could be killed"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no shard appeared"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!out.exists());
+    let before: Vec<(PathBuf, std::time::SystemTime)> = shard_files(&cache)
+        .into_iter()
+        .map(|p| {
+            let t = std::fs::metadata(&p).unwrap().modified().unwrap();
+            (p, t)
+        })
+        .collect();
+    // No temporary file is ever taken for a shard.
+    for (p, _) in &before {
+        FeatureSet::read(p).unwrap();
+    }
+
+    let output = features_cmd(&cache, &out).output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // The shards written before the kill were reused, not recomputed.
+    for (p, t) in &before {
+        assert_eq!(
+            std::fs::metadata(p).unwrap().modified().unwrap(),
+            *t,
+            "{}",
+            p.display()
+        );
+    }
+    let a = FeatureSet::read(&out_ref).unwrap();
+    let b = FeatureSet::read(&out).unwrap();
+    assert!(a == b, "resumed features differ from the uninterrupted run");
+    // --split all: the training part then the test part, `index` counting over both.
+    assert_eq!(b.index, (0..b.len() as u32).collect::<Vec<_>>());
+    assert_eq!(b.dim, 2048);
+}
+
+#[test]
+fn missing_weights_file_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_cifar-finetune"))
+        .args(["features", "--offline", "--weights"])
+        .arg(tmp.path().join("nope.pth"))
+        .arg("--data")
+        .arg(data_dir())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(err.contains("nope.pth"), "{err}");
+}
