@@ -84,7 +84,8 @@
 //! * `x` (required): the n₁ inputs. `t` (required): the n_L targets, or one number when the
 //!   network has one output.
 //!
-//! Unknown fields, wrong shapes, non-numbers and non-finite numbers are rejected with an
+//! Unknown fields, wrong shapes, non-numbers and non-finite numbers (Python's `NaN` and
+//! `Infinity`, or a literal like `1e999` that overflows) are rejected with an
 //! [`Error::Format`] naming the field, e.g. `params.json: weights[1] has 3 rows, expected 4`.
 
 use std::path::Path;
@@ -99,18 +100,20 @@ use crate::error::{Error, Result};
 /// The assignment's network: 3 inputs, two hidden layers of 4 logistic units, one output.
 pub const DEFAULT_SIZES: [usize; 4] = [3, 4, 4, 1];
 
-/// Smallest denominator of [`relative_error`].
+/// Smallest denominator of [`relative_error`], per unit of max(1, |E|).
 ///
-/// [`central_difference`]s of E carry an absolute rounding error of about ε_mach·|E|/step
-/// (≈ 1e-12 · |E| here); a gradient that is itself that small (a saturated unit, an input near zero)
-/// cannot be checked relatively, so below this magnitude the error is measured against it.
+/// A [`central_difference`] of E carries an absolute rounding error of about
+/// 1.5 ε_mach |E| / step ≈ 5e-13 · |E|, whatever the size of the derivative. A derivative
+/// much smaller than that (a saturated unit, an input near zero, a large E) cannot be checked
+/// relatively, so the error is measured against REL_ERROR_FLOOR · max(1, |E|) instead, which
+/// keeps the noise's share of the relative error near 5e-9.
 pub const REL_ERROR_FLOOR: f64 = 1e-4;
 
 // ---------------------------------------------------------------------------------------------
 // Layer primitives, forward/backward pairs over a batch (llm.c style). Row-major throughout.
 // ---------------------------------------------------------------------------------------------
 
-/// a[n, j] = Σ_k w[j, k] z[n, k] (+ b[j]).
+/// `a[n, j] = Σ_k w[j, k] z[n, k] (+ b[j])`.
 fn linear_forward(
     out: &mut [f64], // [batch, n_out]
     inp: &[f64],     // [batch, n_in]
@@ -131,8 +134,8 @@ fn linear_forward(
 }
 
 /// The backward pass of [`linear_forward`], accumulating like llm.c:
-/// dw[j, k] += Σ_n δ[n, j] z[n, k], db[j] += Σ_n δ[n, j], and — the sum in the δ recurrence —
-/// dinp[n, k] += Σ_j w[j, k] δ[n, j].
+/// `dw[j, k] += Σ_n δ[n, j] z[n, k]`, `db[j] += Σ_n δ[n, j]`, and — the sum in the δ
+/// recurrence — `dinp[n, k] += Σ_j w[j, k] δ[n, j]`.
 #[allow(clippy::too_many_arguments)] // mirrors llm.c's explicit signatures; a struct would hide shapes
 fn linear_backward(
     mut dinp: Option<&mut [f64]>, // [batch, n_in]
@@ -215,7 +218,7 @@ fn squared_error_backward(delta: &mut [f64], y: &[f64], t: &[f64]) {
 }
 
 /// Softmax cross-entropy averaged over the batch: probabilities p (written to `probs`) and
-/// E = (1/B) Σ_n −ln p[n, t_n], through log-sum-exp so large logits do not overflow.
+/// E = (1/B) Σ_n −ln `p[n, t_n]`, through log-sum-exp so large logits do not overflow.
 fn softmax_cross_entropy_forward(
     probs: &mut [f64], // [batch, classes]
     logits: &[f64],    // [batch, classes]
@@ -240,7 +243,7 @@ fn softmax_cross_entropy_forward(
     total / batch as f64
 }
 
-/// δ[n, k] = ∂E/∂a[n, k] = (p[n, k] − 1[k = t_n]) / B.
+/// `δ[n, k] = ∂E/∂a[n, k] = (p[n, k] − 1[k = t_n]) / B`.
 fn softmax_cross_entropy_backward(
     delta: &mut [f64], // [batch, classes]
     probs: &[f64],     // [batch, classes]
@@ -267,7 +270,7 @@ fn softmax_cross_entropy_backward(
 /// A fully-connected network: logistic hidden units, identity output, optional biases.
 ///
 /// Layer l (1-based, as in the notation) has `sizes()[l-1]` units; `weights()[l-1]` is w^(l),
-/// row-major [n_{l+1}, n_l], so w^(l)_{jk} is `weights()[l-1][(j-1) * n_l + (k-1)]`.
+/// row-major `[n_{l+1}, n_l]`, so w^(l)_{jk} is `weights()[l-1][(j-1) * n_l + (k-1)]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Network {
     sizes: Vec<usize>,
@@ -299,7 +302,7 @@ pub struct Gradients {
     /// `delta[l-1]` = δ^(l) = ∂E/∂a^(l) for l = 2 … L; `delta[0]` is empty (the inputs have no
     /// activation, and no weight needs their δ).
     pub delta: Vec<Vec<f64>>,
-    /// `dw[l-1]` = ∂E/∂w^(l), row-major [n_{l+1}, n_l] like the weights.
+    /// `dw[l-1]` = ∂E/∂w^(l), row-major `[n_{l+1}, n_l]` like the weights.
     pub dw: Vec<Vec<f64>>,
     /// `db[l-1]` = ∂E/∂b^(l), when the network has biases.
     pub db: Option<Vec<Vec<f64>>>,
@@ -307,7 +310,7 @@ pub struct Gradients {
 
 impl Network {
     /// A network with the given layer sizes, weights (`weights[l-1]` = w^(l), row-major
-    /// [n_{l+1}, n_l]) and optional biases (`biases[l-1]` = b^(l), [n_{l+1}]).
+    /// `[n_{l+1}, n_l]`) and optional biases (`biases[l-1]` = b^(l), `[n_{l+1}]`).
     ///
     /// Rejects fewer than two layers, empty layers, wrong lengths and non-finite values.
     pub fn new(
@@ -383,7 +386,7 @@ impl Network {
         &self.sizes
     }
 
-    /// `weights()[l-1]` = w^(l), row-major [n_{l+1}, n_l].
+    /// `weights()[l-1]` = w^(l), row-major `[n_{l+1}, n_l]`.
     pub fn weights(&self) -> &[Vec<f64>] {
         &self.weights
     }
@@ -393,7 +396,7 @@ impl Network {
         self.biases.as_deref()
     }
 
-    /// Runs the forward pass on input `x` ([n₁]) against target `t` ([n_L]), keeping every
+    /// Runs the forward pass on input `x` (`[n₁]`) against target `t` (`[n_L]`), keeping every
     /// a^(l) and z^(l).
     pub fn forward(&self, x: &[f64], t: &[f64]) -> Result<Forward> {
         self.check_example(x, t)?;
@@ -459,20 +462,22 @@ impl Network {
         let grads = self.backward(&fwd, t)?;
         let depth = self.sizes.len();
 
-        // δ^(l)_j: perturb a^(l)_j and propagate from layer l.
-        let mut delta = vec![Vec::new(); depth];
-        for i in 1..depth {
-            delta[i] = (0..self.sizes[i])
-                .map(|j| {
-                    let numeric = central_difference(fwd.a[i][j], |v| {
-                        let mut a = fwd.a[i].clone();
-                        a[j] = v;
-                        self.forward_from(i, a, t).loss
-                    });
-                    CheckEntry::new(grads.delta[i][j], numeric)
-                })
-                .collect();
-        }
+        // δ^(l)_j: perturb a^(l)_j and propagate from layer l. The input layer has no δ.
+        let delta = (0..depth)
+            .map(|i| {
+                let a_i = if i == 0 { &[][..] } else { &fwd.a[i][..] };
+                (0..a_i.len())
+                    .map(|j| {
+                        let numeric = central_difference(a_i[j], |v| {
+                            let mut a = a_i.to_vec();
+                            a[j] = v;
+                            self.forward_from(i, a, t).loss
+                        });
+                        CheckEntry::new(grads.delta[i][j], numeric, fwd.loss)
+                    })
+                    .collect()
+            })
+            .collect();
 
         let mut probe = self.clone();
         let mut dw = Vec::with_capacity(depth - 1);
@@ -485,7 +490,7 @@ impl Network {
                         probe.weights[i][p] = self.weights[i][p];
                         loss
                     });
-                    CheckEntry::new(grads.dw[i][p], numeric)
+                    CheckEntry::new(grads.dw[i][p], numeric, fwd.loss)
                 })
                 .collect();
             dw.push(entries);
@@ -507,7 +512,7 @@ impl Network {
                                 }
                                 loss
                             });
-                            CheckEntry::new(gdb[i][j], numeric)
+                            CheckEntry::new(gdb[i][j], numeric, fwd.loss)
                         })
                         .collect();
                     db.push(entries);
@@ -743,9 +748,11 @@ pub fn central_difference(theta: f64, mut f: impl FnMut(f64) -> f64) -> f64 {
     (m2 - 8.0 * m1 + 8.0 * p1 - p2) / (12.0 * h)
 }
 
-/// |analytic − numeric| / max(|analytic|, |numeric|, [`REL_ERROR_FLOOR`]).
-pub fn relative_error(analytic: f64, numeric: f64) -> f64 {
-    let denominator = analytic.abs().max(numeric.abs()).max(REL_ERROR_FLOOR);
+/// |analytic − numeric| / max(|analytic|, |numeric|, [`REL_ERROR_FLOOR`] · max(1, |loss|)),
+/// for a derivative of `loss` (the E that was differenced).
+pub fn relative_error(analytic: f64, numeric: f64, loss: f64) -> f64 {
+    let floor = REL_ERROR_FLOOR * loss.abs().max(1.0);
+    let denominator = analytic.abs().max(numeric.abs()).max(floor);
     (analytic - numeric).abs() / denominator
 }
 
@@ -763,13 +770,13 @@ pub struct CheckEntry {
 }
 
 impl CheckEntry {
-    /// Compares an analytic derivative with its finite difference.
-    pub fn new(analytic: f64, numeric: f64) -> Self {
+    /// Compares an analytic derivative of `loss` with its finite difference.
+    pub fn new(analytic: f64, numeric: f64, loss: f64) -> Self {
         CheckEntry {
             analytic,
             numeric,
             abs_error: (analytic - numeric).abs(),
-            rel_error: relative_error(analytic, numeric),
+            rel_error: relative_error(analytic, numeric, loss),
         }
     }
 }
@@ -796,14 +803,24 @@ impl GradientCheck {
             .flatten()
     }
 
-    /// The largest relative error of any entry.
+    /// The largest relative error of any entry; NaN if any entry's is (an overflowing
+    /// network), so a failed check cannot hide.
     pub fn max_rel_error(&self) -> f64 {
-        self.entries().map(|e| e.rel_error).fold(0.0, f64::max)
+        self.entries().map(|e| e.rel_error).fold(0.0, nan_max)
     }
 
-    /// The largest absolute error of any entry.
+    /// The largest absolute error of any entry; NaN if any entry's is.
     pub fn max_abs_error(&self) -> f64 {
-        self.entries().map(|e| e.abs_error).fold(0.0, f64::max)
+        self.entries().map(|e| e.abs_error).fold(0.0, nan_max)
+    }
+}
+
+/// max that propagates NaN (`f64::max` drops it).
+fn nan_max(a: f64, b: f64) -> f64 {
+    if a.is_nan() || b.is_nan() {
+        f64::NAN
+    } else {
+        a.max(b)
     }
 }
 
@@ -918,9 +935,9 @@ pub struct Report {
 pub struct Problem {
     /// The network.
     pub network: Network,
-    /// The input x, [n₁].
+    /// The input x, `[n₁]`.
     pub x: Vec<f64>,
-    /// The target t, [n_L].
+    /// The target t, `[n_L]`.
     pub t: Vec<f64>,
 }
 
@@ -1092,8 +1109,14 @@ impl Problem {
         let n_out = sizes[sizes.len() - 1];
         let t_v = field("t")?;
         let t = match t_v {
-            Value::Number(_) if n_out == 1 => vec![number(t_v, "t").map_err(bad)?],
-            _ => number_list(t_v, "t").map_err(bad)?,
+            Value::Array(_) => number_list(t_v, "t").map_err(bad)?,
+            _ if n_out == 1 => vec![number(t_v, "t").map_err(bad)?],
+            _ => {
+                return Err(bad(format!(
+                    "t is {}, expected a list of {n_out} numbers",
+                    describe(t_v)
+                )));
+            }
         };
         if t.len() != n_out {
             return Err(bad(format!(
@@ -1231,7 +1254,7 @@ fn number_list(v: &Value, name: &str) -> std::result::Result<Vec<f64>, String> {
 // ---------------------------------------------------------------------------------------------
 
 /// The classifier head of the main task in `f64`: Linear(input→hidden) → ReLU →
-/// Linear(hidden→classes), weights row-major [out, in] like PyTorch's `nn.Linear`.
+/// Linear(hidden→classes), weights row-major `[out, in]` like PyTorch's `nn.Linear`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HeadParams {
     /// Input features d (2048 for ResNet-50).
@@ -1240,26 +1263,26 @@ pub struct HeadParams {
     pub hidden: usize,
     /// Classes c (10 for CIFAR-10).
     pub classes: usize,
-    /// W₁, [hidden, input].
+    /// W₁, `[hidden, input]`.
     pub w1: Vec<f64>,
-    /// b₁, [hidden].
+    /// b₁, `[hidden]`.
     pub b1: Vec<f64>,
-    /// W₂, [classes, hidden].
+    /// W₂, `[classes, hidden]`.
     pub w2: Vec<f64>,
-    /// b₂, [classes].
+    /// b₂, `[classes]`.
     pub b2: Vec<f64>,
 }
 
 /// Derivatives of the head's objective, shaped like [`HeadParams`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct HeadGradients {
-    /// ∂E/∂W₁, [hidden, input].
+    /// ∂E/∂W₁, `[hidden, input]`.
     pub w1: Vec<f64>,
-    /// ∂E/∂b₁, [hidden].
+    /// ∂E/∂b₁, `[hidden]`.
     pub b1: Vec<f64>,
-    /// ∂E/∂W₂, [classes, hidden].
+    /// ∂E/∂W₂, `[classes, hidden]`.
     pub w2: Vec<f64>,
-    /// ∂E/∂b₂, [classes].
+    /// ∂E/∂b₂, `[classes]`.
     pub b2: Vec<f64>,
 }
 
@@ -1270,16 +1293,16 @@ pub struct HeadBackprop {
     pub data_loss: f64,
     /// λ/2 (‖W₁‖² + ‖W₂‖²).
     pub penalty: f64,
-    /// δ^(2) = ∂E/∂a^(2), the hidden layer's error signals, [batch, hidden].
+    /// δ^(2) = ∂E/∂a^(2), the hidden layer's error signals, `[batch, hidden]`.
     pub delta_hidden: Vec<f64>,
-    /// δ^(3) = (softmax(a^(3)) − onehot(label)) / batch, [batch, classes].
+    /// δ^(3) = (softmax(a^(3)) − onehot(label)) / batch, `[batch, classes]`.
     pub delta_output: Vec<f64>,
     /// ∂(data loss + penalty)/∂θ.
     pub grads: HeadGradients,
 }
 
-/// Forward and backward pass of the head on a batch `x` ([batch, input], row-major) with
-/// labels `y` ([batch]) and L2 strength `lambda`, by the δ-rule:
+/// Forward and backward pass of the head on a batch `x` (`[batch, input]`, row-major) with
+/// labels `y` (`[batch]`) and L2 strength `lambda`, by the δ-rule:
 ///
 /// * δ^(3)_{nk} = (p_{nk} − 1[k = y_n]) / B,
 /// * δ^(2)_{nj} = 1[a^(2)_{nj} > 0] Σ_k W₂_{kj} δ^(3)_{nk},
@@ -1417,9 +1440,11 @@ mod tests {
 
     #[test]
     fn relative_error_uses_the_floor_for_tiny_values() {
-        assert_eq!(relative_error(0.0, 0.0), 0.0);
-        assert!((relative_error(1e-9, 2e-9) - 1e-9 / REL_ERROR_FLOOR).abs() < 1e-20);
-        assert!((relative_error(2.0, 1.0) - 0.5).abs() < 1e-15);
+        assert_eq!(relative_error(0.0, 0.0, 0.5), 0.0);
+        assert!((relative_error(1e-9, 2e-9, 0.5) - 1e-9 / REL_ERROR_FLOOR).abs() < 1e-20);
+        // The floor grows with the loss being differenced.
+        assert!((relative_error(1e-9, 2e-9, 10.0) - 1e-10 / REL_ERROR_FLOOR).abs() < 1e-20);
+        assert!((relative_error(2.0, 1.0, 0.5) - 0.5).abs() < 1e-15);
     }
 
     #[test]

@@ -1,1 +1,312 @@
-//! (being written)
+//! Head checkpoints: the weights as safetensors plus a JSON sidecar, both written atomically.
+//!
+//! `best.safetensors` holds the head under PyTorch's state-dict names for the original script's
+//! `model.fc = nn.Sequential(nn.Linear(2048, 32), nn.ReLU(), nn.Linear(32, 10))` — `fc.0.weight`
+//! `[32, 2048]`, `fc.0.bias`, `fc.2.weight` `[10, 32]`, `fc.2.bias` — so Python can load it with
+//! `safetensors.torch.load_file` into a torchvision ResNet-50 with that `fc`. A `last`
+//! checkpoint also holds the SGD momentum buffers (`momentum.fc.0.weight`, …) and the training
+//! state, which is what makes `--resume` exact.
+//!
+//! The metadata (λ, epoch, metrics, configuration and the features' `extractor` fingerprint)
+//! is stored twice: inside the safetensors header (key `cifar_finetune`, authoritative, so the
+//! one atomically written file is self-contained) and as `<name>.json` beside it for people
+//! and report tools. A head is only ever applied to features with the same fingerprint.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype, TensorView};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::features::FeatureSet;
+use crate::head::{Head, HeadDims, HeadGrads};
+use crate::train::{HistoryRow, TrainConfig};
+
+/// Format tag written into every checkpoint.
+pub const FORMAT: &str = "cifar-finetune head checkpoint v1";
+
+/// Metadata key of the safetensors header that holds the [`CheckpointMeta`] JSON.
+pub const META_KEY: &str = "cifar_finetune";
+
+/// Tensor names, in PyTorch's `fc` state-dict order: W1, b1, W2, b2.
+pub const TENSOR_NAMES: [&str; 4] = ["fc.0.weight", "fc.0.bias", "fc.2.weight", "fc.2.bias"];
+
+/// Prefix of the momentum buffers' tensor names in a `last` checkpoint.
+pub const MOMENTUM_PREFIX: &str = "momentum.";
+
+/// Which checkpoint of a λ this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckpointKind {
+    /// The best epoch so far by the validation metric.
+    Best,
+    /// The latest epoch, with momentum and training state, for `--resume`.
+    Last,
+}
+
+/// The best epoch seen so far for one λ.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct BestSoFar {
+    /// Epoch (1-based).
+    pub epoch: usize,
+    /// Validation loss at that epoch.
+    pub val_loss: f64,
+    /// Validation accuracy at that epoch (0..1).
+    pub val_accuracy: f64,
+}
+
+/// Training state saved in a `last` checkpoint: enough to continue exactly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// History rows of this λ so far (one per completed epoch).
+    pub history: Vec<HistoryRow>,
+    /// Best validated epoch so far, if any.
+    pub best: Option<BestSoFar>,
+    /// True once every epoch of this λ has run.
+    pub finished: bool,
+    /// How the per-epoch random streams derive from the seed (documentation for readers; the
+    /// shuffle and dropout of epoch `e` depend only on `(seed, e)`, so the epoch count is the
+    /// whole RNG state).
+    pub rng: String,
+}
+
+/// Everything a checkpoint records besides the tensors.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointMeta {
+    /// [`FORMAT`].
+    pub format: String,
+    /// Best or last.
+    pub kind: CheckpointKind,
+    /// L2 strength the head was trained with.
+    pub lambda: f32,
+    /// Epochs completed when this head was saved (1-based epoch of the weights).
+    pub epoch: usize,
+    /// Layer widths.
+    pub dims: HeadDims,
+    /// Fingerprint of the features the head was trained on.
+    pub extractor: String,
+    /// The training configuration.
+    pub config: TrainConfig,
+    /// The epoch's metrics (validation fields empty if it was not validated).
+    pub metrics: HistoryRow,
+    /// Only in `last` checkpoints: the state `--resume` continues from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<TrainState>,
+}
+
+/// A loaded checkpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checkpoint {
+    /// The head's weights.
+    pub head: Head,
+    /// SGD momentum buffers (only in `last` checkpoints).
+    pub momentum: Option<HeadGrads>,
+    /// The metadata.
+    pub meta: CheckpointMeta,
+    /// The safetensors file it was read from.
+    pub path: PathBuf,
+}
+
+/// The JSON sidecar of a checkpoint: `best.safetensors` → `best.json`.
+pub fn sidecar_path(path: &Path) -> PathBuf {
+    path.with_extension("json")
+}
+
+/// The tensors file of a checkpoint given either of its two paths (`best.json` →
+/// `best.safetensors`).
+pub fn tensors_path(path: &Path) -> PathBuf {
+    if path.extension().is_some_and(|e| e == "json") {
+        path.with_extension("safetensors")
+    } else {
+        path.to_path_buf()
+    }
+}
+
+/// Writes `path` (safetensors, with the metadata in its header) and then its JSON sidecar,
+/// each atomically. `momentum` is stored for `last` checkpoints.
+pub fn save(
+    path: &Path,
+    head: &Head,
+    momentum: Option<&HeadGrads>,
+    meta: &CheckpointMeta,
+) -> Result<()> {
+    head.check()?;
+    if meta.dims != head.dims {
+        return Err(Error::invalid(
+            "checkpoint metadata",
+            format!(
+                "dims {:?} differ from the head's {:?}",
+                meta.dims, head.dims
+            ),
+        ));
+    }
+    let d = head.dims;
+    let shapes = [
+        vec![d.hidden, d.input],
+        vec![d.hidden],
+        vec![d.classes, d.hidden],
+        vec![d.classes],
+    ];
+    let mut buffers: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let params: [&[f32]; 4] = [&head.w1, &head.b1, &head.w2, &head.b2];
+    for ((name, shape), data) in TENSOR_NAMES.iter().zip(&shapes).zip(params) {
+        buffers.push((name.to_string(), shape.clone(), le_bytes(data)));
+    }
+    if let Some(m) = momentum {
+        m.check(d, "momentum")?;
+        let bufs: [&[f32]; 4] = [&m.w1, &m.b1, &m.w2, &m.b2];
+        for ((name, shape), data) in TENSOR_NAMES.iter().zip(&shapes).zip(bufs) {
+            buffers.push((
+                format!("{MOMENTUM_PREFIX}{name}"),
+                shape.clone(),
+                le_bytes(data),
+            ));
+        }
+    }
+    let bad = |e: safetensors::SafeTensorError| Error::format(path, e.to_string());
+    let views = buffers
+        .iter()
+        .map(|(name, shape, bytes)| {
+            TensorView::new(Dtype::F32, shape.clone(), bytes).map(|v| (name.clone(), v))
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(bad)?;
+    let json = serde_json::to_string(meta)
+        .map_err(|e| Error::format(path, format!("cannot serialise metadata: {e}")))?;
+    let header = HashMap::from([(META_KEY.to_string(), json)]);
+    let bytes = safetensors::serialize(views, Some(header)).map_err(bad)?;
+    crate::io::atomic_write_bytes(path, &bytes)?;
+    crate::io::write_json(&sidecar_path(path), meta)
+}
+
+/// Reads a checkpoint from its `.safetensors` file (or its `.json` sidecar's path), checking
+/// every tensor's presence, dtype and shape against the recorded dims.
+pub fn load(path: &Path) -> Result<Checkpoint> {
+    let path = tensors_path(path);
+    let path = path.as_path();
+    let bytes = std::fs::read(path).map_err(|e| Error::io("reading checkpoint", path, e))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| Error::format(path, format!("not a safetensors file: {e}")))?;
+    let json = header
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get(META_KEY).cloned())
+        .ok_or_else(|| {
+            Error::format(
+                path,
+                format!("no `{META_KEY}` metadata: not a cifar-finetune head checkpoint"),
+            )
+        })?;
+    let meta: CheckpointMeta = serde_json::from_str(&json)
+        .map_err(|e| Error::format(path, format!("invalid checkpoint metadata: {e}")))?;
+    if meta.format != FORMAT {
+        return Err(Error::format(
+            path,
+            format!("format `{}`, expected `{FORMAT}`", meta.format),
+        ));
+    }
+    meta.dims.validate()?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| Error::format(path, format!("not a safetensors file: {e}")))?;
+    let d = meta.dims;
+    let shapes = [
+        vec![d.hidden, d.input],
+        vec![d.hidden],
+        vec![d.classes, d.hidden],
+        vec![d.classes],
+    ];
+    let read = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
+        let t = st.tensor(name).map_err(|_| Error::Weights {
+            path: path.to_path_buf(),
+            msg: format!("missing tensor `{name}`"),
+        })?;
+        if t.dtype() != Dtype::F32 || t.shape() != shape {
+            return Err(Error::Weights {
+                path: path.to_path_buf(),
+                msg: format!(
+                    "tensor `{name}` is {:?} {:?}, expected F32 {shape:?}",
+                    t.dtype(),
+                    t.shape()
+                ),
+            });
+        }
+        Ok(t.data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    };
+    let mut p = Vec::with_capacity(4);
+    for (name, shape) in TENSOR_NAMES.iter().zip(&shapes) {
+        p.push(read(name, shape)?);
+    }
+    let [w1, b1, w2, b2]: [Vec<f32>; 4] = p
+        .try_into()
+        .map_err(|_| Error::format(path, "expected four head tensors"))?;
+    let head = Head::from_parts(d, w1, b1, w2, b2)?;
+    let momentum = if st.names().iter().any(|n| n.starts_with(MOMENTUM_PREFIX)) {
+        let mut m = Vec::with_capacity(4);
+        for (name, shape) in TENSOR_NAMES.iter().zip(&shapes) {
+            m.push(read(&format!("{MOMENTUM_PREFIX}{name}"), shape)?);
+        }
+        let [w1, b1, w2, b2]: [Vec<f32>; 4] = m
+            .try_into()
+            .map_err(|_| Error::format(path, "expected four momentum tensors"))?;
+        Some(HeadGrads { w1, b1, w2, b2 })
+    } else {
+        None
+    };
+    let known = 4 + if momentum.is_some() { 4 } else { 0 };
+    if st.len() != known {
+        let unexpected: Vec<String> = st
+            .names()
+            .into_iter()
+            .filter(|n| {
+                let base = n.strip_prefix(MOMENTUM_PREFIX).unwrap_or(n);
+                !TENSOR_NAMES.contains(&base)
+            })
+            .map(|n| n.to_string())
+            .collect();
+        return Err(Error::Weights {
+            path: path.to_path_buf(),
+            msg: format!("unexpected tensors {unexpected:?}"),
+        });
+    }
+    Ok(Checkpoint {
+        head,
+        momentum,
+        meta,
+        path: path.to_path_buf(),
+    })
+}
+
+impl Checkpoint {
+    /// Refuses features made by another extractor (weights, preprocessing, precision) or of
+    /// another width than the head was trained on.
+    pub fn check_features(&self, features: &FeatureSet) -> Result<()> {
+        if features.extractor != self.meta.extractor {
+            return Err(Error::Fingerprint {
+                path: self.path.clone(),
+                msg: format!(
+                    "the head was trained on features from `{}` but these come from `{}`; \
+                     extract with the same weights and preprocessing",
+                    self.meta.extractor, features.extractor
+                ),
+            });
+        }
+        if features.dim != self.head.dims.input {
+            return Err(Error::Fingerprint {
+                path: self.path.clone(),
+                msg: format!(
+                    "the head takes {}-wide features, these are {}-wide",
+                    self.head.dims.input, features.dim
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn le_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}

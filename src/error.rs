@@ -73,6 +73,15 @@ pub enum Error {
     #[error("{0}")]
     Numerical(String),
 
+    /// Drawing or encoding a plot failed (names the plot).
+    #[error("drawing the {plot} plot: {msg}")]
+    Plot {
+        /// The plot, e.g. "confusion_matrix".
+        plot: String,
+        /// What failed.
+        msg: String,
+    },
+
     /// A tensor operation failed inside candle.
     #[error("{context}")]
     Candle {

@@ -1,1 +1,232 @@
-//! (being written)
+//! Scoring a checkpoint on held-out features (the test split): loss, accuracy, per-class
+//! accuracy, the confusion matrix, the classification report and every image's class
+//! probabilities — the original script's "Accuracy of the network on the 10000 test images"
+//! and per-class accuracies, plus what a report needs.
+//!
+//! [`write_outputs`] writes, atomically:
+//! * `metrics.json` ([`TestMetrics`]): the numbers, the confusion matrix (rows true class,
+//!   columns predicted), the sklearn-format report, and which checkpoint/features they are for;
+//! * `predictions.csv`: `index,true,predicted,<class 0 name>,…,<class 9 name>` — the image's
+//!   index within its CIFAR-10 part, the true and predicted class ids, and the 10 softmax
+//!   probabilities. [`read_predictions`] parses it back.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::Checkpoint;
+use crate::data::cifar::{CLASSES, Split};
+use crate::error::{Error, Result};
+use crate::features::FeatureSet;
+use crate::metrics::Metrics;
+
+/// Format tag of `metrics.json`.
+pub const METRICS_FORMAT: &str = "cifar-finetune test metrics v1";
+
+/// The evaluation of a head on one split.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Evaluation {
+    /// What `metrics.json` holds.
+    pub metrics: TestMetrics,
+    /// Each image's index within its CIFAR-10 part, `[N]`.
+    pub index: Vec<u32>,
+    /// True classes, `[N]`.
+    pub labels: Vec<u8>,
+    /// Predicted classes (arg-max), `[N]`.
+    pub predicted: Vec<u8>,
+    /// Softmax probabilities, `[N, C]` row-major.
+    pub probabilities: Vec<f32>,
+}
+
+/// `metrics.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TestMetrics {
+    /// [`METRICS_FORMAT`].
+    pub format: String,
+    /// The split scored.
+    pub split: Split,
+    /// The checkpoint file scored.
+    pub checkpoint: PathBuf,
+    /// Its λ.
+    pub lambda: f32,
+    /// Its epoch.
+    pub epoch: usize,
+    /// Fingerprint of the features (equal to the checkpoint's).
+    pub extractor: String,
+    /// Number of images.
+    pub count: usize,
+    /// Mean cross-entropy.
+    pub loss: f64,
+    /// Fraction classified correctly.
+    pub accuracy: f64,
+    /// Class names, in label order.
+    pub class_names: Vec<String>,
+    /// Per-class accuracy (fraction of each class's images classified correctly).
+    pub per_class_accuracy: Vec<f64>,
+    /// Confusion matrix, precision/recall/F1/support, averages.
+    pub metrics: Metrics,
+    /// The classification report as scikit-learn prints it (digits = 2).
+    pub report: String,
+}
+
+impl TestMetrics {
+    /// Reads a `metrics.json`.
+    pub fn read(path: &Path) -> Result<TestMetrics> {
+        crate::io::read_json(path)
+    }
+}
+
+/// Class names for `classes` classes: CIFAR-10's when there are 10.
+pub fn class_names(classes: usize) -> Vec<String> {
+    if classes == CLASSES.len() {
+        CLASSES.iter().map(|s| s.to_string()).collect()
+    } else {
+        (0..classes).map(|c| format!("class_{c}")).collect()
+    }
+}
+
+/// Scores `checkpoint` on `features` (from `split`); refuses features from another extractor.
+pub fn evaluate(
+    checkpoint: &Checkpoint,
+    features: &FeatureSet,
+    split: Split,
+) -> Result<Evaluation> {
+    checkpoint.check_features(features)?;
+    if features.is_empty() {
+        return Err(Error::invalid(
+            format!("{split} split"),
+            "has no samples to evaluate (check --limit)",
+        ));
+    }
+    let head = &checkpoint.head;
+    let p = head.predict(&features.features, &features.labels)?;
+    let names = class_names(head.dims.classes);
+    let metrics = Metrics::from_predictions(&features.labels, &p.predicted, &names)?;
+    let count = features.len();
+    let loss = p.losses.iter().map(|&l| f64::from(l)).sum::<f64>() / count as f64;
+    let test = TestMetrics {
+        format: METRICS_FORMAT.to_string(),
+        split,
+        checkpoint: checkpoint.path.clone(),
+        lambda: checkpoint.meta.lambda,
+        epoch: checkpoint.meta.epoch,
+        extractor: features.extractor.clone(),
+        count,
+        loss,
+        accuracy: metrics.accuracy,
+        class_names: names,
+        per_class_accuracy: metrics.classes.iter().map(|c| c.accuracy).collect(),
+        report: metrics.classification_report(2),
+        metrics,
+    };
+    Ok(Evaluation {
+        metrics: test,
+        index: features.index.clone(),
+        labels: features.labels.clone(),
+        predicted: p.predicted,
+        probabilities: p.probabilities,
+    })
+}
+
+/// Writes `metrics.json` and `predictions.csv` into `dir`; returns their paths.
+pub fn write_outputs(eval: &Evaluation, dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    let metrics_path = dir.join("metrics.json");
+    let predictions_path = dir.join("predictions.csv");
+    crate::io::write_json(&metrics_path, &eval.metrics)?;
+    let c = eval.metrics.class_names.len();
+    let mut text = String::from("index,true,predicted");
+    for name in &eval.metrics.class_names {
+        text.push(',');
+        text.push_str(name);
+    }
+    text.push('\n');
+    for (i, probs) in eval.probabilities.chunks(c).enumerate() {
+        text.push_str(&format!(
+            "{},{},{}",
+            eval.index[i], eval.labels[i], eval.predicted[i]
+        ));
+        for p in probs {
+            text.push_str(&format!(",{p}"));
+        }
+        text.push('\n');
+    }
+    crate::io::atomic_write_bytes(&predictions_path, text.as_bytes())?;
+    Ok((metrics_path, predictions_path))
+}
+
+/// One row of `predictions.csv`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PredictionRow {
+    /// The image's index within its CIFAR-10 part.
+    pub index: u32,
+    /// True class id.
+    pub true_class: u8,
+    /// Predicted class id.
+    pub predicted: u8,
+    /// Softmax probability of each class.
+    pub probabilities: Vec<f32>,
+}
+
+/// Parses a `predictions.csv` written by [`write_outputs`]; returns the class names of its
+/// header and the rows.
+pub fn read_predictions(path: &Path) -> Result<(Vec<String>, Vec<PredictionRow>)> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io("reading", path, e))?;
+    let mut lines = text.lines();
+    let header = lines
+        .next()
+        .ok_or_else(|| Error::format(path, "empty file"))?;
+    let cols: Vec<&str> = header.split(',').collect();
+    if cols.len() < 4 || cols[..3] != ["index", "true", "predicted"] {
+        return Err(Error::format(
+            path,
+            "the header is not `index,true,predicted,<class names>`",
+        ));
+    }
+    let names: Vec<String> = cols[3..].iter().map(|s| s.to_string()).collect();
+    let mut rows = Vec::new();
+    for (i, line) in lines.enumerate() {
+        let bad = |what: &str| Error::format(path, format!("line {}: {what}", i + 2));
+        let cells: Vec<&str> = line.split(',').collect();
+        if cells.len() != cols.len() {
+            return Err(bad(&format!(
+                "{} fields, expected {}",
+                cells.len(),
+                cols.len()
+            )));
+        }
+        let class = |s: &str| -> Result<u8> {
+            let v: u8 = s.parse().map_err(|_| bad("a class id is not a number"))?;
+            if (v as usize) < names.len() {
+                Ok(v)
+            } else {
+                Err(bad("a class id is out of range"))
+            }
+        };
+        rows.push(PredictionRow {
+            index: cells[0]
+                .parse()
+                .map_err(|_| bad("the index is not a number"))?,
+            true_class: class(cells[1])?,
+            predicted: class(cells[2])?,
+            probabilities: cells[3..]
+                .iter()
+                .map(|s| s.parse().map_err(|_| bad("a probability is not a number")))
+                .collect::<Result<_>>()?,
+        });
+    }
+    Ok((names, rows))
+}
+
+/// Where `test` writes by default: the run directory of a checkpoint inside
+/// `<run>/lambda_<λ>/`, i.e. its grandparent when that holds `config.json`, else the
+/// checkpoint's own directory.
+pub fn default_output_dir(checkpoint: &Path) -> PathBuf {
+    let dir = checkpoint
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    match dir.parent() {
+        Some(run) if run.join("config.json").exists() => run.to_path_buf(),
+        _ => dir.to_path_buf(),
+    }
+}

@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use sha2::{Digest, Sha256};
 
+use crate::backbone::fast::{FastResNet50, Precision};
 use crate::backbone::resnet::ResNet50;
 use crate::data::cifar::{self, Part};
 use crate::data::transform::Preprocess;
@@ -31,43 +32,80 @@ use crate::error::{CandleContext, Error, Result};
 /// Feature width of ResNet-50 at its global average pool.
 pub const FEATURE_DIM: usize = crate::backbone::resnet::FEATURE_DIM;
 
+/// The network behind an [`Extractor`].
+#[derive(Debug)]
+enum Backbone {
+    /// The candle reference implementation (f32, NCHW).
+    Candle(ResNet50),
+    /// The fast NHWC path ([`crate::backbone::fast`]), f32 or bf16.
+    Fast(FastResNet50),
+}
+
 /// The frozen backbone with its preprocessing: CIFAR images in, features out.
 ///
 /// The network itself is built on first use: when every feature is cached already, only
-/// the weights' checksum is needed.
+/// the weights' checksum is needed. [`Extractor::load`] runs the fast path
+/// ([`FastResNet50`]); [`Extractor::new`] wraps the candle reference network. Both f32
+/// paths agree with torchvision to 1e-4 relative and share the fingerprint `precision f32`.
 #[derive(Debug)]
 pub struct Extractor {
     weights: Option<PathBuf>,
-    model: std::sync::OnceLock<ResNet50>,
+    precision: Precision,
+    model: std::sync::OnceLock<Backbone>,
     preprocess: Preprocess,
     fingerprint: String,
 }
 
 impl Extractor {
-    /// Hashes the weights file for the fingerprint; the network is loaded (strictly) on
-    /// first use.
+    /// Hashes the weights file for the fingerprint; the network (the fast path, f32) is
+    /// loaded (strictly) on first use.
     pub fn load(weights: &Path, preprocess: Preprocess) -> Result<Self> {
+        Self::load_with_precision(weights, preprocess, Precision::F32)
+    }
+
+    /// As [`Extractor::load`], with the matrix products in `precision`; the precision is
+    /// part of the fingerprint, so f32 and bf16 features are cached apart.
+    pub fn load_with_precision(
+        weights: &Path,
+        preprocess: Preprocess,
+        precision: Precision,
+    ) -> Result<Self> {
         let sha = crate::io::sha256_file(weights)?;
-        let mut ex = Self::with_fingerprint(preprocess, &sha);
+        let mut ex = Self::with_fingerprint(preprocess, &sha, precision);
         ex.weights = Some(weights.to_path_buf());
         Ok(ex)
     }
 
-    /// Wraps an already-built backbone whose weights file has sha256 `weights_sha256`.
+    /// Wraps an already-built candle backbone whose weights file has sha256
+    /// `weights_sha256`.
     pub fn new(model: ResNet50, preprocess: Preprocess, weights_sha256: &str) -> Self {
-        let ex = Self::with_fingerprint(preprocess, weights_sha256);
+        let ex = Self::with_fingerprint(preprocess, weights_sha256, Precision::F32);
         // A fresh OnceLock is empty, so this cannot fail.
-        let _ = ex.model.set(model);
+        let _ = ex.model.set(Backbone::Candle(model));
         ex
     }
 
-    fn with_fingerprint(preprocess: Preprocess, weights_sha256: &str) -> Self {
+    /// Wraps an already-built fast backbone whose weights file has sha256
+    /// `weights_sha256`; the fingerprint takes the model's precision.
+    pub fn new_fast(model: FastResNet50, preprocess: Preprocess, weights_sha256: &str) -> Self {
+        let ex = Self::with_fingerprint(preprocess, weights_sha256, model.precision());
+        // A fresh OnceLock is empty, so this cannot fail.
+        let _ = ex.model.set(Backbone::Fast(model));
+        ex
+    }
+
+    fn with_fingerprint(
+        preprocess: Preprocess,
+        weights_sha256: &str,
+        precision: Precision,
+    ) -> Self {
         let fingerprint = format!(
-            "resnet50-avgpool; weights sha256:{weights_sha256}; {}; precision f32",
+            "resnet50-avgpool; weights sha256:{weights_sha256}; {}; precision {precision}",
             preprocess.fingerprint()
         );
         Self {
             weights: None,
+            precision,
             model: std::sync::OnceLock::new(),
             preprocess,
             fingerprint,
@@ -75,7 +113,7 @@ impl Extractor {
     }
 
     /// The network, loaded from the weights file on first call.
-    fn model(&self) -> Result<&ResNet50> {
+    fn model(&self) -> Result<&Backbone> {
         if let Some(m) = self.model.get() {
             return Ok(m);
         }
@@ -83,8 +121,13 @@ impl Extractor {
             .weights
             .as_deref()
             .ok_or_else(|| Error::invalid("extractor", "no weights to load"))?;
-        let model = ResNet50::load(path)?;
+        let model = Backbone::Fast(FastResNet50::load(path, self.precision)?);
         Ok(self.model.get_or_init(|| model))
+    }
+
+    /// The precision of the backbone's matrix products.
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// What produces these features: the weights' sha256, the preprocessing and the
@@ -112,13 +155,19 @@ impl Extractor {
         for (img, out) in images.iter().zip(input.chunks_exact_mut(per)) {
             self.preprocess.apply(img, h, w, out)?;
         }
-        let x = Tensor::from_vec(input, (images.len(), 3, oh, ow), &Device::Cpu)
-            .ctx("building the input batch")?;
-        // [b, 2048]
-        let f = model.forward(&x)?;
-        f.flatten_all()
-            .and_then(|f| f.to_vec1::<f32>())
-            .ctx("reading features back")
+        match model {
+            // [b, 2048]
+            Backbone::Fast(model) => model.forward(&input, images.len(), oh, ow),
+            Backbone::Candle(model) => {
+                let x = Tensor::from_vec(input, (images.len(), 3, oh, ow), &Device::Cpu)
+                    .ctx("building the input batch")?;
+                // [b, 2048]
+                let f = model.forward(&x)?;
+                f.flatten_all()
+                    .and_then(|f| f.to_vec1::<f32>())
+                    .ctx("reading features back")
+            }
+        }
     }
 }
 

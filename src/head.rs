@@ -321,7 +321,7 @@ impl Head {
     /// Splits `[n, D]` features into row slices, checking the length.
     fn rows<'a>(&self, x: &'a [f32]) -> Result<Vec<&'a [f32]>> {
         let d = self.dims.input;
-        if x.len() % d != 0 {
+        if !x.len().is_multiple_of(d) {
             return Err(Error::invalid(
                 "features",
                 format!(
@@ -632,40 +632,46 @@ fn backward_small(
             ws.dz2[s * c + k] = (ws.probs[s * c + k] - onehot) * inv_b;
         }
     }
-    // gW2 [C, H] = dz2ᵀ [C, b] · a1 [b, H] + λ·W2;  gb2 [C] = Σ_b dz2
-    for k in 0..c {
-        let mut gb = 0.0f32;
-        for s in 0..b {
-            gb += ws.dz2[s * c + k];
-        }
-        ws.gb2[k] = gb;
-        for j in 0..h {
-            let mut g = 0.0f32;
-            for s in 0..b {
-                g += ws.dz2[s * c + k] * ws.a1[s * h + j];
+    // gW2 [C, H] = dz2ᵀ [C, b] · a1 [b, H] + λ·W2;  gb2 [C] = Σ_b dz2. Every sum runs over
+    // the samples in order; the loops are arranged so the innermost runs along contiguous rows.
+    ws.gw2.fill(0.0);
+    ws.gb2.fill(0.0);
+    for s in 0..b {
+        let a = &ws.a1[s * h..(s + 1) * h]; // [H]
+        for k in 0..c {
+            let d = ws.dz2[s * c + k];
+            ws.gb2[k] += d;
+            for (g, &av) in ws.gw2[k * h..(k + 1) * h].iter_mut().zip(a) {
+                *g += d * av;
             }
-            ws.gw2[k * h + j] = g + lambda * head.w2[k * h + j];
         }
     }
-    // da1 [b, H] = dz2 [b, C] · W2 [C, H];  dz1 = da1 · relu'(z1) · mask;  gb1 = Σ_b dz1
+    for (g, &w) in ws.gw2.iter_mut().zip(&head.w2) {
+        *g += lambda * w;
+    }
+    // da1 [b, H] = dz2 [b, C] · W2 [C, H] (sum over classes in order);
+    // dz1 = da1 · relu'(z1) · mask;  gb1 = Σ_b dz1
     for s in 0..b {
-        for j in 0..h {
-            let mut da = 0.0f32;
-            for k in 0..c {
-                da += ws.dz2[s * c + k] * head.w2[k * h + j];
+        let da = &mut ws.dz1[s * h..(s + 1) * h]; // [H]
+        da.fill(0.0);
+        for k in 0..c {
+            let d = ws.dz2[s * c + k];
+            for (x, &w) in da.iter_mut().zip(&head.w2[k * h..(k + 1) * h]) {
+                *x += d * w;
             }
+        }
+        for (j, x) in da.iter_mut().enumerate() {
             let i = s * h + j;
             let gate = if ws.z1[i] > 0.0 { 1.0 } else { 0.0 };
             let m = mask.map_or(1.0, |m| m[i]);
-            ws.dz1[i] = da * gate * m;
+            *x = *x * gate * m;
         }
     }
-    for j in 0..h {
-        let mut g = 0.0f32;
-        for s in 0..b {
-            g += ws.dz1[s * h + j];
+    ws.gb1.fill(0.0);
+    for s in 0..b {
+        for (g, &d) in ws.gb1.iter_mut().zip(&ws.dz1[s * h..(s + 1) * h]) {
+            *g += d;
         }
-        ws.gb1[j] = g;
     }
     loss_sum * inv_b
 }
@@ -683,6 +689,8 @@ trait Lanes: Copy {
     fn store(self, a: &mut [f32; 8]);
     /// `a·b + c`, rounded once.
     fn mul_add(a: Self, b: Self, c: Self) -> Self;
+    /// `a + b`, lane by lane.
+    fn add(a: Self, b: Self) -> Self;
     /// `((l0+l4) + (l2+l6)) + ((l1+l5) + (l3+l7))`.
     fn hsum(self) -> f32;
 }
@@ -711,6 +719,10 @@ impl Lanes for Portable {
     #[inline(always)]
     fn mul_add(a: Self, b: Self, c: Self) -> Self {
         Portable(std::array::from_fn(|l| a.0[l].mul_add(b.0[l], c.0[l])))
+    }
+    #[inline(always)]
+    fn add(a: Self, b: Self) -> Self {
+        Portable(std::array::from_fn(|l| a.0[l] + b.0[l]))
     }
     #[inline(always)]
     fn hsum(self) -> f32 {
@@ -759,6 +771,10 @@ mod avx2 {
             Avx(unsafe { _mm256_fmadd_ps(a.0, b.0, c.0) })
         }
         #[inline(always)]
+        fn add(a: Self, b: Self) -> Self {
+            Avx(unsafe { _mm256_add_ps(a.0, b.0) })
+        }
+        #[inline(always)]
         fn hsum(self) -> f32 {
             unsafe {
                 let lo = _mm256_castps256_ps128(self.0);
@@ -771,7 +787,12 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn forward(head: &Head, xs: &[&[f32]], mask: Option<&[f32]>, ws: &mut Workspace) {
+    pub(super) fn forward(
+        head: &Head,
+        xs: &[&[f32]],
+        mask: Option<&[f32]>,
+        ws: &mut Workspace,
+    ) -> f32 {
         super::forward::<Avx>(head, xs, mask, ws)
     }
 
@@ -835,7 +856,7 @@ impl Isa {
         Isa::Portable
     }
 
-    fn forward(self, head: &Head, xs: &[&[f32]], mask: Option<&[f32]>, ws: &mut Workspace) {
+    fn forward(self, head: &Head, xs: &[&[f32]], mask: Option<&[f32]>, ws: &mut Workspace) -> f32 {
         match self {
             Isa::Portable => forward::<Portable>(head, xs, mask, ws),
             // SAFETY: `Avx2Fma` is only constructed after detecting AVX2 and FMA.
@@ -903,79 +924,103 @@ impl Isa {
     }
 }
 
-/// `out[s] = Σ_i w[i]·x_s[i]` for `S ≤ 4` samples sharing each load of the weight row `w`
-/// (`[D]`; each `x_s` is `[D]`). Per sample: 8 lane sums over `i ≡ l (mod 8)`, reduced by
-/// [`Lanes::hsum`], then the tail `i ≥ 8·⌊D/8⌋` in order — the same whatever `S` is.
+/// `out[s] = Σ_i w[i]·x_s[i]` for 4 samples sharing each load of the weight row `w` (`[D]`;
+/// each `x_s` is `[D]`), and `Σ_i w[i]²` on the side (the penalty needs it, and the loop has
+/// arithmetic to spare). Fewer samples repeat one row and ignore the extra results.
+///
+/// The summation order, shared with [`row_sumsq`] and the same for every sample whatever its
+/// position: two 8-lane accumulators take the even and the odd 8-element chunks (two chains
+/// hide the multiply-add latency), they are added lane by lane, reduced by [`Lanes::hsum`],
+/// and the tail `i ≥ 8·⌊D/8⌋` is added in order. The accumulators are named variables, not an
+/// array, so that they stay in registers.
 #[inline(always)]
-fn dots<L: Lanes, const S: usize>(w: &[f32], xs: [&[f32]; S]) -> [f32; S] {
+fn dots4<L: Lanes>(w: &[f32], x: [&[f32]; 4]) -> ([f32; 4], f32) {
     let (wc, wt) = w.as_chunks::<8>();
     let n = wc.len();
-    let xc: [(&[[f32; 8]], &[f32]); S] = std::array::from_fn(|s| {
-        let (c, t) = xs[s].as_chunks::<8>();
+    fn split(r: &[f32], n: usize) -> (&[[f32; 8]], &[f32]) {
+        let (c, t) = r.as_chunks::<8>();
         (&c[..n], t)
-    });
-    let mut acc = [L::zero(); S];
-    for (k, wk) in wc.iter().enumerate() {
-        let wv = L::load(wk);
-        for s in 0..S {
-            acc[s] = L::mul_add(wv, L::load(&xc[s].0[k]), acc[s]);
-        }
     }
-    std::array::from_fn(|s| {
-        let mut r = acc[s].hsum();
-        for (&wi, &xi) in wt.iter().zip(xc[s].1) {
+    let ((c0, t0), (c1, t1)) = (split(x[0], n), split(x[1], n));
+    let ((c2, t2), (c3, t3)) = (split(x[2], n), split(x[3], n));
+    let z = L::zero();
+    let (mut e0, mut e1, mut e2, mut e3, mut qe) = (z, z, z, z, z);
+    let (mut o0, mut o1, mut o2, mut o3, mut qo) = (z, z, z, z, z);
+    let mut k = 0;
+    while k + 1 < n {
+        let wa = L::load(&wc[k]);
+        let wb = L::load(&wc[k + 1]);
+        qe = L::mul_add(wa, wa, qe);
+        qo = L::mul_add(wb, wb, qo);
+        e0 = L::mul_add(wa, L::load(&c0[k]), e0);
+        e1 = L::mul_add(wa, L::load(&c1[k]), e1);
+        e2 = L::mul_add(wa, L::load(&c2[k]), e2);
+        e3 = L::mul_add(wa, L::load(&c3[k]), e3);
+        o0 = L::mul_add(wb, L::load(&c0[k + 1]), o0);
+        o1 = L::mul_add(wb, L::load(&c1[k + 1]), o1);
+        o2 = L::mul_add(wb, L::load(&c2[k + 1]), o2);
+        o3 = L::mul_add(wb, L::load(&c3[k + 1]), o3);
+        k += 2;
+    }
+    if k < n {
+        let wa = L::load(&wc[k]);
+        qe = L::mul_add(wa, wa, qe);
+        e0 = L::mul_add(wa, L::load(&c0[k]), e0);
+        e1 = L::mul_add(wa, L::load(&c1[k]), e1);
+        e2 = L::mul_add(wa, L::load(&c2[k]), e2);
+        e3 = L::mul_add(wa, L::load(&c3[k]), e3);
+    }
+    let finish = |e: L, o: L, t: &[f32]| {
+        let mut r = L::add(e, o).hsum();
+        for (&wi, &xi) in wt.iter().zip(t) {
             r = wi.mul_add(xi, r);
         }
         r
-    })
+    };
+    let out = [
+        finish(e0, o0, t0),
+        finish(e1, o1, t1),
+        finish(e2, o2, t2),
+        finish(e3, o3, t3),
+    ];
+    let mut sq = L::add(qe, qo).hsum();
+    for &wi in wt {
+        sq = wi.mul_add(wi, sq);
+    }
+    (out, sq)
 }
 
 /// Layer 1 forward for a batch and then [`forward_small`]: `z1 [b, H] = x [b, D] · W1ᵀ + b1`.
+/// Returns ‖W1‖², summed as [`sumsq_rows`] does.
 #[inline(always)]
-fn forward<L: Lanes>(head: &Head, xs: &[&[f32]], mask: Option<&[f32]>, ws: &mut Workspace) {
+fn forward<L: Lanes>(head: &Head, xs: &[&[f32]], mask: Option<&[f32]>, ws: &mut Workspace) -> f32 {
     let HeadDims {
         input: d,
         hidden: h,
         ..
     } = head.dims;
+    let mut s1 = 0.0f32;
     for (c, chunk) in xs.chunks(4).enumerate() {
         let base = c * 4;
+        // A partial chunk repeats its first row; the extra results are dropped.
+        let rows: [&[f32]; 4] = std::array::from_fn(|s| chunk.get(s).copied().unwrap_or(chunk[0]));
         for j in 0..h {
-            let w = &head.w1[j * d..(j + 1) * d]; // [D]
+            let (r, sq) = dots4::<L>(&head.w1[j * d..(j + 1) * d], rows);
             let bias = head.b1[j];
-            let z1 = &mut ws.z1;
-            match *chunk {
-                [x0] => {
-                    let [r0] = dots::<L, 1>(w, [x0]);
-                    z1[base * h + j] = r0 + bias;
-                }
-                [x0, x1] => {
-                    let r = dots::<L, 2>(w, [x0, x1]);
-                    for (s, v) in r.iter().enumerate() {
-                        z1[(base + s) * h + j] = v + bias;
-                    }
-                }
-                [x0, x1, x2] => {
-                    let r = dots::<L, 3>(w, [x0, x1, x2]);
-                    for (s, v) in r.iter().enumerate() {
-                        z1[(base + s) * h + j] = v + bias;
-                    }
-                }
-                [x0, x1, x2, x3] => {
-                    let r = dots::<L, 4>(w, [x0, x1, x2, x3]);
-                    for (s, v) in r.iter().enumerate() {
-                        z1[(base + s) * h + j] = v + bias;
-                    }
-                }
-                _ => {}
+            for (s, v) in r.iter().take(chunk.len()).enumerate() {
+                ws.z1[(base + s) * h + j] = v + bias;
+            }
+            if c == 0 {
+                s1 += sq;
             }
         }
     }
     forward_small(head, xs.len(), mask, ws);
+    s1
 }
 
-/// Sum of squares of each `row`-long row of `w`, rows added in order; per row the lane
-/// order of [`dots`].
+/// Sum of squares of each `row`-long row of `w`, rows added in order; per row the order of
+/// [`dots4`].
 #[inline(always)]
 fn sumsq_rows<L: Lanes>(w: &[f32], row: usize) -> f32 {
     let mut total = 0.0f32;
@@ -988,12 +1033,20 @@ fn sumsq_rows<L: Lanes>(w: &[f32], row: usize) -> f32 {
 #[inline(always)]
 fn row_sumsq<L: Lanes>(r: &[f32]) -> f32 {
     let (c, t) = r.as_chunks::<8>();
-    let mut acc = L::zero();
-    for k in c {
-        let v = L::load(k);
-        acc = L::mul_add(v, v, acc);
+    let (mut even, mut odd) = (L::zero(), L::zero());
+    let mut k = 0;
+    while k + 1 < c.len() {
+        let v0 = L::load(&c[k]);
+        let v1 = L::load(&c[k + 1]);
+        even = L::mul_add(v0, v0, even);
+        odd = L::mul_add(v1, v1, odd);
+        k += 2;
     }
-    let mut s = acc.hsum();
+    if k < c.len() {
+        let v0 = L::load(&c[k]);
+        even = L::mul_add(v0, v0, even);
+    }
+    let mut s = L::add(even, odd).hsum();
     for &v in t {
         s = v.mul_add(v, s);
     }
@@ -1038,21 +1091,21 @@ fn fused_step<L: Lanes>(
 ) -> (f32, f32) {
     let h = head.dims.hidden;
     let b = xs.len();
-    forward::<L>(head, xs, mask, ws);
+    // ‖W1‖² and ‖W2‖² before the update: the penalty of the weights the loss is computed with.
+    let s1 = forward::<L>(head, xs, mask, ws);
     let loss = backward_small(head, y, lambda, mask, ws);
-    // ‖W2‖² before the update (the penalty is that of the weights the loss was computed with).
     let s2 = sumsq_rows::<L>(&head.w2, h);
 
     // W1 [H, D]: per row j, g = Σ_s dz1[s, j]·x_s + λ·w; v = μ·v + g; w = w − lr·v.
     let (w1, v1, dz1) = (&mut head.w1, &mut vel.w1, &ws.dz1[..b * h]);
-    let s1 = match *xs {
+    match *xs {
         [x0] => fused_w1::<L, 1>(w1, v1, dz1, [x0], h, lambda, mu, lr),
         [x0, x1] => fused_w1::<L, 2>(w1, v1, dz1, [x0, x1], h, lambda, mu, lr),
         [x0, x1, x2] => fused_w1::<L, 3>(w1, v1, dz1, [x0, x1, x2], h, lambda, mu, lr),
         [x0, x1, x2, x3] => fused_w1::<L, 4>(w1, v1, dz1, [x0, x1, x2, x3], h, lambda, mu, lr),
         // `Stepper::step` sends larger batches to the unfused path.
-        _ => 0.0,
-    };
+        _ => {}
+    }
     // The small parameters through the same update kernel as `Sgd::step`.
     sgd_update::<L>(&mut head.b1, &mut vel.b1, &ws.gb1, mu, lr);
     sgd_update::<L>(&mut head.w2, &mut vel.w2, &ws.gw2, mu, lr);
@@ -1062,8 +1115,7 @@ fn fused_step<L: Lanes>(
 
 /// Gradient, momentum and update of `W1` (`[H, D]`, momentum `v1` alike) for `S ≤ 4` samples
 /// `xs` (each `[D]`) with hidden deltas `dz1` (`[S, H]`), one weight row at a time so the
-/// gradient never leaves registers. Returns ‖W1‖² of the weights before the update, summed as
-/// [`sumsq_rows`] does.
+/// gradient never leaves registers.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn fused_w1<L: Lanes, const S: usize>(
@@ -1075,7 +1127,7 @@ fn fused_w1<L: Lanes, const S: usize>(
     lambda: f32,
     mu: f32,
     lr: f32,
-) -> f32 {
+) {
     let d = w1.len() / h;
     let n8 = d / 8;
     let xc: [(&[[f32; 8]], &[f32]); S] = std::array::from_fn(|s| {
@@ -1083,38 +1135,34 @@ fn fused_w1<L: Lanes, const S: usize>(
         (&c[..n8], t)
     });
     let (vmu, vneg_lr) = (L::splat(mu), L::splat(-lr));
-    let mut s1 = 0.0f32;
-    for (j, (w_row, v_row)) in w1
+    // Rows in reverse: the forward pass just read W1 from first to last row, so its last rows
+    // are still in cache (the rows are independent, so the order changes no number).
+    let rows = w1
         .chunks_exact_mut(d)
         .zip(v1.chunks_exact_mut(d))
         .enumerate()
-    {
+        .rev();
+    for (j, (w_row, v_row)) in rows {
         let dz: [f32; S] = std::array::from_fn(|s| dz1[s * h + j]);
         let (wc, wt) = w_row.as_chunks_mut::<8>();
         let (vc, vt) = v_row.as_chunks_mut::<8>();
-        let mut sq = L::zero();
         for (k, (wk, vk)) in wc.iter_mut().zip(vc.iter_mut()).enumerate() {
             let w = L::load(wk);
-            sq = L::mul_add(w, w, sq);
             let xk: [&[f32; 8]; S] = std::array::from_fn(|s| &xc[s].0[k]);
             let g = grad_lanes::<L>(&dz, &xk, lambda, w);
             let v = L::mul_add(vmu, L::load(vk), g);
             v.store(vk);
             L::mul_add(vneg_lr, v, w).store(wk);
         }
-        let mut row_sq = sq.hsum();
         for (t, (wi, vi)) in wt.iter_mut().zip(vt.iter_mut()).enumerate() {
             let w = *wi;
-            row_sq = w.mul_add(w, row_sq);
             let xcol: [f32; S] = std::array::from_fn(|s| xc[s].1[t]);
             let g = grad_scalar(&dz, &xcol, lambda, w);
             let v = mu.mul_add(*vi, g);
             *vi = v;
             *wi = (-lr).mul_add(v, w);
         }
-        s1 += row_sq;
     }
-    s1
 }
 
 /// Forward and backward for any batch size, writing every gradient into `grads`.
@@ -1195,4 +1243,110 @@ fn sgd_all<L: Lanes>(head: &mut Head, vel: &mut HeadGrads, g: &HeadGrads, mu: f3
     sgd_update::<L>(&mut head.b1, &mut vel.b1, &g.b1, mu, lr);
     sgd_update::<L>(&mut head.w2, &mut vel.w2, &g.w2, mu, lr);
     sgd_update::<L>(&mut head.b2, &mut vel.b2, &g.b2, mu, lr);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(n: usize, d: usize, seed: u64) -> (Vec<f32>, Vec<u8>) {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let x = (0..n * d)
+            .map(|_| (rng.next_u32() >> 8) as f32 / (1 << 24) as f32 * 3.0 - 1.0)
+            .collect();
+        let y = (0..n).map(|_| (rng.next_u32() % 10) as u8).collect();
+        (x, y)
+    }
+
+    /// Runs `steps` fused steps of batch `b` with `isa`, returning the head, momentum and
+    /// every (loss, penalty).
+    fn run_fused(isa: Isa, d: usize, b: usize, steps: usize) -> (Head, HeadGrads, Vec<(f32, f32)>) {
+        let mut head = Head::init(d, 32, 10, 4).unwrap();
+        let mut sgd = Sgd::new(head.dims, 0.05, 0.9).unwrap();
+        let mut st = Stepper::new(head.dims, b);
+        st.isa = isa;
+        let (x, y) = data(steps * b, d, 8);
+        let mask: Vec<f32> = (0..b * 32)
+            .map(|i| if i.is_multiple_of(5) { 0.0 } else { 1.25 })
+            .collect();
+        let mut out = Vec::new();
+        for s in 0..steps {
+            let xs: Vec<&[f32]> = (0..b)
+                .map(|r| &x[(s * b + r) * d..(s * b + r + 1) * d])
+                .collect();
+            let m = (s % 2 == 1).then_some(&mask[..]);
+            out.push(
+                st.step(&mut head, &mut sgd, &xs, &y[s * b..(s + 1) * b], 0.01, m)
+                    .unwrap(),
+            );
+        }
+        (head, sgd.velocity, out)
+    }
+
+    #[test]
+    fn fused_step_is_bit_identical_to_loss_and_grad_plus_sgd() {
+        for (d, b) in [(2048, 4), (37, 3), (2048, 1), (64, 2)] {
+            let (x, y) = data(b, d, 1);
+            let mut fused = Head::init(d, 32, 10, 2).unwrap();
+            let mut split = fused.clone();
+            let mut sgd_f = Sgd::new(fused.dims, 0.01, 0.9).unwrap();
+            let mut sgd_s = sgd_f.clone();
+            let mut st = Stepper::new(fused.dims, 4);
+            let xs: Vec<&[f32]> = x.chunks(d).collect();
+            for _ in 0..3 {
+                let (l1, p1) = st.step(&mut fused, &mut sgd_f, &xs, &y, 0.1, None).unwrap();
+                let (l2, p2, g) = split.loss_and_grad(&x, &y, 0.1).unwrap();
+                sgd_s.step(&mut split, &g).unwrap();
+                assert_eq!((l1.to_bits(), p1.to_bits()), (l2.to_bits(), p2.to_bits()));
+                assert_eq!(fused, split, "d={d} b={b}");
+                assert_eq!(sgd_f, sgd_s);
+            }
+            assert_eq!(
+                split.penalty(0.1).to_bits(),
+                Isa::detect()
+                    .loss_and_grad(
+                        &split,
+                        &xs,
+                        &y,
+                        0.1,
+                        None,
+                        &mut Workspace::new(split.dims, b),
+                        &mut HeadGrads::zeros(split.dims)
+                    )
+                    .1
+                    .to_bits()
+            );
+        }
+    }
+
+    #[test]
+    fn portable_and_native_kernels_agree_bit_for_bit() {
+        let native = Isa::detect();
+        if native == Isa::Portable {
+            return; // nothing to compare on this CPU
+        }
+        for (d, b, steps) in [(2048, 4, 6), (45, 3, 5), (100, 7, 3)] {
+            let a = run_fused(Isa::Portable, d, b, steps);
+            let n = run_fused(native, d, b, steps);
+            assert_eq!(a.0, n.0, "weights, d={d} b={b}");
+            assert_eq!(a.1, n.1, "momentum, d={d} b={b}");
+            let bits = |v: &[(f32, f32)]| {
+                v.iter()
+                    .map(|(l, p)| (l.to_bits(), p.to_bits()))
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(bits(&a.2), bits(&n.2), "losses, d={d} b={b}");
+        }
+    }
+
+    #[test]
+    fn a_sample_gets_the_same_logits_in_any_batch() {
+        let head = Head::init(70, 32, 10, 9).unwrap();
+        let (x, _) = data(7, 70, 3);
+        let all = head.logits(&x).unwrap();
+        for s in 0..7 {
+            let one = head.logits(&x[s * 70..(s + 1) * 70]).unwrap();
+            assert_eq!(one, all[s * 10..(s + 1) * 10]);
+        }
+    }
 }

@@ -31,6 +31,15 @@ pub fn atomic_write(
         write(&mut w).map_err(|e| Error::io("writing", path, e))?;
         w.flush().map_err(|e| Error::io("writing", path, e))?;
     }
+    // tempfile creates 0600 files; what we write (reports, features) is meant to be shared
+    // like any file the user creates.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| Error::io("setting permissions of", path, e))?;
+    }
     tmp.as_file()
         .sync_all()
         .map_err(|e| Error::io("syncing", path, e))?;
@@ -90,6 +99,12 @@ mod tests {
         atomic_write_bytes(&p, b"one").unwrap();
         atomic_write_bytes(&p, b"two").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&p).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o644);
+        }
         let names: Vec<_> = std::fs::read_dir(p.parent().unwrap()).unwrap().collect();
         assert_eq!(names.len(), 1);
     }

@@ -1,1 +1,202 @@
-//! (being written)
+//! Classification metrics from labels alone (no tensors): confusion matrix, per-class
+//! accuracy, precision, recall, F1 and support, their macro and weighted averages, and
+//! scikit-learn's `classification_report` text.
+//!
+//! Definitions follow scikit-learn 1.x (`precision_recall_fscore_support` with
+//! `zero_division="warn"`, i.e. 0/0 counts as 0): precision = tp / predicted,
+//! recall = tp / support, F1 = 2·tp / (support + predicted); the macro average is the plain
+//! mean over classes, the weighted average weights each class by its support. A test compares
+//! all of them, and the report string, with scikit-learn's on a committed fixture.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// The metrics of one class.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClassMetrics {
+    /// Class name.
+    pub name: String,
+    /// tp / (tp + fp); 0 when the class is never predicted.
+    pub precision: f64,
+    /// tp / support; 0 when the class never occurs.
+    pub recall: f64,
+    /// 2·tp / (support + predicted); 0 when both are 0.
+    pub f1: f64,
+    /// Number of samples of this class.
+    pub support: u64,
+    /// Per-class accuracy: the fraction of this class's samples classified correctly (equal
+    /// to recall; the original script's "Accuracy of plane: 60 %").
+    pub accuracy: f64,
+}
+
+/// Precision, recall and F1 averaged over classes.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Averages {
+    /// Averaged precision.
+    pub precision: f64,
+    /// Averaged recall.
+    pub recall: f64,
+    /// Averaged F1.
+    pub f1: f64,
+    /// Total number of samples.
+    pub support: u64,
+}
+
+/// All metrics of a set of predictions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Metrics {
+    /// Confusion matrix `[classes][classes]`: rows are true classes, columns predicted ones.
+    pub confusion: Vec<Vec<u64>>,
+    /// Per-class metrics, in class order.
+    pub classes: Vec<ClassMetrics>,
+    /// Fraction of all samples classified correctly.
+    pub accuracy: f64,
+    /// Unweighted mean over classes.
+    pub macro_avg: Averages,
+    /// Mean over classes weighted by support.
+    pub weighted_avg: Averages,
+    /// Number of samples.
+    pub total: u64,
+}
+
+/// The confusion matrix of `y_true` against `y_pred` over `classes` classes (rows true,
+/// columns predicted).
+pub fn confusion_matrix(y_true: &[u8], y_pred: &[u8], classes: usize) -> Result<Vec<Vec<u64>>> {
+    if y_true.len() != y_pred.len() {
+        return Err(Error::invalid(
+            "predictions",
+            format!(
+                "{} true labels but {} predictions",
+                y_true.len(),
+                y_pred.len()
+            ),
+        ));
+    }
+    let mut m = vec![vec![0u64; classes]; classes];
+    for (&t, &p) in y_true.iter().zip(y_pred) {
+        let (t, p) = (t as usize, p as usize);
+        if t >= classes || p >= classes {
+            return Err(Error::invalid(
+                "labels",
+                format!("label pair ({t}, {p}) is outside the {classes} classes"),
+            ));
+        }
+        m[t][p] += 1;
+    }
+    Ok(m)
+}
+
+fn ratio(num: f64, den: f64) -> f64 {
+    if den == 0.0 { 0.0 } else { num / den }
+}
+
+impl Metrics {
+    /// Metrics of predictions `y_pred` against `y_true`, with one name per class.
+    pub fn from_predictions<S: AsRef<str>>(
+        y_true: &[u8],
+        y_pred: &[u8],
+        names: &[S],
+    ) -> Result<Metrics> {
+        Metrics::from_confusion(confusion_matrix(y_true, y_pred, names.len())?, names)
+    }
+
+    /// Metrics of a confusion matrix (rows true, columns predicted), one name per class.
+    pub fn from_confusion<S: AsRef<str>>(confusion: Vec<Vec<u64>>, names: &[S]) -> Result<Metrics> {
+        let k = names.len();
+        if k == 0 || confusion.len() != k || confusion.iter().any(|r| r.len() != k) {
+            return Err(Error::invalid(
+                "confusion matrix",
+                format!("is not {k}×{k} for {k} class names"),
+            ));
+        }
+        let total: u64 = confusion.iter().flatten().sum();
+        if total == 0 {
+            return Err(Error::invalid("predictions", "there are none to score"));
+        }
+        let correct: u64 = (0..k).map(|i| confusion[i][i]).sum();
+        let mut classes = Vec::with_capacity(k);
+        for (c, name) in names.iter().enumerate() {
+            let tp = confusion[c][c] as f64;
+            let support: u64 = confusion[c].iter().sum();
+            let predicted: u64 = confusion.iter().map(|r| r[c]).sum();
+            let recall = ratio(tp, support as f64);
+            classes.push(ClassMetrics {
+                name: name.as_ref().to_string(),
+                precision: ratio(tp, predicted as f64),
+                recall,
+                f1: ratio(2.0 * tp, support as f64 + predicted as f64),
+                support,
+                accuracy: recall,
+            });
+        }
+        let mean = |f: fn(&ClassMetrics) -> f64| classes.iter().map(f).sum::<f64>() / k as f64;
+        let weighted = |f: fn(&ClassMetrics) -> f64| {
+            classes.iter().map(|c| f(c) * c.support as f64).sum::<f64>() / total as f64
+        };
+        let macro_avg = Averages {
+            precision: mean(|c| c.precision),
+            recall: mean(|c| c.recall),
+            f1: mean(|c| c.f1),
+            support: total,
+        };
+        let weighted_avg = Averages {
+            precision: weighted(|c| c.precision),
+            recall: weighted(|c| c.recall),
+            f1: weighted(|c| c.f1),
+            support: total,
+        };
+        Ok(Metrics {
+            confusion,
+            classes,
+            accuracy: correct as f64 / total as f64,
+            macro_avg,
+            weighted_avg,
+            total,
+        })
+    }
+
+    /// The report exactly as scikit-learn's `classification_report(y_true, y_pred,
+    /// labels=range(k), target_names=names, digits=digits)` prints it (sklearn's default
+    /// is `digits=2`).
+    pub fn classification_report(&self, digits: usize) -> String {
+        const LAST: &str = "weighted avg";
+        let name_width = self
+            .classes
+            .iter()
+            .map(|c| c.name.chars().count())
+            .max()
+            .unwrap_or(0);
+        let width = name_width.max(LAST.len()).max(digits);
+        let mut out = format!(
+            "{:>width$}  {:>9} {:>9} {:>9} {:>9}\n\n",
+            "", "precision", "recall", "f1-score", "support"
+        );
+        let row = |name: &str, p: f64, r: f64, f: f64, s: u64| {
+            format!("{name:>width$}  {p:>9.digits$} {r:>9.digits$} {f:>9.digits$} {s:>9}\n")
+        };
+        for c in &self.classes {
+            out += &row(&c.name, c.precision, c.recall, c.f1, c.support);
+        }
+        out.push('\n');
+        out += &format!(
+            "{:>width$}  {:>9} {:>9} {:>9.digits$} {:>9}\n",
+            "accuracy", "", "", self.accuracy, self.total
+        );
+        let m = &self.macro_avg;
+        out += &row("macro avg", m.precision, m.recall, m.f1, m.support);
+        let w = &self.weighted_avg;
+        out += &row(LAST, w.precision, w.recall, w.f1, w.support);
+        out
+    }
+}
+
+/// [`Metrics::classification_report`] straight from labels.
+pub fn classification_report<S: AsRef<str>>(
+    y_true: &[u8],
+    y_pred: &[u8],
+    names: &[S],
+    digits: usize,
+) -> Result<String> {
+    Ok(Metrics::from_predictions(y_true, y_pred, names)?.classification_report(digits))
+}

@@ -1,1 +1,1234 @@
-//! (being written)
+//! Training the head on cached features: a [`sweep`] over λs, each λ trained by one `fit`
+//! loop, writing a run directory.
+//!
+//! This is the original script's training loop (`for epoch in range(10): for data in
+//! trainloader: … optimizer.step()`), on cached features instead of images, with what the
+//! script lacked: a validation split, the L2 penalty λ/2·(‖W1‖² + ‖W2‖²) swept over several λ,
+//! the best checkpoint by validation, and exact resumption.
+//!
+//! ## Run directory
+//!
+//! ```text
+//! <run-dir>/config.json              RunConfig: hyper-parameters, seeds, λs, features' fingerprint
+//! <run-dir>/history.csv              lambda,epoch,train_loss,train_penalty,val_loss,val_accuracy
+//! <run-dir>/lambda_<λ>/best.safetensors + best.json   best epoch by validation (see checkpoint)
+//! <run-dir>/lambda_<λ>/last.safetensors + last.json   latest epoch, momentum, state for --resume
+//! <run-dir>/summary.json             Summary: per-λ best epochs and the λ chosen on validation
+//! ```
+//!
+//! Every file is rewritten atomically after every epoch, so an interrupted run leaves a
+//! consistent directory that `--resume` continues from its last completed epoch.
+//!
+//! ## Randomness
+//!
+//! One seed drives everything through ChaCha8 streams: the head's initialisation (stream 0,
+//! see [`Head::init`]), the shuffle of epoch `e` (stream `2³²·1 + e`) and the dropout masks
+//! of epoch `e` (stream `2³²·2 + e`). Every λ of a sweep starts from the same weights and sees
+//! the same data order, so their differences are due to λ alone; and the state of the random
+//! streams at an epoch boundary is the epoch number, which makes resumption exact.
+
+use std::fmt;
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Mutex, mpsc};
+use std::time::Instant;
+
+use rand_chacha::ChaCha8Rng;
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::checkpoint::{self, BestSoFar, CheckpointKind, CheckpointMeta, TrainState};
+use crate::error::{Error, Result};
+use crate::features::FeatureSet;
+use crate::head::{CLASSES, Head, HeadDims, Sgd, Stepper};
+
+/// Format tag of `config.json`.
+pub const RUN_FORMAT: &str = "cifar-finetune run v1";
+
+/// Header of `history.csv`.
+pub const HISTORY_HEADER: &str = "lambda,epoch,train_loss,train_penalty,val_loss,val_accuracy";
+
+/// How the best epoch (and the chosen λ) is selected on the validation split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Select {
+    /// Lowest validation cross-entropy.
+    #[default]
+    Loss,
+    /// Highest validation accuracy.
+    Accuracy,
+}
+
+impl Select {
+    /// True when `(loss, accuracy)` is strictly better than `best` (earlier wins ties).
+    pub fn improves(self, loss: f64, accuracy: f64, best: Option<&BestSoFar>) -> bool {
+        match best {
+            None => true,
+            Some(b) => match self {
+                Select::Loss => loss < b.val_loss,
+                Select::Accuracy => accuracy > b.val_accuracy,
+            },
+        }
+    }
+}
+
+impl FromStr for Select {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Select> {
+        match s {
+            "loss" => Ok(Select::Loss),
+            "accuracy" => Ok(Select::Accuracy),
+            other => Err(Error::invalid(
+                "--select",
+                format!("`{other}` is neither `loss` nor `accuracy`"),
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Select {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Select::Loss => "loss",
+            Select::Accuracy => "accuracy",
+        })
+    }
+}
+
+/// Hyper-parameters of one training run (the same for every λ of a sweep).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Learning rate (script: 0.001).
+    pub lr: f32,
+    /// SGD momentum (script: 0.9).
+    pub momentum: f32,
+    /// Mini-batch size (script: 4).
+    pub batch_size: usize,
+    /// Number of epochs (script: 10).
+    pub epochs: usize,
+    /// Validate every this many epochs (the last epoch is always validated).
+    pub val_every: usize,
+    /// Metric that picks the best epoch and the chosen λ.
+    pub select: Select,
+    /// Seed of the initialisation, shuffling and dropout.
+    pub seed: u64,
+    /// Hidden width (script: 32).
+    pub hidden: usize,
+    /// Dropout probability on the hidden layer during training (0 = off, the script's choice).
+    pub dropout: f32,
+}
+
+impl Default for TrainConfig {
+    /// The original script's settings: lr 0.001, momentum 0.9, batch 4, 10 epochs, hidden 32.
+    fn default() -> Self {
+        TrainConfig {
+            lr: 0.001,
+            momentum: 0.9,
+            batch_size: 4,
+            epochs: 10,
+            val_every: 1,
+            select: Select::Loss,
+            seed: 0,
+            hidden: 32,
+            dropout: 0.0,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Rejects impossible values, naming the flag.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(Error::invalid(
+                "--lr",
+                format!("{} is not a number > 0", self.lr),
+            ));
+        }
+        if !(self.momentum.is_finite() && (0.0..1.0).contains(&self.momentum)) {
+            return Err(Error::invalid(
+                "--momentum",
+                format!("{} is not in [0, 1)", self.momentum),
+            ));
+        }
+        if self.batch_size == 0 {
+            return Err(Error::invalid("--batch-size", "must be at least 1"));
+        }
+        if self.epochs == 0 {
+            return Err(Error::invalid("--epochs", "must be at least 1"));
+        }
+        if self.val_every == 0 {
+            return Err(Error::invalid("--val-every", "must be at least 1"));
+        }
+        if self.hidden == 0 {
+            return Err(Error::invalid("--hidden", "must be at least 1"));
+        }
+        if !(self.dropout.is_finite() && (0.0..1.0).contains(&self.dropout)) {
+            return Err(Error::invalid(
+                "--dropout",
+                format!("{} is not a probability in [0, 1)", self.dropout),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Checks a list of L2 strengths: at least one, each finite and ≥ 0, no repeats.
+pub fn validate_lambdas(lambdas: &[f32]) -> Result<()> {
+    const WHAT: &str = "--lambda/--lambdas";
+    if lambdas.is_empty() {
+        return Err(Error::invalid(WHAT, "no λ given"));
+    }
+    for (i, &l) in lambdas.iter().enumerate() {
+        if !(l.is_finite() && l >= 0.0) {
+            return Err(Error::invalid(
+                WHAT,
+                format!("λ = {l} is not a finite number ≥ 0 (the L2 strength cannot be negative)"),
+            ));
+        }
+        if lambdas[..i].contains(&l) {
+            return Err(Error::invalid(WHAT, format!("λ = {l} is given twice")));
+        }
+    }
+    Ok(())
+}
+
+/// `config.json`: everything that determines a run's numbers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunConfig {
+    /// [`RUN_FORMAT`].
+    pub format: String,
+    /// Hyper-parameters.
+    pub train: TrainConfig,
+    /// The λs, in training order.
+    pub lambdas: Vec<f32>,
+    /// Fingerprint of the features (weights, preprocessing, precision), verbatim.
+    pub extractor: String,
+    /// Feature width.
+    pub feature_dim: usize,
+    /// Number of classes.
+    pub classes: usize,
+    /// Training samples.
+    pub n_train: usize,
+    /// Validation samples.
+    pub n_val: usize,
+    /// sha256 of the training and validation image indices and labels: the split itself.
+    pub split_digest: String,
+    /// Where the features came from (data directory, weights, split options…), as the caller
+    /// describes it; informative only (`--resume` compares everything else).
+    pub source: serde_json::Value,
+}
+
+impl RunConfig {
+    /// Reads `<run_dir>/config.json`.
+    pub fn read(run_dir: &Path) -> Result<RunConfig> {
+        crate::io::read_json(&run_dir.join("config.json"))
+    }
+}
+
+/// One row of `history.csv`: one λ after one epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct HistoryRow {
+    /// L2 strength.
+    pub lambda: f32,
+    /// Epoch, 1-based.
+    pub epoch: usize,
+    /// Mean cross-entropy over the epoch's training samples, as they were trained on.
+    pub train_loss: f64,
+    /// Mean penalty λ/2·(‖W1‖²+‖W2‖²) over the epoch's steps (sample-weighted).
+    pub train_penalty: f64,
+    /// Validation cross-entropy after the epoch (absent when not validated).
+    pub val_loss: Option<f64>,
+    /// Validation accuracy after the epoch, 0..1 (absent when not validated).
+    pub val_accuracy: Option<f64>,
+}
+
+/// Writes `history.csv` atomically (empty cells for epochs that were not validated).
+pub fn write_history(path: &Path, rows: &[HistoryRow]) -> Result<()> {
+    let mut text = String::from(HISTORY_HEADER);
+    text.push('\n');
+    let opt = |v: Option<f64>| v.map(|x| x.to_string()).unwrap_or_default();
+    for r in rows {
+        text.push_str(&format!(
+            "{},{},{},{},{},{}\n",
+            r.lambda,
+            r.epoch,
+            r.train_loss,
+            r.train_penalty,
+            opt(r.val_loss),
+            opt(r.val_accuracy)
+        ));
+    }
+    crate::io::atomic_write_bytes(path, text.as_bytes())
+}
+
+/// Parses a `history.csv` written by [`write_history`], naming the line of any error.
+pub fn read_history(path: &Path) -> Result<Vec<HistoryRow>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io("reading", path, e))?;
+    let mut lines = text.lines();
+    if lines.next() != Some(HISTORY_HEADER) {
+        return Err(Error::format(
+            path,
+            format!("the first line is not `{HISTORY_HEADER}`"),
+        ));
+    }
+    let mut rows = Vec::new();
+    for (i, line) in lines.enumerate() {
+        if line.is_empty() {
+            continue;
+        }
+        let bad = |what: &str| Error::format(path, format!("line {}: {what}: `{line}`", i + 2));
+        let cells: Vec<&str> = line.split(',').collect();
+        if cells.len() != 6 {
+            return Err(bad("expected 6 fields"));
+        }
+        let f = |s: &str, name: &str| s.parse::<f64>().map_err(|_| bad(name));
+        let opt = |s: &str, name: &str| {
+            if s.is_empty() {
+                Ok(None)
+            } else {
+                f(s, name).map(Some)
+            }
+        };
+        rows.push(HistoryRow {
+            lambda: cells[0].parse().map_err(|_| bad("lambda"))?,
+            epoch: cells[1].parse().map_err(|_| bad("epoch"))?,
+            train_loss: f(cells[2], "train_loss")?,
+            train_penalty: f(cells[3], "train_penalty")?,
+            val_loss: opt(cells[4], "val_loss")?,
+            val_accuracy: opt(cells[5], "val_accuracy")?,
+        });
+    }
+    Ok(rows)
+}
+
+/// The outcome of one λ in `summary.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LambdaSummary {
+    /// L2 strength.
+    pub lambda: f32,
+    /// Its directory, relative to the run directory (`lambda_0.001`).
+    pub dir: String,
+    /// Its best checkpoint, relative to the run directory.
+    pub best_checkpoint: String,
+    /// Best epoch by the selection metric.
+    pub best_epoch: usize,
+    /// Validation loss at the best epoch.
+    pub best_val_loss: f64,
+    /// Validation accuracy at the best epoch.
+    pub best_val_accuracy: f64,
+    /// Training loss of the last epoch.
+    pub final_train_loss: f64,
+    /// Epochs trained.
+    pub epochs: usize,
+}
+
+/// `summary.json`: the λ chosen on validation and every λ's best epoch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    /// The selection metric.
+    pub select: Select,
+    /// The chosen λ: the best of the per-λ best epochs (first in order on ties).
+    pub chosen_lambda: f32,
+    /// The chosen λ's best checkpoint, relative to the run directory.
+    pub chosen_checkpoint: String,
+    /// One entry per λ, in training order.
+    pub lambdas: Vec<LambdaSummary>,
+}
+
+impl Summary {
+    /// Reads `<run_dir>/summary.json`.
+    pub fn read(run_dir: &Path) -> Result<Summary> {
+        crate::io::read_json(&run_dir.join("summary.json"))
+    }
+}
+
+/// A run directory as report tools need it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunRecord {
+    /// `config.json`.
+    pub config: RunConfig,
+    /// `history.csv`.
+    pub history: Vec<HistoryRow>,
+    /// `summary.json`, absent while the run is unfinished.
+    pub summary: Option<Summary>,
+}
+
+/// Loads `config.json`, `history.csv` and (when present) `summary.json` of a run directory.
+pub fn load_run(run_dir: &Path) -> Result<RunRecord> {
+    let summary_path = run_dir.join("summary.json");
+    Ok(RunRecord {
+        config: RunConfig::read(run_dir)?,
+        history: read_history(&run_dir.join("history.csv"))?,
+        summary: if summary_path.exists() {
+            Some(crate::io::read_json(&summary_path)?)
+        } else {
+            None
+        },
+    })
+}
+
+/// Directory name of a λ inside a run directory: `lambda_0.001` (shortest round-trip form).
+pub fn lambda_dir_name(lambda: f32) -> String {
+    format!("lambda_{lambda}")
+}
+
+/// What the training loop reports while it runs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Progress<'a> {
+    /// A λ starts (or resumes after `done_epochs`).
+    Lambda {
+        /// The λ.
+        lambda: f32,
+        /// Its position in the sweep, 0-based.
+        index: usize,
+        /// Number of λs.
+        count: usize,
+        /// Epochs already done (resume).
+        done_epochs: usize,
+        /// Epochs per λ.
+        epochs: usize,
+        /// Steps per epoch.
+        steps: usize,
+    },
+    /// Every `report_every` steps and at the end of each epoch.
+    Step {
+        /// The λ.
+        lambda: f32,
+        /// Epoch, 1-based.
+        epoch: usize,
+        /// Steps done in this epoch.
+        step: usize,
+        /// Steps per epoch.
+        steps: usize,
+        /// Mean training loss over the steps since the last report (the original script's
+        /// `running_loss / 2000`).
+        loss: f64,
+        /// Training throughput of this epoch so far.
+        samples_per_sec: f64,
+    },
+    /// An epoch finished (and was validated if `val_loss` is present).
+    Epoch {
+        /// The history row.
+        row: &'a HistoryRow,
+        /// True when this epoch became the λ's best checkpoint.
+        best: bool,
+        /// Wall time of the epoch including validation and saving.
+        seconds: f64,
+    },
+}
+
+/// Options of a sweep that do not change its numbers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunOptions {
+    /// Continue the run in `run_dir` from each λ's last checkpoint.
+    pub resume: bool,
+    /// Report [`Progress::Step`] every this many steps (0: only at epoch ends).
+    pub report_every: usize,
+    /// Caller's description of the features' source, stored in `config.json`.
+    pub source: serde_json::Value,
+    /// How many λs train at the same time, one thread each (each λ is independent and
+    /// single-threaded, so the results are the same bit for bit whatever this is).
+    pub jobs: usize,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            resume: false,
+            report_every: 2000,
+            source: serde_json::Value::Null,
+            jobs: 1,
+        }
+    }
+}
+
+/// How a sweep ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SweepOutcome {
+    /// Every λ trained; `summary.json` written.
+    Finished(Summary),
+    /// The progress callback asked to stop; the run directory holds every completed epoch and
+    /// `--resume` continues it.
+    Stopped,
+}
+
+/// The progress callback: return `ControlFlow::Break(())` to stop after saving what is done.
+pub type ProgressFn<'a> = dyn FnMut(&Progress) -> ControlFlow<()> + 'a;
+
+/// Trains one head per λ on `train`, validates on `val`, and writes the run directory
+/// described in the module docs. With `opts.resume`, continues the run already in `run_dir`
+/// (whose configuration and features must match).
+pub fn sweep(
+    train: &FeatureSet,
+    val: &FeatureSet,
+    lambdas: &[f32],
+    cfg: &TrainConfig,
+    run_dir: &Path,
+    opts: &RunOptions,
+    progress: &mut ProgressFn,
+) -> Result<SweepOutcome> {
+    cfg.validate()?;
+    validate_lambdas(lambdas)?;
+    check_sets(train, val)?;
+    let config = RunConfig {
+        format: RUN_FORMAT.to_string(),
+        train: cfg.clone(),
+        lambdas: lambdas.to_vec(),
+        extractor: train.extractor.clone(),
+        feature_dim: train.dim,
+        classes: CLASSES,
+        n_train: train.len(),
+        n_val: val.len(),
+        split_digest: split_digest(train, val),
+        source: opts.source.clone(),
+    };
+    let config_path = run_dir.join("config.json");
+    if config_path.exists() {
+        if !opts.resume {
+            return Err(Error::invalid(
+                "--run-dir",
+                format!(
+                    "{} already holds a run; pass --resume to continue it or choose another --run-dir",
+                    run_dir.display()
+                ),
+            ));
+        }
+        let old = RunConfig::read(run_dir)?;
+        compare_configs(&config_path, &old, &config)?;
+    } else if opts.resume {
+        return Err(Error::invalid(
+            "--resume",
+            format!(
+                "{} holds no run to resume (no config.json)",
+                run_dir.display()
+            ),
+        ));
+    } else {
+        crate::io::write_json(&config_path, &config)?;
+    }
+
+    let history = History {
+        path: run_dir.join("history.csv"),
+        slots: Mutex::new(vec![Vec::new(); lambdas.len()]),
+    };
+    let ctx = |index: usize| LambdaCtx {
+        run_dir,
+        lambda: lambdas[index],
+        index,
+        count: lambdas.len(),
+        cfg,
+        resume: opts.resume,
+        report_every: opts.report_every,
+    };
+    let jobs = opts.jobs.clamp(1, lambdas.len());
+    let mut results: Vec<Option<Result<ControlFlow<(), LambdaSummary>>>> =
+        (0..lambdas.len()).map(|_| None).collect();
+    if jobs == 1 {
+        for (index, slot) in results.iter_mut().enumerate() {
+            let r = fit(&ctx(index), train, val, &history, progress);
+            let stop = !matches!(r, Ok(ControlFlow::Continue(_)));
+            *slot = Some(r);
+            if stop {
+                break;
+            }
+        }
+    } else {
+        run_parallel(
+            jobs,
+            &mut results,
+            &|index, report| fit(&ctx(index), train, val, &history, report),
+            progress,
+        );
+    }
+    // An error (the first in λ order) wins over a stop, which wins over success.
+    if let Some(i) = results.iter().position(|r| matches!(r, Some(Err(_)))) {
+        if let Some(Some(Err(e))) = results.into_iter().nth(i) {
+            return Err(e);
+        }
+        return Ok(SweepOutcome::Stopped);
+    }
+    let mut summaries = Vec::with_capacity(lambdas.len());
+    for r in results {
+        match r {
+            Some(Ok(ControlFlow::Continue(s))) => summaries.push(s),
+            _ => return Ok(SweepOutcome::Stopped),
+        }
+    }
+    history.write()?;
+    let chosen = choose(cfg.select, &summaries)?;
+    let summary = Summary {
+        select: cfg.select,
+        chosen_lambda: chosen.lambda,
+        chosen_checkpoint: chosen.best_checkpoint.clone(),
+        lambdas: summaries,
+    };
+    crate::io::write_json(&run_dir.join("summary.json"), &summary)?;
+    Ok(SweepOutcome::Finished(summary))
+}
+
+/// Which λ of a sweep is being fitted, and where.
+struct LambdaCtx<'a> {
+    run_dir: &'a Path,
+    lambda: f32,
+    index: usize,
+    count: usize,
+    cfg: &'a TrainConfig,
+    resume: bool,
+    report_every: usize,
+}
+
+/// Trains one λ for the configured epochs (or the rest of them on resume), keeping its rows
+/// in `history` and rewriting `history.csv` and the checkpoints after every epoch.
+fn fit(
+    ctx: &LambdaCtx,
+    train: &FeatureSet,
+    val: &FeatureSet,
+    history: &History,
+    progress: &mut ProgressFn,
+) -> Result<ControlFlow<(), LambdaSummary>> {
+    let cfg = ctx.cfg;
+    let lambda = ctx.lambda;
+    let dir_name = lambda_dir_name(lambda);
+    let dir = ctx.run_dir.join(&dir_name);
+    let best_path = dir.join("best.safetensors");
+    let last_path = dir.join("last.safetensors");
+    let dims = HeadDims {
+        input: train.dim,
+        hidden: cfg.hidden,
+        classes: CLASSES,
+    };
+
+    // Start fresh, or from the last completed epoch.
+    let mut head;
+    let mut sgd = Sgd::new(dims, cfg.lr, cfg.momentum)?;
+    let mut state;
+    if ctx.resume && last_path.exists() {
+        let ck = checkpoint::load(&last_path)?;
+        ck.check_features(train)?;
+        let st = ck.meta.state.clone().ok_or_else(|| {
+            Error::format(&last_path, "a `last` checkpoint without training state")
+        })?;
+        if ck.meta.lambda.to_bits() != lambda.to_bits() || ck.meta.dims != dims {
+            return Err(Error::Fingerprint {
+                path: last_path.clone(),
+                msg: format!(
+                    "holds λ = {} with dims {:?}, expected λ = {lambda} with {dims:?}",
+                    ck.meta.lambda, ck.meta.dims
+                ),
+            });
+        }
+        sgd.velocity = ck.momentum.ok_or_else(|| {
+            Error::format(&last_path, "a `last` checkpoint without momentum buffers")
+        })?;
+        head = ck.head;
+        state = st;
+    } else {
+        head = Head::init(dims.input, dims.hidden, dims.classes, cfg.seed)?;
+        state = TrainState {
+            history: Vec::new(),
+            best: None,
+            finished: false,
+            rng: RNG_SCHEME.to_string(),
+        };
+    }
+    let done = state.history.len();
+    history.set(ctx.index, &state.history)?;
+    let n = train.len();
+    let steps = n.div_ceil(cfg.batch_size);
+    if let ControlFlow::Break(()) = progress(&Progress::Lambda {
+        lambda,
+        index: ctx.index,
+        count: ctx.count,
+        done_epochs: done,
+        epochs: cfg.epochs,
+        steps,
+    }) {
+        return Ok(ControlFlow::Break(()));
+    }
+
+    let mut stepper = Stepper::new(dims, cfg.batch_size.min(n));
+    let mut mask = vec![0.0f32; cfg.batch_size * dims.hidden]; // [b, H]
+    let keep_scale = 1.0 / (1.0 - cfg.dropout);
+    let mut order: Vec<usize> = (0..n).collect();
+    for epoch in done + 1..=cfg.epochs {
+        let started = Instant::now();
+        shuffle(&mut order, cfg.seed, epoch);
+        let mut drop_rng = stream(cfg.seed, STREAM_DROPOUT, epoch);
+        let (mut loss_sum, mut pen_sum) = (0.0f64, 0.0f64);
+        let (mut window_loss, mut window_steps) = (0.0f64, 0usize);
+        let mut xs: Vec<&[f32]> = Vec::with_capacity(cfg.batch_size);
+        let mut ys: Vec<u8> = Vec::with_capacity(cfg.batch_size);
+        for (step, batch) in order.chunks(cfg.batch_size).enumerate() {
+            xs.clear();
+            ys.clear();
+            for &r in batch {
+                xs.push(train.row(r));
+                ys.push(train.labels[r]);
+            }
+            let m = if cfg.dropout > 0.0 {
+                let m = &mut mask[..batch.len() * dims.hidden];
+                for v in m.iter_mut() {
+                    *v = if unit(&mut drop_rng) < cfg.dropout {
+                        0.0
+                    } else {
+                        keep_scale
+                    };
+                }
+                Some(&m[..])
+            } else {
+                None
+            };
+            let (loss, penalty) = stepper.step(&mut head, &mut sgd, &xs, &ys, lambda, m)?;
+            if !(loss.is_finite() && penalty.is_finite()) {
+                let what = format!(
+                    "the training loss became non-finite at step {} (cross-entropy {loss}, penalty {penalty})",
+                    step + 1
+                );
+                return Err(diverged(lambda, epoch, &what, &state, &best_path));
+            }
+            let b = batch.len() as f64;
+            loss_sum += f64::from(loss) * b;
+            pen_sum += f64::from(penalty) * b;
+            window_loss += f64::from(loss);
+            window_steps += 1;
+            let last_step = step + 1 == steps;
+            if (ctx.report_every > 0 && (step + 1).is_multiple_of(ctx.report_every)) || last_step {
+                let secs = started.elapsed().as_secs_f64();
+                let done_samples = ((step + 1) * cfg.batch_size).min(n);
+                let flow = progress(&Progress::Step {
+                    lambda,
+                    epoch,
+                    step: step + 1,
+                    steps,
+                    loss: window_loss / window_steps as f64,
+                    samples_per_sec: done_samples as f64 / secs.max(1e-9),
+                });
+                window_loss = 0.0;
+                window_steps = 0;
+                if flow.is_break() {
+                    return Ok(ControlFlow::Break(()));
+                }
+            }
+        }
+        let mut row = HistoryRow {
+            lambda,
+            epoch,
+            train_loss: loss_sum / n as f64,
+            train_penalty: pen_sum / n as f64,
+            val_loss: None,
+            val_accuracy: None,
+        };
+        let mut improved = false;
+        if epoch.is_multiple_of(cfg.val_every) || epoch == cfg.epochs {
+            let score = head.score(&val.features, &val.labels)?;
+            if !score.loss.is_finite() {
+                let what = format!("the validation loss is {}", score.loss);
+                return Err(diverged(lambda, epoch, &what, &state, &best_path));
+            }
+            row.val_loss = Some(score.loss);
+            row.val_accuracy = Some(score.accuracy);
+            if cfg
+                .select
+                .improves(score.loss, score.accuracy, state.best.as_ref())
+            {
+                improved = true;
+                state.best = Some(BestSoFar {
+                    epoch,
+                    val_loss: score.loss,
+                    val_accuracy: score.accuracy,
+                });
+                let meta = meta(
+                    CheckpointKind::Best,
+                    &head,
+                    lambda,
+                    epoch,
+                    train,
+                    cfg,
+                    row,
+                    None,
+                );
+                checkpoint::save(&best_path, &head, None, &meta)?;
+            }
+        }
+        state.history.push(row);
+        state.finished = epoch == cfg.epochs;
+        let meta = meta(
+            CheckpointKind::Last,
+            &head,
+            lambda,
+            epoch,
+            train,
+            cfg,
+            row,
+            Some(state.clone()),
+        );
+        checkpoint::save(&last_path, &head, Some(&sgd.velocity), &meta)?;
+        history.set(ctx.index, &state.history)?;
+        let flow = progress(&Progress::Epoch {
+            row: &row,
+            best: improved,
+            seconds: started.elapsed().as_secs_f64(),
+        });
+        if flow.is_break() && epoch < cfg.epochs {
+            return Ok(ControlFlow::Break(()));
+        }
+    }
+    let best = state.best.ok_or_else(|| {
+        Error::Numerical(format!(
+            "λ = {lambda}: no epoch was validated, so there is no best checkpoint"
+        ))
+    })?;
+    Ok(ControlFlow::Continue(LambdaSummary {
+        lambda,
+        best_checkpoint: format!("{dir_name}/best.safetensors"),
+        dir: dir_name,
+        best_epoch: best.epoch,
+        best_val_loss: best.val_loss,
+        best_val_accuracy: best.val_accuracy,
+        final_train_loss: state.history.last().map_or(f64::NAN, |r| r.train_loss),
+        epochs: state.history.len(),
+    }))
+}
+
+/// The rows of every λ, in λ order, and the `history.csv` they are written to.
+struct History {
+    path: PathBuf,
+    slots: Mutex<Vec<Vec<HistoryRow>>>,
+}
+
+impl History {
+    /// Replaces λ `index`'s rows and rewrites the file (under the lock, so concurrent λs
+    /// never interleave writes).
+    fn set(&self, index: usize, rows: &[HistoryRow]) -> Result<()> {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots[index] = rows.to_vec();
+        let all: Vec<HistoryRow> = slots.iter().flatten().copied().collect();
+        write_history(&self.path, &all)
+    }
+
+    fn write(&self) -> Result<()> {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let all: Vec<HistoryRow> = slots.iter().flatten().copied().collect();
+        write_history(&self.path, &all)
+    }
+}
+
+/// A [`Progress`] event owned, to cross from a worker thread to the caller's thread.
+enum Event {
+    Lambda {
+        lambda: f32,
+        index: usize,
+        count: usize,
+        done_epochs: usize,
+        epochs: usize,
+        steps: usize,
+    },
+    Step {
+        lambda: f32,
+        epoch: usize,
+        step: usize,
+        steps: usize,
+        loss: f64,
+        samples_per_sec: f64,
+    },
+    Epoch {
+        row: HistoryRow,
+        best: bool,
+        seconds: f64,
+    },
+}
+
+impl Event {
+    fn from(p: &Progress) -> Event {
+        match *p {
+            Progress::Lambda {
+                lambda,
+                index,
+                count,
+                done_epochs,
+                epochs,
+                steps,
+            } => Event::Lambda {
+                lambda,
+                index,
+                count,
+                done_epochs,
+                epochs,
+                steps,
+            },
+            Progress::Step {
+                lambda,
+                epoch,
+                step,
+                steps,
+                loss,
+                samples_per_sec,
+            } => Event::Step {
+                lambda,
+                epoch,
+                step,
+                steps,
+                loss,
+                samples_per_sec,
+            },
+            Progress::Epoch { row, best, seconds } => Event::Epoch {
+                row: *row,
+                best,
+                seconds,
+            },
+        }
+    }
+
+    fn as_progress(&self) -> Progress<'_> {
+        match self {
+            Event::Lambda {
+                lambda,
+                index,
+                count,
+                done_epochs,
+                epochs,
+                steps,
+            } => Progress::Lambda {
+                lambda: *lambda,
+                index: *index,
+                count: *count,
+                done_epochs: *done_epochs,
+                epochs: *epochs,
+                steps: *steps,
+            },
+            Event::Step {
+                lambda,
+                epoch,
+                step,
+                steps,
+                loss,
+                samples_per_sec,
+            } => Progress::Step {
+                lambda: *lambda,
+                epoch: *epoch,
+                step: *step,
+                steps: *steps,
+                loss: *loss,
+                samples_per_sec: *samples_per_sec,
+            },
+            Event::Epoch { row, best, seconds } => Progress::Epoch {
+                row,
+                best: *best,
+                seconds: *seconds,
+            },
+        }
+    }
+}
+
+type LambdaResult = Result<ControlFlow<(), LambdaSummary>>;
+
+/// Runs `fit_one(index, report)` for every λ index on `jobs` threads, taking the λs in order.
+/// Progress events are passed to `progress` on this thread; when it breaks, or a λ fails,
+/// the workers stop at their next report and take no new λ.
+fn run_parallel(
+    jobs: usize,
+    results: &mut [Option<LambdaResult>],
+    fit_one: &(dyn Fn(usize, &mut ProgressFn) -> LambdaResult + Sync),
+    progress: &mut ProgressFn,
+) {
+    let count = results.len();
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let (tx, rx) = mpsc::channel::<(usize, Option<Event>, Option<LambdaResult>)>();
+        for _ in 0..jobs {
+            let tx = tx.clone();
+            let (next, stop) = (&next, &stop);
+            scope.spawn(move || {
+                loop {
+                    let index = next.fetch_add(1, Ordering::SeqCst);
+                    if index >= count || stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let mut report = |p: &Progress| {
+                        if stop.load(Ordering::SeqCst) {
+                            return ControlFlow::Break(());
+                        }
+                        // The receiver lives until every worker is done.
+                        let _ = tx.send((index, Some(Event::from(p)), None));
+                        ControlFlow::Continue(())
+                    };
+                    let r = fit_one(index, &mut report);
+                    if !matches!(r, Ok(ControlFlow::Continue(_))) {
+                        stop.store(true, Ordering::SeqCst);
+                    }
+                    let _ = tx.send((index, None, Some(r)));
+                }
+            });
+        }
+        drop(tx);
+        for (index, event, result) in rx {
+            if let Some(e) = event
+                && !stop.load(Ordering::SeqCst)
+                && progress(&e.as_progress()).is_break()
+            {
+                stop.store(true, Ordering::SeqCst);
+            }
+            if let Some(r) = result {
+                results[index] = Some(r);
+            }
+        }
+    });
+}
+
+#[allow(clippy::too_many_arguments)]
+fn meta(
+    kind: CheckpointKind,
+    head: &Head,
+    lambda: f32,
+    epoch: usize,
+    train: &FeatureSet,
+    cfg: &TrainConfig,
+    metrics: HistoryRow,
+    state: Option<TrainState>,
+) -> CheckpointMeta {
+    CheckpointMeta {
+        format: checkpoint::FORMAT.to_string(),
+        kind,
+        lambda,
+        epoch,
+        dims: head.dims,
+        extractor: train.extractor.clone(),
+        config: cfg.clone(),
+        metrics,
+        state,
+    }
+}
+
+/// The error for a non-finite loss: names λ, the epoch and what happened, and says which
+/// checkpoint survives.
+fn diverged(lambda: f32, epoch: usize, what: &str, state: &TrainState, best_path: &Path) -> Error {
+    let kept = match &state.best {
+        Some(b) => format!(
+            "the best checkpoint so far (epoch {}) is kept at {}",
+            b.epoch,
+            best_path.display()
+        ),
+        None => "no epoch had been validated yet, so there is no best checkpoint".to_string(),
+    };
+    Error::Numerical(format!(
+        "λ = {lambda}, epoch {epoch}: {what}; the training diverged (try a smaller --lr); {kept}"
+    ))
+}
+
+/// Picks the λ whose best epoch is best by `select` (the first on ties).
+fn choose(select: Select, summaries: &[LambdaSummary]) -> Result<&LambdaSummary> {
+    let mut best: Option<&LambdaSummary> = None;
+    for s in summaries {
+        let better = match best {
+            None => true,
+            Some(b) => match select {
+                Select::Loss => s.best_val_loss < b.best_val_loss,
+                Select::Accuracy => s.best_val_accuracy > b.best_val_accuracy,
+            },
+        };
+        if better {
+            best = Some(s);
+        }
+    }
+    best.ok_or_else(|| Error::invalid("--lambda/--lambdas", "no λ was trained"))
+}
+
+fn check_sets(train: &FeatureSet, val: &FeatureSet) -> Result<()> {
+    if train.is_empty() {
+        return Err(Error::invalid(
+            "training split",
+            "has no samples (check --limit and --val-count)",
+        ));
+    }
+    if val.is_empty() {
+        return Err(Error::invalid(
+            "validation split",
+            "has no samples, and validation picks the best checkpoint (check --val-count and --limit)",
+        ));
+    }
+    if train.extractor != val.extractor {
+        return Err(Error::invalid(
+            "features",
+            format!(
+                "training features come from `{}`, validation features from `{}`",
+                train.extractor, val.extractor
+            ),
+        ));
+    }
+    for (name, set) in [("training", train), ("validation", val)] {
+        if set.dim == 0 || set.dim != train.dim || set.features.len() != set.len() * set.dim {
+            return Err(Error::invalid(
+                "features",
+                format!(
+                    "{name} features hold {} values for {} rows of width {} (training width {})",
+                    set.features.len(),
+                    set.len(),
+                    set.dim,
+                    train.dim
+                ),
+            ));
+        }
+        if let Some(bad) = set.labels.iter().find(|&&y| y as usize >= CLASSES) {
+            return Err(Error::invalid(
+                "labels",
+                format!("{name} label {bad} is not a CIFAR-10 class"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// sha256 over both splits' image indices and labels.
+fn split_digest(train: &FeatureSet, val: &FeatureSet) -> String {
+    let mut h = Sha256::new();
+    for set in [train, val] {
+        h.update((set.len() as u64).to_le_bytes());
+        for &i in &set.index {
+            h.update(i.to_le_bytes());
+        }
+        h.update(&set.labels);
+    }
+    crate::io::hex(&h.finalize())
+}
+
+/// Rejects a resumed run whose configuration differs, naming the first differing field.
+fn compare_configs(path: &Path, old: &RunConfig, new: &RunConfig) -> Result<()> {
+    if old.extractor != new.extractor || old.feature_dim != new.feature_dim {
+        return Err(Error::Fingerprint {
+            path: path.to_path_buf(),
+            msg: format!(
+                "the run was trained on features from `{}`, these come from `{}`",
+                old.extractor, new.extractor
+            ),
+        });
+    }
+    if old.split_digest != new.split_digest {
+        return Err(Error::Fingerprint {
+            path: path.to_path_buf(),
+            msg: "the training/validation split differs (check --val-count, --split-seed, --limit)"
+                .to_string(),
+        });
+    }
+    // `source` is informative (paths may be spelled differently); the fingerprint and the
+    // split digest above are what identify the features.
+    let new = RunConfig {
+        source: old.source.clone(),
+        ..new.clone()
+    };
+    if *old == new {
+        return Ok(());
+    }
+    let (a, b) = (to_value(old), to_value(&new));
+    let field = first_difference("", &a, &b).unwrap_or_else(|| "?".to_string());
+    Err(Error::invalid(
+        "--resume",
+        format!(
+            "{} was made with a different `{field}`; resume with the same settings or start a new --run-dir",
+            path.display()
+        ),
+    ))
+}
+
+fn to_value(c: &RunConfig) -> serde_json::Value {
+    serde_json::to_value(c).unwrap_or(serde_json::Value::Null)
+}
+
+fn first_difference(prefix: &str, a: &serde_json::Value, b: &serde_json::Value) -> Option<String> {
+    use serde_json::Value;
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            for (k, va) in x {
+                let path = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                match y.get(k) {
+                    Some(vb) => {
+                        if let Some(d) = first_difference(&path, va, vb) {
+                            return Some(d);
+                        }
+                    }
+                    None => return Some(path),
+                }
+            }
+            y.keys()
+                .find(|k| !x.contains_key(*k))
+                .map(|k| format!("{prefix}.{k}"))
+        }
+        _ if a == b => None,
+        _ => Some(prefix.to_string()),
+    }
+}
+
+/// Describes the random streams (stored in `last` checkpoints).
+const RNG_SCHEME: &str = "ChaCha8 seed_from_u64(seed); init stream 0, shuffle stream 2^32+epoch, \
+                          dropout stream 2*2^32+epoch";
+const STREAM_SHUFFLE: u64 = 1;
+const STREAM_DROPOUT: u64 = 2;
+
+fn stream(seed: u64, purpose: u64, epoch: usize) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream((purpose << 32) | epoch as u64);
+    rng
+}
+
+/// A uniform f32 in [0, 1) from the top 24 bits of a word.
+fn unit(rng: &mut ChaCha8Rng) -> f32 {
+    (rng.next_u32() >> 8) as f32 * (1.0 / (1u32 << 24) as f32)
+}
+
+/// Resets `order` to 0..n and applies the Fisher–Yates shuffle of epoch `epoch`.
+fn shuffle(order: &mut [usize], seed: u64, epoch: usize) {
+    for (i, v) in order.iter_mut().enumerate() {
+        *v = i;
+    }
+    let mut rng = stream(seed, STREAM_SHUFFLE, epoch);
+    for i in (1..order.len()).rev() {
+        // Lemire's multiply-shift: uniform in 0..=i up to a bias below 2⁻³².
+        let j = ((u128::from(rng.next_u64()) * (i as u128 + 1)) >> 64) as usize;
+        order.swap(i, j);
+    }
+}
+
+/// Where a λ's checkpoints live in a run directory.
+pub fn lambda_dir(run_dir: &Path, lambda: f32) -> PathBuf {
+    run_dir.join(lambda_dir_name(lambda))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shuffle_is_a_seeded_permutation() {
+        let mut a = vec![0; 1000];
+        let mut b = vec![0; 1000];
+        shuffle(&mut a, 3, 1);
+        shuffle(&mut b, 3, 1);
+        assert_eq!(a, b);
+        shuffle(&mut b, 3, 2);
+        assert_ne!(a, b);
+        let mut sorted = a.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..1000).collect::<Vec<_>>());
+        // Not the identity, and every position moves about as often as chance says.
+        let fixed = a.iter().enumerate().filter(|(i, v)| i == *v).count();
+        assert!(fixed < 10, "{fixed} fixed points");
+    }
+
+    #[test]
+    fn first_difference_names_nested_fields() {
+        let a = serde_json::json!({"train": {"lr": 0.1, "epochs": 3}, "lambdas": [0.0]});
+        let b = serde_json::json!({"train": {"lr": 0.1, "epochs": 4}, "lambdas": [0.0]});
+        assert_eq!(
+            first_difference("", &a, &b).as_deref(),
+            Some("train.epochs")
+        );
+        assert_eq!(first_difference("", &a, &a), None);
+    }
+}

@@ -624,3 +624,31 @@ fn load_image_errors_name_the_file() {
     let e = load_image(&junk).unwrap_err().to_string();
     assert!(e.contains("junk.jpg") && e.contains("decode"), "{e}");
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+    /// Any sizes: the right length, and (the triangle filter having no negative lobes)
+    /// every output byte within the input's range of each channel.
+    #[test]
+    fn resize_stays_within_the_input_range(
+        h in 1usize..40, w in 1usize..40, oh in 1usize..60, ow in 1usize..60, seed in 0u64..1000,
+    ) {
+        let src: Vec<u8> = (0..3 * h * w)
+            .map(|i| ((i as u64 * 2654435761 + seed * 97) >> 7) as u8)
+            .collect();
+        let out = resize_bilinear(&src, h, w, oh, ow);
+        proptest::prop_assert_eq!(out.len(), 3 * oh * ow);
+        for c in 0..3 {
+            let plane = &src[c * h * w..(c + 1) * h * w];
+            let (lo, hi) = (*plane.iter().min().unwrap(), *plane.iter().max().unwrap());
+            let got = &out[c * oh * ow..(c + 1) * oh * ow];
+            proptest::prop_assert!(got.iter().all(|&v| lo <= v && v <= hi));
+        }
+        let pre = Preprocess::half(oh.min(ow));
+        let (ph, pw) = pre.output_hw(h, w);
+        let mut buf = vec![0f32; 3 * ph * pw];
+        proptest::prop_assert!(pre.apply(&src, h, w, &mut buf).is_ok());
+        proptest::prop_assert!(buf.iter().all(|v| (-1.0..=1.0).contains(v)));
+    }
+}

@@ -41,13 +41,17 @@ fn features(n: usize, dim: usize, classes: usize) -> Vec<f32> {
 fn hashed_head(dims: HeadDims) -> Head {
     let s1 = 1.0 / (dims.input as f64).sqrt();
     let s2 = 1.0 / (dims.hidden as f64).sqrt();
-    let gen = |tag, n, s: f64| (0..n).map(|k| (uniform(tag, k) * s) as f32).collect::<Vec<_>>();
+    let make = |tag, n, s: f64| {
+        (0..n)
+            .map(|k| (uniform(tag, k) * s) as f32)
+            .collect::<Vec<_>>()
+    };
     Head::from_parts(
         dims,
-        gen(2, dims.hidden * dims.input, s1),
-        gen(3, dims.hidden, s1),
-        gen(4, dims.classes * dims.hidden, s2),
-        gen(5, dims.classes, s2),
+        make(2, dims.hidden * dims.input, s1),
+        make(3, dims.hidden, s1),
+        make(4, dims.classes * dims.hidden, s2),
+        make(5, dims.classes, s2),
     )
     .unwrap()
 }
@@ -74,7 +78,10 @@ fn objective_f64(head: &Head, x: &[f32], y: &[u8], lambda: f64) -> f64 {
             .collect();
         let z2: Vec<f64> = (0..c)
             .map(|k| {
-                (0..h).map(|j| head.w2[k * h + j] as f64 * a[j]).sum::<f64>() + head.b2[k] as f64
+                (0..h)
+                    .map(|j| head.w2[k * h + j] as f64 * a[j])
+                    .sum::<f64>()
+                    + head.b2[k] as f64
             })
             .collect();
         let m = z2.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -87,7 +94,14 @@ fn objective_f64(head: &Head, x: &[f32], y: &[u8], lambda: f64) -> f64 {
 
 /// Central difference of the f64 objective in parameter `which`[`k`], perturbing the f32
 /// parameter by ±eps (eps chosen so that it is exact in f32 around the value).
-fn central_difference(head: &Head, x: &[f32], y: &[u8], lambda: f64, which: usize, k: usize) -> f64 {
+fn central_difference(
+    head: &Head,
+    x: &[f32],
+    y: &[u8],
+    lambda: f64,
+    which: usize,
+    k: usize,
+) -> f64 {
     let eps = 1e-3f32;
     let mut plus = head.clone();
     let mut minus = head.clone();
@@ -190,7 +204,8 @@ fn sgd_momentum_steps_equal_hand_computation() {
         hidden: 1,
         classes: 1,
     };
-    let mut head = Head::from_parts(dims, vec![1.0, -2.0], vec![0.5], vec![4.0], vec![0.0]).unwrap();
+    let mut head =
+        Head::from_parts(dims, vec![1.0, -2.0], vec![0.5], vec![4.0], vec![0.0]).unwrap();
     let mut sgd = Sgd::new(dims, 0.5, 0.5).unwrap();
     let g1 = HeadGrads {
         w1: vec![0.25, 1.0],
@@ -321,7 +336,11 @@ fn fixture_inputs(t: &Trajectory) -> (Vec<f32>, Vec<u8>, Head) {
     let y: Vec<u8> = (0..t.n).map(|r| label(r, t.dims.classes)).collect();
     let head = hashed_head(t.dims);
     assert_eq!(y, t.check.labels, "labels regenerated differently");
-    assert_eq!(&x[..8], &t.check.x_first[..], "features regenerated differently");
+    assert_eq!(
+        &x[..8],
+        &t.check.x_first[..],
+        "features regenerated differently"
+    );
     let x_sum: f64 = x.iter().map(|&v| v as f64).sum();
     assert!((x_sum - t.check.x_sum).abs() < 1e-6 * t.check.x_sum.abs());
     let w_sum: f64 = head.w1.iter().map(|&v| v as f64).sum();
@@ -335,11 +354,19 @@ fn gradients_equal_pytorch_on_an_odd_batch() {
     let (x, y, head) = fixture_inputs(&t);
     let g = &t.grad_batch;
     let d = t.dims.input;
-    let xb: Vec<f32> = g.rows.iter().flat_map(|&r| x[r * d..(r + 1) * d].to_vec()).collect();
+    let xb: Vec<f32> = g
+        .rows
+        .iter()
+        .flat_map(|&r| x[r * d..(r + 1) * d].to_vec())
+        .collect();
     let yb: Vec<u8> = g.rows.iter().map(|&r| y[r]).collect();
     let (loss, penalty, grads) = head.loss_and_grad(&xb, &yb, g.lambda).unwrap();
     assert!((loss - g.loss).abs() < 1e-5, "loss {loss} vs {}", g.loss);
-    assert!((penalty - g.penalty).abs() < 1e-5, "penalty {penalty} vs {}", g.penalty);
+    assert!(
+        (penalty - g.penalty).abs() < 1e-5,
+        "penalty {penalty} vs {}",
+        g.penalty
+    );
     assert_close("gb1", &grads.b1, &g.b1, 1e-5);
     assert_close("gw2", &grads.w2, &g.w2, 1e-5);
     assert_close("gb2", &grads.b2, &g.b2, 1e-5);
@@ -382,8 +409,16 @@ fn few_hundred_sgd_steps_equal_pytorch_losses() {
     assert_close("w1[..16]", &head.w1[..16], &f.w1_first, 1e-5);
     let sum: f64 = head.w1.iter().map(|&v| v as f64).sum();
     let abs: f64 = head.w1.iter().map(|&v| (v as f64).abs()).sum();
-    assert!((sum - f.w1_sum).abs() < 1e-3, "w1 sum {sum} vs {}", f.w1_sum);
-    assert!((abs - f.w1_abs_sum).abs() < 1e-3, "w1 |sum| {abs} vs {}", f.w1_abs_sum);
+    assert!(
+        (sum - f.w1_sum).abs() < 1e-3,
+        "w1 sum {sum} vs {}",
+        f.w1_sum
+    );
+    assert!(
+        (abs - f.w1_abs_sum).abs() < 1e-3,
+        "w1 |sum| {abs} vs {}",
+        f.w1_abs_sum
+    );
 }
 
 // ---------- initialisation and bad input ----------
@@ -411,7 +446,10 @@ fn bad_input_is_named() {
     let head = Head::init(8, 4, 3, 0).unwrap();
     let x = vec![0.5f32; 16];
     let err = head.loss_and_grad(&x, &[0, 1], -1.0).unwrap_err();
-    assert!(matches!(&err, Error::Invalid { what, .. } if what == "--lambda"), "{err}");
+    assert!(
+        matches!(&err, Error::Invalid { what, .. } if what == "--lambda"),
+        "{err}"
+    );
     let err = head.loss_and_grad(&x, &[0, 3], 0.0).unwrap_err();
     assert!(err.to_string().contains("label 3"), "{err}");
     let err = head.loss_and_grad(&x[..15], &[0, 1], 0.0).unwrap_err();
@@ -420,10 +458,18 @@ fn bad_input_is_named() {
     assert!(err.to_string().contains("1 labels for 2"), "{err}");
     let dims = head.dims;
     assert!(matches!(Sgd::new(dims, 0.0, 0.9), Err(Error::Invalid { what, .. }) if what == "--lr"));
-    assert!(matches!(Sgd::new(dims, 0.1, 1.0), Err(Error::Invalid { what, .. }) if what == "--momentum"));
+    assert!(
+        matches!(Sgd::new(dims, 0.1, 1.0), Err(Error::Invalid { what, .. }) if what == "--momentum")
+    );
     assert!(Head::init(8, 0, 3, 0).is_err());
-    let err = Head::from_parts(dims, vec![0.0; 31], vec![0.0; 4], vec![0.0; 12], vec![0.0; 3])
-        .unwrap_err();
+    let err = Head::from_parts(
+        dims,
+        vec![0.0; 31],
+        vec![0.0; 4],
+        vec![0.0; 12],
+        vec![0.0; 3],
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("w1"), "{err}");
 }
 

@@ -956,6 +956,8 @@ fn unpack_safely(archive: &Path, reader: impl Read, root: &Path) -> Result<()> {
             ));
         }
     }
+    // Read to the end of the gzip stream, so that its CRC and length are checked too.
+    std::io::copy(&mut tar.into_inner(), &mut std::io::sink()).map_err(corrupt)?;
     Ok(())
 }
 

@@ -82,14 +82,14 @@ impl Preprocess {
         if self.size == 0 {
             return Err(Error::invalid("image size", "must be at least 1"));
         }
-        for c in 0..3 {
-            if !self.mean[c].is_finite() {
+        for (m, s) in self.mean.iter().zip(&self.std) {
+            if !m.is_finite() {
                 return Err(Error::invalid(
                     "mean",
                     format!("{:?} is not finite", self.mean),
                 ));
             }
-            if !(self.std[c].is_finite() && self.std[c] > 0.0) {
+            if !(s.is_finite() && *s > 0.0) {
                 return Err(Error::invalid(
                     "std",
                     format!("{:?} must be positive and finite", self.std),

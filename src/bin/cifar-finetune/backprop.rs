@@ -1,6 +1,8 @@
 //! `cifar-finetune backprop`: error propagation through a small network by the δ-rule,
 //! every quantity printed beside its finite-difference check (see `cifar_finetune::backprop`).
 
+use std::fmt::Write as _;
+use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
@@ -50,6 +52,9 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if !(args.tolerance.is_finite() && args.tolerance > 0.0) {
+        bail!("--tolerance {} is not a positive number", args.tolerance);
+    }
     let (problem, source) = match (&args.params, args.seed) {
         (Some(path), _) => (
             Problem::from_json_file(path, args.sizes.as_deref())?,
@@ -73,14 +78,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "rel_error_floor": REL_ERROR_FLOOR,
             "report": report,
         });
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        emit(&(serde_json::to_string_pretty(&out)? + "\n"))?;
     } else {
-        print_table(&report, &source);
+        emit(&table(&report, &source)?)?;
     }
 
-    if !(report.max_rel_error <= args.tolerance) {
+    if report.max_rel_error.is_nan() || report.max_rel_error > args.tolerance {
         bail!(
-            "gradient check failed: largest relative error {:.2e} exceeds --tolerance {:.1e}",
+            "gradient check failed: largest relative error {:.2e} is not within --tolerance {:.1e}",
             report.max_rel_error,
             args.tolerance
         );
@@ -99,30 +104,34 @@ impl Args {
     }
 }
 
-fn print_table(report: &Report, source: &str) {
+/// The report as an aligned table, one quantity per line.
+fn table(report: &Report, source: &str) -> Result<String, std::fmt::Error> {
+    let mut out = String::new();
     let sizes: Vec<String> = report.sizes.iter().map(usize::to_string).collect();
     let biases = if report.biases {
         "with biases"
     } else {
         "no biases"
     };
-    println!(
+    writeln!(
+        out,
         "Back-propagation through a {} network (logistic hidden units, identity output, {biases}); {source}",
         sizes.join("-")
-    );
+    )?;
     let list = |v: &[f64]| {
         v.iter()
             .map(|x| format!("{x:.10}"))
             .collect::<Vec<_>>()
             .join(", ")
     };
-    println!(
+    writeln!(
+        out,
         "y = [{}], t = [{}], E = ½ Σ (y − t)² = {}",
         list(&report.y),
         list(&report.t),
         sci(report.loss, 12, false)
-    );
-    println!();
+    )?;
+    writeln!(out)?;
 
     let width = report
         .entries
@@ -131,11 +140,12 @@ fn print_table(report: &Report, source: &str) {
         .max()
         .unwrap_or(0)
         .max(8);
-    println!(
+    writeln!(
+        out,
         "{:<width$}  {:>20}  {:>20}  {:>10}",
         "quantity", "value (δ-rule)", "finite difference", "rel. error"
-    );
-    println!("{}", "─".repeat(width + 2 + 20 + 2 + 20 + 2 + 10));
+    )?;
+    writeln!(out, "{}", "─".repeat(width + 2 + 20 + 2 + 20 + 2 + 10))?;
     let mut previous = None;
     for e in &report.entries {
         // A blank line between groups (inputs, forward pass, δs, each layer's derivatives).
@@ -146,26 +156,41 @@ fn print_table(report: &Report, source: &str) {
             EntryKind::Weight | EntryKind::Bias => (3, e.layer),
         };
         if previous.is_some_and(|p| p != group) {
-            println!();
+            writeln!(out)?;
         }
         previous = Some(group);
         match (e.finite_difference, e.rel_error) {
-            (Some(fd), Some(rel)) => println!(
+            (Some(fd), Some(rel)) => writeln!(
+                out,
                 "{:<width$}  {:>20}  {:>20}  {:>10}",
                 e.name,
                 sci(e.value, 12, true),
                 sci(fd, 12, true),
                 sci(rel, 2, false)
-            ),
-            _ => println!("{:<width$}  {:>20}", e.name, sci(e.value, 12, true)),
+            )?,
+            _ => writeln!(out, "{:<width$}  {:>20}", e.name, sci(e.value, 12, true))?,
         }
     }
-    println!();
-    println!(
+    writeln!(out)?;
+    writeln!(
+        out,
         "largest relative error {:.2e}, largest absolute error {:.2e} \
-         (relative to max(|value|, |finite difference|, {REL_ERROR_FLOOR:e}))",
+         (relative to max(|value|, |finite difference|, {REL_ERROR_FLOOR:e} · max(1, E)))",
         report.max_rel_error, report.max_abs_error
-    );
+    )?;
+    Ok(out)
+}
+
+/// Writes to stdout; a closed pipe (`… | head`) ends the output quietly instead of panicking.
+fn emit(text: &str) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        result => result.context("writing to stdout"),
+    }
 }
 
 /// Scientific notation with a signed two-digit exponent (`+1.5e-03`), so columns line up.

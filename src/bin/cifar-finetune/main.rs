@@ -6,8 +6,13 @@
 mod backprop;
 mod download;
 mod features;
+mod predict;
 mod progress;
+mod report;
 mod source;
+mod sweep;
+mod test;
+mod train;
 
 use std::process::ExitCode;
 
@@ -29,6 +34,16 @@ enum Command {
     Features(features::Args),
     /// Back-propagation by the δ-rule on a small network, checked against finite differences.
     Backprop(backprop::Args),
+    /// Draw the plots and write the self-contained report.html of a run directory.
+    Report(report::Args),
+    /// Classify your own PNG or JPEG images with a trained head (top classes and probabilities).
+    Predict(predict::Args),
+    /// Train the head at one L2 strength λ on cached features (writes a run directory).
+    Train(train::Args),
+    /// Train one head per λ (default 0,1e-4,1e-3,1e-2,1e-1) and choose λ on validation.
+    Sweep(sweep::Args),
+    /// Evaluate a checkpoint on the test split: metrics.json, predictions.csv and a table.
+    Test(test::Args),
 }
 
 fn main() -> ExitCode {
@@ -37,6 +52,11 @@ fn main() -> ExitCode {
         Command::Download(args) => download::run(args),
         Command::Features(args) => features::run(args),
         Command::Backprop(args) => backprop::run(args),
+        Command::Report(args) => report::run(args),
+        Command::Predict(args) => predict::run(args),
+        Command::Train(args) => train::run(args),
+        Command::Sweep(args) => sweep::run(args),
+        Command::Test(args) => test::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

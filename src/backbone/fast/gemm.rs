@@ -1,0 +1,1097 @@
+//! Convolution as a packed matrix product with a fused epilogue, for NHWC activations.
+//!
+//! The classic GotoBLAS/BLIS decomposition (Goto & van de Geijn, "Anatomy of
+//! High-Performance Matrix Multiplication", 2008): the output `C [M, N]` (M = pixels of the
+//! batch, N = output channels) is computed in `MR × NR` tiles by a register-blocked
+//! micro-kernel that streams a `KC`-long sliver of packed activations (`A`) and packed weights
+//! (`B`).
+//!
+//! * `B` (weights) is packed once, at load time, into `NR`-column panels in the order the
+//!   micro-kernel reads them, so nothing about the weights is redone per image.
+//! * `A` is packed per `MC × KC` block straight from the NHWC (or, for the stem, NCHW)
+//!   activations: for a k×k convolution the packer gathers the im2col rows on the fly
+//!   (an "implicit GEMM"), so no im2col matrix is ever materialised.
+//! * The epilogue — folded-BN bias, the residual add of a bottleneck and the ReLU — is applied
+//!   to the accumulators of the last `KC` block before they are stored: every activation is
+//!   written once per layer.
+//!
+//! Micro-kernels are chosen at run time ([`Isa::detect`]): AVX-512F (12×32), AVX2 + FMA
+//! (6×16) and a portable one (4×8) share one generic body whose fixed-size loops LLVM turns
+//! into register-blocked vector code under each `#[target_feature]`. The bf16 micro-kernel
+//! uses AVX512-BF16's `vdpbf16ps` (pairs of bf16 products summed into f32 accumulators);
+//! without it, bf16 is emulated exactly — operands rounded to bf16, products and sums in
+//! f32 — by the f32 kernels.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use crate::error::{Error, Result};
+
+/// The instruction set the micro-kernels are compiled for, chosen at run time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Isa {
+    /// AVX-512F plus AVX512-BF16: f32 kernels as [`Isa::Avx512`], and native bf16 dot
+    /// products for the bf16 precision.
+    Avx512Bf16,
+    /// AVX-512F: 12×32 f32 micro-kernel on 512-bit registers.
+    Avx512,
+    /// AVX2 + FMA: 6×16 f32 micro-kernel on 256-bit registers.
+    Avx2,
+    /// Plain Rust, no instruction-set assumptions (4×8 micro-kernel).
+    Portable,
+}
+
+impl Isa {
+    /// The best instruction set this CPU supports.
+    pub fn detect() -> Isa {
+        [Isa::Avx512Bf16, Isa::Avx512, Isa::Avx2]
+            .into_iter()
+            .find(|isa| isa.is_available())
+            .unwrap_or(Isa::Portable)
+    }
+
+    /// True when this CPU can run kernels compiled for `self`.
+    pub fn is_available(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            match self {
+                Isa::Avx512Bf16 => {
+                    is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
+                }
+                Isa::Avx512 => is_x86_feature_detected!("avx512f"),
+                Isa::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+                Isa::Portable => true,
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Isa::Portable
+        }
+    }
+
+    /// A short name for logs and benchmark output.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Avx512Bf16 => "avx512-bf16",
+            Isa::Avx512 => "avx512",
+            Isa::Avx2 => "avx2-fma",
+            Isa::Portable => "portable",
+        }
+    }
+}
+
+/// The pointer type every micro-kernel takes: `steps` k-steps of `a` and packed `b` (f32
+/// words; for bf16, each word holds two bf16 values of consecutive k), accumulated into the
+/// tile at `c` (row stride `ldc`), finished by `ep`. `a` is packed (`MR` words per step)
+/// when `lda == 0`, else `MR` plain rows `lda` apart (f32 kernels only: a 1×1 convolution
+/// reads its NHWC input in place).
+pub(crate) type MicroFn = unsafe fn(
+    steps: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    ep: &Epilogue,
+);
+
+/// Blocking of one micro-kernel family, and how its operands are packed.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Tiling {
+    /// Rows of the register tile.
+    pub mr: usize,
+    /// Columns of the register tile (a multiple of the vector width).
+    pub nr: usize,
+    /// Depth of one packed block, in k values (even, so bf16 pairs never straddle blocks).
+    pub kc: usize,
+    /// Rows of one packed `A` block (a multiple of `mr`); sized to stay in L2.
+    pub mc: usize,
+    /// Operands are bf16 pairs (two consecutive k per 32-bit word), for `vdpbf16ps`.
+    pub pairs: bool,
+    /// Operands are f32 rounded to bf16 first (bf16 emulated by the f32 kernels).
+    pub round: bool,
+    /// The micro-kernel.
+    pub micro: MicroFn,
+}
+
+impl Tiling {
+    /// The blocking and micro-kernel for `isa`, with bf16 operands when `bf16`.
+    pub fn new(isa: Isa, bf16: bool) -> Tiling {
+        // KC keeps one B sliver (KC × NR × 4 bytes) around 16 KiB, half of a 32 KiB L1;
+        // MC keeps the packed A block (MC × KC × 4 bytes) well inside a 512 KiB–1 MiB L2.
+        let (mr, nr, kc, mc, micro): (usize, usize, usize, usize, MicroFn) = match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Bf16 if bf16 => (12, 32, 256, 144, x86::bf16_avx512),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Bf16 | Isa::Avx512 => (12, 32, 128, 144, x86::f32_avx512),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => (6, 16, 256, 96, x86::f32_avx2),
+            _ => (4, 8, 256, 64, f32_portable),
+        };
+        let pairs = bf16 && isa == Isa::Avx512Bf16 && cfg!(target_arch = "x86_64");
+        Tiling {
+            mr,
+            nr,
+            kc,
+            mc,
+            pairs,
+            round: bf16 && !pairs,
+            micro,
+        }
+    }
+
+    /// log2 of k values per packed word: 1 for bf16 pairs, else 0.
+    fn shift(&self) -> usize {
+        usize::from(self.pairs)
+    }
+}
+
+/// What to do with a tile's accumulators before storing them.
+#[derive(Debug)]
+pub(crate) struct Epilogue {
+    /// Add the tile's current content (the partial sums of earlier k blocks).
+    pub accumulate: bool,
+    /// Per-column bias (folded batch norm), or null when this is not the last k block.
+    pub bias: *const f32,
+    /// Residual to add (row stride `ldr`), or null.
+    pub residual: *const f32,
+    /// Row stride of `residual`.
+    pub ldr: usize,
+    /// Clamp at zero after the bias and residual.
+    pub relu: bool,
+    /// Valid rows of the tile (≤ MR).
+    pub rows: usize,
+    /// Valid columns of the tile (≤ NR).
+    pub cols: usize,
+}
+
+/// Finishes a tile: adds earlier partial sums, then (last k block only) bias, residual and
+/// ReLU, and stores the valid part. Inlined into each micro-kernel so it is vectorised with
+/// the kernel's instruction set.
+#[inline(always)]
+unsafe fn finish<const MR: usize, const NR: usize>(
+    mut acc: [[f32; NR]; MR],
+    c: *mut f32,
+    ldc: usize,
+    ep: &Epilogue,
+) {
+    let full = ep.rows == MR && ep.cols == NR;
+    let (rows, cols) = if full { (MR, NR) } else { (ep.rows, ep.cols) };
+    // SAFETY (whole function): the caller guarantees `c` (and `bias`, `residual` when not
+    // null) address at least `rows` rows of `cols` valid values with the given strides.
+    unsafe {
+        if full {
+            // Constant bounds: these loops become straight vector code.
+            if ep.accumulate {
+                for (i, row) in acc.iter_mut().enumerate() {
+                    for (j, v) in row.iter_mut().enumerate() {
+                        *v += *c.add(i * ldc + j);
+                    }
+                }
+            }
+            if !ep.bias.is_null() {
+                for row in acc.iter_mut() {
+                    for (j, v) in row.iter_mut().enumerate() {
+                        *v += *ep.bias.add(j);
+                    }
+                }
+                if !ep.residual.is_null() {
+                    for (i, row) in acc.iter_mut().enumerate() {
+                        for (j, v) in row.iter_mut().enumerate() {
+                            *v += *ep.residual.add(i * ep.ldr + j);
+                        }
+                    }
+                }
+                if ep.relu {
+                    for row in acc.iter_mut() {
+                        for v in row.iter_mut() {
+                            *v = v.max(0.0);
+                        }
+                    }
+                }
+            }
+            for (i, row) in acc.iter().enumerate() {
+                for (j, v) in row.iter().enumerate() {
+                    *c.add(i * ldc + j) = *v;
+                }
+            }
+        } else {
+            for (i, row) in acc.iter().enumerate().take(rows) {
+                for (j, &a) in row.iter().enumerate().take(cols) {
+                    let mut v = a;
+                    if ep.accumulate {
+                        v += *c.add(i * ldc + j);
+                    }
+                    if !ep.bias.is_null() {
+                        v += *ep.bias.add(j);
+                        if !ep.residual.is_null() {
+                            v += *ep.residual.add(i * ep.ldr + j);
+                        }
+                        if ep.relu {
+                            v = v.max(0.0);
+                        }
+                    }
+                    *c.add(i * ldc + j) = v;
+                }
+            }
+        }
+    }
+}
+
+/// The f32 micro-kernel body: `acc[i][j] += a[i][p] · b[p][j]` over `steps` k-steps, `b`
+/// packed `NR` values per step, `a` packed `MR` values per step (`lda == 0`) or read from
+/// `MR` rows `lda` apart. With `FMA` the products are fused multiply-adds (only where the
+/// target feature makes them single instructions).
+#[inline(always)]
+unsafe fn f32_body<const MR: usize, const NR: usize, const FMA: bool>(
+    steps: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    ep: &Epilogue,
+) {
+    // SAFETY: forwarded from the caller.
+    let acc = unsafe {
+        if lda == 0 {
+            f32_loop::<MR, NR, FMA, false>(steps, a, 0, b)
+        } else {
+            f32_loop::<MR, NR, FMA, true>(steps, a, lda, b)
+        }
+    };
+    // SAFETY: forwarded from the caller.
+    unsafe { finish::<MR, NR>(acc, c, ldc, ep) }
+}
+
+/// The accumulation loop of [`f32_body`], `a` packed or (`DIRECT`) in rows `lda` apart.
+#[inline(always)]
+unsafe fn f32_loop<const MR: usize, const NR: usize, const FMA: bool, const DIRECT: bool>(
+    steps: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+) -> [[f32; NR]; MR] {
+    let mut acc = [[0f32; NR]; MR];
+    for p in 0..steps {
+        // SAFETY: `b` holds `steps` steps of NR values; `a` holds `steps` steps of MR
+        // values (packed) or MR rows of at least `steps` values (direct).
+        let bp = unsafe { b.add(p * NR) };
+        for (i, row) in acc.iter_mut().enumerate() {
+            let av = unsafe {
+                if DIRECT {
+                    *a.add(i * lda + p)
+                } else {
+                    *a.add(p * MR + i)
+                }
+            };
+            for (j, v) in row.iter_mut().enumerate() {
+                let bv = unsafe { *bp.add(j) };
+                *v = if FMA {
+                    av.mul_add(bv, *v)
+                } else {
+                    *v + av * bv
+                };
+            }
+        }
+    }
+    acc
+}
+
+/// Portable 4×8 f32 micro-kernel (separate multiply and add: without a target feature,
+/// `mul_add` would be a slow library call).
+///
+/// # Safety
+/// `a`, `b` hold `steps` packed steps; `c` and the epilogue pointers address the tile.
+unsafe fn f32_portable(
+    steps: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    ep: &Epilogue,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe { f32_body::<4, 8, false>(steps, a, lda, b, c, ldc, ep) }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    //! The x86-64 micro-kernels, written with explicit intrinsics so they are fast at any
+    //! optimisation level (the test profile builds this crate at opt-level 1, where LLVM does
+    //! not vectorise). Rows are unrolled by the macro with literal indices, which lets even
+    //! opt-level 1 keep every accumulator in a register. Each kernel is only ever called
+    //! after [`super::Isa::is_available`] confirmed its target features.
+
+    use std::arch::x86_64::*;
+
+    use super::{Epilogue, finish};
+
+    /// f32 fused multiply-add on 256-bit vectors: `acc + a · b`.
+    macro_rules! fma256 {
+        ($acc:expr, $a:expr, $b:expr) => {
+            _mm256_fmadd_ps($a, $b, $acc)
+        };
+    }
+
+    /// f32 fused multiply-add on 512-bit vectors: `acc + a · b`.
+    macro_rules! fma512 {
+        ($acc:expr, $a:expr, $b:expr) => {
+            _mm512_fmadd_ps($a, $b, $acc)
+        };
+    }
+
+    /// bf16 pair dot product into f32: `acc + a.lo · b.lo + a.hi · b.hi` per 32-bit lane.
+    macro_rules! dpbf16 {
+        ($acc:expr, $a:expr, $b:expr) => {
+            _mm512_dpbf16_ps(
+                $acc,
+                std::mem::transmute::<__m512, __m512bh>($a),
+                std::mem::transmute::<__m512, __m512bh>($b),
+            )
+        };
+    }
+
+    /// A micro-kernel of `rows` × (2 vectors of `lanes`) accumulators. `mac` is the
+    /// multiply-accumulate; the bf16 kernel only differs by it (and by `a`, `b` holding
+    /// bf16 pairs, moved bit for bit by the f32 loads and broadcasts).
+    macro_rules! simd_kernel {
+        (
+            $(#[$doc:meta])*
+            $name:ident, $feat:literal, $V:ty, $lanes:literal, $mr:literal, [$($r:literal),*],
+            $zero:ident, $splat:ident, $loadu:ident, $storeu:ident, $add:ident, $max:ident,
+            $mac:ident
+        ) => {
+            $(#[$doc])*
+            #[target_feature(enable = $feat)]
+            pub(super) unsafe fn $name(
+                steps: usize,
+                a: *const f32,
+                lda: usize,
+                b: *const f32,
+                c: *mut f32,
+                ldc: usize,
+                ep: &Epilogue,
+            ) {
+                const MR: usize = $mr;
+                const L: usize = $lanes;
+                const NR: usize = 2 * L;
+                let mut acc = [[$zero(); 2]; MR];
+                // SAFETY (whole body): `b` holds `steps` steps of NR words, 64-byte aligned
+                // (`PackedB` is aligned and a step is 64 or 128 bytes), so the vector loads
+                // are aligned; `a` holds `steps` packed steps of MR words (lda == 0) or MR
+                // rows of `steps` words, `lda` apart; `c`, the bias and the residual cover
+                // the tile as `ep` describes (see `MicroFn`).
+                unsafe {
+                    let mut bp = b;
+                    let mut ap = a;
+                    if lda == 0 {
+                        for _ in 0..steps {
+                            let b0 = *bp.cast::<$V>();
+                            let b1 = *bp.add(L).cast::<$V>();
+                            $(
+                                let av = $splat(*ap.add($r));
+                                acc[$r][0] = $mac!(acc[$r][0], av, b0);
+                                acc[$r][1] = $mac!(acc[$r][1], av, b1);
+                            )*
+                            ap = ap.add(MR);
+                            bp = bp.add(NR);
+                        }
+                    } else {
+                        for _ in 0..steps {
+                            let b0 = *bp.cast::<$V>();
+                            let b1 = *bp.add(L).cast::<$V>();
+                            $(
+                                let av = $splat(*ap.add($r * lda));
+                                acc[$r][0] = $mac!(acc[$r][0], av, b0);
+                                acc[$r][1] = $mac!(acc[$r][1], av, b1);
+                            )*
+                            ap = ap.add(1);
+                            bp = bp.add(NR);
+                        }
+                    }
+                    if ep.rows == MR && ep.cols == NR {
+                        // The epilogue on registers: earlier partial sums, bias, residual,
+                        // ReLU, one store.
+                        let zero = $zero();
+                        $(
+                            for (v, x) in [(0, acc[$r][0]), (L, acc[$r][1])] {
+                                let cp = c.add($r * ldc + v);
+                                let mut x = x;
+                                if ep.accumulate {
+                                    x = $add(x, $loadu(cp));
+                                }
+                                if !ep.bias.is_null() {
+                                    x = $add(x, $loadu(ep.bias.add(v)));
+                                    if !ep.residual.is_null() {
+                                        x = $add(x, $loadu(ep.residual.add($r * ep.ldr + v)));
+                                    }
+                                    if ep.relu {
+                                        x = $max(x, zero);
+                                    }
+                                }
+                                $storeu(cp, x);
+                            }
+                        )*
+                    } else {
+                        let mut out = [[0f32; NR]; MR];
+                        $(
+                            $storeu(out[$r].as_mut_ptr(), acc[$r][0]);
+                            $storeu(out[$r].as_mut_ptr().add(L), acc[$r][1]);
+                        )*
+                        finish::<MR, NR>(out, c, ldc, ep);
+                    }
+                }
+            }
+        };
+    }
+
+    simd_kernel!(
+        /// AVX2 + FMA f32 micro-kernel, 6×16: 12 ymm accumulators, 2 for B, 1 broadcast.
+        ///
+        /// # Safety
+        /// The CPU supports AVX2 and FMA; pointers as for [`super::MicroFn`].
+        f32_avx2, "avx2,fma", __m256, 8, 6, [0, 1, 2, 3, 4, 5],
+        _mm256_setzero_ps, _mm256_set1_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_add_ps,
+        _mm256_max_ps, fma256
+    );
+
+    simd_kernel!(
+        /// AVX-512F f32 micro-kernel, 12×32: 24 zmm accumulators, 2 for B, 1 broadcast.
+        ///
+        /// # Safety
+        /// The CPU supports AVX-512F; pointers as for [`super::MicroFn`].
+        f32_avx512, "avx512f", __m512, 16, 12, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11],
+        _mm512_setzero_ps, _mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_add_ps,
+        _mm512_max_ps, fma512
+    );
+
+    simd_kernel!(
+        /// AVX512-BF16 micro-kernel, 12×32: each packed word holds two bf16 of consecutive
+        /// k, and `vdpbf16ps` adds both products of a pair to the f32 accumulator. Always
+        /// called with packed `a` (`lda == 0`).
+        ///
+        /// # Safety
+        /// The CPU supports AVX-512F and AVX512-BF16; pointers as for [`super::MicroFn`],
+        /// with bf16-pair words.
+        bf16_avx512, "avx512f,avx512bf16", __m512, 16, 12, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11],
+        _mm512_setzero_ps, _mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_add_ps,
+        _mm512_max_ps, dpbf16
+    );
+}
+
+/// bf16 bits of `v`, rounded to nearest even (as `vcvtne2ps2bf16`).
+#[inline(always)]
+pub(crate) fn bf16_bits(v: f32) -> u16 {
+    let b = v.to_bits();
+    if v.is_nan() {
+        // Keep NaN a (quiet) NaN rather than letting the rounding carry into infinity.
+        return ((b >> 16) | 0x40) as u16;
+    }
+    (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// `v` rounded to the nearest bf16, as an f32.
+#[inline(always)]
+pub(crate) fn round_bf16(v: f32) -> f32 {
+    f32::from_bits(u32::from(bf16_bits(v)) << 16)
+}
+
+/// A heap buffer of f32 words whose start is aligned to 64 bytes (one cache line, one zmm).
+#[derive(Debug, Default)]
+pub(crate) struct AlignedBuf {
+    raw: Vec<f32>,
+    offset: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    /// A zeroed buffer of `len` words.
+    pub fn zeroed(len: usize) -> AlignedBuf {
+        let mut b = AlignedBuf::default();
+        b.ensure(len);
+        b
+    }
+
+    /// Grows to at least `len` words (contents are not preserved when it grows).
+    pub fn ensure(&mut self, len: usize) {
+        if len <= self.len {
+            return;
+        }
+        self.raw = vec![0f32; len + 16];
+        self.offset = self.raw.as_ptr().align_offset(64).min(15);
+        self.len = len;
+    }
+
+    pub fn as_slice(&self) -> &[f32] {
+        &self.raw[self.offset..self.offset + self.len]
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [f32] {
+        &mut self.raw[self.offset..self.offset + self.len]
+    }
+}
+
+/// A convolution's geometry (square kernels, as in ResNet).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ConvGeom {
+    /// Input channels.
+    pub cin: usize,
+    /// Output channels.
+    pub cout: usize,
+    /// Kernel side.
+    pub ksize: usize,
+    pub stride: usize,
+    pub pad: usize,
+}
+
+impl ConvGeom {
+    /// Depth of the matrix product: `ksize² · cin`, ordered (ky, kx, ci) with ci fastest,
+    /// matching NHWC.
+    pub fn k(&self) -> usize {
+        self.ksize * self.ksize * self.cin
+    }
+
+    /// Output size along one axis of input size `n`.
+    pub fn out_len(&self, n: usize) -> usize {
+        (n + 2 * self.pad).saturating_sub(self.ksize) / self.stride + 1
+    }
+
+    /// True for the 1×1, stride-1 case: `A` is the activation matrix itself.
+    fn is_pointwise(&self) -> bool {
+        self.ksize == 1 && self.stride == 1 && self.pad == 0
+    }
+}
+
+/// Weights `[cout, cin, k, k]` (PyTorch's layout) packed for one [`Tiling`]:
+/// `NR`-column panels of `B [k, cout]`, k-steps contiguous within a panel.
+#[derive(Debug)]
+pub(crate) struct PackedB {
+    data: AlignedBuf,
+    /// k padded to the packing granularity (even for bf16 pairs).
+    kp: usize,
+    panels: usize,
+}
+
+impl PackedB {
+    /// Packs `w` (`[cout, cin, k, k]`, row-major) for `t`.
+    pub fn new(w: &[f32], g: &ConvGeom, t: &Tiling) -> PackedB {
+        let k = g.k();
+        let kp = k.next_multiple_of(1 << t.shift());
+        let panels = g.cout.div_ceil(t.nr);
+        let steps = kp >> t.shift();
+        let mut data = AlignedBuf::zeroed(panels * steps * t.nr);
+        let taps = g.ksize * g.ksize;
+        // Element (k, co) of B, with k = tap · cin + ci.
+        let at = |kk: usize, co: usize| -> f32 {
+            if kk >= k || co >= g.cout {
+                return 0.0;
+            }
+            let (tap, ci) = (kk / g.cin, kk % g.cin);
+            w[(co * g.cin + ci) * taps + tap]
+        };
+        let out = data.as_mut_slice();
+        for j in 0..panels {
+            for s in 0..steps {
+                for c in 0..t.nr {
+                    let co = j * t.nr + c;
+                    out[(j * steps + s) * t.nr + c] = if t.pairs {
+                        // Even k in the low half: the same order `put` gives packed A.
+                        let lo = u32::from(bf16_bits(at(2 * s, co)));
+                        let hi = u32::from(bf16_bits(at(2 * s + 1, co)));
+                        f32::from_bits(lo | (hi << 16))
+                    } else if t.round {
+                        round_bf16(at(s, co))
+                    } else {
+                        at(s, co)
+                    };
+                }
+            }
+        }
+        PackedB { data, kp, panels }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.data.as_slice().len() * 4
+    }
+}
+
+/// A channels-last (NHWC) activation `[batch, h, w, c]`, the input of a convolution.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Source<'a> {
+    pub data: &'a [f32],
+    pub batch: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c: usize,
+}
+
+/// Writes packed-A value `v` for k offset `kk` (within the block) of row `r` of the panel
+/// at `dst`: f32 words `kk · MR + r`, or for bf16 pairs the low (even `kk`) or high half of
+/// word `(kk / 2) · MR + r`.
+///
+/// # Safety
+/// `dst` holds the whole panel.
+#[inline(always)]
+unsafe fn put<const PAIRS: bool, const ROUND: bool>(
+    dst: *mut f32,
+    mr: usize,
+    kk: usize,
+    r: usize,
+    v: f32,
+) {
+    // SAFETY: forwarded from the caller. Pairs are only used on x86-64 (little-endian), where
+    // the low half of a word is the lower address.
+    unsafe {
+        if PAIRS {
+            *dst.cast::<u16>().add(((kk >> 1) * mr + r) * 2 + (kk & 1)) = bf16_bits(v);
+        } else if ROUND {
+            *dst.add(kk * mr + r) = round_bf16(v);
+        } else {
+            *dst.add(kk * mr + r) = v;
+        }
+    }
+}
+
+/// Packs one panel of the implicit im2col matrix of `src` under `g`: rows
+/// `[m, m + valid)` (rows up to `mr` past them zero) and k `[k0, k0 + kc)` (k past `g.k()`
+/// zero), into `dst`.
+///
+/// For a fixed kernel row `ky`, the k values `(kx, ci)` of one output pixel are contiguous
+/// in NHWC memory wherever the input column is inside the image, so each row is copied as
+/// at most three runs per `ky`: left padding, image, right padding.
+///
+/// # Safety
+/// `dst` holds `kc / (1 + PAIRS) · mr` words; `src` holds the whole activation.
+#[allow(clippy::too_many_arguments)]
+unsafe fn pack_panel<const PAIRS: bool, const ROUND: bool>(
+    src: &Source,
+    g: &ConvGeom,
+    (oh, ow): (usize, usize),
+    m: usize,
+    valid: usize,
+    (k0, kc): (usize, usize),
+    mr: usize,
+    dst: *mut f32,
+) {
+    let k = g.k();
+    let per_ky = g.ksize * g.cin;
+    let (w, cin) = (src.w as isize, g.cin as isize);
+    let base = src.data.as_ptr();
+    // SAFETY (every `put` and read below): kk < kc and r < mr stay inside `dst`; reads are at
+    // ((n·h + iy)·w + ix)·c + ci with iy, ix inside the image and ci < c.
+    unsafe {
+        for r in 0..mr {
+            if r >= valid {
+                for kk in 0..kc {
+                    put::<PAIRS, ROUND>(dst, mr, kk, r, 0.0);
+                }
+                continue;
+            }
+            let mm = m + r;
+            let (n, rest) = (mm / (oh * ow), mm % (oh * ow));
+            let (oy, ox) = (rest / ow, rest % ow);
+            // Input column at kx = 0, and the kx range that falls inside the image.
+            let ix0 = (ox * g.stride) as isize - g.pad as isize;
+            let kx_lo = (-ix0).clamp(0, g.ksize as isize);
+            let kx_hi = (w - ix0).clamp(0, g.ksize as isize);
+            let (lo, hi) = ((kx_lo * cin) as usize, (kx_hi * cin) as usize);
+            let mut kk = 0;
+            while kk < kc {
+                let kg = k0 + kk;
+                if kg >= k {
+                    for z in kk..kc {
+                        put::<PAIRS, ROUND>(dst, mr, z, r, 0.0);
+                    }
+                    break;
+                }
+                let ky = kg / per_ky;
+                let within = kg - ky * per_ky;
+                let row_left = (per_ky - within).min(kc - kk);
+                let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+                let inside = iy >= 0 && iy < src.h as isize;
+                let run = if !inside || within >= hi {
+                    row_left
+                } else if within < lo {
+                    (lo - within).min(row_left)
+                } else {
+                    (hi - within).min(row_left)
+                };
+                if inside && within >= lo && within < hi {
+                    let off =
+                        ((n as isize * src.h as isize + iy) * w + ix0) * cin + within as isize;
+                    let s = base.offset(off);
+                    for t in 0..run {
+                        put::<PAIRS, ROUND>(dst, mr, kk + t, r, *s.add(t));
+                    }
+                } else {
+                    for t in 0..run {
+                        put::<PAIRS, ROUND>(dst, mr, kk + t, r, 0.0);
+                    }
+                }
+                kk += run;
+            }
+        }
+    }
+}
+
+/// Packs the panels of rows `[m0, m0 + rows)` × k `[k0, k0 + kc)` into `dst`, for `t`.
+///
+/// # Safety
+/// `dst` holds `ceil(rows / mr) · mr · kc` words; `src` matches `g`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn pack_block(
+    src: &Source,
+    g: &ConvGeom,
+    ohw: (usize, usize),
+    (m0, rows): (usize, usize),
+    (k0, kc): (usize, usize),
+    t: &Tiling,
+    dst: *mut f32,
+) {
+    let panel_words = (kc >> t.shift()) * t.mr;
+    for p in 0..rows.div_ceil(t.mr) {
+        let valid = t.mr.min(rows - p * t.mr);
+        let (m, d) = (m0 + p * t.mr, unsafe { dst.add(p * panel_words) });
+        // SAFETY: forwarded from the caller; panel p lies inside `dst`.
+        unsafe {
+            match (t.pairs, t.round) {
+                (true, _) => pack_panel::<true, false>(src, g, ohw, m, valid, (k0, kc), t.mr, d),
+                (false, true) => {
+                    pack_panel::<false, true>(src, g, ohw, m, valid, (k0, kc), t.mr, d)
+                }
+                (false, false) => {
+                    pack_panel::<false, false>(src, g, ohw, m, valid, (k0, kc), t.mr, d)
+                }
+            }
+        }
+    }
+}
+
+/// A raw pointer that may cross into the worker threads.
+#[derive(Clone, Copy)]
+struct SharedPtr(*mut f32);
+// SAFETY: tasks partition the output into disjoint tiles (see `conv`), so no two threads
+// ever write the same element; the residual is only read; the scope joins every thread
+// before the buffers are used again.
+unsafe impl Send for SharedPtr {}
+unsafe impl Sync for SharedPtr {}
+
+/// One convolution: `out [M, cout] = epilogue(im2col(src) · B)`, M = batch · oh · ow,
+/// with `bias` added, `residual [M, cout]` added when given, then ReLU when `relu`.
+/// `scratch` holds one packing buffer per thread; its length is the number of threads.
+/// `pack_ns`, when given, accumulates the thread-time spent packing `A`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn conv(
+    src: &Source,
+    g: &ConvGeom,
+    b: &PackedB,
+    bias: &[f32],
+    t: &Tiling,
+    out: &mut [f32],
+    residual: Option<&[f32]>,
+    relu: bool,
+    scratch: &mut [AlignedBuf],
+    pack_ns: Option<&AtomicU64>,
+) -> Result<()> {
+    let (oh, ow) = (g.out_len(src.h), g.out_len(src.w));
+    let m = src.batch * oh * ow;
+    let n = g.cout;
+    if src.c != g.cin
+        || src.data.len() < src.batch * src.h * src.w * src.c
+        || out.len() < m * n
+        || bias.len() < n
+        || residual.is_some_and(|r| r.len() < m * n)
+        || b.kp < g.k()
+        || b.panels * t.nr < n
+        || scratch.is_empty()
+    {
+        return Err(Error::invalid(
+            "convolution buffers",
+            format!(
+                "input {} values of {} channels, output {} (need {}), bias {} (need {n}), for \
+                 a {k}×{k} convolution {}→{} on a [{}, {}, {}, {}] batch",
+                src.data.len(),
+                src.c,
+                out.len(),
+                m * n,
+                bias.len(),
+                g.cin,
+                g.cout,
+                src.batch,
+                src.h,
+                src.w,
+                src.c,
+                k = g.ksize,
+            ),
+        ));
+    }
+    let shift = t.shift();
+    let kp = b.kp;
+    let ksteps = kp >> shift;
+    // A 1×1 stride-1 f32 convolution reads its input rows in place; only a partial last
+    // tile of rows is packed (zero-padded) so the kernel never reads past the activation.
+    let direct = g.is_pointwise() && !t.pairs && !t.round;
+    let mblocks = m.div_ceil(t.mc);
+    // Enough tasks to keep every thread busy: split the columns too when rows are few
+    // (the last stage at batch 1 has 49 rows).
+    let threads = scratch.len();
+    let want = threads * 4;
+    let nsplit = if mblocks >= want {
+        1
+    } else {
+        want.div_ceil(mblocks).min(b.panels)
+    };
+    let per = b.panels.div_ceil(nsplit);
+    let tasks = mblocks * nsplit;
+    let next = AtomicUsize::new(0);
+    let cptr = SharedPtr(out.as_mut_ptr());
+    let res = SharedPtr(residual.map_or(std::ptr::null(), |r| r.as_ptr()).cast_mut());
+    let bdata = b.data.as_slice();
+    for buf in scratch.iter_mut() {
+        buf.ensure(t.mc * t.kc);
+    }
+
+    let work = |buf: &mut AlignedBuf| {
+        let (cptr, res) = (cptr, res);
+        let apack = buf.as_mut_slice().as_mut_ptr();
+        loop {
+            let task = next.fetch_add(1, Ordering::Relaxed);
+            if task >= tasks {
+                break;
+            }
+            let (mb, ns) = (task / nsplit, task % nsplit);
+            let m0 = mb * t.mc;
+            let rows = t.mc.min(m - m0);
+            let (j0, j1) = (ns * per, ((ns + 1) * per).min(b.panels));
+            if j0 >= j1 {
+                continue;
+            }
+            let full_panels = rows / t.mr;
+            let mut k0 = 0;
+            while k0 < kp {
+                let kc = t.kc.min(kp - k0);
+                let last = k0 + kc == kp;
+                let steps = kc >> shift;
+                let started = pack_ns.map(|_| std::time::Instant::now());
+                // SAFETY: the buffer holds mc · kc words (ensured above), enough for
+                // ceil(rows / mr) panels of kc values (rows ≤ mc, mc a multiple of mr).
+                unsafe {
+                    if !direct {
+                        pack_block(src, g, (oh, ow), (m0, rows), (k0, kc), t, apack);
+                    } else if rows % t.mr != 0 {
+                        // Only the partial last panel, at the buffer's start.
+                        let m_tail = m0 + full_panels * t.mr;
+                        pack_block(src, g, (oh, ow), (m_tail, rows % t.mr), (k0, kc), t, apack);
+                    }
+                }
+                if let (Some(acc), Some(s)) = (pack_ns, started) {
+                    acc.fetch_add(s.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                }
+                for j in j0..j1 {
+                    let bsl = &bdata[(j * ksteps + (k0 >> shift)) * t.nr..];
+                    let cols = t.nr.min(n - j * t.nr);
+                    for p in 0..rows.div_ceil(t.mr) {
+                        let r0 = m0 + p * t.mr;
+                        // SAFETY: r0 < m, so the row offsets stay inside the input (direct)
+                        // or the packed buffer (panel p, or the tail panel at 0).
+                        let (a, lda) = unsafe {
+                            if !direct {
+                                (apack.add(p * steps * t.mr).cast_const(), 0)
+                            } else if p < full_panels {
+                                (src.data.as_ptr().add(r0 * g.cin + k0), g.cin)
+                            } else {
+                                (apack.cast_const(), 0)
+                            }
+                        };
+                        let ep = Epilogue {
+                            accumulate: k0 > 0,
+                            bias: if last {
+                                bias[j * t.nr..].as_ptr()
+                            } else {
+                                std::ptr::null()
+                            },
+                            residual: if res.0.is_null() {
+                                std::ptr::null()
+                            } else {
+                                // SAFETY: r0 < m and j·nr < n, inside [M, n].
+                                unsafe { res.0.add(r0 * n + j * t.nr).cast_const() }
+                            },
+                            ldr: n,
+                            relu: relu && last,
+                            rows: t.mr.min(m - r0),
+                            cols,
+                        };
+                        // SAFETY: the micro-kernel matches `t` (its target features were
+                        // checked when `t` was built from an available Isa); `a` holds
+                        // `steps` steps of MR rows, the B sliver `steps` steps of NR words;
+                        // the output tile [r0.., j·nr..] of rows × cols lies inside `out`
+                        // (checked above) and belongs to this task alone.
+                        unsafe {
+                            (t.micro)(
+                                steps,
+                                a,
+                                lda,
+                                bsl.as_ptr(),
+                                cptr.0.add(r0 * n + j * t.nr),
+                                n,
+                                &ep,
+                            );
+                        }
+                    }
+                }
+                k0 += kc;
+            }
+        }
+    };
+
+    let (first, rest) = scratch.split_at_mut(1);
+    if rest.is_empty() || tasks == 1 {
+        work(&mut first[0]);
+    } else {
+        std::thread::scope(|s| {
+            for buf in rest.iter_mut() {
+                s.spawn(|| work(buf));
+            }
+            work(&mut first[0]);
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Direct convolution in f64 on NHWC input, PyTorch's weight layout.
+    fn reference(
+        x: &[f32],
+        (batch, h, w): (usize, usize, usize),
+        wt: &[f32],
+        bias: &[f32],
+        g: &ConvGeom,
+    ) -> Vec<f64> {
+        let (oh, ow, ks) = (g.out_len(h), g.out_len(w), g.ksize);
+        let mut out = vec![0f64; batch * oh * ow * g.cout];
+        for n in 0..batch {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    for co in 0..g.cout {
+                        let mut s = f64::from(bias[co]);
+                        for ky in 0..ks {
+                            for kx in 0..ks {
+                                let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+                                let ix = (ox * g.stride + kx) as isize - g.pad as isize;
+                                if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                                    continue;
+                                }
+                                for ci in 0..g.cin {
+                                    let xv =
+                                        x[((n * h + iy as usize) * w + ix as usize) * g.cin + ci];
+                                    let wv = wt[((co * g.cin + ci) * ks + ky) * ks + kx];
+                                    s += f64::from(xv) * f64::from(wv);
+                                }
+                            }
+                        }
+                        out[((n * oh + oy) * ow + ox) * g.cout + co] = s;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                let v = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8;
+                (v % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn conv_matches_direct_convolution_on_every_available_isa() {
+        let geom = |cin, cout, ksize, stride, pad| ConvGeom {
+            cin,
+            cout,
+            ksize,
+            stride,
+            pad,
+        };
+        // Odd sizes on purpose: partial row and column tiles, k not a multiple of KC or 2,
+        // images smaller than the kernel.
+        let cases = [
+            (geom(5, 19, 3, 2, 1), (2, 9, 7)),
+            (geom(300, 40, 1, 1, 0), (1, 5, 7)),
+            (geom(3, 8, 7, 2, 3), (1, 11, 10)),
+            (geom(3, 8, 7, 2, 3), (2, 2, 3)),
+            (geom(16, 33, 1, 2, 0), (3, 5, 5)),
+        ];
+        let isas = [Isa::Avx512Bf16, Isa::Avx512, Isa::Avx2, Isa::Portable];
+        for (g, (batch, h, w)) in cases {
+            let x = values(batch * h * w * g.cin, 1);
+            let wt = values(g.cout * g.k(), 2);
+            let bias = values(g.cout, 3);
+            let (oh, ow) = (g.out_len(h), g.out_len(w));
+            let residual = values(batch * oh * ow * g.cout, 4);
+            let expect = reference(&x, (batch, h, w), &wt, &bias, &g);
+            for isa in isas.into_iter().filter(|i| i.is_available()) {
+                for bf16 in [false, true] {
+                    let t = Tiling::new(isa, bf16);
+                    let b = PackedB::new(&wt, &g, &t);
+                    for (threads, res) in [(1, true), (2, true), (2, false)] {
+                        let mut scratch: Vec<AlignedBuf> =
+                            (0..threads).map(|_| AlignedBuf::default()).collect();
+                        let mut out = vec![f32::NAN; expect.len()];
+                        let src = Source {
+                            data: &x,
+                            batch,
+                            h,
+                            w,
+                            c: g.cin,
+                        };
+                        let r = res.then_some(residual.as_slice());
+                        conv(
+                            &src,
+                            &g,
+                            &b,
+                            &bias,
+                            &t,
+                            &mut out,
+                            r,
+                            res,
+                            &mut scratch,
+                            None,
+                        )
+                        .unwrap();
+                        // bf16 keeps 8 significant bits per operand.
+                        let tol = if bf16 { 2e-2 } else { 1e-5 } * (g.k() as f64).sqrt();
+                        for (i, (&o, &e)) in out.iter().zip(&expect).enumerate() {
+                            let e = if res {
+                                (e + f64::from(residual[i])).max(0.0)
+                            } else {
+                                e
+                            };
+                            assert!(
+                                (f64::from(o) - e).abs() <= tol,
+                                "{isa:?} bf16={bf16} threads={threads} {g:?}: [{i}] {o} vs {e}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_rounding_is_nearest_even() {
+        assert_eq!(round_bf16(1.0), 1.0);
+        // 1 + 2^-8 is halfway between bf16 1.0 and 1 + 2^-7: ties to even (1.0).
+        assert_eq!(round_bf16(1.0 + 1.0 / 256.0), 1.0);
+        assert_eq!(round_bf16(1.0 + 3.0 / 256.0), 1.0 + 4.0 / 256.0);
+        assert_eq!(round_bf16(-2.5e-3).to_bits() & 0xFFFF, 0);
+        assert!(round_bf16(f32::NAN).is_nan());
+    }
+}

@@ -1,0 +1,162 @@
+//! `cifar-finetune predict`: classify your own PNG or JPEG images with a trained head.
+//!
+//! Each image goes through exactly the pipeline the head was trained on — the same weights
+//! file (by sha256) and the same preprocessing (resize of the shorter side, normalisation),
+//! both read from the checkpoint's features fingerprint — then the frozen backbone and the
+//! head. A checkpoint whose fingerprint cannot be reproduced is refused rather than applied to
+//! features it was not trained on.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use cifar_finetune::checkpoint;
+use cifar_finetune::data::download::{self, DownloadOptions};
+use cifar_finetune::data::transform::{Preprocess, load_image};
+use cifar_finetune::evaluate::class_names;
+use cifar_finetune::features::{Extractor, FEATURE_DIM, FeatureSet};
+
+use crate::source::Normalize;
+
+/// Classify PNG or JPEG images of any size with a trained head; prints the most probable
+/// classes of each. The backbone weights and preprocessing must be those the head was trained
+/// on: they are checked against the checkpoint's fingerprint.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Head checkpoint written by `train`/`sweep` (`…/best.safetensors`, or its `.json`).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Images to classify (PNG or JPEG, any size; grey and alpha are converted to RGB).
+    #[arg(required = true, value_name = "IMAGE")]
+    pub images: Vec<PathBuf>,
+    /// Print the K most probable classes of each image.
+    #[arg(long, default_value_t = 3, value_name = "K")]
+    pub top: usize,
+    /// Data directory holding the default weights (downloaded there when missing).
+    #[arg(long, default_value = "data")]
+    pub data: PathBuf,
+    /// ResNet-50 weights, .pth or .safetensors: the very file the head's features came from
+    /// [default: <data>/resnet50-0676ba61.pth, torchvision's IMAGENET1K_V1].
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    /// Shorter image side after resizing [default: the checkpoint's].
+    #[arg(long)]
+    pub image_size: Option<usize>,
+    /// Normalisation after ToTensor [default: the checkpoint's].
+    #[arg(long, value_enum)]
+    pub normalize: Option<Normalize>,
+    /// Never download the weights: fail if they are missing.
+    #[arg(long)]
+    pub offline: bool,
+}
+
+/// The preprocessing whose fingerprint appears in the checkpoint's `extractor`: the size
+/// written there (or `--image-size`) with each normalisation allowed by `--normalize`.
+fn preprocess_for(extractor: &str, args: &Args) -> anyhow::Result<Preprocess> {
+    let recorded_size = extractor
+        .split(';')
+        .find_map(|part| part.trim().strip_prefix("size="))
+        .and_then(|s| s.parse::<usize>().ok());
+    let size = args.image_size.or(recorded_size).unwrap_or(224);
+    let candidates: Vec<Preprocess> = match args.normalize {
+        Some(Normalize::Imagenet) => vec![Preprocess::imagenet(size)],
+        Some(Normalize::Half) => vec![Preprocess::half(size)],
+        None => vec![Preprocess::imagenet(size), Preprocess::half(size)],
+    };
+    for p in &candidates {
+        if extractor.contains(&p.fingerprint()) {
+            return Ok(p.clone());
+        }
+    }
+    bail!(
+        "{}: the head was trained on features made with other preprocessing than \
+         {} (image size {size}); its features fingerprint is `{extractor}`",
+        args.checkpoint.display(),
+        match args.normalize {
+            Some(Normalize::Imagenet) => "--normalize imagenet",
+            Some(Normalize::Half) => "--normalize half",
+            None => "either normalisation",
+        }
+    )
+}
+
+/// The `k` largest probabilities with their class ids, most probable first (lower id first
+/// on ties).
+fn top_k(probabilities: &[f32], k: usize) -> Vec<(usize, f32)> {
+    let mut order: Vec<(usize, f32)> = probabilities.iter().copied().enumerate().collect();
+    order.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    order.truncate(k);
+    order
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    if args.top == 0 {
+        bail!("invalid --top: must be at least 1");
+    }
+    let ck = checkpoint::load(&args.checkpoint)?;
+    // Every image is read before the (slow) backbone runs, so a bad path fails at once.
+    let mut images = Vec::with_capacity(args.images.len());
+    for path in &args.images {
+        images.push(load_image(path)?);
+    }
+    let preprocess = preprocess_for(&ck.meta.extractor, &args)?;
+    let weights = match &args.weights {
+        Some(p) if p.is_file() => p.clone(),
+        Some(p) => bail!("--weights {}: no such file", p.display()),
+        None => {
+            let mut opts = DownloadOptions::from_env();
+            opts.offline = args.offline;
+            download::ensure_weights(&args.data, &download::RESNET50_V1, &opts)?
+        }
+    };
+    let extractor = Extractor::load(&weights, preprocess)?;
+    if extractor.fingerprint() != ck.meta.extractor {
+        bail!(
+            "{}: the head was trained on features from `{}`, but {} with this preprocessing \
+             gives `{}`; pass the weights file it was trained with (--weights)",
+            args.checkpoint.display(),
+            ck.meta.extractor,
+            weights.display(),
+            extractor.fingerprint()
+        );
+    }
+
+    let names = class_names(ck.head.dims.classes);
+    let k = args.top.min(names.len());
+    for (path, (chw, h, w)) in args.images.iter().zip(&images) {
+        let features = extractor
+            .extract(&[chw.as_slice()], *h, *w)
+            .with_context(|| format!("extracting the features of {}", path.display()))?;
+        let set = FeatureSet {
+            features,
+            labels: vec![0],
+            index: vec![0],
+            dim: FEATURE_DIM,
+            extractor: extractor.fingerprint().to_string(),
+        };
+        ck.check_features(&set)?;
+        // [1, classes]
+        let probabilities = ck.head.probabilities(&set.features)?;
+        println!("{} ({w}×{h})", path.display());
+        for (rank, (class, p)) in top_k(&probabilities, k).into_iter().enumerate() {
+            println!(
+                "  {}. {:<12} {:>6.2}%",
+                rank + 1,
+                names[class],
+                f64::from(p) * 100.0
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_k_orders_by_probability_then_class() {
+        let p = [0.1, 0.4, 0.1, 0.4];
+        assert_eq!(top_k(&p, 3), vec![(1, 0.4), (3, 0.4), (0, 0.1)]);
+        assert_eq!(top_k(&p, 10).len(), 4);
+    }
+}

@@ -1,0 +1,366 @@
+//! `cifar-finetune train --lambda X`: trains the head at one L2 strength on cached features
+//! and writes a run directory. Also holds what `sweep` shares with it: the hyper-parameter
+//! flags, the training progress display and the run itself.
+
+use std::io::IsTerminal;
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use cifar_finetune::data::cifar::Split;
+use cifar_finetune::train::{self, Progress, RunOptions, Select, SweepOutcome, TrainConfig};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+
+use crate::source::{self, FeatureArgs};
+
+/// Train the head (Linear(2048, 32) → ReLU → Linear(32, 10)) at one L2 strength λ.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// L2 strength λ: the objective is cross-entropy + λ/2·(‖W1‖² + ‖W2‖²), the squared norms
+    /// of the two weight matrices. Biases are not penalised.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub lambda: f32,
+    #[command(flatten)]
+    pub hyper: TrainArgs,
+    #[command(flatten)]
+    pub features: FeatureArgs,
+}
+
+/// Hyper-parameters and run options shared by `train` and `sweep`. The defaults reproduce
+/// the original script: SGD with lr 0.001 and momentum 0.9, batch size 4, 10 epochs.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TrainArgs {
+    /// Learning rate of SGD.
+    #[arg(long, default_value_t = 0.001, allow_negative_numbers = true)]
+    pub lr: f32,
+    /// SGD momentum μ (PyTorch semantics: v ← μ·v + g, p ← p − lr·v; no dampening, no
+    /// Nesterov).
+    #[arg(long, default_value_t = 0.9, allow_negative_numbers = true)]
+    pub momentum: f32,
+    /// Mini-batch size.
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Number of epochs per λ.
+    #[arg(long, default_value_t = 10)]
+    pub epochs: usize,
+    /// Validate every N epochs (the last epoch is always validated).
+    #[arg(long, default_value_t = 1)]
+    pub val_every: usize,
+    /// What picks the best epoch and the chosen λ on the validation split: `loss` (lowest
+    /// cross-entropy) or `accuracy` (highest).
+    #[arg(long, default_value = "loss")]
+    pub select: Select,
+    /// Seed of the head's initialisation, the shuffling and dropout (same seed, same numbers
+    /// bit for bit).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Hidden width of the head.
+    #[arg(long, default_value_t = 32)]
+    pub hidden: usize,
+    /// Dropout probability on the hidden layer during training (0: off, as the original).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub dropout: f32,
+    /// Run directory [default: runs/<train|sweep>-<UTC date-time>].
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+    /// Continue the run in --run-dir from each λ's last completed epoch (same settings).
+    #[arg(long, requires = "run_dir")]
+    pub resume: bool,
+    /// Print the running loss every N mini-batches when stdout is not a terminal (the
+    /// original's `[epoch, batch] loss: x` lines).
+    #[arg(long, default_value_t = 2000)]
+    pub report_every: usize,
+    /// λs trained at the same time, one thread each [default: the number of CPU cores].
+    /// Every λ is computed alone on its thread, so the results do not depend on this.
+    #[arg(long)]
+    pub jobs: Option<usize>,
+}
+
+impl TrainArgs {
+    /// The library's configuration.
+    pub fn config(&self) -> TrainConfig {
+        TrainConfig {
+            lr: self.lr,
+            momentum: self.momentum,
+            batch_size: self.batch_size,
+            epochs: self.epochs,
+            val_every: self.val_every,
+            select: self.select,
+            seed: self.seed,
+            hidden: self.hidden,
+            dropout: self.dropout,
+        }
+    }
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    run_lambdas(&[args.lambda], &args.hyper, &args.features, "train")
+}
+
+/// Validates the settings, loads the train/validation features and runs the sweep over
+/// `lambdas` with a progress display; prints the summary.
+pub fn run_lambdas(
+    lambdas: &[f32],
+    hyper: &TrainArgs,
+    features: &FeatureArgs,
+    kind: &str,
+) -> anyhow::Result<()> {
+    let cfg = hyper.config();
+    // Reject bad settings before the (possibly long) feature extraction.
+    cfg.validate()?;
+    train::validate_lambdas(lambdas)?;
+    let run_dir = hyper
+        .run_dir
+        .clone()
+        .unwrap_or_else(|| default_run_dir(kind));
+    let sets = source::load_many(features, &[Split::Train, Split::Val])?;
+    let [train_set, val_set] = <[_; 2]>::try_from(sets)
+        .map_err(|_| anyhow::anyhow!("expected the training and validation features"))?;
+    let mut display = Display::new(hyper.report_every);
+    let opts = RunOptions {
+        resume: hyper.resume,
+        report_every: display.interval(),
+        source: describe_source(features),
+        jobs: hyper
+            .jobs
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+    };
+    println!(
+        "training on {} features, validating on {}; run directory {}",
+        train_set.len(),
+        val_set.len(),
+        run_dir.display()
+    );
+    let outcome = train::sweep(
+        &train_set,
+        &val_set,
+        lambdas,
+        &cfg,
+        &run_dir,
+        &opts,
+        &mut |p| display.update(p),
+    );
+    display.finish();
+    let outcome =
+        outcome.with_context(|| format!("training into run directory {}", run_dir.display()))?;
+    match outcome {
+        SweepOutcome::Stopped => println!(
+            "stopped; continue with --resume --run-dir {}",
+            run_dir.display()
+        ),
+        SweepOutcome::Finished(s) => {
+            println!();
+            println!(
+                "{:>10}  {:>10}  {:>13}  {:>14}",
+                "λ", "best epoch", "val loss", "val accuracy"
+            );
+            for l in &s.lambdas {
+                println!(
+                    "{:>10}  {:>10}  {:>13.4}  {:>12.2} %",
+                    l.lambda,
+                    l.best_epoch,
+                    l.best_val_loss,
+                    100.0 * l.best_val_accuracy
+                );
+            }
+            println!(
+                "chosen on validation ({}): λ = {} → {}",
+                s.select,
+                s.chosen_lambda,
+                run_dir.join(&s.chosen_checkpoint).display()
+            );
+            println!(
+                "evaluate it: cifar-finetune test --checkpoint {}",
+                run_dir.join(&s.chosen_checkpoint).display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// What `config.json` records about where the features came from (the extractor
+/// fingerprint and the split digest are what identify them).
+fn describe_source(f: &FeatureArgs) -> serde_json::Value {
+    serde_json::json!({
+        "data": f.data,
+        "weights": f.weights,
+        "image_size": f.image_size,
+        "normalize": format!("{:?}", f.normalize).to_lowercase(),
+        "limit": f.limit,
+        "val_count": f.val_count,
+        "split_seed": f.split_seed,
+    })
+}
+
+/// `runs/<kind>-YYYYMMDD-HHMMSS` in UTC.
+fn default_run_dir(kind: &str) -> PathBuf {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days as i64);
+    Path::new("runs").join(format!(
+        "{kind}-{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    ))
+}
+
+/// Gregorian date of a day count since 1970-01-01 (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// Training progress: on a terminal an indicatif bar per λ being trained (step, loss,
+/// samples/s, time left); otherwise the original script's `[epoch, batch] loss: x` lines
+/// every `report_every` mini-batches (prefixed with λ when a sweep has several). One line per
+/// epoch either way.
+struct Display {
+    multi: Option<MultiProgress>,
+    /// Bars of the λs in training: (λ's bits, epochs, bar).
+    bars: Vec<(u32, usize, ProgressBar)>,
+    report_every: usize,
+    several: bool,
+}
+
+impl Display {
+    fn new(report_every: usize) -> Display {
+        Display {
+            multi: std::io::stderr().is_terminal().then(MultiProgress::new),
+            bars: Vec::new(),
+            report_every,
+            several: false,
+        }
+    }
+
+    /// How often the library should report steps: often enough for a smooth bar, else at
+    /// the plain-line interval.
+    fn interval(&self) -> usize {
+        if self.multi.is_some() {
+            self.report_every.clamp(1, 100)
+        } else {
+            self.report_every
+        }
+    }
+
+    fn update(&mut self, p: &Progress) -> ControlFlow<()> {
+        match *p {
+            Progress::Lambda {
+                lambda,
+                index,
+                count,
+                done_epochs,
+                epochs,
+                steps,
+            } => {
+                self.several = count > 1;
+                let resumed = if done_epochs > 0 {
+                    format!(" (resuming after epoch {done_epochs})")
+                } else {
+                    String::new()
+                };
+                self.println(&format!(
+                    "λ = {lambda} ({}/{count}): {epochs} epochs of {steps} steps{resumed}",
+                    index + 1
+                ));
+                if let Some(multi) = &self.multi
+                    && done_epochs < epochs
+                {
+                    let bar = multi.add(ProgressBar::new(steps as u64));
+                    if let Ok(style) = ProgressStyle::with_template(
+                        "{prefix} [{bar:30}] {pos}/{len} steps {msg} ({eta} left)",
+                    ) {
+                        bar.set_style(style.progress_chars("=> "));
+                    }
+                    bar.set_prefix(format!("λ = {lambda} epoch {}", done_epochs + 1));
+                    self.bars.push((lambda.to_bits(), epochs, bar));
+                }
+            }
+            Progress::Step {
+                lambda,
+                epoch,
+                step,
+                steps,
+                loss,
+                samples_per_sec,
+            } => {
+                if self.multi.is_some() {
+                    if let Some((_, _, bar)) = self.bars.iter().find(|b| b.0 == lambda.to_bits()) {
+                        bar.set_prefix(format!("λ = {lambda} epoch {epoch}"));
+                        bar.set_position(step as u64);
+                        bar.set_message(format!("loss {loss:.4}, {samples_per_sec:.0} samples/s"));
+                    }
+                } else if (self.report_every > 0 && step.is_multiple_of(self.report_every))
+                    || step == steps
+                {
+                    // The original's line; also at an epoch's end that is not a multiple.
+                    let who = if self.several {
+                        format!("λ = {lambda} ")
+                    } else {
+                        String::new()
+                    };
+                    println!("{who}[{epoch}, {step:5}] loss: {loss:.3}");
+                }
+            }
+            Progress::Epoch { row, best, seconds } => {
+                let val = match (row.val_loss, row.val_accuracy) {
+                    (Some(l), Some(a)) => format!(
+                        ", val loss {l:.4}, val accuracy {:.2} %{}",
+                        100.0 * a,
+                        if best { " (best so far)" } else { "" }
+                    ),
+                    _ => String::new(),
+                };
+                self.println(&format!(
+                    "λ = {} epoch {}: train loss {:.4}, penalty {:.4}{val} [{seconds:.1} s]",
+                    row.lambda, row.epoch, row.train_loss, row.train_penalty
+                ));
+                if let Some(pos) = self.bars.iter().position(|b| b.0 == row.lambda.to_bits()) {
+                    if row.epoch >= self.bars[pos].1 {
+                        let (_, _, bar) = self.bars.remove(pos);
+                        bar.finish_and_clear();
+                    } else {
+                        self.bars[pos].2.reset();
+                    }
+                }
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn println(&self, line: &str) {
+        match &self.multi {
+            Some(multi) => multi.suspend(|| println!("{line}")),
+            None => println!("{line}"),
+        }
+    }
+
+    fn finish(&mut self) {
+        for (_, _, bar) in self.bars.drain(..) {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::civil_from_days;
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(19_723), (2024, 1, 1));
+        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
+    }
+}

@@ -1,0 +1,800 @@
+//! `data::download` and `cifar-finetune download` against an HTTP server the tests start on
+//! 127.0.0.1, serving small synthetic files under the real paths: a clean download, a
+//! checksum mismatch, a cut connection that the next run resumes, a server ignoring Range, a
+//! 404, a server that is down, archives with escaping entries, a truncated archive and
+//! offline mode. No test reaches the internet.
+//!
+//! The real checksums cannot match synthetic files, so the library tests describe the files
+//! with their own [`Asset`]s (the real constants with the digest replaced), and the CLI tests
+//! check the failure paths, where the real digests apply.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cifar_finetune::Error;
+use cifar_finetune::data::cifar::{self, CLASSES, Part};
+use cifar_finetune::data::download::{
+    self, Asset, CIFAR10_BINARY, Checksum, DownloadOptions, RESNET50_V1, Stage,
+};
+use common::http_server::{TestServer, closed_port_url};
+use md5::Md5;
+use sha2::{Digest, Sha256};
+
+const CIFAR_PATH: &str = "/~kriz/cifar-10-binary.tar.gz";
+const WEIGHTS_PATH: &str = "/models/resnet50-0676ba61.pth";
+const RECORDS_PER_BATCH: usize = 3;
+
+fn leak(s: String) -> &'static str {
+    Box::leak(s.into_boxed_str())
+}
+
+fn md5_hex(bytes: &[u8]) -> String {
+    cifar_finetune::io::hex(&Md5::digest(bytes))
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    cifar_finetune::io::hex(&Sha256::digest(bytes))
+}
+
+/// Batch `b` of the synthetic dataset: label `(3b + i) % 10`, pixels an asymmetric pattern.
+fn batch_bytes(b: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    for i in 0..RECORDS_PER_BATCH {
+        out.push(((3 * b + i) % 10) as u8);
+        out.extend((0..cifar::IMAGE_BYTES).map(|j| ((j * 7 + i * 31 + b * 17) % 251) as u8));
+    }
+    out
+}
+
+/// The files of `cifar-10-batches-bin/`, in the real layout.
+fn cifar_files() -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<(String, Vec<u8>)> = (1..=5)
+        .map(|b| (format!("data_batch_{b}.bin"), batch_bytes(b)))
+        .collect();
+    files.push(("test_batch.bin".into(), batch_bytes(0)));
+    files.push((
+        "batches.meta.txt".into(),
+        format!("{}\n\n", CLASSES.join("\n")).into_bytes(),
+    ));
+    files
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    enc.write_all(bytes).unwrap();
+    enc.finish().unwrap()
+}
+
+fn append_file(b: &mut tar::Builder<Vec<u8>>, path: &str, data: &[u8]) {
+    let mut h = tar::Header::new_gnu();
+    h.set_size(data.len() as u64);
+    h.set_mode(0o644);
+    h.set_mtime(0);
+    h.set_entry_type(tar::EntryType::Regular);
+    b.append_data(&mut h, path, data).unwrap();
+}
+
+/// Appends an entry whose name and link name are written byte for byte, bypassing the tar
+/// crate's own refusal of `..` and absolute paths: what a hostile archive would hold.
+fn append_raw(
+    b: &mut tar::Builder<Vec<u8>>,
+    name: &str,
+    kind: tar::EntryType,
+    link: Option<&str>,
+    data: &[u8],
+) {
+    let mut h = tar::Header::new_old();
+    {
+        let old = h.as_old_mut();
+        old.name[..name.len()].copy_from_slice(name.as_bytes());
+        if let Some(link) = link {
+            old.linkname[..link.len()].copy_from_slice(link.as_bytes());
+        }
+    }
+    h.set_size(data.len() as u64);
+    h.set_mode(0o644);
+    h.set_mtime(0);
+    h.set_entry_type(kind);
+    h.set_cksum();
+    b.append(&h, data).unwrap();
+}
+
+/// A `.tar.gz` in the real CIFAR-10 layout, optionally followed by extra entries.
+fn cifar_tarball_with(extra: impl FnOnce(&mut tar::Builder<Vec<u8>>)) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut dir = tar::Header::new_gnu();
+    dir.set_size(0);
+    dir.set_mode(0o755);
+    dir.set_mtime(0);
+    dir.set_entry_type(tar::EntryType::Directory);
+    b.append_data(&mut dir, "cifar-10-batches-bin/", std::io::empty())
+        .unwrap();
+    for (name, data) in cifar_files() {
+        append_file(&mut b, &format!("cifar-10-batches-bin/{name}"), &data);
+    }
+    extra(&mut b);
+    gzip(&b.into_inner().unwrap())
+}
+
+fn cifar_tarball() -> Vec<u8> {
+    cifar_tarball_with(|_| {})
+}
+
+/// The real CIFAR-10 asset, with the digest and size of `archive`.
+fn cifar_asset(archive: &[u8]) -> Asset {
+    Asset {
+        checksum: Some(Checksum::Md5(leak(md5_hex(archive)))),
+        size: Some(archive.len() as u64),
+        ..CIFAR10_BINARY
+    }
+}
+
+/// A small stand-in for the weights file, with no repeating period that could hide an
+/// off-by-one in resumption.
+fn weights_bytes() -> Vec<u8> {
+    (0..300_000u64)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect()
+}
+
+/// The real V1 weights asset, with the digest of `bytes`.
+fn weights_asset(bytes: &[u8]) -> Asset {
+    Asset {
+        checksum: Some(Checksum::Sha256(leak(sha256_hex(bytes)))),
+        ..RESNET50_V1
+    }
+}
+
+fn options(base: &str) -> DownloadOptions {
+    DownloadOptions {
+        cifar_base_url: base.to_owned(),
+        weights_base_url: base.to_owned(),
+        hf_base_url: base.to_owned(),
+        timeout: Duration::from_secs(5),
+        ..DownloadOptions::default()
+    }
+}
+
+/// Every path under `dir`, relative and sorted, with file contents, to compare trees.
+fn tree(dir: &Path) -> Vec<(PathBuf, Option<Vec<u8>>)> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<(PathBuf, Option<Vec<u8>>)>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries {
+            let path = entry.unwrap().path();
+            let rel = path.strip_prefix(root).unwrap().to_path_buf();
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            if meta.is_dir() {
+                out.push((rel, None));
+                walk(root, &path, out);
+            } else {
+                out.push((rel, Some(std::fs::read(&path).unwrap())));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    tree(dir)
+        .into_iter()
+        .map(|(p, _)| p.display().to_string())
+        .collect()
+}
+
+fn message(err: Error) -> String {
+    match &err {
+        Error::Download { .. } => err.to_string(),
+        other => panic!("expected Error::Download, got {other:?}"),
+    }
+}
+
+fn assert_contains(msg: &str, parts: &[&str]) {
+    for part in parts {
+        assert!(msg.contains(part), "{part:?} missing from message:\n{msg}");
+    }
+}
+
+#[test]
+fn clean_download_extracts_a_readable_dataset_and_the_weights() {
+    let archive = cifar_tarball();
+    let weights = weights_bytes();
+    let server = TestServer::start();
+    server.serve(CIFAR_PATH, archive.clone());
+    server.serve(WEIGHTS_PATH, weights.clone());
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let mut opts = options(&server.url());
+    let sink = Arc::clone(&events);
+    opts.progress = Some(Box::new(move |p: &download::Progress<'_>| {
+        sink.lock().unwrap().push((p.stage, p.done, p.total));
+    }));
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+
+    let bin = download::ensure_cifar_with(&data, &cifar_asset(&archive), &opts).unwrap();
+    assert_eq!(bin, data.join("cifar-10-batches-bin"));
+    for (name, bytes) in cifar_files() {
+        assert_eq!(std::fs::read(bin.join(&name)).unwrap(), bytes, "{name}");
+    }
+    let train = cifar::load_part(&data, Part::Train, None).unwrap();
+    assert_eq!(train.len(), 5 * RECORDS_PER_BATCH);
+    assert_eq!(train.labels[..3], [3, 4, 5]);
+    // Image 4 is the second record of data_batch_2.
+    let record = &batch_bytes(2)[cifar::RECORD_BYTES..2 * cifar::RECORD_BYTES];
+    assert!(train.image(4) == &record[1..], "image 4 differs");
+    let test = cifar::load_part(&data, Part::Test, None).unwrap();
+    assert_eq!(test.labels, [0, 1, 2]);
+
+    let w = download::ensure_weights(&data, &weights_asset(&weights), &opts).unwrap();
+    assert_eq!(w, data.join("resnet50-0676ba61.pth"));
+    assert_eq!(std::fs::read(&w).unwrap(), weights);
+
+    // Nothing but the results: no .part, no staging directory; the archive is kept.
+    let mut expected = vec![
+        "cifar-10-batches-bin".to_string(),
+        "cifar-10-binary.tar.gz".to_string(),
+        "resnet50-0676ba61.pth".to_string(),
+    ];
+    expected.extend(
+        cifar_files()
+            .into_iter()
+            .map(|(n, _)| format!("cifar-10-batches-bin/{n}")),
+    );
+    expected.sort();
+    assert_eq!(names(&data), expected);
+
+    let events = events.lock().unwrap().clone();
+    let total = archive.len() as u64;
+    assert!(events.contains(&(Stage::Download, total, Some(total))));
+    assert!(events.contains(&(Stage::Extract, total, Some(total))));
+    let w_len = weights.len() as u64;
+    assert_eq!(
+        events.last(),
+        Some(&(Stage::Download, w_len, Some(w_len))),
+        "the weights' progress ends at their full length"
+    );
+
+    // Present files are used as they are: no more requests.
+    assert_eq!(server.requests().len(), 2);
+    download::ensure_cifar_with(&data, &cifar_asset(&archive), &opts).unwrap();
+    download::ensure_weights(&data, &weights_asset(&weights), &opts).unwrap();
+    assert_eq!(server.requests().len(), 2);
+}
+
+#[test]
+fn checksum_mismatch_is_refused_and_touches_nothing() {
+    let archive = cifar_tarball();
+    let server = TestServer::start();
+    server.serve(CIFAR_PATH, archive.clone());
+    server.serve(WEIGHTS_PATH, weights_bytes());
+    let opts = options(&server.url());
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("notes.txt"), b"the user's own file").unwrap();
+
+    let expected = md5_hex(b"another archive");
+    let asset = Asset {
+        checksum: Some(Checksum::Md5(leak(expected.clone()))),
+        ..cifar_asset(&archive)
+    };
+    let msg = message(download::ensure_cifar_with(&data, &asset, &opts).unwrap_err());
+    let url = format!("{}{CIFAR_PATH}", server.url());
+    assert_contains(
+        &msg,
+        &[
+            "checksum mismatch",
+            &md5_hex(&archive),
+            &expected,
+            &url,
+            "md5sum cifar-10-binary.tar.gz",
+            "cifar-10-batches-bin/data_batch_1.bin",
+            "cifar-10-batches-bin/test_batch.bin",
+            "cifar-10-binary.tar.gz.bad",
+        ],
+    );
+    // Nothing extracted, nothing left to be used: only the user's file and the set-aside copy.
+    assert_eq!(names(&data), ["cifar-10-binary.tar.gz.bad", "notes.txt"]);
+    assert_eq!(
+        std::fs::read(data.join("notes.txt")).unwrap(),
+        b"the user's own file"
+    );
+
+    // `fetch` onto a file the user already has: the mismatch leaves it as it was.
+    let dest = data.join("resnet50-0676ba61.pth");
+    std::fs::write(&dest, b"user's weights").unwrap();
+    let wrong = Checksum::Sha256(leak(sha256_hex(b"something else")));
+    let msg = message(
+        download::fetch(
+            &format!("{}{WEIGHTS_PATH}", server.url()),
+            &dest,
+            Some(&wrong),
+            &opts,
+        )
+        .unwrap_err(),
+    );
+    assert_contains(&msg, &["checksum mismatch", "sha256", "was not touched"]);
+    assert_eq!(std::fs::read(&dest).unwrap(), b"user's weights");
+    assert!(!data.join("resnet50-0676ba61.pth.part").exists());
+}
+
+#[test]
+fn an_interrupted_download_resumes_with_a_range_request() {
+    let weights = weights_bytes();
+    let server = TestServer::start();
+    server.serve(WEIGHTS_PATH, weights.clone());
+    server.cut_next(WEIGHTS_PATH, 100_000);
+    let opts = options(&server.url());
+    let tmp = tempfile::tempdir().unwrap();
+    let asset = weights_asset(&weights);
+
+    let msg = message(download::ensure_weights(tmp.path(), &asset, &opts).unwrap_err());
+    assert_contains(&msg, &["interrupted", "resume", WEIGHTS_PATH, "sha256sum"]);
+    let part = tmp.path().join("resnet50-0676ba61.pth.part");
+    let kept = std::fs::metadata(&part).unwrap().len();
+    assert!(kept > 0 && kept <= 100_000, "kept {kept} bytes");
+    assert_eq!(std::fs::read(&part).unwrap(), weights[..kept as usize]);
+    assert!(!tmp.path().join("resnet50-0676ba61.pth").exists());
+
+    let path = download::ensure_weights(tmp.path(), &asset, &opts).unwrap();
+    assert_eq!(std::fs::read(path).unwrap(), weights);
+    assert!(!part.exists());
+    let requests = server.requests();
+    assert_eq!(requests.len(), 2);
+    assert_eq!(requests[0].range, None);
+    assert_eq!(requests[1].range, Some(format!("bytes={kept}-")));
+}
+
+#[test]
+fn an_interrupted_cifar_download_resumes_and_extracts() {
+    let archive = cifar_tarball();
+    let server = TestServer::start();
+    server.serve(CIFAR_PATH, archive.clone());
+    server.cut_next(CIFAR_PATH, archive.len() / 2);
+    let opts = options(&server.url());
+    let tmp = tempfile::tempdir().unwrap();
+    let asset = cifar_asset(&archive);
+
+    download::ensure_cifar_with(tmp.path(), &asset, &opts).unwrap_err();
+    assert_eq!(names(tmp.path()), ["cifar-10-binary.tar.gz.part"]);
+    let bin = download::ensure_cifar_with(tmp.path(), &asset, &opts).unwrap();
+    assert_eq!(
+        std::fs::read(bin.join("data_batch_3.bin")).unwrap(),
+        batch_bytes(3)
+    );
+    let range = server.requests()[1].range.clone().unwrap();
+    assert!(
+        range.starts_with("bytes=") && range != "bytes=0-",
+        "{range}"
+    );
+}
+
+#[test]
+fn a_server_ignoring_range_restarts_the_file_cleanly() {
+    let weights = weights_bytes();
+    let server = TestServer::start();
+    server.serve(WEIGHTS_PATH, weights.clone());
+    server.ignore_range(true);
+    server.cut_next(WEIGHTS_PATH, 50_000);
+    let opts = options(&server.url());
+    let tmp = tempfile::tempdir().unwrap();
+    let asset = weights_asset(&weights);
+
+    download::ensure_weights(tmp.path(), &asset, &opts).unwrap_err();
+    let path = download::ensure_weights(tmp.path(), &asset, &opts).unwrap();
+    // Had the 200 body been appended to the kept prefix, the file would be too long.
+    assert_eq!(std::fs::read(path).unwrap(), weights);
+    let requests = server.requests();
+    assert_eq!(requests.len(), 2);
+    assert!(requests[1].range.is_some());
+    assert_eq!(names(tmp.path()), ["resnet50-0676ba61.pth"]);
+}
+
+#[test]
+fn a_stale_partial_file_is_downloaded_again_from_zero() {
+    let weights = weights_bytes();
+    let server = TestServer::start();
+    server.serve(WEIGHTS_PATH, weights.clone());
+    let opts = options(&server.url());
+    let tmp = tempfile::tempdir().unwrap();
+    // A prefix of some other file (say, an older version on the server).
+    std::fs::write(tmp.path().join("resnet50-0676ba61.pth.part"), [0xAB; 1000]).unwrap();
+
+    let path = download::ensure_weights(tmp.path(), &weights_asset(&weights), &opts).unwrap();
+    assert_eq!(std::fs::read(path).unwrap(), weights);
+    let requests = server.requests();
+    assert_eq!(requests.len(), 2);
+    assert_eq!(requests[0].range.as_deref(), Some("bytes=1000-"));
+    assert_eq!(requests[1].range, None);
+    assert_eq!(names(tmp.path()), ["resnet50-0676ba61.pth"]);
+}
+
+#[test]
+fn not_found_names_the_status_the_url_and_the_manual_steps() {
+    let server = TestServer::start();
+    let opts = options(&server.url());
+    let tmp = tempfile::tempdir().unwrap();
+
+    let msg = message(download::ensure_weights(tmp.path(), &RESNET50_V1, &opts).unwrap_err());
+    assert_contains(
+        &msg,
+        &[
+            "HTTP 404",
+            &format!("{}{WEIGHTS_PATH}", server.url()),
+            "sha256sum resnet50-0676ba61.pth",
+            "0676ba61b6795bbe1773cffd859882e5e297624d384b6993f7c9e683e722fb8a",
+            "place it at",
+        ],
+    );
+    let msg = message(download::ensure_cifar(tmp.path(), &opts).unwrap_err());
+    assert_contains(
+        &msg,
+        &[
+            "HTTP 404",
+            &format!("{}{CIFAR_PATH}", server.url()),
+            "c32a1d4ab5d03f1284b67883e8d87530",
+            "170052171 bytes",
+            "cifar-10-batches-bin/data_batch_1.bin",
+        ],
+    );
+    assert!(names(tmp.path()).is_empty(), "{:?}", names(tmp.path()));
+}
+
+#[test]
+fn a_server_that_is_down_gives_the_url_and_the_manual_steps() {
+    let base = closed_port_url();
+    let opts = options(&base);
+    let tmp = tempfile::tempdir().unwrap();
+
+    let msg = message(download::ensure_cifar(tmp.path(), &opts).unwrap_err());
+    assert_contains(
+        &msg,
+        &[
+            "could not download",
+            &format!("{base}{CIFAR_PATH}"),
+            "md5sum cifar-10-binary.tar.gz",
+            "c32a1d4ab5d03f1284b67883e8d87530",
+            "cifar-10-batches-bin/batches.meta.txt",
+        ],
+    );
+    let msg = message(download::ensure_weights(tmp.path(), &RESNET50_V1, &opts).unwrap_err());
+    assert_contains(
+        &msg,
+        &[&format!("{base}{WEIGHTS_PATH}"), "resnet50-0676ba61.pth"],
+    );
+    assert!(names(tmp.path()).is_empty(), "{:?}", names(tmp.path()));
+}
+
+/// Archives that try to write outside the target directory.
+fn hostile_archives(outside: &Path) -> Vec<(&'static str, Vec<u8>)> {
+    let absolute = outside.join("absolute.txt").display().to_string();
+    vec![
+        (
+            "parent",
+            cifar_tarball_with(|b| {
+                append_raw(b, "../evil.txt", tar::EntryType::Regular, None, b"evil")
+            }),
+        ),
+        (
+            "nested parent",
+            cifar_tarball_with(|b| {
+                append_raw(
+                    b,
+                    "cifar-10-batches-bin/../../evil.txt",
+                    tar::EntryType::Regular,
+                    None,
+                    b"evil",
+                )
+            }),
+        ),
+        (
+            "absolute",
+            cifar_tarball_with(|b| {
+                append_raw(b, &absolute, tar::EntryType::Regular, None, b"evil")
+            }),
+        ),
+        (
+            // The classic: a link out, then a file written through it.
+            "symlink",
+            cifar_tarball_with(|b| {
+                append_raw(
+                    b,
+                    "cifar-10-batches-bin/escape",
+                    tar::EntryType::Symlink,
+                    Some("../../outside"),
+                    b"",
+                );
+                append_raw(
+                    b,
+                    "cifar-10-batches-bin/escape/through-link.txt",
+                    tar::EntryType::Regular,
+                    None,
+                    b"evil",
+                );
+            }),
+        ),
+        (
+            "hard link",
+            cifar_tarball_with(|b| {
+                append_raw(
+                    b,
+                    "cifar-10-batches-bin/passwd",
+                    tar::EntryType::Link,
+                    Some("/etc/passwd"),
+                    b"",
+                )
+            }),
+        ),
+    ]
+}
+
+#[test]
+fn archives_with_escaping_entries_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let outside = tmp.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    let data = tmp.path().join("work/data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("keep.txt"), b"keep").unwrap();
+
+    for (kind, archive) in hostile_archives(&outside) {
+        // Directly.
+        let path = tmp.path().join("hostile.tar.gz");
+        std::fs::write(&path, &archive).unwrap();
+        let before = tree(&data);
+        let err = download::extract_tar_gz(&path, &data).unwrap_err();
+        assert!(err.to_string().contains("refus"), "{kind}: {err}");
+        assert_eq!(tree(&data), before, "{kind}: target changed");
+
+        // Through `ensure_cifar_with`, served with a matching checksum.
+        let server = TestServer::start();
+        server.serve(CIFAR_PATH, archive.clone());
+        let msg = message(
+            download::ensure_cifar_with(&data, &cifar_asset(&archive), &options(&server.url()))
+                .unwrap_err(),
+        );
+        assert_contains(
+            &msg,
+            &[
+                "extracting",
+                "refus",
+                "cifar-10-batches-bin/data_batch_1.bin",
+            ],
+        );
+        // The verified archive stays for inspection; nothing else appeared.
+        assert_eq!(
+            names(&data),
+            ["cifar-10-binary.tar.gz", "keep.txt"],
+            "{kind}"
+        );
+        std::fs::remove_file(data.join("cifar-10-binary.tar.gz")).unwrap();
+
+        assert!(names(&outside).is_empty(), "{kind}: wrote outside");
+        assert!(!tmp.path().join("evil.txt").exists(), "{kind}");
+        assert!(!tmp.path().join("work/evil.txt").exists(), "{kind}");
+    }
+}
+
+#[test]
+fn a_truncated_archive_leaves_nothing_half_extracted() {
+    let whole = cifar_tarball();
+    let archive = whole[..whole.len() * 2 / 3].to_vec();
+    let server = TestServer::start();
+    server.serve(CIFAR_PATH, archive.clone());
+    let tmp = tempfile::tempdir().unwrap();
+
+    let msg = message(
+        download::ensure_cifar_with(tmp.path(), &cifar_asset(&archive), &options(&server.url()))
+            .unwrap_err(),
+    );
+    assert_contains(
+        &msg,
+        &["extracting", "cifar-10-binary.tar.gz", "data_batch_1.bin"],
+    );
+    assert_eq!(names(tmp.path()), ["cifar-10-binary.tar.gz"]);
+}
+
+#[test]
+fn an_archive_already_present_is_verified_before_use() {
+    let archive = cifar_tarball();
+    let tmp = tempfile::tempdir().unwrap();
+    let server = TestServer::start();
+    let opts = options(&server.url());
+
+    // A good archive put there by hand is unpacked without any network.
+    std::fs::write(tmp.path().join("cifar-10-binary.tar.gz"), &archive).unwrap();
+    download::ensure_cifar_with(tmp.path(), &cifar_asset(&archive), &opts).unwrap();
+    assert!(server.requests().is_empty());
+
+    // A damaged one is reported and left alone.
+    let other = tempfile::tempdir().unwrap();
+    let mut damaged = archive.clone();
+    damaged[100] ^= 0xFF;
+    std::fs::write(other.path().join("cifar-10-binary.tar.gz"), &damaged).unwrap();
+    let msg = message(
+        download::ensure_cifar_with(other.path(), &cifar_asset(&archive), &opts).unwrap_err(),
+    );
+    assert_contains(&msg, &["exists but its md5", "left untouched"]);
+    assert_eq!(
+        std::fs::read(other.path().join("cifar-10-binary.tar.gz")).unwrap(),
+        damaged
+    );
+    assert_eq!(names(other.path()), ["cifar-10-binary.tar.gz"]);
+    assert!(server.requests().is_empty());
+}
+
+#[test]
+fn an_incomplete_dataset_directory_is_left_alone() {
+    let server = TestServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = tmp.path().join("cifar-10-batches-bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::write(bin.join("data_batch_1.bin"), batch_bytes(1)).unwrap();
+    let before = tree(tmp.path());
+
+    let msg = message(download::ensure_cifar(tmp.path(), &options(&server.url())).unwrap_err());
+    assert_contains(&msg, &["lacks", "data_batch_2.bin", "test_batch.bin"]);
+    assert_eq!(tree(tmp.path()), before);
+    assert!(server.requests().is_empty());
+}
+
+/// Writes a complete (synthetic) dataset directory and a weights file into `data`.
+fn place_everything(data: &Path) {
+    let bin = data.join("cifar-10-batches-bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    for (name, bytes) in cifar_files() {
+        std::fs::write(bin.join(name), bytes).unwrap();
+    }
+    std::fs::write(data.join("resnet50-0676ba61.pth"), weights_bytes()).unwrap();
+}
+
+#[test]
+fn offline_mode_says_what_is_missing_and_uses_no_network() {
+    let server = TestServer::start();
+    server.serve(CIFAR_PATH, cifar_tarball());
+    server.serve(WEIGHTS_PATH, weights_bytes());
+    let mut opts = options(&server.url());
+    opts.offline = true;
+    let tmp = tempfile::tempdir().unwrap();
+
+    let msg = message(download::ensure_cifar(tmp.path(), &opts).unwrap_err());
+    assert_contains(
+        &msg,
+        &[
+            "offline",
+            "cifar-10-batches-bin",
+            &format!("{}{CIFAR_PATH}", server.url()),
+            "c32a1d4ab5d03f1284b67883e8d87530",
+        ],
+    );
+    let msg = message(download::ensure_weights(tmp.path(), &RESNET50_V1, &opts).unwrap_err());
+    assert_contains(
+        &msg,
+        &["offline", "resnet50-0676ba61.pth", "0676ba61b6795bbe"],
+    );
+    assert!(server.requests().is_empty());
+    assert!(names(tmp.path()).is_empty());
+
+    // With the files present, offline mode is no obstacle.
+    place_everything(tmp.path());
+    download::ensure_cifar(tmp.path(), &opts).unwrap();
+    download::ensure_weights(tmp.path(), &RESNET50_V1, &opts).unwrap();
+    assert!(server.requests().is_empty());
+}
+
+fn cli() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cifar-finetune"));
+    for var in [
+        download::ENV_CIFAR_URL,
+        download::ENV_WEIGHTS_URL,
+        download::ENV_HF_URL,
+        "ALL_PROXY",
+        "all_proxy",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+#[test]
+fn cli_download_refuses_a_wrong_archive_with_manual_steps() {
+    // The binary pins the real size and md5, which the synthetic archive cannot match: the
+    // announced length already gives it away, before any byte is stored.
+    let server = TestServer::start();
+    server.serve(CIFAR_PATH, cifar_tarball());
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+
+    let out = cli()
+        .args(["download", "--weights", "none", "--data"])
+        .arg(&data)
+        .args(["--cifar-url", &server.url()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert_contains(
+        &stderr,
+        &[
+            &format!("{}{CIFAR_PATH}", server.url()),
+            "170052171 were expected",
+            "Nothing was downloaded",
+            "md5sum cifar-10-binary.tar.gz",
+            "c32a1d4ab5d03f1284b67883e8d87530",
+            "cifar-10-batches-bin/data_batch_1.bin",
+        ],
+    );
+    assert_eq!(server.requests().len(), 1);
+    assert!(names(&data).is_empty(), "{:?}", names(&data));
+}
+
+#[test]
+fn cli_download_offline_lists_everything_missing() {
+    let server = TestServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = cli()
+        .args(["download", "--offline", "--data"])
+        .arg(tmp.path())
+        .env(download::ENV_WEIGHTS_URL, server.url())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert_contains(
+        &stderr,
+        &[
+            "2 downloads failed",
+            "cifar-10-batches-bin",
+            "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
+            // The environment variable moved the weights' URL.
+            &format!("{}{WEIGHTS_PATH}", server.url()),
+        ],
+    );
+    assert!(server.requests().is_empty());
+}
+
+#[test]
+fn cli_download_with_everything_present_says_where_it_is() {
+    let server = TestServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    place_everything(tmp.path());
+    let out = cli()
+        .args(["download", "--data"])
+        .arg(tmp.path())
+        .args(["--cifar-url", &server.url(), "--weights-url", &server.url()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_contains(
+        &stdout,
+        &[
+            &tmp.path()
+                .join("cifar-10-batches-bin")
+                .display()
+                .to_string(),
+            &tmp.path()
+                .join("resnet50-0676ba61.pth")
+                .display()
+                .to_string(),
+        ],
+    );
+    assert!(server.requests().is_empty());
+}

@@ -1,0 +1,255 @@
+//! The fast NHWC backbone (`backbone::fast`) against torchvision's features (fixtures from
+//! tools/gen_backbone_fixtures.py) and against the candle reference network, in f32 and bf16,
+//! on the best kernels of this CPU and on the portable fallback.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use candle_core::{Device, Tensor};
+use cifar_finetune::backbone::fast::{FastResNet50, Isa, Precision};
+use cifar_finetune::backbone::resnet::ResNet50;
+use cifar_finetune::backbone::weights::{self, StateDict};
+use cifar_finetune::data::transform::Preprocess;
+use cifar_finetune::features::Extractor;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/backbone")
+        .join(name)
+}
+
+fn read_f32(name: &str) -> Vec<f32> {
+    std::fs::read(fixture(name))
+        .unwrap()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn state_dict() -> StateDict {
+    StateDict::from_tensors("synthetic", weights::synthetic_state_dict().unwrap())
+}
+
+fn fast(precision: Precision, isa: Isa) -> FastResNet50 {
+    FastResNet50::with_isa(state_dict(), precision, isa).unwrap()
+}
+
+/// The candle reference network, built once.
+fn candle() -> &'static ResNet50 {
+    static MODEL: OnceLock<ResNet50> = OnceLock::new();
+    MODEL.get_or_init(|| ResNet50::from_state_dict(state_dict()).unwrap())
+}
+
+/// The three fixture images.
+fn images() -> Vec<u8> {
+    std::fs::read(fixture("images.u8")).unwrap()
+}
+
+/// Preprocessed `[n, 3, size, size]` batch of the fixture images `which`.
+fn batch(pre: &Preprocess, which: &[usize]) -> Vec<f32> {
+    let images = images();
+    let per = 3 * pre.size * pre.size;
+    let mut x = vec![0f32; which.len() * per];
+    for (&i, out) in which.iter().zip(x.chunks_exact_mut(per)) {
+        pre.apply(&images[i * 3072..(i + 1) * 3072], 32, 32, out)
+            .unwrap();
+    }
+    x
+}
+
+/// Largest |ours − theirs| relative to the largest |theirs|.
+fn max_rel_err(ours: &[f32], theirs: &[f32]) -> f32 {
+    assert_eq!(ours.len(), theirs.len());
+    let scale = theirs.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let err = ours
+        .iter()
+        .zip(theirs)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    err / scale
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(*x) * f64::from(*y))
+        .sum();
+    let na: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+/// The fixture preprocessings and torchvision's features for them; the 224 one only when
+/// `with_224` (the portable kernels are scalar in the opt-level-1 test build: 64 px keeps
+/// them fast while exercising the same code).
+fn fixtures(with_224: bool) -> Vec<(Preprocess, &'static str)> {
+    let mut v = vec![(Preprocess::half(64), "features_64_half.f32")];
+    if with_224 {
+        v.push((Preprocess::imagenet(224), "features_224.f32"));
+    }
+    v
+}
+
+/// f32 on `isa` equals torchvision to 1e-4 relative, for batches of 3 and 1.
+fn check_f32_against_torchvision(isa: Isa, with_224: bool) {
+    let model = fast(Precision::F32, isa);
+    for (pre, name) in fixtures(with_224) {
+        let expected = read_f32(name);
+        let s = pre.size;
+        let all = model.forward(&batch(&pre, &[0, 1, 2]), 3, s, s).unwrap();
+        let err = max_rel_err(&all, &expected);
+        assert!(err < 1e-4, "{isa:?} {name} batch 3: relative error {err}");
+        let one = model.forward(&batch(&pre, &[1]), 1, s, s).unwrap();
+        let err = max_rel_err(&one, &expected[2048..4096]);
+        assert!(err < 1e-4, "{isa:?} {name} batch 1: relative error {err}");
+        // The images differ, so must their features: a broadcast bug cannot pass.
+        assert!(max_rel_err(&all[..2048], &all[2048..4096]) > 1e-2);
+    }
+}
+
+#[test]
+fn f32_matches_torchvision_on_the_best_kernels() {
+    check_f32_against_torchvision(Isa::detect(), true);
+}
+
+#[test]
+fn f32_matches_torchvision_on_the_portable_fallback() {
+    check_f32_against_torchvision(Isa::Portable, false);
+}
+
+#[test]
+fn f32_matches_the_candle_path_on_odd_sizes_and_threads() {
+    // A non-square 40×56 input (rows and columns down-sample differently) and batch 2.
+    let pre = Preprocess::imagenet(40);
+    let (h, w) = pre.output_hw(32, 45);
+    assert_eq!((h, w), (40, 56));
+    let n = 2;
+    let x: Vec<f32> = (0..n * 3 * h * w)
+        .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
+        .collect();
+    let reference = candle()
+        .forward(&Tensor::from_slice(&x, (n, 3, h, w), &Device::Cpu).unwrap())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let mut model = fast(Precision::F32, Isa::detect());
+    for threads in [1, 3] {
+        model.set_threads(threads);
+        let ours = model.forward(&x, n, h, w).unwrap();
+        let err = max_rel_err(&ours, &reference);
+        assert!(
+            err < 1e-5,
+            "threads {threads}: relative error {err} against candle"
+        );
+    }
+}
+
+/// bf16 features agree with f32 (cosine ≥ 0.999 on every fixture image).
+fn check_bf16_cosine(isa: Isa, with_224: bool) {
+    let f32_model = fast(Precision::F32, Isa::detect());
+    let bf16_model = fast(Precision::Bf16, isa);
+    for (pre, _) in fixtures(with_224) {
+        let s = pre.size;
+        let x = batch(&pre, &[0, 1, 2]);
+        let a = f32_model.forward(&x, 3, s, s).unwrap();
+        let b = bf16_model.forward(&x, 3, s, s).unwrap();
+        for i in 0..3 {
+            let c = cosine(&a[i * 2048..(i + 1) * 2048], &b[i * 2048..(i + 1) * 2048]);
+            assert!(c >= 0.999, "{isa:?} size {s} image {i}: cosine {c}");
+        }
+        // bf16 must actually round: identical features would mean f32 ran.
+        assert_ne!(a, b, "{isa:?} size {s}: bf16 gave exactly the f32 features");
+    }
+}
+
+#[test]
+fn bf16_native_agrees_with_f32() {
+    if !Isa::Avx512Bf16.is_available() {
+        eprintln!("note: this CPU lacks AVX512-BF16; the native bf16 kernel is not tested here");
+        return;
+    }
+    check_bf16_cosine(Isa::Avx512Bf16, true);
+}
+
+#[test]
+fn bf16_emulated_fallback_agrees_with_f32() {
+    check_bf16_cosine(Isa::Portable, false);
+    // The emulation on the best f32 kernels of this CPU (what `--precision bf16` runs
+    // without AVX512-BF16).
+    let emulated = match Isa::detect() {
+        Isa::Avx512Bf16 => Isa::Avx512,
+        other => other,
+    };
+    check_bf16_cosine(emulated, true);
+}
+
+#[test]
+fn bf16_native_equals_the_emulation() {
+    if !Isa::Avx512Bf16.is_available() {
+        eprintln!("note: this CPU lacks AVX512-BF16; the native bf16 kernel is not tested here");
+        return;
+    }
+    // Both see the same bf16-rounded operands and accumulate in f32: only the order of the
+    // sums differs.
+    let pre = Preprocess::half(64);
+    let x = batch(&pre, &[0, 1, 2]);
+    let native = fast(Precision::Bf16, Isa::Avx512Bf16)
+        .forward(&x, 3, 64, 64)
+        .unwrap();
+    let emulated = fast(Precision::Bf16, Isa::Portable)
+        .forward(&x, 3, 64, 64)
+        .unwrap();
+    let err = max_rel_err(&native, &emulated);
+    assert!(err < 1e-2, "native vs emulated bf16: relative error {err}");
+}
+
+#[test]
+fn extractor_uses_the_fast_path_and_names_the_precision() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("resnet50.safetensors");
+    weights::write_safetensors(&weights::synthetic_state_dict().unwrap(), &path).unwrap();
+    let pre = Preprocess::half(64);
+    let f32_ex = Extractor::load(&path, pre.clone()).unwrap();
+    let bf16_ex = Extractor::load_with_precision(&path, pre.clone(), Precision::Bf16).unwrap();
+    assert!(
+        f32_ex.fingerprint().ends_with("; precision f32"),
+        "{}",
+        f32_ex.fingerprint()
+    );
+    assert!(
+        bf16_ex.fingerprint().ends_with("; precision bf16"),
+        "{}",
+        bf16_ex.fingerprint()
+    );
+    assert_eq!(bf16_ex.precision(), Precision::Bf16);
+    let images = images();
+    let imgs: Vec<&[u8]> = images.chunks_exact(3072).collect();
+    let got = f32_ex.extract(&imgs, 32, 32).unwrap();
+    let err = max_rel_err(&got, &read_f32("features_64_half.f32"));
+    assert!(err < 1e-4, "extractor (fast f32): relative error {err}");
+    let got16 = bf16_ex.extract(&imgs, 32, 32).unwrap();
+    for i in 0..3 {
+        let c = cosine(
+            &got[i * 2048..(i + 1) * 2048],
+            &got16[i * 2048..(i + 1) * 2048],
+        );
+        assert!(c >= 0.999, "extractor bf16 image {i}: cosine {c}");
+    }
+}
+
+#[test]
+fn bad_input_is_an_error_not_a_panic() {
+    let model = fast(Precision::F32, Isa::Portable);
+    let err = model.forward(&[0.0; 10], 1, 4, 4).unwrap_err().to_string();
+    assert!(err.contains("[1, 3, 4, 4]"), "{err}");
+    assert!(model.forward(&[], 0, 4, 4).is_err());
+    // Unsupported instruction sets are refused up front.
+    if !Isa::Avx512.is_available() {
+        let err = FastResNet50::with_isa(state_dict(), Precision::F32, Isa::Avx512)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("avx512"), "{err}");
+    }
+}
