@@ -25,7 +25,7 @@ import time
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from workflow import synthetic_weights, write_cifar  # noqa: E402
+from workflow import write_cifar  # noqa: E402
 
 
 def run(cmd):
@@ -54,7 +54,11 @@ def main():
     try:
         write_cifar(tmp, per_batch=max(n for _, n in runs))
         weights = os.path.join(tmp, "resnet50-synthetic.safetensors")
-        synthetic_weights(weights)
+        # In a child process: a child's ru_maxrss counts the parent it was forked from, so this
+        # process must never hold torch and the weights itself.
+        subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+                        "from workflow import synthetic_weights; synthetic_weights(sys.argv[2])",
+                        os.path.dirname(os.path.abspath(__file__)), weights], check=True)
         print(f"{'batch':>5} {'images':>7} {'peak RSS MiB':>13} {'images/s':>9}")
         for batch, n in runs:
             cache = os.path.join(tmp, f"cache-{batch}-{n}")

@@ -32,6 +32,10 @@ struct Args {
     /// Raw f32 images `[batch, 3, size, size]` (little-endian, NCHW); random when absent.
     #[arg(long)]
     images: Option<PathBuf>,
+    /// A torchvision ResNet-50 weights file (`.pth` or `.safetensors`) [default: the
+    /// synthetic weights].
+    #[arg(long)]
+    weights: Option<PathBuf>,
     /// Images per forward pass.
     #[arg(long, default_value_t = 16)]
     batch: usize,
@@ -170,7 +174,10 @@ fn main() -> anyhow::Result<()> {
     };
 
     let build = Instant::now();
-    let sd = StateDict::from_tensors("synthetic", weights::synthetic_state_dict()?);
+    let sd = match &args.weights {
+        Some(path) => StateDict::read(path)?,
+        None => StateDict::from_tensors("synthetic", weights::synthetic_state_dict()?),
+    };
     let net = match args.implementation.as_str() {
         "fast" => {
             let precision: Precision = args.precision.parse()?;
@@ -187,6 +194,7 @@ fn main() -> anyhow::Result<()> {
         other => bail!("--implementation {other}: expected fast or candle"),
     };
     let build_s = build.elapsed().as_secs_f64();
+    let rss_after_build = peak_rss_mib();
 
     // Warm-up: sizes the workspace and faults its pages in.
     let warm = Instant::now();
@@ -203,6 +211,7 @@ fn main() -> anyhow::Result<()> {
         "ready": true,
         "implementation": net.describe(),
         "build_seconds": build_s,
+        "peak_rss_mib_after_build": rss_after_build,
         "warmup_seconds": warm_s,
         "peak_rss_mib": peak_rss_mib(),
     });

@@ -9,6 +9,7 @@ mod features;
 mod predict;
 mod progress;
 mod report;
+mod run;
 mod source;
 mod sweep;
 mod test;
@@ -28,27 +29,30 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Everything in one command: download, features, λ sweep, test evaluation, report.html.
+    Run(run::Args),
     /// Download CIFAR-10 and the pretrained ResNet-50 weights, verified, into the data directory.
     Download(download::Args),
     /// Extract (or read from the cache) ResNet-50 features into a safetensors file.
     Features(features::Args),
-    /// Back-propagation by the δ-rule on a small network, checked against finite differences.
-    Backprop(backprop::Args),
-    /// Draw the plots and write the self-contained report.html of a run directory.
-    Report(report::Args),
-    /// Classify your own PNG or JPEG images with a trained head (top classes and probabilities).
-    Predict(predict::Args),
     /// Train the head at one L2 strength λ on cached features (writes a run directory).
     Train(train::Args),
     /// Train one head per λ (default 0,1e-4,1e-3,1e-2,1e-1) and choose λ on validation.
     Sweep(sweep::Args),
     /// Evaluate a checkpoint on the test split: metrics.json, predictions.csv and a table.
     Test(test::Args),
+    /// Draw the plots and write the self-contained report.html of a run directory.
+    Report(report::Args),
+    /// Classify your own PNG or JPEG images with a trained head (top classes and probabilities).
+    Predict(predict::Args),
+    /// Back-propagation by the δ-rule on a small network, checked against finite differences.
+    Backprop(backprop::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result: anyhow::Result<()> = match cli.command {
+        Command::Run(args) => run::run(args),
         Command::Download(args) => download::run(args),
         Command::Features(args) => features::run(args),
         Command::Backprop(args) => backprop::run(args),

@@ -14,6 +14,7 @@ pub struct Progress {
     total: u64,
     start: Instant,
     last_line: Instant,
+    done: bool,
 }
 
 impl Progress {
@@ -36,6 +37,7 @@ impl Progress {
             total,
             start: Instant::now(),
             last_line: Instant::now(),
+            done: false,
         }
     }
 
@@ -47,21 +49,21 @@ impl Progress {
             return;
         }
         let now = Instant::now();
-        if pos < self.total && now - self.last_line < Duration::from_secs(10) {
+        let finished = pos >= self.total;
+        if self.done || (!finished && now - self.last_line < Duration::from_secs(10)) {
             return;
         }
+        self.done = finished;
         self.last_line = now;
-        let secs = (now - self.start).as_secs_f64().max(1e-9);
-        let rate = fresh as f64 / secs;
-        let left = if rate > 0.0 {
-            format!(", {:.0} s left", (self.total - pos) as f64 / rate)
+        let secs = (now - self.start).as_secs_f64();
+        let rate = if fresh > 0 && secs > 0.0 {
+            let rate = fresh as f64 / secs;
+            let left = (self.total - pos.min(self.total)) as f64 / rate;
+            format!(" ({rate:.1} {}/s, {left:.0} s left)", self.unit)
         } else {
             String::new()
         };
-        eprintln!(
-            "{}: {pos}/{} {} ({rate:.1} {}/s{left})",
-            self.what, self.total, self.unit, self.unit
-        );
+        eprintln!("{}: {pos}/{} {}{rate}", self.what, self.total, self.unit);
     }
 
     /// Clears the bar.

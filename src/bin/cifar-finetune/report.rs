@@ -1,7 +1,7 @@
 //! `cifar-finetune report`: (re)build the plots and the self-contained `report.html` of a run
 //! directory.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use cifar_finetune::report::{self, DEFAULT_GALLERY_SIZE, ReportOptions};
@@ -23,14 +23,20 @@ pub struct Args {
     #[arg(long, default_value_t = DEFAULT_GALLERY_SIZE)]
     pub gallery: usize,
     /// Run directories of the same sweep trained with other seeds (comma-separated): adds the
-    /// plot of the final validation accuracy's mean ± std across seeds, per λ.
+    /// plot of the final validation accuracy's mean ± std across seeds, per λ
+    /// [default: those `run --repeats` left under <run-dir>/repeats/].
     #[arg(long, value_delimiter = ',')]
     pub seed_runs: Vec<PathBuf>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let mut seed_histories = Vec::with_capacity(args.seed_runs.len());
-    for dir in &args.seed_runs {
+    let seed_runs = if args.seed_runs.is_empty() {
+        repeat_runs(&args.run_dir)?
+    } else {
+        args.seed_runs.clone()
+    };
+    let mut seed_histories = Vec::with_capacity(seed_runs.len());
+    for dir in &seed_runs {
         let history = cifar_finetune::train::read_history(&dir.join("history.csv"))
             .with_context(|| format!("reading the seed run {}", dir.display()))?;
         seed_histories.push(history);
@@ -52,4 +58,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
     println!("report: {}", out.html.display());
     Ok(())
+}
+
+/// The run directories `run --repeats` made inside `run_dir`, in order of seed.
+fn repeat_runs(run_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let dir = run_dir.join(crate::run::REPEATS_DIR);
+    if !dir.exists() {
+        return Ok(Vec::new());
+    }
+    let mut runs: Vec<(u64, PathBuf)> = std::fs::read_dir(&dir)
+        .with_context(|| format!("listing {}", dir.display()))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let seed = e.file_name().to_str()?.strip_prefix("seed-")?.parse().ok()?;
+            Some((seed, e.path()))
+        })
+        .collect();
+    runs.sort();
+    Ok(runs.into_iter().map(|(_, p)| p).collect())
 }

@@ -9,7 +9,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use cifar_finetune::data::cifar::Split;
-use cifar_finetune::train::{self, Progress, RunOptions, Select, SweepOutcome, TrainConfig};
+use cifar_finetune::features::FeatureSet;
+use cifar_finetune::train::{
+    self, Progress, RunOptions, Select, Summary, SweepOutcome, TrainConfig,
+};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 use crate::source::{self, FeatureArgs};
@@ -106,9 +109,8 @@ pub fn run_lambdas(
     features: &FeatureArgs,
     kind: &str,
 ) -> anyhow::Result<()> {
-    let cfg = hyper.config();
     // Reject bad settings before the (possibly long) feature extraction.
-    cfg.validate()?;
+    hyper.config().validate()?;
     train::validate_lambdas(lambdas)?;
     let run_dir = hyper
         .run_dir
@@ -117,14 +119,34 @@ pub fn run_lambdas(
     let sets = source::load_many(features, &[Split::Train, Split::Val])?;
     let [train_set, val_set] = <[_; 2]>::try_from(sets)
         .map_err(|_| anyhow::anyhow!("expected the training and validation features"))?;
+    if let Some(s) = train_sets(&train_set, &val_set, lambdas, hyper, features, &run_dir)? {
+        println!(
+            "evaluate it: cifar-finetune test --checkpoint {}",
+            run_dir.join(&s.chosen_checkpoint).display()
+        );
+    }
+    Ok(())
+}
+
+/// Runs the sweep over `lambdas` on features already loaded, with a progress display, into
+/// `run_dir`; prints the per-λ table. `None` when the sweep was stopped before the end.
+pub fn train_sets(
+    train_set: &FeatureSet,
+    val_set: &FeatureSet,
+    lambdas: &[f32],
+    hyper: &TrainArgs,
+    features: &FeatureArgs,
+    run_dir: &Path,
+) -> anyhow::Result<Option<Summary>> {
+    let cfg = hyper.config();
     let mut display = Display::new(hyper.report_every);
     let opts = RunOptions {
         resume: hyper.resume,
         report_every: display.interval(),
         source: describe_source(features),
-        jobs: hyper
-            .jobs
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        jobs: hyper.jobs.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        }),
     };
     println!(
         "training on {} features, validating on {}; run directory {}",
@@ -133,11 +155,11 @@ pub fn run_lambdas(
         run_dir.display()
     );
     let outcome = train::sweep(
-        &train_set,
-        &val_set,
+        train_set,
+        val_set,
         lambdas,
         &cfg,
-        &run_dir,
+        run_dir,
         &opts,
         &mut |p| display.update(p),
     );
@@ -145,10 +167,13 @@ pub fn run_lambdas(
     let outcome =
         outcome.with_context(|| format!("training into run directory {}", run_dir.display()))?;
     match outcome {
-        SweepOutcome::Stopped => println!(
-            "stopped; continue with --resume --run-dir {}",
-            run_dir.display()
-        ),
+        SweepOutcome::Stopped => {
+            println!(
+                "stopped; continue with --resume --run-dir {}",
+                run_dir.display()
+            );
+            Ok(None)
+        }
         SweepOutcome::Finished(s) => {
             println!();
             println!(
@@ -170,13 +195,9 @@ pub fn run_lambdas(
                 s.chosen_lambda,
                 run_dir.join(&s.chosen_checkpoint).display()
             );
-            println!(
-                "evaluate it: cifar-finetune test --checkpoint {}",
-                run_dir.join(&s.chosen_checkpoint).display()
-            );
+            Ok(Some(s))
         }
     }
-    Ok(())
 }
 
 /// What `config.json` records about where the features came from (the extractor
@@ -194,7 +215,7 @@ fn describe_source(f: &FeatureArgs) -> serde_json::Value {
 }
 
 /// `runs/<kind>-YYYYMMDD-HHMMSS` in UTC.
-fn default_run_dir(kind: &str) -> PathBuf {
+pub fn default_run_dir(kind: &str) -> PathBuf {
     let secs = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -237,7 +258,10 @@ struct Display {
 impl Display {
     fn new(report_every: usize) -> Display {
         Display {
-            multi: std::io::stderr().is_terminal().then(MultiProgress::new),
+            // Bars draw on stderr; the plain lines go to stdout: a bar only when both are
+            // terminals, so `| tee log` gets the original's lines.
+            multi: (std::io::stdout().is_terminal() && std::io::stderr().is_terminal())
+                .then(MultiProgress::new),
             bars: Vec::new(),
             report_every,
             several: false,

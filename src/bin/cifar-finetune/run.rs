@@ -1,0 +1,120 @@
+//! `cifar-finetune run`: the whole job in one command — data and weights (downloaded when
+//! missing), features (cached), the λ sweep, the λ chosen on validation evaluated on the test
+//! split, and the report.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use cifar_finetune::checkpoint;
+use cifar_finetune::data::cifar::Split;
+use cifar_finetune::evaluate;
+use cifar_finetune::report::{self, DEFAULT_GALLERY_SIZE, ReportOptions};
+use cifar_finetune::train;
+
+use crate::source::{self, FeatureArgs};
+use crate::train::{TrainArgs, default_run_dir, train_sets};
+
+/// Where `--repeats` puts the sweeps with the other seeds, inside the run directory.
+pub const REPEATS_DIR: &str = "repeats";
+
+/// Run everything: download what is missing, extract (or reuse) the features, sweep λ,
+/// evaluate the λ chosen on validation on the test split, and write report.html.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// L2 strengths λ to sweep, comma-separated (penalty λ/2·(‖W1‖² + ‖W2‖²) on the head's
+    /// weight matrices; biases are not penalised).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "0,1e-4,1e-3,1e-2,1e-1",
+        allow_negative_numbers = true
+    )]
+    pub lambdas: Vec<f32>,
+    /// Sweep K times with seeds seed, seed+1, …: the report then shows the spread of the final
+    /// validation accuracy across seeds per λ (the chosen λ and the test use the first seed).
+    #[arg(long, default_value_t = 1)]
+    pub repeats: usize,
+    /// Test images in the report's gallery, misclassified first.
+    #[arg(long, default_value_t = DEFAULT_GALLERY_SIZE)]
+    pub gallery: usize,
+    #[command(flatten)]
+    pub hyper: TrainArgs,
+    #[command(flatten)]
+    pub features: FeatureArgs,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    if args.repeats == 0 {
+        anyhow::bail!("invalid --repeats: must be at least 1");
+    }
+    args.hyper.config().validate()?;
+    train::validate_lambdas(&args.lambdas)?;
+    let run_dir = args
+        .hyper
+        .run_dir
+        .clone()
+        .unwrap_or_else(|| default_run_dir("run"));
+
+    let sets = source::load_many(&args.features, &[Split::Train, Split::Val, Split::Test])?;
+    let [train_set, val_set, test_set] = <[_; 3]>::try_from(sets)
+        .map_err(|_| anyhow::anyhow!("expected the training, validation and test features"))?;
+
+    let Some(summary) = train_sets(
+        &train_set,
+        &val_set,
+        &args.lambdas,
+        &args.hyper,
+        &args.features,
+        &run_dir,
+    )?
+    else {
+        return Ok(());
+    };
+
+    let mut seed_histories = Vec::new();
+    for k in 1..args.repeats {
+        let mut hyper = args.hyper.clone();
+        hyper.seed = args.hyper.seed + k as u64;
+        let dir = repeat_dir(&run_dir, hyper.seed);
+        println!("\nrepeat {}/{} with seed {}", k + 1, args.repeats, hyper.seed);
+        if train_sets(&train_set, &val_set, &args.lambdas, &hyper, &args.features, &dir)?.is_none()
+        {
+            return Ok(());
+        }
+        seed_histories.push(train::read_history(&dir.join("history.csv"))?);
+    }
+
+    let chosen = run_dir.join(&summary.chosen_checkpoint);
+    let ck = checkpoint::load(&chosen)?;
+    let eval = evaluate::evaluate(&ck, &test_set, Split::Test)?;
+    evaluate::write_outputs(&eval, &run_dir)
+        .with_context(|| format!("writing the test results into {}", run_dir.display()))?;
+    let m = &eval.metrics;
+    println!(
+        "\ntest split with λ = {}: {} images, loss {:.4}, accuracy {:.2} %",
+        summary.chosen_lambda,
+        m.count,
+        m.loss,
+        100.0 * m.accuracy
+    );
+
+    let out = report::write_run_report(
+        &run_dir,
+        &ReportOptions {
+            data_dir: Some(args.features.data.clone()),
+            gallery_size: args.gallery,
+            seed_histories,
+        },
+    )
+    .with_context(|| format!("writing the report of {}", run_dir.display()))?;
+    for note in &out.notes {
+        eprintln!("note: {note}");
+    }
+    println!("report: {}", out.html.display());
+    Ok(())
+}
+
+/// The run directory of the repeat with `seed`.
+pub fn repeat_dir(run_dir: &Path, seed: u64) -> PathBuf {
+    run_dir.join(REPEATS_DIR).join(format!("seed-{seed}"))
+}
