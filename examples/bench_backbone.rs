@@ -67,7 +67,7 @@ struct Args {
 
 /// The network under test.
 enum Net {
-    Fast(FastResNet50),
+    Fast(Box<FastResNet50>),
     Candle(ResNet50),
 }
 
@@ -188,7 +188,7 @@ fn main() -> anyhow::Result<()> {
             if let Some(t) = args.threads {
                 m.set_threads(t);
             }
-            Net::Fast(m)
+            Net::Fast(Box::new(m))
         }
         "candle" => Net::Candle(ResNet50::from_state_dict(sd)?),
         other => bail!("--implementation {other}: expected fast or candle"),

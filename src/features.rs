@@ -37,8 +37,9 @@ pub const FEATURE_DIM: usize = crate::backbone::resnet::FEATURE_DIM;
 enum Backbone {
     /// The candle reference implementation (f32, NCHW).
     Candle(ResNet50),
-    /// The fast NHWC path ([`crate::backbone::fast`]), f32 or bf16.
-    Fast(FastResNet50),
+    /// The fast NHWC path ([`crate::backbone::fast`]), f32 or bf16 (boxed: it holds its
+    /// workspace inline).
+    Fast(Box<FastResNet50>),
 }
 
 /// The frozen backbone with its preprocessing: CIFAR images in, features out.
@@ -90,7 +91,7 @@ impl Extractor {
     pub fn new_fast(model: FastResNet50, preprocess: Preprocess, weights_sha256: &str) -> Self {
         let ex = Self::with_fingerprint(preprocess, weights_sha256, model.precision());
         // A fresh OnceLock is empty, so this cannot fail.
-        let _ = ex.model.set(Backbone::Fast(model));
+        let _ = ex.model.set(Backbone::Fast(Box::new(model)));
         ex
     }
 
@@ -121,7 +122,7 @@ impl Extractor {
             .weights
             .as_deref()
             .ok_or_else(|| Error::invalid("extractor", "no weights to load"))?;
-        let model = Backbone::Fast(FastResNet50::load(path, self.precision)?);
+        let model = Backbone::Fast(Box::new(FastResNet50::load(path, self.precision)?));
         Ok(self.model.get_or_init(|| model))
     }
 

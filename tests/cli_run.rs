@@ -27,7 +27,16 @@ fn run_writes_a_complete_run_directory() {
         .arg("--run-dir")
         .arg(&run_dir)
         .args(["--offline", "--image-size", "32", "--val-count", "5"])
-        .args(["--lambdas", "0,0.01", "--epochs", "3", "--lr", "0.01", "--repeats", "2"])
+        .args([
+            "--lambdas",
+            "0,0.01",
+            "--epochs",
+            "3",
+            "--lr",
+            "0.01",
+            "--repeats",
+            "2",
+        ])
         .args(["--gallery", "4"])
         .output()
         .unwrap();
@@ -35,19 +44,30 @@ fn run_writes_a_complete_run_directory() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "run failed:\n{stdout}\n{stderr}");
     let report = run_dir.join("report.html");
-    assert!(stdout.contains(&format!("report: {}", report.display())), "{stdout}");
+    assert!(
+        stdout.contains(&format!("report: {}", report.display())),
+        "{stdout}"
+    );
 
     let config = RunConfig::read(&run_dir).unwrap();
     assert_eq!(config.lambdas, vec![0.0, 0.01]);
     assert_eq!((config.n_train, config.n_val), (10, 5));
-    assert!(config.extractor.contains("weights sha256:"), "{}", config.extractor);
+    assert!(
+        config.extractor.contains("weights sha256:"),
+        "{}",
+        config.extractor
+    );
 
     let history = train::read_history(&run_dir.join("history.csv")).unwrap();
     assert_eq!(history.len(), 2 * 3);
     let summary = Summary::read(&run_dir).unwrap();
     assert!(run_dir.join(&summary.chosen_checkpoint).exists());
     for l in &summary.lambdas {
-        assert!(run_dir.join(&l.best_checkpoint).exists(), "{}", l.best_checkpoint);
+        assert!(
+            run_dir.join(&l.best_checkpoint).exists(),
+            "{}",
+            l.best_checkpoint
+        );
     }
 
     // The test split was evaluated with the chosen checkpoint.

@@ -523,10 +523,12 @@ impl AlignedBuf {
         self.len = len;
     }
 
+    /// The aligned words.
     pub fn as_slice(&self) -> &[f32] {
         &self.raw[self.offset..self.offset + self.len]
     }
 
+    /// The aligned words, writable.
     pub fn as_mut_slice(&mut self) -> &mut [f32] {
         &mut self.raw[self.offset..self.offset + self.len]
     }
@@ -541,7 +543,9 @@ pub(crate) struct ConvGeom {
     pub cout: usize,
     /// Kernel side.
     pub ksize: usize,
+    /// Stride along both axes.
     pub stride: usize,
+    /// Zero padding on every side.
     pub pad: usize,
 }
 
@@ -620,10 +624,15 @@ impl PackedB {
 /// A channels-last (NHWC) activation `[batch, h, w, c]`, the input of a convolution.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Source<'a> {
+    /// `[batch, h, w, c]`, row-major.
     pub data: &'a [f32],
+    /// Images.
     pub batch: usize,
+    /// Height.
     pub h: usize,
+    /// Width.
     pub w: usize,
+    /// Channels.
     pub c: usize,
 }
 
@@ -880,7 +889,7 @@ pub(crate) fn conv(
                 unsafe {
                     if !direct {
                         pack_block(src, g, (oh, ow), (m0, rows), (k0, kc), t, apack);
-                    } else if rows % t.mr != 0 {
+                    } else if !rows.is_multiple_of(t.mr) {
                         // Only the partial last panel, at the buffer's start.
                         let m_tail = m0 + full_panels * t.mr;
                         pack_block(src, g, (oh, ow), (m_tail, rows % t.mr), (k0, kc), t, apack);

@@ -7,7 +7,7 @@
 //!
 //! * activations are NHWC, so a 1×1 convolution is one matrix product `[pixels, cin] ·
 //!   [cin, cout]` and a k×k convolution is one over an implicit im2col matrix gathered while
-//!   packing ([`gemm`]);
+//!   packing (the private `gemm` module);
 //! * weights are packed once, at load, in the micro-kernel's panel order;
 //! * bias (the folded batch norm), the bottleneck's residual add and ReLU happen in the
 //!   matrix product's epilogue, on registers, before the single store of each activation;
@@ -20,7 +20,7 @@
 //! `vdpbf16ps` where available, an exact emulation elsewhere); activations between layers,
 //! biases, the epilogue and the pooling stay f32, as under PyTorch's CPU autocast.
 
-pub mod gemm;
+mod gemm;
 
 use std::fmt;
 use std::path::Path;

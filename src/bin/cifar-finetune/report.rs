@@ -70,7 +70,12 @@ fn repeat_runs(run_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
         .with_context(|| format!("listing {}", dir.display()))?
         .filter_map(|e| e.ok())
         .filter_map(|e| {
-            let seed = e.file_name().to_str()?.strip_prefix("seed-")?.parse().ok()?;
+            let seed = e
+                .file_name()
+                .to_str()?
+                .strip_prefix("seed-")?
+                .parse()
+                .ok()?;
             Some((seed, e.path()))
         })
         .collect();

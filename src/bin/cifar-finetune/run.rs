@@ -76,8 +76,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let mut hyper = args.hyper.clone();
         hyper.seed = args.hyper.seed + k as u64;
         let dir = repeat_dir(&run_dir, hyper.seed);
-        println!("\nrepeat {}/{} with seed {}", k + 1, args.repeats, hyper.seed);
-        if train_sets(&train_set, &val_set, &args.lambdas, &hyper, &args.features, &dir)?.is_none()
+        println!(
+            "\nrepeat {}/{} with seed {}",
+            k + 1,
+            args.repeats,
+            hyper.seed
+        );
+        if train_sets(
+            &train_set,
+            &val_set,
+            &args.lambdas,
+            &hyper,
+            &args.features,
+            &dir,
+        )?
+        .is_none()
         {
             return Ok(());
         }

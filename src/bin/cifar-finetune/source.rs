@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use cifar_finetune::backbone::fast::Precision;
+use cifar_finetune::backbone::fast::{Isa, Precision};
 use cifar_finetune::data::cifar::{self, Part, Split};
 use cifar_finetune::data::download::{self, DownloadOptions};
 use cifar_finetune::data::transform::Preprocess;
@@ -132,6 +132,12 @@ impl FeatureArgs {
             PrecisionArg::F32 => Precision::F32,
             PrecisionArg::Bf16 => Precision::Bf16,
         };
+        if precision == Precision::Bf16 && Isa::detect() != Isa::Avx512Bf16 {
+            eprintln!(
+                "note: this CPU lacks AVX512-BF16: bf16 is emulated (the same features up to \
+                 summation order) at f32 speed"
+            );
+        }
         Ok(Extractor::load_with_precision(
             &weights,
             self.preprocess(),

@@ -144,9 +144,9 @@ pub fn train_sets(
         resume: hyper.resume,
         report_every: display.interval(),
         source: describe_source(features),
-        jobs: hyper.jobs.unwrap_or_else(|| {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        }),
+        jobs: hyper
+            .jobs
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
     };
     println!(
         "training on {} features, validating on {}; run directory {}",
