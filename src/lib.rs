@@ -26,7 +26,9 @@
 //!    train/validation split; [`data::transform`] reproduces torchvision's
 //!    `Resize(224)` (PIL bilinear) → `ToTensor` → `Normalize` exactly.
 //! 3. [`backbone::weights`] loads torchvision's ResNet-50 state dict strictly and folds batch
-//!    norm into the convolutions; [`backbone::resnet`] runs it up to the global average pool.
+//!    norm into the convolutions; [`backbone::fast`] runs it up to the global average pool
+//!    (channels-last, fused GEMM epilogues, f32 or bf16), and [`backbone::resnet`] is the
+//!    straightforward candle version it is checked against.
 //! 4. [`features`] runs the frozen backbone once per image and caches the 2048-d features in
 //!    fingerprinted, resumable shards. Only this stage ever runs the ResNet.
 //! 5. [`head`], [`train`] and [`checkpoint`] fit the small head on cached features, sweep the

@@ -11,7 +11,7 @@ use std::path::Path;
 
 use candle_core::{D, Module, Tensor};
 
-use super::weights::{BLOCKS, EXPANSION, StateDict, WIDTHS};
+use super::weights::{ConvSpec, EXPANSION, StateDict, resnet50_blocks, stem_spec};
 use crate::error::{CandleContext, Result};
 
 /// A convolution with its batch norm folded in: `conv(x, w) + b`.
@@ -26,22 +26,16 @@ struct ConvBn {
 }
 
 impl ConvBn {
-    fn load(
-        sd: &mut StateDict,
-        conv: &str,
-        bn: &str,
-        shape: [usize; 4],
-        stride: usize,
-    ) -> Result<Self> {
-        let (weight, bias) = sd.take_conv_bn(conv, bn, shape)?;
+    fn load(sd: &mut StateDict, spec: &ConvSpec) -> Result<Self> {
+        let (weight, bias) = sd.take_conv_bn(spec)?;
         let bias = bias
-            .reshape((1, shape[0], 1, 1))
-            .ctx(format!("reshaping the folded bias of `{conv}`"))?;
+            .reshape((1, spec.shape[0], 1, 1))
+            .ctx(format!("reshaping the folded bias of `{}`", spec.conv))?;
         Ok(Self {
             weight,
             bias,
-            stride,
-            padding: shape[2] / 2,
+            stride: spec.stride,
+            padding: spec.shape[2] / 2,
         })
     }
 }
@@ -96,41 +90,22 @@ impl ResNet50 {
     /// Builds the network from a state dict, strictly: every tensor is used or knowingly
     /// ignored, and every shape is checked.
     pub fn from_state_dict(mut sd: StateDict) -> Result<Self> {
-        let stem = ConvBn::load(&mut sd, "conv1", "bn1", [64, 3, 7, 7], 2)?;
-        let mut blocks = Vec::new();
-        let mut in_ch = 64;
-        for (stage, (&n, &width)) in BLOCKS.iter().zip(WIDTHS.iter()).enumerate() {
-            let out = width * EXPANSION;
-            for block in 0..n {
-                let p = format!("layer{}.{block}", stage + 1);
-                // Stages 2-4 halve the resolution in their first block (torchvision v1.5).
-                let stride = if block == 0 && stage > 0 { 2 } else { 1 };
-                let c = |name: &str| format!("{p}.{name}");
-                blocks.push(Bottleneck {
-                    conv1: ConvBn::load(&mut sd, &c("conv1"), &c("bn1"), [width, in_ch, 1, 1], 1)?,
-                    conv2: ConvBn::load(
-                        &mut sd,
-                        &c("conv2"),
-                        &c("bn2"),
-                        [width, width, 3, 3],
-                        stride,
-                    )?,
-                    conv3: ConvBn::load(&mut sd, &c("conv3"), &c("bn3"), [out, width, 1, 1], 1)?,
-                    downsample: if block == 0 {
-                        Some(ConvBn::load(
-                            &mut sd,
-                            &c("downsample.0"),
-                            &c("downsample.1"),
-                            [out, in_ch, 1, 1],
-                            stride,
-                        )?)
-                    } else {
-                        None
-                    },
-                });
-                in_ch = out;
-            }
-        }
+        let stem = ConvBn::load(&mut sd, &stem_spec())?;
+        let blocks = resnet50_blocks()
+            .iter()
+            .map(|b| {
+                Ok(Bottleneck {
+                    conv1: ConvBn::load(&mut sd, &b.conv1)?,
+                    conv2: ConvBn::load(&mut sd, &b.conv2)?,
+                    conv3: ConvBn::load(&mut sd, &b.conv3)?,
+                    downsample: b
+                        .downsample
+                        .as_ref()
+                        .map(|d| ConvBn::load(&mut sd, d))
+                        .transpose()?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         sd.finish()?;
         Ok(Self { stem, blocks })
     }

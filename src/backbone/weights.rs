@@ -27,30 +27,90 @@ pub const WIDTHS: [usize; 4] = [64, 128, 256, 512];
 /// Channel expansion of a bottleneck block.
 pub const EXPANSION: usize = 4;
 
+/// A convolution and the batch norm after it, as torchvision names and shapes them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConvSpec {
+    /// Key prefix of the convolution, e.g. `layer2.0.conv2`.
+    pub conv: String,
+    /// Key prefix of its batch norm, e.g. `layer2.0.bn2`.
+    pub bn: String,
+    /// Weight shape `[out, in, k, k]`.
+    pub shape: [usize; 4],
+    /// Stride (the padding is `k / 2`).
+    pub stride: usize,
+}
+
+/// One bottleneck block: 1×1 reduce, 3×3, 1×1 expand, and the projection shortcut of each
+/// stage's first block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockSpec {
+    /// The 1×1 reduction.
+    pub conv1: ConvSpec,
+    /// The 3×3 convolution, carrying the block's stride (torchvision's "v1.5").
+    pub conv2: ConvSpec,
+    /// The 1×1 expansion.
+    pub conv3: ConvSpec,
+    /// The strided 1×1 projection of the shortcut, in the first block of a stage.
+    pub downsample: Option<ConvSpec>,
+}
+
+/// The stem: a 7×7 convolution with stride 2 (a 3×3 max pool follows).
+pub fn stem_spec() -> ConvSpec {
+    ConvSpec {
+        conv: "conv1".into(),
+        bn: "bn1".into(),
+        shape: [64, 3, 7, 7],
+        stride: 2,
+    }
+}
+
+/// ResNet-50's 16 bottleneck blocks in order, with torchvision's names: the one description
+/// of the architecture that the key list and both implementations are built from.
+pub fn resnet50_blocks() -> Vec<BlockSpec> {
+    let mut blocks = Vec::new();
+    let mut in_ch = 64;
+    for (stage, (&n, &width)) in BLOCKS.iter().zip(WIDTHS.iter()).enumerate() {
+        let out = width * EXPANSION;
+        for block in 0..n {
+            let spec = |conv: &str, bn: &str, shape: [usize; 4], stride: usize| ConvSpec {
+                conv: format!("layer{}.{block}.{conv}", stage + 1),
+                bn: format!("layer{}.{block}.{bn}", stage + 1),
+                shape,
+                stride,
+            };
+            // Stages 2-4 halve the resolution in their first block.
+            let stride = if block == 0 && stage > 0 { 2 } else { 1 };
+            blocks.push(BlockSpec {
+                conv1: spec("conv1", "bn1", [width, in_ch, 1, 1], 1),
+                conv2: spec("conv2", "bn2", [width, width, 3, 3], stride),
+                conv3: spec("conv3", "bn3", [out, width, 1, 1], 1),
+                downsample: (block == 0)
+                    .then(|| spec("downsample.0", "downsample.1", [out, in_ch, 1, 1], stride)),
+            });
+            in_ch = out;
+        }
+    }
+    blocks
+}
+
 /// Every tensor the backbone needs, with its shape, in torchvision's state-dict order.
 /// The classifier `fc.*` and the `num_batches_tracked` counters are not listed: they are
 /// ignored on purpose.
 pub fn resnet50_keys() -> Vec<(String, Vec<usize>)> {
     let mut keys = Vec::new();
-    let mut conv_bn = |prefix: &str, conv: &str, bn: &str, shape: [usize; 4]| {
-        keys.push((format!("{prefix}{conv}.weight"), shape.to_vec()));
+    let mut conv_bn = |c: &ConvSpec| {
+        keys.push((format!("{}.weight", c.conv), c.shape.to_vec()));
         for leaf in ["weight", "bias", "running_mean", "running_var"] {
-            keys.push((format!("{prefix}{bn}.{leaf}"), vec![shape[0]]));
+            keys.push((format!("{}.{leaf}", c.bn), vec![c.shape[0]]));
         }
     };
-    conv_bn("", "conv1", "bn1", [64, 3, 7, 7]);
-    let mut in_ch = 64;
-    for (stage, (&blocks, &width)) in BLOCKS.iter().zip(WIDTHS.iter()).enumerate() {
-        for block in 0..blocks {
-            let p = format!("layer{}.{block}.", stage + 1);
-            let out = width * EXPANSION;
-            conv_bn(&p, "conv1", "bn1", [width, in_ch, 1, 1]);
-            conv_bn(&p, "conv2", "bn2", [width, width, 3, 3]);
-            conv_bn(&p, "conv3", "bn3", [out, width, 1, 1]);
-            if block == 0 {
-                conv_bn(&p, "downsample.0", "downsample.1", [out, in_ch, 1, 1]);
-            }
-            in_ch = out;
+    conv_bn(&stem_spec());
+    for b in resnet50_blocks() {
+        for c in [&b.conv1, &b.conv2, &b.conv3]
+            .into_iter()
+            .chain(&b.downsample)
+        {
+            conv_bn(c);
         }
     }
     keys
@@ -181,13 +241,11 @@ impl StateDict {
     /// Takes a convolution and the batch norm that follows it and folds them into one
     /// convolution with bias: `w' = w·γ/√(σ²+ε)`, `b' = β − μ·γ/√(σ²+ε)`.
     /// Returns `(weight [out, in, k, k], bias [out])`.
-    pub fn take_conv_bn(
-        &mut self,
-        conv: &str,
-        bn: &str,
-        shape: [usize; 4],
-    ) -> Result<(Tensor, Tensor)> {
-        let w = self.take(&format!("{conv}.weight"), &shape)?;
+    pub fn take_conv_bn(&mut self, spec: &ConvSpec) -> Result<(Tensor, Tensor)> {
+        let ConvSpec {
+            conv, bn, shape, ..
+        } = spec;
+        let w = self.take(&format!("{conv}.weight"), shape)?;
         let c = [shape[0]];
         let gamma = self.take(&format!("{bn}.weight"), &c)?;
         let beta = self.take(&format!("{bn}.bias"), &c)?;
@@ -287,16 +345,9 @@ pub fn synthetic_state_dict() -> Result<HashMap<String, Tensor>> {
 
 /// Writes tensors as a `.safetensors` file, atomically.
 pub fn write_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = tempfile::Builder::new()
-        .prefix(".tmp-")
-        .tempfile_in(dir)
-        .map_err(|e| Error::io("creating a temporary file in", dir, e))?;
-    candle_core::safetensors::save(tensors, tmp.path())
-        .ctx(format!("writing safetensors for {}", path.display()))?;
-    tmp.persist(path)
-        .map_err(|e| Error::io("renaming into place", path, e.error))?;
-    Ok(())
+    let bytes = safetensors::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), None)
+        .map_err(|e| Error::format(path, format!("cannot serialise safetensors: {e}")))?;
+    crate::io::atomic_write_bytes(path, &bytes)
 }
 
 #[cfg(test)]

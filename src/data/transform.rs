@@ -412,16 +412,12 @@ fn vertical_pass(
 }
 
 /// `[3, h, w]` → `[3, oh, ow]`, bit-identical to Pillow's
-/// `Image.resize((ow, oh), Image.BILINEAR)` on the RGB image.
-///
-/// Returns an empty vector when a size is zero or `src.len() != 3 * h * w`; use
-/// [`Resizer`] to get an error instead.
-pub fn resize_bilinear(src: &[u8], h: usize, w: usize, oh: usize, ow: usize) -> Vec<u8> {
+/// `Image.resize((ow, oh), Image.BILINEAR)` on the RGB image. Errors when a size is zero or
+/// `src.len() != 3 * h * w`. (To resize many images of one size, build a [`Resizer`] once.)
+pub fn resize_bilinear(src: &[u8], h: usize, w: usize, oh: usize, ow: usize) -> Result<Vec<u8>> {
     let mut dst = vec![0u8; 3 * oh * ow];
-    match Resizer::new(h, w, oh, ow).and_then(|r| r.resize_into(src, &mut dst)) {
-        Ok(()) => dst,
-        Err(_) => Vec::new(),
-    }
+    Resizer::new(h, w, oh, ow)?.resize_into(src, &mut dst)?;
+    Ok(dst)
 }
 
 /// Reads a PNG or JPEG of any size as RGB: `([3, h, w] bytes, h, w)`.
@@ -484,7 +480,7 @@ mod tests {
     #[test]
     fn constant_image_stays_constant() {
         let src = vec![77u8; 3 * 5 * 9];
-        let out = resize_bilinear(&src, 5, 9, 13, 4);
+        let out = resize_bilinear(&src, 5, 9, 13, 4).unwrap();
         assert_eq!(out.len(), 3 * 13 * 4);
         assert!(out.iter().all(|&v| v == 77));
     }
@@ -492,8 +488,8 @@ mod tests {
     #[test]
     fn same_size_is_a_copy_and_bad_lengths_error() {
         let src: Vec<u8> = (0..3 * 4 * 6).map(|i| (i * 7) as u8).collect();
-        assert_eq!(resize_bilinear(&src, 4, 6, 4, 6), src);
-        assert!(resize_bilinear(&src, 4, 5, 8, 8).is_empty());
+        assert_eq!(resize_bilinear(&src, 4, 6, 4, 6).unwrap(), src);
+        assert!(resize_bilinear(&src, 4, 5, 8, 8).is_err());
         let p = Preprocess::imagenet(8);
         let mut out = vec![0f32; 3 * 8 * 12];
         assert!(p.apply(&src, 4, 6, &mut out).is_ok());

@@ -34,7 +34,7 @@ use candle_core::Tensor;
 pub use gemm::Isa;
 use gemm::{AlignedBuf, ConvGeom, PackedB, Source, Tiling};
 
-use super::weights::{BLOCKS, EXPANSION, StateDict, WIDTHS};
+use super::weights::{ConvSpec, EXPANSION, StateDict, resnet50_blocks, stem_spec};
 use crate::error::{CandleContext, Error, Result};
 
 /// Width of the features: the channels of the last stage.
@@ -172,15 +172,14 @@ struct Conv {
 }
 
 impl Conv {
-    fn load(
-        sd: &mut StateDict,
-        conv: &str,
-        bn: &str,
-        shape: [usize; 4],
-        stride: usize,
-        t: &Tiling,
-    ) -> Result<Self> {
-        let (w, b) = sd.take_conv_bn(conv, bn, shape)?;
+    fn load(sd: &mut StateDict, spec: &ConvSpec, t: &Tiling) -> Result<Self> {
+        let (w, b) = sd.take_conv_bn(spec)?;
+        let ConvSpec {
+            conv,
+            shape,
+            stride,
+            ..
+        } = spec;
         let to_vec = |t: &Tensor, what: &str| {
             t.flatten_all()
                 .and_then(|t| t.to_vec1::<f32>())
@@ -190,7 +189,7 @@ impl Conv {
             cout: shape[0],
             cin: shape[1],
             ksize: shape[2],
-            stride,
+            stride: *stride,
             pad: shape[2] / 2,
         };
         Ok(Conv {
@@ -266,42 +265,22 @@ impl FastResNet50 {
         }
         let tiling = Tiling::new(isa, precision == Precision::Bf16);
         let t = &tiling;
-        let stem = Conv::load(&mut sd, "conv1", "bn1", [64, 3, 7, 7], 2, t)?;
-        let mut blocks = Vec::new();
-        let mut in_ch = 64;
-        for (stage, (&n, &width)) in BLOCKS.iter().zip(WIDTHS.iter()).enumerate() {
-            let out = width * EXPANSION;
-            for block in 0..n {
-                let c = |name: &str| format!("layer{}.{block}.{name}", stage + 1);
-                // Stages 2-4 halve the resolution in their first block (torchvision v1.5).
-                let stride = if block == 0 && stage > 0 { 2 } else { 1 };
-                blocks.push(Block {
-                    conv1: Conv::load(&mut sd, &c("conv1"), &c("bn1"), [width, in_ch, 1, 1], 1, t)?,
-                    conv2: Conv::load(
-                        &mut sd,
-                        &c("conv2"),
-                        &c("bn2"),
-                        [width, width, 3, 3],
-                        stride,
-                        t,
-                    )?,
-                    conv3: Conv::load(&mut sd, &c("conv3"), &c("bn3"), [out, width, 1, 1], 1, t)?,
-                    downsample: if block == 0 {
-                        Some(Conv::load(
-                            &mut sd,
-                            &c("downsample.0"),
-                            &c("downsample.1"),
-                            [out, in_ch, 1, 1],
-                            stride,
-                            t,
-                        )?)
-                    } else {
-                        None
-                    },
-                });
-                in_ch = out;
-            }
-        }
+        let stem = Conv::load(&mut sd, &stem_spec(), t)?;
+        let blocks = resnet50_blocks()
+            .iter()
+            .map(|b| {
+                Ok(Block {
+                    conv1: Conv::load(&mut sd, &b.conv1, t)?,
+                    conv2: Conv::load(&mut sd, &b.conv2, t)?,
+                    conv3: Conv::load(&mut sd, &b.conv3, t)?,
+                    downsample: b
+                        .downsample
+                        .as_ref()
+                        .map(|d| Conv::load(&mut sd, d, t))
+                        .transpose()?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         sd.finish()?;
         Ok(FastResNet50 {
             precision,
