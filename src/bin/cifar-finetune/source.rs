@@ -99,11 +99,9 @@ impl FeatureArgs {
         match &self.weights {
             Some(p) if p.exists() => Ok(p.clone()),
             Some(p) => anyhow::bail!("--weights {}: no such file", p.display()),
-            None => Ok(download::ensure_weights(
-                &self.data,
-                &download::RESNET50_V1,
-                &self.download_options(),
-            )?),
+            None => self.downloading(|opts| {
+                download::ensure_weights(&self.data, &download::RESNET50_V1, opts)
+            }),
         }
     }
 
@@ -114,14 +112,22 @@ impl FeatureArgs {
         {
             return Ok(());
         }
-        download::ensure_cifar(&self.data, &self.download_options())?;
+        self.downloading(|opts| download::ensure_cifar(&self.data, opts))?;
         Ok(())
     }
 
-    fn download_options(&self) -> DownloadOptions {
+    /// Runs a download step with the options of these flags and a progress display.
+    fn downloading<T>(
+        &self,
+        step: impl FnOnce(&DownloadOptions) -> cifar_finetune::Result<T>,
+    ) -> anyhow::Result<T> {
+        let (reporter, progress) = crate::download::progress_reporter();
         let mut opts = DownloadOptions::from_env();
         opts.offline = self.offline;
-        opts
+        opts.progress = Some(progress);
+        let result = step(&opts);
+        reporter.finish();
+        Ok(result?)
     }
 
     /// The extractor (weights hashed; the network is loaded only if something is missing
