@@ -377,7 +377,7 @@ pub fn lambda_dir_name(lambda: f32) -> String {
 
 /// What the training loop reports while it runs.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Progress<'a> {
+pub enum Progress {
     /// A λ starts (or resumes after `done_epochs`).
     Lambda {
         /// The λ.
@@ -412,7 +412,7 @@ pub enum Progress<'a> {
     /// An epoch finished (and was validated if `val_loss` is present).
     Epoch {
         /// The history row.
-        row: &'a HistoryRow,
+        row: HistoryRow,
         /// True when this epoch became the λ's best checkpoint.
         best: bool,
         /// Wall time of the epoch including validation and saving.
@@ -768,7 +768,7 @@ fn fit(
         checkpoint::save(&last_path, &head, Some(&sgd.velocity), &meta)?;
         history.set(ctx.index, &state.history)?;
         let flow = progress(&Progress::Epoch {
-            row: &row,
+            row,
             best: improved,
             seconds: started.elapsed().as_secs_f64(),
         });
@@ -816,113 +816,6 @@ impl History {
     }
 }
 
-/// A [`Progress`] event owned, to cross from a worker thread to the caller's thread.
-enum Event {
-    Lambda {
-        lambda: f32,
-        index: usize,
-        count: usize,
-        done_epochs: usize,
-        epochs: usize,
-        steps: usize,
-    },
-    Step {
-        lambda: f32,
-        epoch: usize,
-        step: usize,
-        steps: usize,
-        loss: f64,
-        samples_per_sec: f64,
-    },
-    Epoch {
-        row: HistoryRow,
-        best: bool,
-        seconds: f64,
-    },
-}
-
-impl Event {
-    fn from(p: &Progress) -> Event {
-        match *p {
-            Progress::Lambda {
-                lambda,
-                index,
-                count,
-                done_epochs,
-                epochs,
-                steps,
-            } => Event::Lambda {
-                lambda,
-                index,
-                count,
-                done_epochs,
-                epochs,
-                steps,
-            },
-            Progress::Step {
-                lambda,
-                epoch,
-                step,
-                steps,
-                loss,
-                samples_per_sec,
-            } => Event::Step {
-                lambda,
-                epoch,
-                step,
-                steps,
-                loss,
-                samples_per_sec,
-            },
-            Progress::Epoch { row, best, seconds } => Event::Epoch {
-                row: *row,
-                best,
-                seconds,
-            },
-        }
-    }
-
-    fn as_progress(&self) -> Progress<'_> {
-        match self {
-            Event::Lambda {
-                lambda,
-                index,
-                count,
-                done_epochs,
-                epochs,
-                steps,
-            } => Progress::Lambda {
-                lambda: *lambda,
-                index: *index,
-                count: *count,
-                done_epochs: *done_epochs,
-                epochs: *epochs,
-                steps: *steps,
-            },
-            Event::Step {
-                lambda,
-                epoch,
-                step,
-                steps,
-                loss,
-                samples_per_sec,
-            } => Progress::Step {
-                lambda: *lambda,
-                epoch: *epoch,
-                step: *step,
-                steps: *steps,
-                loss: *loss,
-                samples_per_sec: *samples_per_sec,
-            },
-            Event::Epoch { row, best, seconds } => Progress::Epoch {
-                row,
-                best: *best,
-                seconds: *seconds,
-            },
-        }
-    }
-}
-
 type LambdaResult = Result<ControlFlow<(), LambdaSummary>>;
 
 /// Runs `fit_one(index, report)` for every λ index on `jobs` threads, taking the λs in order.
@@ -938,7 +831,7 @@ fn run_parallel(
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
     std::thread::scope(|scope| {
-        let (tx, rx) = mpsc::channel::<(usize, Option<Event>, Option<LambdaResult>)>();
+        let (tx, rx) = mpsc::channel::<(usize, Option<Progress>, Option<LambdaResult>)>();
         for _ in 0..jobs {
             let tx = tx.clone();
             let (next, stop) = (&next, &stop);
@@ -953,7 +846,7 @@ fn run_parallel(
                             return ControlFlow::Break(());
                         }
                         // The receiver lives until every worker is done.
-                        let _ = tx.send((index, Some(Event::from(p)), None));
+                        let _ = tx.send((index, Some(*p), None));
                         ControlFlow::Continue(())
                     };
                     let r = fit_one(index, &mut report);
@@ -968,7 +861,7 @@ fn run_parallel(
         for (index, event, result) in rx {
             if let Some(e) = event
                 && !stop.load(Ordering::SeqCst)
-                && progress(&e.as_progress()).is_break()
+                && progress(&e).is_break()
             {
                 stop.store(true, Ordering::SeqCst);
             }

@@ -104,8 +104,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("writing the test results into {}", run_dir.display()))?;
     let m = &eval.metrics;
     println!(
-        "\ntest split with λ = {}: {} images, loss {:.4}, accuracy {:.2} %",
+        "\ntest split with λ = {} (chosen on validation with seed {}): {} images, \
+         loss {:.4}, accuracy {:.2} %",
         summary.chosen_lambda,
+        args.hyper.seed,
         m.count,
         m.loss,
         100.0 * m.accuracy
