@@ -12,6 +12,7 @@ use cifar_finetune::report::{self, DEFAULT_GALLERY_SIZE, ReportOptions};
 use cifar_finetune::train;
 
 use crate::source::{self, FeatureArgs};
+use crate::sweep::LambdaArgs;
 use crate::train::{TrainArgs, default_run_dir, train_sets};
 
 /// Where `--repeats` puts the sweeps with the other seeds, inside the run directory.
@@ -21,15 +22,8 @@ pub const REPEATS_DIR: &str = "repeats";
 /// evaluate the λ chosen on validation on the test split, and write report.html.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// L2 strengths λ to sweep, comma-separated (penalty λ/2·(‖W1‖² + ‖W2‖²) on the head's
-    /// weight matrices; biases are not penalised).
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "0,1e-4,1e-3,1e-2,1e-1",
-        allow_negative_numbers = true
-    )]
-    pub lambdas: Vec<f32>,
+    #[command(flatten)]
+    pub lambdas: LambdaArgs,
     /// Sweep K times with seeds seed, seed+1, …: the report then shows the spread of the final
     /// validation accuracy across seeds per λ (the chosen λ and the test use the first seed).
     #[arg(long, default_value_t = 1)]
@@ -48,7 +42,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         anyhow::bail!("invalid --repeats: must be at least 1");
     }
     args.hyper.config().validate()?;
-    train::validate_lambdas(&args.lambdas)?;
+    let lambdas = &args.lambdas.lambdas;
+    train::validate_lambdas(lambdas)?;
     let run_dir = args
         .hyper
         .run_dir
@@ -62,7 +57,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let Some(summary) = train_sets(
         &train_set,
         &val_set,
-        &args.lambdas,
+        lambdas,
         &args.hyper,
         &args.features,
         &run_dir,
@@ -82,16 +77,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             args.repeats,
             hyper.seed
         );
-        if train_sets(
-            &train_set,
-            &val_set,
-            &args.lambdas,
-            &hyper,
-            &args.features,
-            &dir,
-        )?
-        .is_none()
-        {
+        if train_sets(&train_set, &val_set, lambdas, &hyper, &args.features, &dir)?.is_none() {
             return Ok(());
         }
         seed_histories.push(train::read_history(&dir.join("history.csv"))?);

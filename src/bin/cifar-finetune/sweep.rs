@@ -4,9 +4,9 @@
 use crate::source::FeatureArgs;
 use crate::train::{TrainArgs, run_lambdas};
 
-/// Train one head per L2 strength λ and choose λ on the validation split.
-#[derive(Debug, clap::Args)]
-pub struct Args {
+/// The λs of a sweep; shared with `run`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LambdaArgs {
     /// L2 strengths λ, comma-separated: each head minimises cross-entropy +
     /// λ/2·(‖W1‖² + ‖W2‖²) over its two weight matrices. Biases are not penalised.
     #[arg(
@@ -16,6 +16,13 @@ pub struct Args {
         allow_negative_numbers = true
     )]
     pub lambdas: Vec<f32>,
+}
+
+/// Train one head per L2 strength λ and choose λ on the validation split.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub lambdas: LambdaArgs,
     #[command(flatten)]
     pub hyper: TrainArgs,
     #[command(flatten)]
@@ -23,5 +30,5 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    run_lambdas(&args.lambdas, &args.hyper, &args.features, "sweep")
+    run_lambdas(&args.lambdas.lambdas, &args.hyper, &args.features, "sweep")
 }
