@@ -149,12 +149,14 @@ impl Extractor {
             return Ok(Vec::new());
         }
         let model = self.model()?;
-        let (oh, ow) = self.preprocess.output_hw(h, w);
-        let per = 3 * oh * ow;
+        // The resize filters are computed once for the batch's image size.
+        let prepared = self.preprocess.prepare(h, w)?;
+        let (oh, ow) = prepared.output_hw();
+        let per = prepared.output_len();
         // [b, 3, oh, ow]
         let mut input = vec![0f32; images.len() * per];
         for (img, out) in images.iter().zip(input.chunks_exact_mut(per)) {
-            self.preprocess.apply(img, h, w, out)?;
+            prepared.apply(img, out)?;
         }
         match model {
             // [b, 2048]
