@@ -17,7 +17,7 @@ pub enum Which {
     /// The test part.
     Test,
     /// Every image in dataset order: the training part, then the test part; `index` then
-    /// counts over all of them (test images from 50,000).
+    /// counts over all of them (the test images from 50,000, or from N with --limit N).
     All,
 }
 
