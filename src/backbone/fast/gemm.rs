@@ -8,19 +8,20 @@
 //!
 //! * `B` (weights) is packed once, at load time, into `NR`-column panels in the order the
 //!   micro-kernel reads them, so nothing about the weights is redone per image.
-//! * `A` is packed per `MC × KC` block straight from the NHWC (or, for the stem, NCHW)
-//!   activations: for a k×k convolution the packer gathers the im2col rows on the fly
-//!   (an "implicit GEMM"), so no im2col matrix is ever materialised.
+//! * `A` is packed per `MC × KC` block straight from the NHWC activations: for a k×k
+//!   convolution the packer gathers the im2col rows on the fly (an "implicit GEMM"), so no
+//!   im2col matrix is ever materialised.
 //! * The epilogue — folded-BN bias, the residual add of a bottleneck and the ReLU — is applied
 //!   to the accumulators of the last `KC` block before they are stored: every activation is
 //!   written once per layer.
 //!
-//! Micro-kernels are chosen at run time ([`Isa::detect`]): AVX-512F (12×32), AVX2 + FMA
-//! (6×16) and a portable one (4×8) share one generic body whose fixed-size loops LLVM turns
-//! into register-blocked vector code under each `#[target_feature]`. The bf16 micro-kernel
-//! uses AVX512-BF16's `vdpbf16ps` (pairs of bf16 products summed into f32 accumulators);
-//! without it, bf16 is emulated exactly — operands rounded to bf16, products and sums in
-//! f32 — by the f32 kernels.
+//! Micro-kernels are chosen at run time ([`Isa::detect`]): AVX-512F (12×32) and AVX2 + FMA
+//! (6×16) are one intrinsics macro instantiated per instruction set, with a plain-Rust 4×8
+//! kernel as the portable fallback. The bf16 micro-kernel uses AVX512-BF16's `vdpbf16ps`
+//! (pairs of bf16 products summed into f32 accumulators); without it, bf16 is emulated
+//! exactly — operands rounded to bf16, products and sums in f32 — by the f32 kernels. The
+//! AVX-512 blockings and the bf16 pair packing are also tested on CPUs without AVX-512, with
+//! their micro-kernels replaced by the same arithmetic in plain Rust.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
@@ -1020,8 +1021,10 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn conv_matches_direct_convolution_on_every_available_isa() {
+    /// Checks `t` against the direct convolution on odd sizes: partial row and column
+    /// tiles, k not a multiple of KC or 2, images smaller than the kernel; with and without
+    /// the residual epilogue, on one and two threads.
+    fn check_tiling(t: &Tiling, bf16: bool, label: &str) {
         let geom = |cin, cout, ksize, stride, pad| ConvGeom {
             cin,
             cout,
@@ -1029,8 +1032,6 @@ mod tests {
             stride,
             pad,
         };
-        // Odd sizes on purpose: partial row and column tiles, k not a multiple of KC or 2,
-        // images smaller than the kernel.
         let cases = [
             (geom(5, 19, 3, 2, 1), (2, 9, 7)),
             (geom(300, 40, 1, 1, 0), (1, 5, 7)),
@@ -1038,7 +1039,6 @@ mod tests {
             (geom(3, 8, 7, 2, 3), (2, 2, 3)),
             (geom(16, 33, 1, 2, 0), (3, 5, 5)),
         ];
-        let isas = [Isa::Avx512Bf16, Isa::Avx512, Isa::Avx2, Isa::Portable];
         for (g, (batch, h, w)) in cases {
             let x = values(batch * h * w * g.cin, 1);
             let wt = values(g.cout * g.k(), 2);
@@ -1046,51 +1046,108 @@ mod tests {
             let (oh, ow) = (g.out_len(h), g.out_len(w));
             let residual = values(batch * oh * ow * g.cout, 4);
             let expect = reference(&x, (batch, h, w), &wt, &bias, &g);
-            for isa in isas.into_iter().filter(|i| i.is_available()) {
-                for bf16 in [false, true] {
-                    let t = Tiling::new(isa, bf16);
-                    let b = PackedB::new(&wt, &g, &t);
-                    for (threads, res) in [(1, true), (2, true), (2, false)] {
-                        let mut scratch: Vec<AlignedBuf> =
-                            (0..threads).map(|_| AlignedBuf::default()).collect();
-                        let mut out = vec![f32::NAN; expect.len()];
-                        let src = Source {
-                            data: &x,
-                            batch,
-                            h,
-                            w,
-                            c: g.cin,
-                        };
-                        let r = res.then_some(residual.as_slice());
-                        conv(
-                            &src,
-                            &g,
-                            &b,
-                            &bias,
-                            &t,
-                            &mut out,
-                            r,
-                            res,
-                            &mut scratch,
-                            None,
-                        )
-                        .unwrap();
-                        // bf16 keeps 8 significant bits per operand.
-                        let tol = if bf16 { 2e-2 } else { 1e-5 } * (g.k() as f64).sqrt();
-                        for (i, (&o, &e)) in out.iter().zip(&expect).enumerate() {
-                            let e = if res {
-                                (e + f64::from(residual[i])).max(0.0)
-                            } else {
-                                e
-                            };
-                            assert!(
-                                (f64::from(o) - e).abs() <= tol,
-                                "{isa:?} bf16={bf16} threads={threads} {g:?}: [{i}] {o} vs {e}"
-                            );
-                        }
-                    }
+            let b = PackedB::new(&wt, &g, t);
+            for (threads, res) in [(1, true), (2, true), (2, false)] {
+                let mut scratch: Vec<AlignedBuf> =
+                    (0..threads).map(|_| AlignedBuf::default()).collect();
+                let mut out = vec![f32::NAN; expect.len()];
+                let src = Source {
+                    data: &x,
+                    batch,
+                    h,
+                    w,
+                    c: g.cin,
+                };
+                let r = res.then_some(residual.as_slice());
+                conv(&src, &g, &b, &bias, t, &mut out, r, res, &mut scratch, None).unwrap();
+                // bf16 keeps 8 significant bits per operand.
+                let tol = if bf16 { 2e-2 } else { 1e-5 } * (g.k() as f64).sqrt();
+                for (i, (&o, &e)) in out.iter().zip(&expect).enumerate() {
+                    let e = if res {
+                        (e + f64::from(residual[i])).max(0.0)
+                    } else {
+                        e
+                    };
+                    assert!(
+                        (f64::from(o) - e).abs() <= tol,
+                        "{label} bf16={bf16} threads={threads} {g:?}: [{i}] {o} vs {e}"
+                    );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn conv_matches_direct_convolution_on_every_available_isa() {
+        let isas = [Isa::Avx512Bf16, Isa::Avx512, Isa::Avx2, Isa::Portable];
+        for isa in isas.into_iter().filter(|i| i.is_available()) {
+            for bf16 in [false, true] {
+                check_tiling(&Tiling::new(isa, bf16), bf16, isa.name());
+            }
+        }
+    }
+
+    /// The AVX-512 f32 body, compiled without target features.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn f32_12x32(
+        steps: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        ep: &Epilogue,
+    ) {
+        unsafe { f32_body::<12, 32, false>(steps, a, lda, b, c, ldc, ep) }
+    }
+
+    /// `vdpbf16ps` in plain Rust, at the AVX-512 tile size: per 32-bit lane, the product of
+    /// the high bf16 halves is added, then that of the low halves (Intel SDM's order; a
+    /// product of two bf16 is exact in f32). Packed `a` only, as the real kernel.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn bf16_pairs_12x32(
+        steps: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        ep: &Epilogue,
+    ) {
+        assert_eq!(lda, 0, "bf16 pairs are always packed");
+        let hi = |w: f32| f32::from_bits(w.to_bits() & 0xFFFF_0000);
+        let lo = |w: f32| f32::from_bits(w.to_bits() << 16);
+        let mut acc = [[0f32; 32]; 12];
+        for p in 0..steps {
+            for (i, row) in acc.iter_mut().enumerate() {
+                let av = unsafe { *a.add(p * 12 + i) };
+                for (j, v) in row.iter_mut().enumerate() {
+                    let bv = unsafe { *b.add(p * 32 + j) };
+                    *v += hi(av) * hi(bv);
+                    *v += lo(av) * lo(bv);
+                }
+            }
+        }
+        unsafe { finish::<12, 32>(acc, c, ldc, ep) }
+    }
+
+    /// The AVX-512 blockings (12×32 tiles, their KC and MC, and for bf16 the pair packing
+    /// `vdpbf16ps` reads) on any CPU: the micro-kernel is swapped for the same arithmetic in
+    /// plain Rust, so everything but the instructions themselves is checked here.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_blockings_match_direct_convolution_on_any_cpu() {
+        for (isa, bf16, micro) in [
+            (Isa::Avx512, false, f32_12x32 as MicroFn),
+            (Isa::Avx512Bf16, false, f32_12x32),
+            (Isa::Avx512Bf16, true, bf16_pairs_12x32),
+        ] {
+            let t = Tiling {
+                micro,
+                ..Tiling::new(isa, bf16)
+            };
+            assert_eq!((t.mr, t.nr, t.pairs), (12, 32, bf16), "{isa:?}");
+            check_tiling(&t, bf16, &format!("{} (emulated)", isa.name()));
         }
     }
 

@@ -13,8 +13,8 @@
 //!   matrix product's epilogue, on registers, before the single store of each activation;
 //! * every buffer lives in a workspace reused from batch to batch, so a forward pass neither
 //!   allocates nor page-faults once warm;
-//! * the stem reads the NCHW image batch directly (its packer takes strides), so no layout
-//!   conversion pass is needed.
+//! * the preprocessed NCHW batch is transposed to NHWC once before the stem (3 channels: a
+//!   negligible pass), so every convolution packs from one layout.
 //!
 //! [`Precision::Bf16`] runs the products on bf16 operands with f32 accumulation (AVX512-BF16's
 //! `vdpbf16ps` where available, an exact emulation elsewhere); activations between layers,
