@@ -1022,7 +1022,8 @@ mod tests {
     }
 
     /// Checks `t` against the direct convolution on odd sizes: partial row and column
-    /// tiles, k not a multiple of KC or 2, images smaller than the kernel; with and without
+    /// tiles, k not a multiple of KC or 2, images smaller than the kernel, several row
+    /// blocks; with and without
     /// the residual epilogue, on one and two threads.
     fn check_tiling(t: &Tiling, bf16: bool, label: &str) {
         let geom = |cin, cout, ksize, stride, pad| ConvGeom {
@@ -1038,6 +1039,9 @@ mod tests {
             (geom(3, 8, 7, 2, 3), (1, 11, 10)),
             (geom(3, 8, 7, 2, 3), (2, 2, 3)),
             (geom(16, 33, 1, 2, 0), (3, 5, 5)),
+            // 180 rows: more than one MC block, packed and read in place.
+            (geom(8, 36, 3, 1, 1), (2, 10, 9)),
+            (geom(20, 36, 1, 1, 0), (2, 10, 9)),
         ];
         for (g, (batch, h, w)) in cases {
             let x = values(batch * h * w * g.cin, 1);
