@@ -1092,6 +1092,9 @@ mod tests {
     }
 
     /// The AVX-512 f32 body, compiled without target features.
+    ///
+    /// # Safety
+    /// As [`MicroFn`], for a 12×32 tile.
     #[cfg(target_arch = "x86_64")]
     unsafe fn f32_12x32(
         steps: usize,
@@ -1102,12 +1105,16 @@ mod tests {
         ldc: usize,
         ep: &Epilogue,
     ) {
+        // SAFETY: forwarded from the caller.
         unsafe { f32_body::<12, 32, false>(steps, a, lda, b, c, ldc, ep) }
     }
 
     /// `vdpbf16ps` in plain Rust, at the AVX-512 tile size: per 32-bit lane, the product of
     /// the high bf16 halves is added, then that of the low halves (Intel SDM's order; a
     /// product of two bf16 is exact in f32). Packed `a` only, as the real kernel.
+    ///
+    /// # Safety
+    /// As [`MicroFn`], for a 12×32 tile of bf16-pair words.
     #[cfg(target_arch = "x86_64")]
     unsafe fn bf16_pairs_12x32(
         steps: usize,
@@ -1122,6 +1129,8 @@ mod tests {
         let hi = |w: f32| f32::from_bits(w.to_bits() & 0xFFFF_0000);
         let lo = |w: f32| f32::from_bits(w.to_bits() << 16);
         let mut acc = [[0f32; 32]; 12];
+        // SAFETY (reads and `finish`): `a` and `b` hold `steps` packed steps of 12 and 32
+        // words; `c` and the epilogue pointers cover the tile (see `MicroFn`).
         for p in 0..steps {
             for (i, row) in acc.iter_mut().enumerate() {
                 let av = unsafe { *a.add(p * 12 + i) };
