@@ -1152,7 +1152,6 @@ mod tests {
     fn avx512_blockings_match_direct_convolution_on_any_cpu() {
         for (isa, bf16, micro) in [
             (Isa::Avx512, false, f32_12x32 as MicroFn),
-            (Isa::Avx512Bf16, false, f32_12x32),
             (Isa::Avx512Bf16, true, bf16_pairs_12x32),
         ] {
             let t = Tiling {
