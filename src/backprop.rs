@@ -92,7 +92,7 @@ use std::path::Path;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
@@ -960,61 +960,52 @@ impl Problem {
         Problem::from_json_str(&text, path, sizes)
     }
 
-    /// Parses a parameter file's content; `path` only names the file in errors.
+    /// Parses a parameter file's content (a leading UTF-8 byte-order mark is allowed);
+    /// `path` only names the file in errors.
     pub fn from_json_str(text: &str, path: &Path, sizes: Option<&[usize]>) -> Result<Self> {
         let bad = |msg: String| Error::format(path, msg);
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let marked = mark_non_finite(text);
-        let root: Value =
-            serde_json::from_str(&marked).map_err(|e| bad(format!("invalid JSON: {e}")))?;
-        let obj = root.as_object().ok_or_else(|| {
-            bad(format!(
-                "the top level is {}, expected an object",
-                describe(&root)
-            ))
-        })?;
-        if let Some(key) = obj
-            .keys()
-            .find(|k| !["weights", "biases", "x", "t"].contains(&k.as_str()))
-        {
-            return Err(bad(format!(
-                "unknown field `{key}` (expected weights, biases, x, t)"
-            )));
+        // serde would also read a struct from a list of its fields in order: refuse that.
+        if !marked.trim_start().starts_with('{') && !marked.trim().is_empty() {
+            return Err(bad(
+                "the top level is not an object (expected one with the fields weights, x, t \
+                 and optionally biases)"
+                    .into(),
+            ));
         }
-        let field = |name: &str| {
-            obj.get(name)
-                .ok_or_else(|| bad(format!("missing field `{name}`")))
-        };
-
-        // weights: a list of matrices, each a list of rows.
-        let weights_v = field("weights")?;
-        let mats = weights_v.as_array().ok_or_else(|| {
-            bad(format!(
-                "weights is {}, expected a list of matrices",
-                describe(weights_v)
-            ))
+        let mut de = serde_json::Deserializer::from_str(&marked);
+        let file: ParamFile = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let inner = e.inner();
+            // serde_json appends the position; the path names the field better.
+            let position = format!(" at line {} column {}", inner.line(), inner.column());
+            let full = inner.to_string();
+            let msg = full.strip_suffix(&position).unwrap_or(&full);
+            let path = e.path().to_string();
+            match inner.classify() {
+                serde_json::error::Category::Data
+                    if path != "." && !msg.starts_with("unknown field") =>
+                {
+                    bad(format!("{path}: {msg}"))
+                }
+                serde_json::error::Category::Data => bad(msg.to_string()),
+                _ => bad(format!("invalid JSON: {full}")),
+            }
         })?;
+        de.end().map_err(|e| bad(format!("invalid JSON: {e}")))?;
+        let unwrap = |v: Vec<Finite>| v.into_iter().map(|f| f.0).collect::<Vec<f64>>();
+        let mats = file.weights;
         if mats.is_empty() {
             return Err(bad("weights is empty, expected at least one matrix".into()));
         }
         let mut rows_of = Vec::with_capacity(mats.len());
-        for (l, m) in mats.iter().enumerate() {
-            let rows = m.as_array().ok_or_else(|| {
-                bad(format!(
-                    "weights[{l}] is {}, expected a list of rows",
-                    describe(m)
-                ))
-            })?;
-            let rows = rows
-                .iter()
-                .enumerate()
-                .map(|(j, r)| number_list(r, &format!("weights[{l}][{j}]")).map_err(bad))
-                .collect::<Result<Vec<_>>>()?;
-            if rows.is_empty() {
+        for (l, m) in mats.into_iter().enumerate() {
+            if m.is_empty() {
                 return Err(bad(format!(
                     "weights[{l}] has no rows, expected at least one"
                 )));
             }
-            rows_of.push(rows);
+            rows_of.push(m.into_iter().map(unwrap).collect::<Vec<_>>());
         }
 
         // Layer sizes: from --sizes, or read off the matrices.
@@ -1025,10 +1016,10 @@ impl Problem {
         let sizes = match sizes {
             Some(s) => {
                 check_sizes(s)?;
-                if mats.len() != s.len() - 1 {
+                if rows_of.len() != s.len() - 1 {
                     return Err(bad(format!(
                         "weights has {} matrices, expected {} for sizes {}",
-                        mats.len(),
+                        rows_of.len(),
                         s.len() - 1,
                         sizes_label(s)
                     )));
@@ -1065,15 +1056,9 @@ impl Problem {
             )));
         }
 
-        let biases = match obj.get("biases") {
-            None | Some(Value::Null) => None,
-            Some(v) => {
-                let list = v.as_array().ok_or_else(|| {
-                    bad(format!(
-                        "biases is {}, expected a list of vectors",
-                        describe(v)
-                    ))
-                })?;
+        let biases = match file.biases {
+            None => None,
+            Some(list) => {
                 if list.len() != weights.len() {
                     return Err(bad(format!(
                         "biases has {} vectors, expected {} (one per weight matrix)",
@@ -1082,8 +1067,7 @@ impl Problem {
                     )));
                 }
                 let mut biases = Vec::with_capacity(list.len());
-                for (l, b) in list.iter().enumerate() {
-                    let b = number_list(b, &format!("biases[{l}]")).map_err(bad)?;
+                for (l, b) in list.into_iter().enumerate() {
                     if b.len() != sizes[l + 1] {
                         return Err(bad(format!(
                             "biases[{l}] has {} values, expected {} (one per unit of layer {})",
@@ -1092,13 +1076,13 @@ impl Problem {
                             l + 2
                         )));
                     }
-                    biases.push(b);
+                    biases.push(unwrap(b));
                 }
                 Some(biases)
             }
         };
 
-        let x = number_list(field("x")?, "x").map_err(bad)?;
+        let x = unwrap(file.x);
         if x.len() != sizes[0] {
             return Err(bad(format!(
                 "x has {} values, expected {} (layer 1)",
@@ -1107,16 +1091,14 @@ impl Problem {
             )));
         }
         let n_out = sizes[sizes.len() - 1];
-        let t_v = field("t")?;
-        let t = match t_v {
-            Value::Array(_) => number_list(t_v, "t").map_err(bad)?,
-            _ if n_out == 1 => vec![number(t_v, "t").map_err(bad)?],
-            _ => {
+        let t = match file.t {
+            Targets::One(t) if n_out == 1 => vec![t.0],
+            Targets::One(_) => {
                 return Err(bad(format!(
-                    "t is {}, expected a list of {n_out} numbers",
-                    describe(t_v)
+                    "t is a number, expected a list of {n_out} numbers"
                 )));
             }
+            Targets::Many(t) => unwrap(t),
         };
         if t.len() != n_out {
             return Err(bad(format!(
@@ -1155,28 +1137,99 @@ impl Problem {
     }
 }
 
-fn describe(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "an object",
+/// A parameter file as written (schema in the module docs); shapes are checked after
+/// parsing, where the layer sizes are known.
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "an object with the fields weights, x, t and optionally biases"
+)]
+struct ParamFile {
+    weights: Vec<Vec<Vec<Finite>>>,
+    #[serde(default)]
+    biases: Option<Vec<Vec<Finite>>>,
+    x: Vec<Finite>,
+    t: Targets,
+}
+
+/// The targets: a list, or one number for a network with one output.
+enum Targets {
+    One(Finite),
+    Many(Vec<Finite>),
+}
+
+impl<'de> Deserialize<'de> for Targets {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Targets;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a finite number or a list of them")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                seq: A,
+            ) -> std::result::Result<Targets, A::Error> {
+                Vec::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))
+                    .map(Targets::Many)
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> std::result::Result<Targets, E> {
+                FiniteVisitor.visit_f64(v).map(Targets::One)
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> std::result::Result<Targets, E> {
+                FiniteVisitor.visit_i64(v).map(Targets::One)
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> std::result::Result<Targets, E> {
+                FiniteVisitor.visit_u64(v).map(Targets::One)
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<Targets, E> {
+                FiniteVisitor.visit_str(v).map(Targets::One)
+            }
+        }
+        de.deserialize_any(V)
     }
 }
 
-fn number(v: &Value, name: &str) -> std::result::Result<f64, String> {
-    match v {
-        Value::Number(n) => match n.as_f64() {
-            Some(x) if x.is_finite() => Ok(x),
-            _ => Err(format!("{name} is {n}, expected a finite number")),
-        },
-        Value::String(s) if s.starts_with(NON_FINITE_MARK) => Err(format!(
-            "{name} is {}, expected a finite number",
-            &s[NON_FINITE_MARK.len()..]
-        )),
-        _ => Err(format!("{name} is {}, expected a number", describe(v))),
+/// A finite number. Non-finite tokens arrive as strings marked by [`mark_non_finite`], so
+/// that the error names the field instead of a line and column.
+struct Finite(f64);
+
+impl<'de> Deserialize<'de> for Finite {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> std::result::Result<Self, D::Error> {
+        de.deserialize_any(FiniteVisitor)
+    }
+}
+
+struct FiniteVisitor;
+
+impl serde::de::Visitor<'_> for FiniteVisitor {
+    type Value = Finite;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a finite number")
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> std::result::Result<Finite, E> {
+        if v.is_finite() {
+            Ok(Finite(v))
+        } else {
+            Err(E::custom(format!("{v} is not a finite number")))
+        }
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> std::result::Result<Finite, E> {
+        Ok(Finite(v as f64))
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> std::result::Result<Finite, E> {
+        Ok(Finite(v as f64))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<Finite, E> {
+        match v.strip_prefix(NON_FINITE_MARK) {
+            Some(word) => Err(E::custom(format!("{word} is not a finite number"))),
+            None => Err(E::invalid_type(serde::de::Unexpected::Str(v), &self)),
+        }
     }
 }
 
@@ -1188,7 +1241,7 @@ const NON_FINITE_MARK: &str = "\u{1}non-finite:";
 /// JSON has no NaN or infinity, but Python's `json.dump` writes `NaN`, `Infinity` and
 /// `-Infinity`, and a literal like `1e999` overflows; serde_json rejects all of these with a
 /// line and column only. To name the field instead, such tokens (outside strings) become
-/// marked strings, which [`number`] reports as non-finite numbers.
+/// marked strings, which [`Finite`] reports as non-finite numbers.
 fn mark_non_finite(text: &str) -> std::borrow::Cow<'_, str> {
     let is_word = |c: char| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.');
     let mut out = String::new();
@@ -1237,16 +1290,6 @@ fn mark_non_finite(text: &str) -> std::borrow::Cow<'_, str> {
     }
     out.push_str(&text[copied..]);
     std::borrow::Cow::Owned(out)
-}
-
-fn number_list(v: &Value, name: &str) -> std::result::Result<Vec<f64>, String> {
-    let list = v
-        .as_array()
-        .ok_or_else(|| format!("{name} is {}, expected a list of numbers", describe(v)))?;
-    list.iter()
-        .enumerate()
-        .map(|(i, x)| number(x, &format!("{name}[{i}]")))
-        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------

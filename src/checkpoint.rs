@@ -19,7 +19,7 @@ use safetensors::tensor::{Dtype, TensorView};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::features::FeatureSet;
+use crate::features::{FeatureSet, Fingerprint};
 use crate::head::{Head, HeadDims, HeadGrads};
 use crate::train::{HistoryRow, TrainConfig};
 
@@ -85,7 +85,11 @@ pub struct CheckpointMeta {
     /// Layer widths.
     pub dims: HeadDims,
     /// Fingerprint of the features the head was trained on.
-    pub extractor: String,
+    pub extractor: Fingerprint,
+    /// The class names in label order, one per output (checkpoints written before this
+    /// field existed are CIFAR-10's).
+    #[serde(default = "crate::data::cifar::class_names")]
+    pub classes: Vec<String>,
     /// The training configuration.
     pub config: TrainConfig,
     /// The epoch's metrics (validation fields empty if it was not validated).
@@ -207,6 +211,16 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
         ));
     }
     meta.dims.validate()?;
+    if meta.classes.len() != meta.dims.classes {
+        return Err(Error::format(
+            path,
+            format!(
+                "the metadata names {} classes but the head has {} outputs",
+                meta.classes.len(),
+                meta.dims.classes
+            ),
+        ));
+    }
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| Error::format(path, format!("not a safetensors file: {e}")))?;
     let d = meta.dims;
@@ -291,6 +305,16 @@ impl Checkpoint {
                     "the head was trained on features from `{}` but these come from `{}`; \
                      extract with the same weights and preprocessing",
                     self.meta.extractor, features.extractor
+                ),
+            });
+        }
+        if features.classes != self.meta.classes {
+            return Err(Error::Fingerprint {
+                path: self.path.clone(),
+                msg: format!(
+                    "the head was trained on the classes {:?}, these features are labelled \
+                     with {:?}",
+                    self.meta.classes, features.classes
                 ),
             });
         }

@@ -9,7 +9,10 @@ use std::path::PathBuf;
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can go wrong in the library.
+///
+/// New variants may be added, so matches need a wildcard arm.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// An I/O operation on a named file or directory failed.
     #[error("{action} {}", path.display())]
@@ -62,6 +65,9 @@ pub enum Error {
     /// A download failed; the message includes the manual steps.
     #[error("{msg}")]
     Download {
+        /// Which kind of failure, for callers that react to some (retry a network error,
+        /// never retry a checksum mismatch).
+        kind: DownloadFailure,
         /// What failed and how to do it by hand.
         msg: String,
         /// The underlying error, if any.
@@ -91,6 +97,31 @@ pub enum Error {
         #[source]
         source: candle_core::Error,
     },
+}
+
+/// The kinds of [`Error::Download`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DownloadFailure {
+    /// The file is missing and downloading was forbidden (offline mode).
+    Offline,
+    /// The server could not be reached, or the connection failed before an answer.
+    Network,
+    /// The server answered with this HTTP status (not 200 or 206).
+    Http(u16),
+    /// The server's answer broke the protocol (a wrong `Content-Range`, an unasked-for
+    /// `Content-Encoding`).
+    Protocol,
+    /// The transfer stopped before the end; the partial file is kept for a resume.
+    Interrupted,
+    /// The body is larger or smaller than announced or expected.
+    Size,
+    /// The downloaded file's checksum is not the published one.
+    Checksum,
+    /// A file already in place is incomplete or has another checksum; it was left untouched.
+    Conflict,
+    /// The archive could not be unpacked, or lacks the expected files.
+    Archive,
 }
 
 impl Error {

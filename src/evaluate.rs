@@ -15,9 +15,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::Checkpoint;
-use crate::data::cifar::{CLASSES, Split};
+use crate::data::cifar::Split;
 use crate::error::{Error, Result};
-use crate::features::FeatureSet;
+use crate::features::{FeatureSet, Fingerprint};
 use crate::metrics::Metrics;
 
 /// Format tag of `metrics.json`.
@@ -52,7 +52,7 @@ pub struct TestMetrics {
     /// Its epoch.
     pub epoch: usize,
     /// Fingerprint of the features (equal to the checkpoint's).
-    pub extractor: String,
+    pub extractor: Fingerprint,
     /// Number of images.
     pub count: usize,
     /// Mean cross-entropy.
@@ -76,15 +76,6 @@ impl TestMetrics {
     }
 }
 
-/// Class names for `classes` classes: CIFAR-10's when there are 10.
-pub fn class_names(classes: usize) -> Vec<String> {
-    if classes == CLASSES.len() {
-        CLASSES.iter().map(|s| s.to_string()).collect()
-    } else {
-        (0..classes).map(|c| format!("class_{c}")).collect()
-    }
-}
-
 /// Scores `checkpoint` on `features` (from `split`); refuses features from another extractor.
 pub fn evaluate(
     checkpoint: &Checkpoint,
@@ -100,7 +91,7 @@ pub fn evaluate(
     }
     let head = &checkpoint.head;
     let p = head.predict(&features.features, &features.labels)?;
-    let names = class_names(head.dims.classes);
+    let names = checkpoint.meta.classes.clone();
     let metrics = Metrics::from_predictions(&features.labels, &p.predicted, &names)?;
     let count = features.len();
     let loss = p.losses.iter().map(|&l| f64::from(l)).sum::<f64>() / count as f64;
@@ -115,7 +106,7 @@ pub fn evaluate(
         loss,
         accuracy: metrics.accuracy,
         class_names: names,
-        per_class_accuracy: metrics.classes.iter().map(|c| c.accuracy).collect(),
+        per_class_accuracy: metrics.classes.iter().map(|c| c.recall).collect(),
         report: metrics.classification_report(2),
         metrics,
     };

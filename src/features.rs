@@ -25,12 +25,103 @@ use sha2::{Digest, Sha256};
 
 use crate::backbone::fast::{FastResNet50, Precision};
 use crate::backbone::resnet::ResNet50;
-use crate::data::cifar::{self, Part};
 use crate::data::transform::Preprocess;
+use crate::data::{Dataset, Image, Part};
 use crate::error::{CandleContext, Error, Result};
 
 /// Feature width of ResNet-50 at its global average pool.
 pub const FEATURE_DIM: usize = crate::backbone::resnet::FEATURE_DIM;
+
+/// What produced a set of features: the backbone and where it is cut, the weights' sha256,
+/// the preprocessing and the precision of the matrix products.
+///
+/// Feature files, cache directories, run configurations and checkpoints store it in its
+/// text form, which is stable (cache keys hash it):
+///
+/// ```text
+/// resnet50-avgpool; weights sha256:<64 hex>; <preprocessing>; precision f32
+/// ```
+///
+/// where `<preprocessing>` is [`Preprocess::fingerprint`]. A head is only ever applied to
+/// features with the same fingerprint.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub struct Fingerprint {
+    /// The network, e.g. `resnet50`; always cut at its global average pool.
+    pub backbone: String,
+    /// Lowercase hex sha256 of the weights file (tests use other tags for synthetic weights).
+    pub weights_sha256: String,
+    /// The preprocessing, as [`Preprocess::fingerprint`] writes it.
+    pub preprocess: String,
+    /// The arithmetic of the backbone's matrix products.
+    pub precision: Precision,
+}
+
+/// The text form's separator: the preprocessing text uses `;` without a space.
+const FINGERPRINT_SEP: &str = "; ";
+
+impl std::fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}-avgpool{FINGERPRINT_SEP}weights sha256:{}{FINGERPRINT_SEP}{}{FINGERPRINT_SEP}\
+             precision {}",
+            self.backbone, self.weights_sha256, self.preprocess, self.precision
+        )
+    }
+}
+
+impl std::str::FromStr for Fingerprint {
+    type Err = Error;
+
+    fn from_str(text: &str) -> Result<Self> {
+        let bad = |why: &str| {
+            Error::invalid(
+                "extractor fingerprint",
+                format!(
+                    "{text:?}: {why} (expected `<backbone>-avgpool; weights sha256:<hex>; <preprocessing>; precision <f32|bf16>`)"
+                ),
+            )
+        };
+        let parts: Vec<&str> = text.split(FINGERPRINT_SEP).collect();
+        let [backbone, weights, preprocess, precision] = parts[..] else {
+            return Err(bad("not four `; `-separated fields"));
+        };
+        let backbone = backbone
+            .strip_suffix("-avgpool")
+            .filter(|b| !b.is_empty())
+            .ok_or_else(|| bad("the backbone does not end in `-avgpool`"))?;
+        let sha = weights
+            .strip_prefix("weights sha256:")
+            .filter(|h| !h.is_empty() && !h.contains(char::is_whitespace))
+            .ok_or_else(|| bad("no `weights sha256:<hex>`"))?;
+        let precision = precision
+            .strip_prefix("precision ")
+            .ok_or_else(|| bad("no `precision`"))?
+            .parse()
+            .map_err(|e: Error| bad(&e.to_string()))?;
+        Ok(Fingerprint {
+            backbone: backbone.to_string(),
+            weights_sha256: sha.to_string(),
+            preprocess: preprocess.to_string(),
+            precision,
+        })
+    }
+}
+
+impl From<Fingerprint> for String {
+    fn from(fp: Fingerprint) -> String {
+        fp.to_string()
+    }
+}
+
+impl TryFrom<String> for Fingerprint {
+    type Error = Error;
+
+    fn try_from(text: String) -> Result<Self> {
+        text.parse()
+    }
+}
 
 /// The network behind an [`Extractor`].
 #[derive(Debug)]
@@ -54,7 +145,7 @@ pub struct Extractor {
     precision: Precision,
     model: std::sync::OnceLock<Backbone>,
     preprocess: Preprocess,
-    fingerprint: String,
+    fingerprint: Fingerprint,
 }
 
 impl Extractor {
@@ -100,10 +191,12 @@ impl Extractor {
         weights_sha256: &str,
         precision: Precision,
     ) -> Self {
-        let fingerprint = format!(
-            "resnet50-avgpool; weights sha256:{weights_sha256}; {}; precision {precision}",
-            preprocess.fingerprint()
-        );
+        let fingerprint = Fingerprint {
+            backbone: "resnet50".to_string(),
+            weights_sha256: weights_sha256.to_string(),
+            preprocess: preprocess.fingerprint(),
+            precision,
+        };
         Self {
             weights: None,
             precision,
@@ -133,7 +226,7 @@ impl Extractor {
 
     /// What produces these features: the weights' sha256, the preprocessing and the
     /// precision. Stored with every feature file and checkpoint.
-    pub fn fingerprint(&self) -> &str {
+    pub fn fingerprint(&self) -> &Fingerprint {
         &self.fingerprint
     }
 
@@ -183,6 +276,9 @@ pub struct CacheOptions {
     pub batch_size: usize,
     /// Images per shard file: the most work an interruption can lose.
     pub shard_size: usize,
+    /// For crash-recovery tests only: abort the process (as `kill -9` would, no cleanup)
+    /// right after writing this many new shards. `None` in normal use.
+    pub crash_after_shards: Option<usize>,
 }
 
 /// Where an extraction stands, reported after each batch.
@@ -196,49 +292,56 @@ pub struct Progress {
     pub cached: usize,
 }
 
-/// The features of the first `limit` images (all when `None`) of one CIFAR-10 part, in
+/// The features of the first `limit` images (all when `None`) of one part of `dataset`, in
 /// dataset order, computing only the shards the cache lacks.
+///
+/// Every file of the part is read and validated before the first image is extracted.
 pub fn cached_part(
     extractor: &Extractor,
-    data_dir: &Path,
+    dataset: &dyn Dataset,
     part: Part,
     limit: Option<usize>,
     opts: &CacheOptions,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<FeatureSet> {
     if opts.batch_size == 0 {
-        return Err(Error::invalid("--batch-size", "must be at least 1"));
+        return Err(Error::invalid("batch_size", "must be at least 1"));
     }
     if opts.shard_size == 0 {
-        return Err(Error::invalid("--shard-size", "must be at least 1"));
+        return Err(Error::invalid("shard_size", "must be at least 1"));
     }
-    let files = cifar::part_files(data_dir, part)?;
-    let data = cifar::load_part(data_dir, part, None)?;
-    let total = limit.map_or(data.len(), |l| l.min(data.len()));
-    let dir = cache_dir_for(extractor, part, &files, &opts.dir)?;
+    let labels = dataset.labels(part)?;
+    let classes = dataset.classes().to_vec();
+    let total = limit.map_or(labels.len(), |l| l.min(labels.len()));
+    let dir = cache_dir_for(extractor, dataset, part, &opts.dir)?;
+    let dim = FEATURE_DIM;
 
     let mut set = FeatureSet {
-        features: Vec::with_capacity(total * FEATURE_DIM),
+        features: Vec::with_capacity(total * dim),
         labels: Vec::with_capacity(total),
         index: Vec::with_capacity(total),
-        dim: FEATURE_DIM,
-        extractor: extractor.fingerprint().to_string(),
+        dim,
+        extractor: extractor.fingerprint().clone(),
+        classes: classes.clone(),
     };
     let mut cached = 0;
+    let mut written = 0;
     for start in (0..total).step_by(opts.shard_size) {
         let end = (start + opts.shard_size).min(total);
         let rows = end - start;
-        let shard = match find_shard(&dir, start, end, extractor, &data.labels) {
+        let shard = match find_shard(&dir, start, end, extractor, &classes, labels) {
             Some(shard) => {
                 cached += rows;
                 shard
             }
             None => {
-                let mut features = Vec::with_capacity(rows * FEATURE_DIM);
+                let mut features = Vec::with_capacity(rows * dim);
                 for b in (start..end).step_by(opts.batch_size) {
                     let be = (b + opts.batch_size).min(end);
-                    let imgs: Vec<&[u8]> = (b..be).map(|i| data.image(i)).collect();
-                    features.extend(extractor.extract(&imgs, cifar::SIDE, cifar::SIDE)?);
+                    let images = (b..be)
+                        .map(|i| dataset.image(part, i))
+                        .collect::<Result<Vec<_>>>()?;
+                    features.extend(extract_images(extractor, &images)?);
                     progress(Progress {
                         done: be,
                         total,
@@ -247,19 +350,24 @@ pub fn cached_part(
                 }
                 let shard = FeatureSet {
                     features,
-                    labels: data.labels[start..end].to_vec(),
+                    labels: labels[start..end].to_vec(),
                     index: (start as u32..end as u32).collect(),
-                    dim: FEATURE_DIM,
-                    extractor: extractor.fingerprint().to_string(),
+                    dim,
+                    extractor: extractor.fingerprint().clone(),
+                    classes: classes.clone(),
                 };
                 shard.write(&dir.join(shard_name(start, end)))?;
                 remove_superseded(&dir, start, end)?;
+                written += 1;
+                if opts.crash_after_shards == Some(written) {
+                    std::process::abort();
+                }
                 shard
             }
         };
         // A cached shard may be longer than needed (written by a run with a larger limit).
         set.features
-            .extend_from_slice(&shard.features[..rows * FEATURE_DIM]);
+            .extend_from_slice(&shard.features[..rows * dim]);
         set.labels.extend_from_slice(&shard.labels[..rows]);
         set.index.extend_from_slice(&shard.index[..rows]);
         progress(Progress {
@@ -271,10 +379,21 @@ pub fn cached_part(
     Ok(set)
 }
 
+/// Features of `images`, `[images.len(), FEATURE_DIM]` row-major: one forward pass per run
+/// of consecutive images of the same size.
+fn extract_images(extractor: &Extractor, images: &[Image<'_>]) -> Result<Vec<f32>> {
+    let mut out = Vec::with_capacity(images.len() * FEATURE_DIM);
+    for run in images.chunk_by(|a, b| (a.height, a.width) == (b.height, b.width)) {
+        let pixels: Vec<&[u8]> = run.iter().map(|im| im.pixels.as_ref()).collect();
+        out.extend(extractor.extract(&pixels, run[0].height, run[0].width)?);
+    }
+    Ok(out)
+}
+
 /// What a cache directory's key stands for, kept beside the shards in `fingerprint.json`.
 #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
 struct CacheFingerprint {
-    extractor: String,
+    extractor: Fingerprint,
     part: String,
     /// (file name, sha256) of every dataset file of the part.
     files: Vec<(String, String)>,
@@ -284,22 +403,17 @@ struct CacheFingerprint {
 /// `fingerprint.json` if new; an existing one must describe the same inputs.
 fn cache_dir_for(
     extractor: &Extractor,
+    dataset: &dyn Dataset,
     part: Part,
-    files: &[PathBuf],
     root: &Path,
 ) -> Result<PathBuf> {
-    let mut fp = CacheFingerprint {
-        extractor: extractor.fingerprint().to_string(),
+    // The file list identifies the dataset (and so its classes): the key of a CIFAR-10
+    // cache is the same as before datasets other than CIFAR-10 existed.
+    let fp = CacheFingerprint {
+        extractor: extractor.fingerprint().clone(),
         part: part.to_string(),
-        files: Vec::new(),
+        files: dataset.fingerprint(part)?,
     };
-    for f in files {
-        let name = f
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        fp.files.push((name, crate::io::sha256_file(f)?));
-    }
     let text = serde_json::to_string(&fp)
         .map_err(|e| Error::invalid("cache fingerprint", e.to_string()))?;
     let key = crate::io::hex(&Sha256::digest(text.as_bytes()));
@@ -331,6 +445,7 @@ fn find_shard(
     start: usize,
     end: usize,
     extractor: &Extractor,
+    classes: &[String],
     labels: &[u8],
 ) -> Option<FeatureSet> {
     let mut candidates = shard_ends(dir, start);
@@ -341,7 +456,8 @@ fn find_shard(
         .filter(|&e| e >= end && e <= labels.len())
         .find_map(|e| {
             let set = FeatureSet::read(&dir.join(shard_name(start, e))).ok()?;
-            let valid = set.extractor == extractor.fingerprint()
+            let valid = set.extractor == *extractor.fingerprint()
+                && set.classes == classes
                 && set.dim == FEATURE_DIM
                 && set.len() == e - start
                 && set.labels == labels[start..e]
@@ -380,21 +496,24 @@ fn remove_superseded(dir: &Path, start: usize, end: usize) -> Result<()> {
 /// A set of backbone features with their labels, as stored on disk.
 ///
 /// On disk (safetensors, readable from Python): `features` f32 `[N, dim]`, `labels` u8 `[N]`,
-/// `index` i64 `[N]` (the image's index within its CIFAR-10 part), and in the metadata the
-/// `extractor` fingerprint (weights sha256 + preprocessing + precision).
+/// `index` i64 `[N]` (the image's index within its dataset part), and in the metadata the
+/// `extractor` fingerprint (weights sha256 + preprocessing + precision) and `classes`, the
+/// class names as a JSON list (files written before it existed are CIFAR-10's).
 #[derive(Debug, Clone, PartialEq)]
 pub struct FeatureSet {
     /// Row-major `[N, dim]`.
     pub features: Vec<f32>,
-    /// `[N]`, class ids 0..=9.
+    /// `[N]`, class ids, each below `classes.len()`.
     pub labels: Vec<u8>,
-    /// `[N]`, each row's index within its CIFAR-10 part (training or test batches).
+    /// `[N]`, each row's index within its dataset part (e.g. CIFAR-10's training batches).
     pub index: Vec<u32>,
     /// Width of one feature row.
     pub dim: usize,
     /// Fingerprint of what produced the features (weights, preprocessing, precision):
     /// checkpoints record it, and a head is only ever applied to features with the same one.
-    pub extractor: String,
+    pub extractor: Fingerprint,
+    /// The dataset's class names in label order; the head's output size is their number.
+    pub classes: Vec<String>,
 }
 
 impl FeatureSet {
@@ -425,6 +544,7 @@ impl FeatureSet {
             index: rows.iter().map(|&r| self.index[r]).collect(),
             dim: self.dim,
             extractor: self.extractor.clone(),
+            classes: self.classes.clone(),
         }
     }
 
@@ -453,8 +573,12 @@ impl FeatureSet {
                 TensorView::new(Dtype::I64, vec![n], &index_bytes).map_err(bad)?,
             ),
         ];
-        let meta =
-            std::collections::HashMap::from([("extractor".to_string(), self.extractor.clone())]);
+        let classes = serde_json::to_string(&self.classes)
+            .map_err(|e| Error::format(path, format!("class names: {e}")))?;
+        let meta = std::collections::HashMap::from([
+            ("extractor".to_string(), self.extractor.to_string()),
+            ("classes".to_string(), classes),
+        ]);
         let bytes = safetensors::serialize(views, Some(meta)).map_err(bad)?;
         crate::io::atomic_write_bytes(path, &bytes)
     }
@@ -468,8 +592,28 @@ impl FeatureSet {
         let extractor = meta
             .metadata()
             .as_ref()
-            .and_then(|m| m.get("extractor").cloned())
-            .ok_or_else(|| Error::format(path, "metadata has no `extractor` fingerprint"))?;
+            .and_then(|m| m.get("extractor"))
+            .ok_or_else(|| Error::format(path, "metadata has no `extractor` fingerprint"))?
+            .parse::<Fingerprint>()
+            .map_err(|e| Error::format(path, e.to_string()))?;
+        let classes: Vec<String> = match meta.metadata().as_ref().and_then(|m| m.get("classes")) {
+            Some(text) => serde_json::from_str(text).map_err(|e| {
+                Error::format(
+                    path,
+                    format!("metadata `classes` is not a list of names: {e}"),
+                )
+            })?,
+            None => crate::data::cifar::class_names(),
+        };
+        if classes.is_empty() || classes.len() > 256 {
+            return Err(Error::format(
+                path,
+                format!(
+                    "metadata `classes` names {} classes (1 to 256 expected)",
+                    classes.len()
+                ),
+            ));
+        }
         let st = safetensors::SafeTensors::deserialize(&bytes)
             .map_err(|e| Error::format(path, format!("not a safetensors file: {e}")))?;
         let get = |name: &str, dtype: Dtype| {
@@ -513,10 +657,13 @@ impl FeatureSet {
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
         let labels = l.data().to_vec();
-        if let Some(bad) = labels.iter().find(|&&y| y > 9) {
+        if let Some(bad) = labels.iter().find(|&&y| usize::from(y) >= classes.len()) {
             return Err(Error::format(
                 path,
-                format!("label {bad} is not a CIFAR-10 class"),
+                format!(
+                    "label {bad} is not a class id (the file names {} classes)",
+                    classes.len()
+                ),
             ));
         }
         let index = i
@@ -534,6 +681,7 @@ impl FeatureSet {
             index,
             dim: *dim,
             extractor,
+            classes,
         })
     }
 }
@@ -542,6 +690,43 @@ impl FeatureSet {
 mod tests {
     use super::*;
 
+    fn sample_fingerprint() -> Fingerprint {
+        Fingerprint {
+            backbone: "resnet50".into(),
+            weights_sha256: "0676ba61".into(),
+            preprocess: Preprocess::imagenet(224).fingerprint(),
+            precision: Precision::Bf16,
+        }
+    }
+
+    #[test]
+    fn fingerprint_text_form_is_stable_and_round_trips() {
+        let fp = sample_fingerprint();
+        let text = fp.to_string();
+        // The form that caches, checkpoints and configs written before this type hold.
+        assert_eq!(
+            text,
+            format!(
+                "resnet50-avgpool; weights sha256:0676ba61; {}; precision bf16",
+                Preprocess::imagenet(224).fingerprint()
+            )
+        );
+        assert_eq!(text.parse::<Fingerprint>().unwrap(), fp);
+        let json = serde_json::to_string(&fp).unwrap();
+        assert_eq!(json, serde_json::to_string(&text).unwrap());
+        assert_eq!(serde_json::from_str::<Fingerprint>(&json).unwrap(), fp);
+        for bad in [
+            "abc",
+            "resnet50; weights sha256:00; x; precision f32",
+            "resnet50-avgpool; weights md5:00; x; precision f32",
+            "resnet50-avgpool; weights sha256:; x; precision f32",
+            "resnet50-avgpool; weights sha256:00; x; precision f16",
+        ] {
+            let e = bad.parse::<Fingerprint>().unwrap_err().to_string();
+            assert!(e.contains("fingerprint") && e.contains(bad), "{e}");
+        }
+    }
+
     #[test]
     fn write_read_round_trip_and_select() {
         let set = FeatureSet {
@@ -549,7 +734,8 @@ mod tests {
             labels: vec![3, 9, 0],
             index: vec![7, 1, 4],
             dim: 4,
-            extractor: "abc".into(),
+            extractor: sample_fingerprint(),
+            classes: (0..10).map(|c| format!("class {c}")).collect(),
         };
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("f.safetensors");

@@ -4,7 +4,7 @@
 //! file in the same directory, are flushed to disk, and only then renamed over the target,
 //! so a crash or Ctrl-C leaves either the old file or the new one, never half of one.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::Path;
 
 use sha2::{Digest, Sha256};
@@ -70,16 +70,7 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
 pub fn sha256_file(path: &Path) -> Result<String> {
     let mut file = std::fs::File::open(path).map_err(|e| Error::io("opening", path, e))?;
     let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file
-            .read(&mut buf)
-            .map_err(|e| Error::io("reading", path, e))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
+    std::io::copy(&mut file, &mut hasher).map_err(|e| Error::io("reading", path, e))?;
     Ok(hex(&hasher.finalize()))
 }
 

@@ -20,7 +20,7 @@
 //!    report (PNG/SVG plots, self-contained report.html)        backprop (error propagation, alone)
 //! ```
 //!
-//! 1. [`data::download`] fetches the CIFAR-10 archive and torchvision's weights, verifies
+//! 1. [`fetch`] fetches the CIFAR-10 archive and torchvision's weights, verifies
 //!    their checksums and extracts safely.
 //! 2. [`data::cifar`] reads CIFAR-10 (binary or python version) and makes the seeded
 //!    train/validation split; [`data::transform`] reproduces torchvision's
@@ -50,6 +50,7 @@ pub mod data;
 pub mod error;
 pub mod evaluate;
 pub mod features;
+pub mod fetch;
 pub mod head;
 pub mod io;
 pub mod metrics;

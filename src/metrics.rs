@@ -19,15 +19,13 @@ pub struct ClassMetrics {
     pub name: String,
     /// tp / (tp + fp); 0 when the class is never predicted.
     pub precision: f64,
-    /// tp / support; 0 when the class never occurs.
+    /// tp / support; 0 when the class never occurs. This is also the per-class accuracy of
+    /// the original script ("Accuracy of plane: 60 %").
     pub recall: f64,
     /// 2·tp / (support + predicted); 0 when both are 0.
     pub f1: f64,
     /// Number of samples of this class.
     pub support: u64,
-    /// Per-class accuracy: the fraction of this class's samples classified correctly (equal
-    /// to recall; the original script's "Accuracy of plane: 60 %").
-    pub accuracy: f64,
 }
 
 /// Precision, recall and F1 averaged over classes.
@@ -120,14 +118,12 @@ impl Metrics {
             let tp = confusion[c][c] as f64;
             let support: u64 = confusion[c].iter().sum();
             let predicted: u64 = confusion.iter().map(|r| r[c]).sum();
-            let recall = ratio(tp, support as f64);
             classes.push(ClassMetrics {
                 name: name.as_ref().to_string(),
                 precision: ratio(tp, predicted as f64),
-                recall,
+                recall: ratio(tp, support as f64),
                 f1: ratio(2.0 * tp, support as f64 + predicted as f64),
                 support,
-                accuracy: recall,
             });
         }
         let mean = |f: fn(&ClassMetrics) -> f64| classes.iter().map(f).sum::<f64>() / k as f64;

@@ -42,8 +42,8 @@ use sha2::{Digest, Sha256};
 
 use crate::checkpoint::{self, BestSoFar, CheckpointKind, CheckpointMeta, TrainState};
 use crate::error::{Error, Result};
-use crate::features::FeatureSet;
-use crate::head::{CLASSES, Head, HeadDims, Sgd, Stepper};
+use crate::features::{FeatureSet, Fingerprint};
+use crate::head::{Head, HeadDims, Sgd, Stepper};
 
 /// Format tag of `config.json`.
 pub const RUN_FORMAT: &str = "cifar-finetune run v1";
@@ -205,11 +205,14 @@ pub struct RunConfig {
     /// The λs, in training order.
     pub lambdas: Vec<f32>,
     /// Fingerprint of the features (weights, preprocessing, precision), verbatim.
-    pub extractor: String,
+    pub extractor: Fingerprint,
     /// Feature width.
     pub feature_dim: usize,
     /// Number of classes.
     pub classes: usize,
+    /// The class names in label order (runs made before this field existed are CIFAR-10's).
+    #[serde(default = "crate::data::cifar::class_names")]
+    pub class_names: Vec<String>,
     /// Training samples.
     pub n_train: usize,
     /// Validation samples.
@@ -479,7 +482,8 @@ pub fn sweep(
         lambdas: lambdas.to_vec(),
         extractor: train.extractor.clone(),
         feature_dim: train.dim,
-        classes: CLASSES,
+        classes: train.classes.len(),
+        class_names: train.classes.clone(),
         n_train: train.len(),
         n_val: val.len(),
         split_digest: split_digest(train, val),
@@ -598,7 +602,7 @@ fn fit(
     let dims = HeadDims {
         input: train.dim,
         hidden: cfg.hidden,
-        classes: CLASSES,
+        classes: train.classes.len(),
     };
 
     // Start fresh, or from the last completed epoch.
@@ -890,6 +894,7 @@ fn meta(
         epoch,
         dims: head.dims,
         extractor: train.extractor.clone(),
+        classes: train.classes.clone(),
         config: cfg.clone(),
         metrics,
         state,
@@ -952,6 +957,25 @@ fn check_sets(train: &FeatureSet, val: &FeatureSet) -> Result<()> {
             ),
         ));
     }
+    if train.classes != val.classes {
+        return Err(Error::invalid(
+            "features",
+            format!(
+                "training features are labelled with the classes {:?}, validation features \
+                 with {:?}",
+                train.classes, val.classes
+            ),
+        ));
+    }
+    if train.classes.len() < 2 {
+        return Err(Error::invalid(
+            "features",
+            format!(
+                "a classifier needs at least 2 classes, these features name {:?}",
+                train.classes
+            ),
+        ));
+    }
     for (name, set) in [("training", train), ("validation", val)] {
         if set.dim == 0 || set.dim != train.dim || set.features.len() != set.len() * set.dim {
             return Err(Error::invalid(
@@ -965,10 +989,17 @@ fn check_sets(train: &FeatureSet, val: &FeatureSet) -> Result<()> {
                 ),
             ));
         }
-        if let Some(bad) = set.labels.iter().find(|&&y| y as usize >= CLASSES) {
+        if let Some(bad) = set
+            .labels
+            .iter()
+            .find(|&&y| y as usize >= train.classes.len())
+        {
             return Err(Error::invalid(
                 "labels",
-                format!("{name} label {bad} is not a CIFAR-10 class"),
+                format!(
+                    "{name} label {bad} is not a class id (there are {} classes)",
+                    train.classes.len()
+                ),
             ));
         }
     }

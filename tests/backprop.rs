@@ -181,8 +181,9 @@ fn fixed_3441_network_matches_the_hand_computation() {
     let dw2: Vec<f64> = (0..16).map(|p| d3[p / 4] * z2[p % 4]).collect();
     let dw1: Vec<f64> = (0..12).map(|p| d2[p / 3] * X[p % 3]).collect();
 
-    // The same δs, computed once by hand (in Python's float arithmetic, from the formulas
-    // above) and written down, so the formulas in this test are checked too.
+    // The same δs, computed by hand in Python's float arithmetic from the formulas above
+    // (`python3 tools/backprop_hand_values.py` prints them) and written down, so the
+    // formulas in this test are checked too.
     let hand_d4 = 0.5057433013175983;
     let hand_d3 = [
         0.10987165351209625,
@@ -596,22 +597,22 @@ fn malformed_params_name_the_field() {
         (
             r#"{"weights": [[[1,2],[3,NaN]],[[1,2]]], "x": [1,2], "t": 1}"#.into(),
             None,
-            "params.json: weights[0][1][1] is NaN, expected a finite number",
+            "params.json: weights[0][1][1]: NaN is not a finite number",
         ),
         (
             r#"{"weights": [[[1,2],[3,4]],[[1,2]]], "x": [1,-Infinity], "t": 1}"#.into(),
             None,
-            "params.json: x[1] is -Infinity, expected a finite number",
+            "params.json: x[1]: -Infinity is not a finite number",
         ),
         (
             r#"{"weights": [[[1,2],[3,4]],[[1,2]]], "x": [1,2], "t": 1e999}"#.into(),
             None,
-            "params.json: t is 1e999, expected a finite number",
+            "params.json: t: 1e999 is not a finite number",
         ),
         (
             r#"{"weights": [[[1,2],[3,"4"]],[[1,2]]], "x": [1,2], "t": 1}"#.into(),
             None,
-            "params.json: weights[0][1][1] is a string, expected a number",
+            r#"params.json: weights[0][1][1]: invalid type: string "4", expected a finite number"#,
         ),
         (
             r#"{"weights": [[[1,2],[3,4]],[[1,2]]], "biases": [[0,0]], "x": [1,2], "t": 1}"#.into(),
@@ -642,7 +643,7 @@ fn malformed_params_name_the_field() {
         (
             r#"[1, 2]"#.into(),
             None,
-            "params.json: the top level is a list",
+            "params.json: the top level is not an object",
         ),
         (r#"{"weights": "#.into(), None, "params.json: invalid JSON"),
     ];
@@ -656,13 +657,20 @@ fn malformed_params_name_the_field() {
 }
 
 #[test]
+fn a_utf8_byte_order_mark_is_accepted() {
+    let text = "\u{feff}{\"weights\": [[[1,2],[3,4]],[[1,2]]], \"x\": [1,2], \"t\": 1}";
+    let p = Problem::from_json_str(text, Path::new("bom.json"), None).unwrap();
+    assert_eq!(p.x, [1.0, 2.0]);
+}
+
+#[test]
 fn non_finite_words_inside_strings_are_left_alone() {
     // "NaN" inside a string is a string, not a number: reported as such.
     let err = parse_err(
         r#"{"weights": [[[1,2],[3,4]],[[1,2]]], "x": [1,"NaN"], "t": 1}"#,
         None,
     );
-    assert!(err.contains("x[1] is a string"), "{err}");
+    assert!(err.contains(r#"x[1]: invalid type: string "NaN""#), "{err}");
 }
 
 #[test]

@@ -53,7 +53,7 @@ fn run_writes_a_complete_run_directory() {
     assert_eq!(config.lambdas, vec![0.0, 0.01]);
     assert_eq!((config.n_train, config.n_val), (10, 5));
     assert!(
-        config.extractor.contains("weights sha256:"),
+        config.extractor.weights_sha256.len() == 64,
         "{}",
         config.extractor
     );

@@ -106,7 +106,7 @@ fn sweep_writes_a_complete_run_directory() {
     assert_eq!(record.config.n_val, 5);
     assert_eq!(record.config.train.lr, 0.01);
     assert!(
-        record.config.extractor.contains("sha256:"),
+        record.config.extractor.weights_sha256.len() == 64,
         "{}",
         record.config.extractor
     );

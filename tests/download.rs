@@ -1,4 +1,4 @@
-//! `data::download` and `cifar-finetune download` against an HTTP server the tests start on
+//! `fetch` and `cifar-finetune download` against an HTTP server the tests start on
 //! 127.0.0.1, serving small synthetic files under the real paths: a clean download, a
 //! checksum mismatch, a cut connection that the next run resumes, a server ignoring Range, a
 //! 404, a server that is down, archives with escaping entries, a truncated archive and
@@ -17,7 +17,8 @@ use std::time::Duration;
 
 use cifar_finetune::Error;
 use cifar_finetune::data::cifar::{self, CLASSES, Part};
-use cifar_finetune::data::download::{
+use cifar_finetune::error::DownloadFailure;
+use cifar_finetune::fetch::{
     self, Asset, CIFAR10_BINARY, Checksum, DownloadOptions, RESNET50_V1, Stage,
 };
 use common::http_server::{TestServer, closed_port_url};
@@ -198,6 +199,17 @@ fn message(err: Error) -> String {
     }
 }
 
+/// The message of a download error of the given kind (callers can match on the kind).
+fn message_of(want: DownloadFailure, err: Error) -> String {
+    match &err {
+        Error::Download { kind, .. } => {
+            assert_eq!(*kind, want, "{err}");
+            err.to_string()
+        }
+        other => panic!("expected Error::Download, got {other:?}"),
+    }
+}
+
 fn assert_contains(msg: &str, parts: &[&str]) {
     for part in parts {
         assert!(msg.contains(part), "{part:?} missing from message:\n{msg}");
@@ -214,13 +226,13 @@ fn clean_download_extracts_a_readable_dataset_and_the_weights() {
     let events = Arc::new(Mutex::new(Vec::new()));
     let mut opts = options(&server.url());
     let sink = Arc::clone(&events);
-    opts.progress = Some(Box::new(move |p: &download::Progress<'_>| {
+    opts.progress = Some(Box::new(move |p: &fetch::Progress<'_>| {
         sink.lock().unwrap().push((p.stage, p.done, p.total));
     }));
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
 
-    let bin = download::ensure_cifar_with(&data, &cifar_asset(&archive), &opts).unwrap();
+    let bin = fetch::ensure_cifar_with(&data, &cifar_asset(&archive), &opts).unwrap();
     assert_eq!(bin, data.join("cifar-10-batches-bin"));
     for (name, bytes) in cifar_files() {
         assert_eq!(std::fs::read(bin.join(&name)).unwrap(), bytes, "{name}");
@@ -234,7 +246,7 @@ fn clean_download_extracts_a_readable_dataset_and_the_weights() {
     let test = cifar::load_part(&data, Part::Test, None).unwrap();
     assert_eq!(test.labels, [0, 1, 2]);
 
-    let w = download::ensure_weights(&data, &weights_asset(&weights), &opts).unwrap();
+    let w = fetch::ensure_weights(&data, &weights_asset(&weights), &opts).unwrap();
     assert_eq!(w, data.join("resnet50-0676ba61.pth"));
     assert_eq!(std::fs::read(&w).unwrap(), weights);
 
@@ -265,8 +277,8 @@ fn clean_download_extracts_a_readable_dataset_and_the_weights() {
 
     // Present files are used as they are: no more requests.
     assert_eq!(server.requests().len(), 2);
-    download::ensure_cifar_with(&data, &cifar_asset(&archive), &opts).unwrap();
-    download::ensure_weights(&data, &weights_asset(&weights), &opts).unwrap();
+    fetch::ensure_cifar_with(&data, &cifar_asset(&archive), &opts).unwrap();
+    fetch::ensure_weights(&data, &weights_asset(&weights), &opts).unwrap();
     assert_eq!(server.requests().len(), 2);
 }
 
@@ -287,7 +299,10 @@ fn checksum_mismatch_is_refused_and_touches_nothing() {
         checksum: Some(Checksum::Md5(leak(expected.clone()))),
         ..cifar_asset(&archive)
     };
-    let msg = message(download::ensure_cifar_with(&data, &asset, &opts).unwrap_err());
+    let msg = message_of(
+        DownloadFailure::Checksum,
+        fetch::ensure_cifar_with(&data, &asset, &opts).unwrap_err(),
+    );
     let url = format!("{}{CIFAR_PATH}", server.url());
     assert_contains(
         &msg,
@@ -314,7 +329,7 @@ fn checksum_mismatch_is_refused_and_touches_nothing() {
     std::fs::write(&dest, b"user's weights").unwrap();
     let wrong = Checksum::Sha256(leak(sha256_hex(b"something else")));
     let msg = message(
-        download::fetch(
+        fetch::fetch(
             &format!("{}{WEIGHTS_PATH}", server.url()),
             &dest,
             Some(&wrong),
@@ -337,7 +352,10 @@ fn an_interrupted_download_resumes_with_a_range_request() {
     let tmp = tempfile::tempdir().unwrap();
     let asset = weights_asset(&weights);
 
-    let msg = message(download::ensure_weights(tmp.path(), &asset, &opts).unwrap_err());
+    let msg = message_of(
+        DownloadFailure::Interrupted,
+        fetch::ensure_weights(tmp.path(), &asset, &opts).unwrap_err(),
+    );
     assert_contains(&msg, &["interrupted", "resume", WEIGHTS_PATH, "sha256sum"]);
     let part = tmp.path().join("resnet50-0676ba61.pth.part");
     let kept = std::fs::metadata(&part).unwrap().len();
@@ -345,7 +363,7 @@ fn an_interrupted_download_resumes_with_a_range_request() {
     assert_eq!(std::fs::read(&part).unwrap(), weights[..kept as usize]);
     assert!(!tmp.path().join("resnet50-0676ba61.pth").exists());
 
-    let path = download::ensure_weights(tmp.path(), &asset, &opts).unwrap();
+    let path = fetch::ensure_weights(tmp.path(), &asset, &opts).unwrap();
     assert_eq!(std::fs::read(path).unwrap(), weights);
     assert!(!part.exists());
     let requests = server.requests();
@@ -364,9 +382,9 @@ fn an_interrupted_cifar_download_resumes_and_extracts() {
     let tmp = tempfile::tempdir().unwrap();
     let asset = cifar_asset(&archive);
 
-    download::ensure_cifar_with(tmp.path(), &asset, &opts).unwrap_err();
+    fetch::ensure_cifar_with(tmp.path(), &asset, &opts).unwrap_err();
     assert_eq!(names(tmp.path()), ["cifar-10-binary.tar.gz.part"]);
-    let bin = download::ensure_cifar_with(tmp.path(), &asset, &opts).unwrap();
+    let bin = fetch::ensure_cifar_with(tmp.path(), &asset, &opts).unwrap();
     assert_eq!(
         std::fs::read(bin.join("data_batch_3.bin")).unwrap(),
         batch_bytes(3)
@@ -389,8 +407,8 @@ fn a_server_ignoring_range_restarts_the_file_cleanly() {
     let tmp = tempfile::tempdir().unwrap();
     let asset = weights_asset(&weights);
 
-    download::ensure_weights(tmp.path(), &asset, &opts).unwrap_err();
-    let path = download::ensure_weights(tmp.path(), &asset, &opts).unwrap();
+    fetch::ensure_weights(tmp.path(), &asset, &opts).unwrap_err();
+    let path = fetch::ensure_weights(tmp.path(), &asset, &opts).unwrap();
     // Had the 200 body been appended to the kept prefix, the file would be too long.
     assert_eq!(std::fs::read(path).unwrap(), weights);
     let requests = server.requests();
@@ -409,7 +427,7 @@ fn a_stale_partial_file_is_downloaded_again_from_zero() {
     // A prefix of some other file (say, an older version on the server).
     std::fs::write(tmp.path().join("resnet50-0676ba61.pth.part"), [0xAB; 1000]).unwrap();
 
-    let path = download::ensure_weights(tmp.path(), &weights_asset(&weights), &opts).unwrap();
+    let path = fetch::ensure_weights(tmp.path(), &weights_asset(&weights), &opts).unwrap();
     assert_eq!(std::fs::read(path).unwrap(), weights);
     let requests = server.requests();
     assert_eq!(requests.len(), 2);
@@ -424,7 +442,10 @@ fn not_found_names_the_status_the_url_and_the_manual_steps() {
     let opts = options(&server.url());
     let tmp = tempfile::tempdir().unwrap();
 
-    let msg = message(download::ensure_weights(tmp.path(), &RESNET50_V1, &opts).unwrap_err());
+    let msg = message_of(
+        DownloadFailure::Http(404),
+        fetch::ensure_weights(tmp.path(), &RESNET50_V1, &opts).unwrap_err(),
+    );
     assert_contains(
         &msg,
         &[
@@ -435,7 +456,10 @@ fn not_found_names_the_status_the_url_and_the_manual_steps() {
             "place it at",
         ],
     );
-    let msg = message(download::ensure_cifar(tmp.path(), &opts).unwrap_err());
+    let msg = message_of(
+        DownloadFailure::Http(404),
+        fetch::ensure_cifar(tmp.path(), &opts).unwrap_err(),
+    );
     assert_contains(
         &msg,
         &[
@@ -455,7 +479,10 @@ fn a_server_that_is_down_gives_the_url_and_the_manual_steps() {
     let opts = options(&base);
     let tmp = tempfile::tempdir().unwrap();
 
-    let msg = message(download::ensure_cifar(tmp.path(), &opts).unwrap_err());
+    let msg = message_of(
+        DownloadFailure::Network,
+        fetch::ensure_cifar(tmp.path(), &opts).unwrap_err(),
+    );
     assert_contains(
         &msg,
         &[
@@ -466,7 +493,10 @@ fn a_server_that_is_down_gives_the_url_and_the_manual_steps() {
             "cifar-10-batches-bin/batches.meta.txt",
         ],
     );
-    let msg = message(download::ensure_weights(tmp.path(), &RESNET50_V1, &opts).unwrap_err());
+    let msg = message_of(
+        DownloadFailure::Network,
+        fetch::ensure_weights(tmp.path(), &RESNET50_V1, &opts).unwrap_err(),
+    );
     assert_contains(
         &msg,
         &[&format!("{base}{WEIGHTS_PATH}"), "resnet50-0676ba61.pth"],
@@ -551,15 +581,16 @@ fn archives_with_escaping_entries_are_refused() {
         let path = tmp.path().join("hostile.tar.gz");
         std::fs::write(&path, &archive).unwrap();
         let before = tree(&data);
-        let err = download::extract_tar_gz(&path, &data).unwrap_err();
+        let err = fetch::extract_tar_gz(&path, &data).unwrap_err();
         assert!(err.to_string().contains("refus"), "{kind}: {err}");
         assert_eq!(tree(&data), before, "{kind}: target changed");
 
         // Through `ensure_cifar_with`, served with a matching checksum.
         let server = TestServer::start();
         server.serve(CIFAR_PATH, archive.clone());
-        let msg = message(
-            download::ensure_cifar_with(&data, &cifar_asset(&archive), &options(&server.url()))
+        let msg = message_of(
+            DownloadFailure::Archive,
+            fetch::ensure_cifar_with(&data, &cifar_asset(&archive), &options(&server.url()))
                 .unwrap_err(),
         );
         assert_contains(
@@ -592,8 +623,9 @@ fn a_truncated_archive_leaves_nothing_half_extracted() {
     server.serve(CIFAR_PATH, archive.clone());
     let tmp = tempfile::tempdir().unwrap();
 
-    let msg = message(
-        download::ensure_cifar_with(tmp.path(), &cifar_asset(&archive), &options(&server.url()))
+    let msg = message_of(
+        DownloadFailure::Archive,
+        fetch::ensure_cifar_with(tmp.path(), &cifar_asset(&archive), &options(&server.url()))
             .unwrap_err(),
     );
     assert_contains(
@@ -612,7 +644,7 @@ fn an_archive_already_present_is_verified_before_use() {
 
     // A good archive put there by hand is unpacked without any network.
     std::fs::write(tmp.path().join("cifar-10-binary.tar.gz"), &archive).unwrap();
-    download::ensure_cifar_with(tmp.path(), &cifar_asset(&archive), &opts).unwrap();
+    fetch::ensure_cifar_with(tmp.path(), &cifar_asset(&archive), &opts).unwrap();
     assert!(server.requests().is_empty());
 
     // A damaged one is reported and left alone.
@@ -620,8 +652,9 @@ fn an_archive_already_present_is_verified_before_use() {
     let mut damaged = archive.clone();
     damaged[100] ^= 0xFF;
     std::fs::write(other.path().join("cifar-10-binary.tar.gz"), &damaged).unwrap();
-    let msg = message(
-        download::ensure_cifar_with(other.path(), &cifar_asset(&archive), &opts).unwrap_err(),
+    let msg = message_of(
+        DownloadFailure::Conflict,
+        fetch::ensure_cifar_with(other.path(), &cifar_asset(&archive), &opts).unwrap_err(),
     );
     assert_contains(&msg, &["exists but its md5", "left untouched"]);
     assert_eq!(
@@ -641,7 +674,10 @@ fn an_incomplete_dataset_directory_is_left_alone() {
     std::fs::write(bin.join("data_batch_1.bin"), batch_bytes(1)).unwrap();
     let before = tree(tmp.path());
 
-    let msg = message(download::ensure_cifar(tmp.path(), &options(&server.url())).unwrap_err());
+    let msg = message_of(
+        DownloadFailure::Conflict,
+        fetch::ensure_cifar(tmp.path(), &options(&server.url())).unwrap_err(),
+    );
     assert_contains(&msg, &["lacks", "data_batch_2.bin", "test_batch.bin"]);
     assert_eq!(tree(tmp.path()), before);
     assert!(server.requests().is_empty());
@@ -666,7 +702,10 @@ fn offline_mode_says_what_is_missing_and_uses_no_network() {
     opts.offline = true;
     let tmp = tempfile::tempdir().unwrap();
 
-    let msg = message(download::ensure_cifar(tmp.path(), &opts).unwrap_err());
+    let msg = message_of(
+        DownloadFailure::Offline,
+        fetch::ensure_cifar(tmp.path(), &opts).unwrap_err(),
+    );
     assert_contains(
         &msg,
         &[
@@ -676,7 +715,10 @@ fn offline_mode_says_what_is_missing_and_uses_no_network() {
             "c32a1d4ab5d03f1284b67883e8d87530",
         ],
     );
-    let msg = message(download::ensure_weights(tmp.path(), &RESNET50_V1, &opts).unwrap_err());
+    let msg = message_of(
+        DownloadFailure::Offline,
+        fetch::ensure_weights(tmp.path(), &RESNET50_V1, &opts).unwrap_err(),
+    );
     assert_contains(
         &msg,
         &["offline", "resnet50-0676ba61.pth", "0676ba61b6795bbe"],
@@ -686,17 +728,17 @@ fn offline_mode_says_what_is_missing_and_uses_no_network() {
 
     // With the files present, offline mode is no obstacle.
     place_everything(tmp.path());
-    download::ensure_cifar(tmp.path(), &opts).unwrap();
-    download::ensure_weights(tmp.path(), &RESNET50_V1, &opts).unwrap();
+    fetch::ensure_cifar(tmp.path(), &opts).unwrap();
+    fetch::ensure_weights(tmp.path(), &RESNET50_V1, &opts).unwrap();
     assert!(server.requests().is_empty());
 }
 
 fn cli() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_cifar-finetune"));
     for var in [
-        download::ENV_CIFAR_URL,
-        download::ENV_WEIGHTS_URL,
-        download::ENV_HF_URL,
+        fetch::ENV_CIFAR_URL,
+        fetch::ENV_WEIGHTS_URL,
+        fetch::ENV_HF_URL,
         "ALL_PROXY",
         "all_proxy",
         "HTTPS_PROXY",
@@ -748,7 +790,7 @@ fn cli_download_offline_lists_everything_missing() {
     let out = cli()
         .args(["download", "--offline", "--data"])
         .arg(tmp.path())
-        .env(download::ENV_WEIGHTS_URL, server.url())
+        .env(fetch::ENV_WEIGHTS_URL, server.url())
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);

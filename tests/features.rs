@@ -2,12 +2,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
-use std::time::{Duration, Instant};
 
 use cifar_finetune::backbone::resnet::ResNet50;
 use cifar_finetune::backbone::weights::{self, StateDict};
-use cifar_finetune::data::cifar::Part;
+use cifar_finetune::data::cifar::{Cifar10, Part};
 use cifar_finetune::data::transform::Preprocess;
 use cifar_finetune::features::{self, CacheOptions, Extractor, FeatureSet, Progress};
 
@@ -15,17 +13,16 @@ fn data_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cifar")
 }
 
-/// A full synthetic ResNet-50 weights file, written once per test binary.
-fn weights_file() -> &'static Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    let dir = DIR.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let sd = weights::synthetic_state_dict().unwrap();
-        weights::write_safetensors(&sd, &dir.path().join("resnet50.safetensors")).unwrap();
-        dir
-    });
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| dir.path().join("resnet50.safetensors"))
+fn cifar10() -> Cifar10 {
+    Cifar10::open(&data_dir()).unwrap()
+}
+
+/// A full synthetic ResNet-50 weights file in `dir`.
+fn write_weights(dir: &Path) -> PathBuf {
+    let path = dir.join("resnet50.safetensors");
+    let sd = weights::synthetic_state_dict().unwrap();
+    weights::write_safetensors(&sd, &path).unwrap();
+    path
 }
 
 fn extractor(pre: Preprocess) -> Extractor {
@@ -44,9 +41,10 @@ fn extract(
         dir: cache.to_path_buf(),
         batch_size: 2,
         shard_size,
+        crash_after_shards: None,
     };
     let mut last = None;
-    let set = features::cached_part(ex, &data_dir(), Part::Train, limit, &opts, &mut |p| {
+    let set = features::cached_part(ex, &cifar10(), Part::Train, limit, &opts, &mut |p| {
         last = Some(p)
     })
     .unwrap();
@@ -174,8 +172,9 @@ fn a_tampered_fingerprint_file_is_an_error() {
         dir: cache.path().to_path_buf(),
         batch_size: 2,
         shard_size: 4,
+        crash_after_shards: None,
     };
-    let err = features::cached_part(&ex, &data_dir(), Part::Train, Some(2), &opts, &mut |_| {})
+    let err = features::cached_part(&ex, &cifar10(), Part::Train, Some(2), &opts, &mut |_| {})
         .unwrap_err()
         .to_string();
     assert!(
@@ -184,13 +183,13 @@ fn a_tampered_fingerprint_file_is_an_error() {
     );
 }
 
-fn features_cmd(cache: &Path, out: &Path) -> Command {
+fn features_cmd(weights: &Path, cache: &Path, out: &Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_cifar-finetune"));
     cmd.arg("features")
         .arg("--data")
         .arg(data_dir())
         .arg("--weights")
-        .arg(weights_file())
+        .arg(weights)
         .arg("--cache-dir")
         .arg(cache)
         .args([
@@ -213,39 +212,23 @@ fn features_cmd(cache: &Path, out: &Path) -> Command {
 #[test]
 fn killed_extraction_resumes_to_identical_features() {
     let tmp = tempfile::tempdir().unwrap();
+    let weights = write_weights(tmp.path());
     // Uninterrupted reference.
     let out_ref = tmp.path().join("ref.safetensors");
-    let status = features_cmd(&tmp.path().join("cache-ref"), &out_ref)
+    let status = features_cmd(&weights, &tmp.path().join("cache-ref"), &out_ref)
         .status()
         .unwrap();
     assert!(status.success());
 
-    // kill -9 once a few shards are on disk, then run again.
+    // Abort (as kill -9 would) right after the third new shard, then run again.
     let cache = tmp.path().join("cache");
     let out = tmp.path().join("out.safetensors");
-    let mut child = features_cmd(&cache, &out).spawn().unwrap();
-    let start = Instant::now();
-    loop {
-        let n = if cache.exists() {
-            shard_files(&cache).len()
-        } else {
-            0
-        };
-        if n >= 3 {
-            break;
-        }
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "finished before it could be killed"
-        );
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "no shard appeared"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    let status = features_cmd(&weights, &cache, &out)
+        .env("CIFAR_FINETUNE_CRASH_AFTER_SHARDS", "3")
+        .status()
+        .unwrap();
+    assert!(!status.success(), "the crash hook did not fire");
+    assert_eq!(shard_files(&cache).len(), 3);
     assert!(!out.exists());
     let before: Vec<(PathBuf, std::time::SystemTime)> = shard_files(&cache)
         .into_iter()
@@ -259,7 +242,7 @@ fn killed_extraction_resumes_to_identical_features() {
         FeatureSet::read(p).unwrap();
     }
 
-    let output = features_cmd(&cache, &out).output().unwrap();
+    let output = features_cmd(&weights, &cache, &out).output().unwrap();
     assert!(
         output.status.success(),
         "{}",

@@ -134,13 +134,11 @@ fn check_finite_differences(dims: HeadDims, b: usize, lambda: f32, w1_stride: us
         ((loss + penalty) as f64 - reference).abs() < 1e-5 * reference.abs().max(1.0),
         "objective {loss} + {penalty} vs f64 {reference}"
     );
-    let mut worst = 0.0f64;
     for (which, g) in grad_slices(&grads).into_iter().enumerate() {
         let stride = if which == 0 { w1_stride } else { 1 };
         for k in (0..g.len()).step_by(stride) {
             let fd = central_difference(&head, &x, &y, lambda as f64, which, k);
             let err = (g[k] as f64 - fd).abs() / (fd.abs() + 1e-3);
-            worst = worst.max(err);
             assert!(
                 err < 2e-3,
                 "parameter {which}[{k}]: analytic {} vs central difference {fd}",
@@ -148,7 +146,6 @@ fn check_finite_differences(dims: HeadDims, b: usize, lambda: f32, w1_stride: us
             );
         }
     }
-    assert!(worst.is_finite());
 }
 
 #[test]

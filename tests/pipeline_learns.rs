@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 use cifar_finetune::backbone::fast::{FastResNet50, Precision};
 use cifar_finetune::backbone::weights::{self, StateDict};
 use cifar_finetune::checkpoint;
-use cifar_finetune::data::cifar::{self, Part, Split};
+use cifar_finetune::data::cifar::{self, Cifar10, Part, Split};
 use cifar_finetune::data::transform::Preprocess;
 use cifar_finetune::evaluate;
 use cifar_finetune::features::{self, CacheOptions, Extractor, FeatureSet};
@@ -72,16 +72,15 @@ fn run(dir: &Path, precision: Precision) -> Run {
     let sd = StateDict::from_tensors("synthetic", weights::synthetic_state_dict().unwrap());
     let model = FastResNet50::from_state_dict(sd, precision).unwrap();
     let ex = Extractor::new_fast(model, Preprocess::imagenet(32), "synthetic");
-    assert!(
-        ex.fingerprint()
-            .ends_with(&format!("precision {precision}"))
-    );
+    assert_eq!(ex.fingerprint().precision, precision);
     let opts = CacheOptions {
         dir: dir.join("cache"),
         batch_size: 16,
         shard_size: 64,
+        crash_after_shards: None,
     };
-    let part = |p| features::cached_part(&ex, dir, p, None, &opts, &mut |_| {}).unwrap();
+    let cifar = Cifar10::open(dir).unwrap();
+    let part = |p| features::cached_part(&ex, &cifar, p, None, &opts, &mut |_| {}).unwrap();
     let whole = part(Part::Train);
     let test = part(Part::Test);
     let (tr, va) = cifar::split_indices(whole.len(), 20, 0).unwrap();

@@ -9,7 +9,7 @@ use cifar_finetune::backbone::weights;
 use cifar_finetune::checkpoint::{self, CheckpointKind, CheckpointMeta};
 use cifar_finetune::data::cifar::CLASSES;
 use cifar_finetune::data::transform::{Preprocess, load_image};
-use cifar_finetune::features::Extractor;
+use cifar_finetune::features::{Extractor, Fingerprint};
 use cifar_finetune::head::Head;
 use cifar_finetune::train::{HistoryRow, TrainConfig};
 
@@ -26,7 +26,8 @@ fn setup() -> &'static Path {
         let ex = Extractor::load(&w, Preprocess::imagenet(32)).unwrap();
         write_checkpoint(&p.join("best.safetensors"), ex.fingerprint());
         // The same head, claiming features from other weights.
-        let other = ex.fingerprint().replace("sha256:", "sha256:0000");
+        let mut other = ex.fingerprint().clone();
+        other.weights_sha256.insert_str(0, "0000");
         write_checkpoint(&p.join("other.safetensors"), &other);
 
         // A landscape PNG, a portrait JPEG, a grey PNG; and a text file posing as a PNG.
@@ -47,7 +48,7 @@ fn setup() -> &'static Path {
     .path()
 }
 
-fn write_checkpoint(path: &Path, extractor: &str) {
+fn write_checkpoint(path: &Path, extractor: &Fingerprint) {
     let head = Head::init(2048, 32, 10, 11).unwrap();
     let meta = CheckpointMeta {
         format: checkpoint::FORMAT.to_string(),
@@ -55,7 +56,8 @@ fn write_checkpoint(path: &Path, extractor: &str) {
         lambda: 0.001,
         epoch: 3,
         dims: head.dims,
-        extractor: extractor.to_string(),
+        extractor: extractor.clone(),
+        classes: cifar_finetune::data::cifar::class_names(),
         config: TrainConfig::default(),
         metrics: HistoryRow {
             lambda: 0.001,

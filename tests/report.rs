@@ -14,8 +14,10 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use base64::prelude::{BASE64_STANDARD, Engine as _};
+
 use cifar_finetune::checkpoint;
-use cifar_finetune::data::cifar::{CLASSES, IMAGE_BYTES, SIDE, Split};
+use cifar_finetune::data::cifar::{self, CLASSES, IMAGE_BYTES, SIDE, Split};
 use cifar_finetune::evaluate;
 use cifar_finetune::features::FeatureSet;
 use cifar_finetune::report::plots::{self, Figure, LossKind};
@@ -340,7 +342,8 @@ fn write_cifar(dir: &Path, n_test: usize) -> Vec<u8> {
 }
 
 const DIM: usize = 16;
-const EXTRACTOR: &str = "synthetic features for the report test; weights sha256:00ff00ff";
+const EXTRACTOR: &str =
+    "synthetic-report-avgpool; weights sha256:00ff00ff; synthetic features; precision f32";
 
 /// Features that make the classes learnable but not perfectly: a one-hot of the label plus
 /// noise.
@@ -357,7 +360,8 @@ fn feature_set(labels: &[u8], tag: u32) -> FeatureSet {
         labels: labels.to_vec(),
         index: (0..labels.len() as u32).collect(),
         dim: DIM,
-        extractor: EXTRACTOR.to_string(),
+        extractor: EXTRACTOR.parse().unwrap(),
+        classes: cifar::class_names(),
     }
 }
 
@@ -562,7 +566,7 @@ fn run_report_is_complete_and_self_contained() {
         .unwrap()
         .parse()
         .unwrap();
-    let png = decode_base64(b64);
+    let png = BASE64_STANDARD.decode(b64).unwrap();
     let img = image::load_from_memory(&png).unwrap().to_rgb8();
     assert_eq!(img.dimensions(), (32, 32));
     let part = cifar_finetune::data::cifar::load_part(
@@ -575,30 +579,6 @@ fn run_report_is_complete_and_self_contained() {
     assert_eq!(img.get_pixel(5, 7).0[1], chw[SIDE * SIDE + 7 * SIDE + 5]);
 
     assert_eq!(external_references(&html), Vec::<String>::new());
-}
-
-fn decode_base64(s: &str) -> Vec<u8> {
-    let val = |c: u8| -> u32 {
-        match c {
-            b'A'..=b'Z' => (c - b'A') as u32,
-            b'a'..=b'z' => (c - b'a') as u32 + 26,
-            b'0'..=b'9' => (c - b'0') as u32 + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => panic!("bad base64 {c}"),
-        }
-    };
-    let mut out = Vec::new();
-    for chunk in s.as_bytes().chunks(4) {
-        let pad = chunk.iter().filter(|&&c| c == b'=').count();
-        let mut n = 0u32;
-        for (k, &c) in chunk.iter().enumerate() {
-            n |= if c == b'=' { 0 } else { val(c) } << (18 - 6 * k);
-        }
-        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
-        out.extend_from_slice(&bytes[..3 - pad]);
-    }
-    out
 }
 
 #[test]

@@ -5,10 +5,11 @@ use std::ops::ControlFlow;
 use std::path::Path;
 
 use cifar_finetune::Error;
+use cifar_finetune::backbone::fast::Precision;
 use cifar_finetune::checkpoint::{self, CheckpointKind};
-use cifar_finetune::data::cifar::Split;
+use cifar_finetune::data::cifar::{self, Split};
 use cifar_finetune::evaluate::{self, TestMetrics};
-use cifar_finetune::features::FeatureSet;
+use cifar_finetune::features::{FeatureSet, Fingerprint};
 use cifar_finetune::train::{
     self, Progress, RunOptions, Select, Summary, SweepOutcome, TrainConfig,
 };
@@ -40,7 +41,18 @@ fn blobs(n: usize, dim: usize, sigma: f32, seed: u64, extractor: &str) -> Featur
         labels,
         index: (0..n as u32).collect(),
         dim,
-        extractor: extractor.to_string(),
+        extractor: fp(extractor),
+        classes: cifar::class_names(),
+    }
+}
+
+/// A fingerprint for synthetic features, told apart by `tag`.
+fn fp(tag: &str) -> Fingerprint {
+    Fingerprint {
+        backbone: tag.to_string(),
+        weights_sha256: "00".to_string(),
+        preprocess: "synthetic".to_string(),
+        precision: Precision::F32,
     }
 }
 
@@ -118,7 +130,7 @@ fn sweep_learns_and_writes_a_complete_run_directory() {
 
     let record = train::load_run(&dir).unwrap();
     assert_eq!(record.config.lambdas, lambdas);
-    assert_eq!(record.config.extractor, "synthetic-blobs");
+    assert_eq!(record.config.extractor, fp("synthetic-blobs"));
     assert_eq!(record.config.train.seed, 7);
     assert_eq!(record.config.n_train, 400);
     assert_eq!(record.history.len(), 9);
@@ -157,7 +169,7 @@ fn sweep_learns_and_writes_a_complete_run_directory() {
         let ck = checkpoint::load(&dir.join(&s.best_checkpoint)).unwrap();
         assert_eq!(ck.meta.kind, CheckpointKind::Best);
         assert_eq!(ck.meta.epoch, s.best_epoch);
-        assert_eq!(ck.meta.extractor, "synthetic-blobs");
+        assert_eq!(ck.meta.extractor, fp("synthetic-blobs"));
         assert_eq!(ck.meta.metrics.val_loss, Some(s.best_val_loss));
         assert!(ck.momentum.is_none());
         // The sidecar says the same as the header.
@@ -335,9 +347,9 @@ fn resume_refuses_other_settings_or_features() {
         "{err}"
     );
     let mut tr2 = tr.clone();
-    tr2.extractor = "other-weights".into();
+    tr2.extractor = fp("other-weights");
     let mut va2 = va.clone();
-    va2.extractor = "other-weights".into();
+    va2.extractor = fp("other-weights");
     let err = train::sweep(&tr2, &va2, &[0.0], &cfg, &dir, &resume, &mut quiet()).unwrap_err();
     assert!(matches!(err, Error::Fingerprint { .. }), "{err}");
     let err = train::sweep(
@@ -518,7 +530,7 @@ fn bad_settings_are_named() {
     let err = run(&tr, &empty, &[0.0], &base, &dir).unwrap_err();
     assert!(err.to_string().contains("--val-count"), "{err}");
     let mut other = va.clone();
-    other.extractor = "else".into();
+    other.extractor = fp("else");
     let err = run(&tr, &other, &[0.0], &base, &dir).unwrap_err();
     assert!(err.to_string().contains("else"), "{err}");
 }
@@ -613,7 +625,7 @@ fn evaluation_writes_metrics_and_predictions_and_refuses_other_features() {
     assert_eq!(m.loss, mean_loss);
 
     let mut foreign = test.clone();
-    foreign.extractor = "resnet50-v2".into();
+    foreign.extractor = fp("resnet50-v2");
     let err = evaluate::evaluate(&ck, &foreign, Split::Test).unwrap_err();
     assert!(
         matches!(&err, Error::Fingerprint { msg, .. } if msg.contains("resnet50-v2")),

@@ -13,6 +13,8 @@
 
 use std::fmt::Write as _;
 
+use base64::prelude::{BASE64_STANDARD, Engine as _};
+
 use super::fmt_lambda;
 use super::plots::Figure;
 use crate::data::cifar::{CifarPart, SIDE};
@@ -160,28 +162,6 @@ pub fn thumbnail_png(chw: &[u8]) -> Result<Vec<u8>> {
     })
 }
 
-/// Standard base64 (RFC 4648, with padding), for `data:` URIs.
-pub fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for k in 0..4 {
-            if k <= chunk.len() {
-                out.push(ALPHABET[((n >> (18 - 6 * k)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 /// Escapes text for HTML content and attribute values.
 pub fn escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
@@ -215,16 +195,6 @@ fn inline_svg(svg: &str) -> String {
         .replacen(" width=\"", " data-width=\"", 1)
         .replacen(" height=\"", " data-height=\"", 1);
     format!("{open} role=\"img\"{rest}")
-}
-
-/// The weights' sha256 inside an extractor fingerprint (`… weights sha256:<hex>; …`).
-pub fn weights_sha256(extractor: &str) -> Option<&str> {
-    let start = extractor.find("sha256:")? + "sha256:".len();
-    let hex = &extractor[start..];
-    let end = hex
-        .find(|c: char| !c.is_ascii_hexdigit())
-        .unwrap_or(hex.len());
-    (end > 0).then(|| &hex[..end])
 }
 
 fn pct(x: f64) -> String {
@@ -520,18 +490,16 @@ fn configuration(h: &mut String, cfg: &RunConfig) {
     for (k, v) in &rows {
         let _ = write!(h, "<tr><td>{}</td><td>{}</td></tr>", escape(k), escape(v));
     }
-    if let Some(sha) = weights_sha256(&cfg.extractor) {
-        let _ = write!(
-            h,
-            "<tr><td>weights sha256</td><td><code>{}</code></td></tr>",
-            escape(sha)
-        );
-    }
+    let _ = write!(
+        h,
+        "<tr><td>weights sha256</td><td><code>{}</code></td></tr>",
+        escape(&cfg.extractor.weights_sha256)
+    );
     let _ = write!(
         h,
         "<tr><td>feature extractor</td><td><code>{}</code></td></tr>\
          <tr><td>train/validation split digest</td><td><code>{}</code></td></tr>",
-        escape(&cfg.extractor),
+        escape(&cfg.extractor.to_string()),
         escape(&cfg.split_digest)
     );
     let mut source = Vec::new();
@@ -666,10 +634,10 @@ fn confusion_table(h: &mut String, confusion: &[Vec<u64>], names: &[String]) {
 }
 
 fn gallery(h: &mut String, page: &Page) {
-    let names: Vec<String> = page
-        .test
-        .map(|t| t.class_names.clone())
-        .unwrap_or_else(|| crate::evaluate::class_names(10));
+    let names: Vec<String> = page.test.map_or_else(
+        || page.config.class_names.clone(),
+        |t| t.class_names.clone(),
+    );
     let name = |c: u8| names.get(c as usize).map_or("?", String::as_str);
     h.push_str("<section id=\"gallery\"><h2>Test images</h2>");
     let shown_wrong = page
@@ -704,7 +672,7 @@ fn gallery(h: &mut String, page: &Page) {
              true <b class=\"ok\">{}</b><br>predicted <b class=\"{}\">{}</b></div></div>",
             if wrong { "wrong" } else { "right" },
             g.index,
-            base64(&g.png),
+            BASE64_STANDARD.encode(&g.png),
             g.index,
             escape(name(g.true_class)),
             if wrong { "bad" } else { "ok" },
@@ -738,23 +706,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn base64_matches_rfc4648_vectors() {
-        let cases = [
-            ("", ""),
-            ("f", "Zg=="),
-            ("fo", "Zm8="),
-            ("foo", "Zm9v"),
-            ("foob", "Zm9vYg=="),
-            ("fooba", "Zm9vYmE="),
-            ("foobar", "Zm9vYmFy"),
-        ];
-        for (input, want) in cases {
-            assert_eq!(base64(input.as_bytes()), want, "{input}");
-        }
-        assert_eq!(base64(&[0xff, 0xfe, 0xfd]), "//79");
-    }
-
-    #[test]
     fn escapes_markup() {
         assert_eq!(
             escape("<a href=\"x\">&'</a>"),
@@ -770,13 +721,6 @@ mod tests {
         assert!(s.starts_with("<svg data-width=\"10\" data-height=\"20\" viewBox"));
         assert!(!s.contains("http"));
         assert!(s.contains("role=\"img\">\n<rect/>"));
-    }
-
-    #[test]
-    fn weights_sha_is_found_in_the_fingerprint() {
-        let fp = "resnet50-avgpool; weights sha256:0676ba61abc; resize=…; precision f32";
-        assert_eq!(weights_sha256(fp), Some("0676ba61abc"));
-        assert_eq!(weights_sha256("no hash here"), None);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! `cifar-finetune download`: fetch CIFAR-10 and the pretrained ResNet-50 weights into the
 //! data directory, verified, with a progress bar.
 //!
-//! The work is done by `cifar_finetune::data::download`; this file only maps flags onto
+//! The work is done by `cifar_finetune::fetch`; this file only maps flags onto
 //! [`DownloadOptions`], draws progress (an indicatif bar on a terminal, plain log lines
 //! otherwise) and prints where the files are. Other subcommands reuse [`progress_reporter`].
 
@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use cifar_finetune::data::download::{
+use cifar_finetune::fetch::{
     self, Asset, CIFAR10_BIN_DIR, DownloadOptions, Progress, ProgressFn, Stage,
 };
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
@@ -68,9 +68,9 @@ impl WeightsChoice {
     /// The asset to fetch, if any.
     pub fn asset(self) -> Option<&'static Asset> {
         match self {
-            WeightsChoice::V1 => Some(&download::RESNET50_V1),
-            WeightsChoice::V2 => Some(&download::RESNET50_V2),
-            WeightsChoice::V1Safetensors => Some(&download::RESNET50_V1_SAFETENSORS),
+            WeightsChoice::V1 => Some(&fetch::RESNET50_V1),
+            WeightsChoice::V2 => Some(&fetch::RESNET50_V2),
+            WeightsChoice::V1Safetensors => Some(&fetch::RESNET50_V1_SAFETENSORS),
             WeightsChoice::None => None,
         }
     }
@@ -96,7 +96,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut failures = Vec::new();
     let mut found = Vec::new();
     if !args.no_cifar {
-        match download::ensure_cifar(&args.data, &opts) {
+        match fetch::ensure_cifar(&args.data, &opts) {
             Ok(dir) => found.push(format!(
                 "CIFAR-10: {} (data_batch_1..5.bin, test_batch.bin, batches.meta.txt)",
                 dir.display()
@@ -106,7 +106,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         reporter.finish();
     }
     if let Some(asset) = args.weights.asset() {
-        match download::ensure_weights(&args.data, asset, &opts) {
+        match fetch::ensure_weights(&args.data, asset, &opts) {
             Ok(path) => {
                 let note = if asset.checksum.is_none() {
                     " (no checksum pinned: not verified)"
@@ -127,7 +127,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     for line in &found {
         println!("{line}");
     }
-    let archive = args.data.join(download::CIFAR10_BINARY.file_name);
+    let archive = args.data.join(fetch::CIFAR10_BINARY.file_name);
     if !args.no_cifar && archive.is_file() && args.data.join(CIFAR10_BIN_DIR).is_dir() {
         println!(
             "(the archive {} is no longer needed and may be deleted)",

@@ -48,10 +48,11 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
         Which::Val => source::load(src, Split::Val)?,
         Which::Test => source::load(src, Split::Test)?,
         Which::All => {
+            let dataset = src.dataset(&[Part::Train, Part::Test])?;
             let extractor = src.extractor()?;
-            let mut all = source::load_part(src, &extractor, Part::Train)?;
+            let mut all = source::load_part(src, &dataset, &extractor, Part::Train)?;
             let offset = all.len() as u32;
-            let test = source::load_part(src, &extractor, Part::Test)?;
+            let test = source::load_part(src, &dataset, &extractor, Part::Test)?;
             all.features.extend(test.features);
             all.labels.extend(test.labels);
             all.index.extend(test.index.iter().map(|i| i + offset));

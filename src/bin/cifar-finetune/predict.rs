@@ -10,10 +10,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use cifar_finetune::checkpoint;
-use cifar_finetune::data::download::{self, DownloadOptions};
 use cifar_finetune::data::transform::{Preprocess, load_image};
-use cifar_finetune::evaluate::class_names;
-use cifar_finetune::features::{Extractor, FEATURE_DIM, FeatureSet};
+use cifar_finetune::features::{Extractor, FEATURE_DIM, FeatureSet, Fingerprint};
+use cifar_finetune::fetch::{self, DownloadOptions};
 
 use crate::source::Normalize;
 
@@ -51,8 +50,9 @@ pub struct Args {
 
 /// The preprocessing whose fingerprint appears in the checkpoint's `extractor`: the size
 /// written there (or `--image-size`) with each normalisation allowed by `--normalize`.
-fn preprocess_for(extractor: &str, args: &Args) -> anyhow::Result<Preprocess> {
+fn preprocess_for(extractor: &Fingerprint, args: &Args) -> anyhow::Result<Preprocess> {
     let recorded_size = extractor
+        .preprocess
         .split(';')
         .find_map(|part| part.trim().strip_prefix("size="))
         .and_then(|s| s.parse::<usize>().ok());
@@ -63,7 +63,7 @@ fn preprocess_for(extractor: &str, args: &Args) -> anyhow::Result<Preprocess> {
         None => vec![Preprocess::imagenet(size), Preprocess::half(size)],
     };
     for p in &candidates {
-        if extractor.contains(&p.fingerprint()) {
+        if extractor.preprocess == p.fingerprint() {
             return Ok(p.clone());
         }
     }
@@ -105,11 +105,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         None => {
             let mut opts = DownloadOptions::from_env();
             opts.offline = args.offline;
-            download::ensure_weights(&args.data, &download::RESNET50_V1, &opts)?
+            fetch::ensure_weights(&args.data, &fetch::RESNET50_V1, &opts)?
         }
     };
     let extractor = Extractor::load(&weights, preprocess)?;
-    if extractor.fingerprint() != ck.meta.extractor {
+    if *extractor.fingerprint() != ck.meta.extractor {
         bail!(
             "{}: the head was trained on features from `{}`, but {} with this preprocessing \
              gives `{}`; pass the weights file it was trained with (--weights)",
@@ -120,7 +120,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
 
-    let names = class_names(ck.head.dims.classes);
+    let names = &ck.meta.classes;
     let k = args.top.min(names.len());
     for (path, (chw, h, w)) in args.images.iter().zip(&images) {
         let features = extractor
@@ -131,7 +131,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             labels: vec![0],
             index: vec![0],
             dim: FEATURE_DIM,
-            extractor: extractor.fingerprint().to_string(),
+            extractor: extractor.fingerprint().clone(),
+            classes: names.clone(),
         };
         ck.check_features(&set)?;
         // [1, classes]

@@ -5,10 +5,11 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use cifar_finetune::backbone::fast::{Isa, Precision};
-use cifar_finetune::data::cifar::{self, Part, Split};
-use cifar_finetune::data::download::{self, DownloadOptions};
+use cifar_finetune::data::Dataset;
+use cifar_finetune::data::cifar::{self, Cifar10, Part, Split};
 use cifar_finetune::data::transform::Preprocess;
 use cifar_finetune::features::{self, CacheOptions, Extractor, FeatureSet};
+use cifar_finetune::fetch::{self, DownloadOptions};
 
 use crate::progress::Progress;
 
@@ -99,21 +100,26 @@ impl FeatureArgs {
         match &self.weights {
             Some(p) if p.exists() => Ok(p.clone()),
             Some(p) => anyhow::bail!("--weights {}: no such file", p.display()),
-            None => self.downloading(|opts| {
-                download::ensure_weights(&self.data, &download::RESNET50_V1, opts)
-            }),
+            None => self
+                .downloading(|opts| fetch::ensure_weights(&self.data, &fetch::RESNET50_V1, opts)),
         }
     }
 
-    /// Makes sure the CIFAR-10 files are in the data directory, downloading them if allowed.
-    pub fn ensure_data(&self) -> anyhow::Result<()> {
-        if cifar::part_files(&self.data, Part::Train).is_ok()
-            && cifar::part_files(&self.data, Part::Test).is_ok()
+    /// The dataset with the files of `parts` in place (downloaded if missing and allowed),
+    /// every file of those parts read and validated: a bad file is reported before any
+    /// extraction starts.
+    pub fn dataset(&self, parts: &[Part]) -> anyhow::Result<Cifar10> {
+        if parts
+            .iter()
+            .any(|&p| cifar::part_files(&self.data, p).is_err())
         {
-            return Ok(());
+            self.downloading(|opts| fetch::ensure_cifar(&self.data, opts))?;
         }
-        self.downloading(|opts| download::ensure_cifar(&self.data, opts))?;
-        Ok(())
+        let dataset = Cifar10::open(&self.data)?;
+        for &part in parts {
+            dataset.labels(part)?;
+        }
+        Ok(dataset)
     }
 
     /// Runs a download step with the options of these flags and a progress display.
@@ -152,20 +158,21 @@ impl FeatureArgs {
     }
 }
 
-/// The features of one CIFAR-10 part, from the cache, extracting what it lacks.
+/// The features of one part of `dataset`, from the cache, extracting what it lacks.
 pub fn load_part(
     args: &FeatureArgs,
+    dataset: &dyn Dataset,
     extractor: &Extractor,
     part: Part,
 ) -> anyhow::Result<FeatureSet> {
-    args.ensure_data()?;
     let opts = CacheOptions {
         dir: args.cache_dir(),
         batch_size: args.extract_batch_size,
         shard_size: args.shard_size,
+        crash_after_shards: crash_after_shards()?,
     };
     let mut bar: Option<Progress> = None;
-    let set = features::cached_part(extractor, &args.data, part, args.limit, &opts, &mut |p| {
+    let set = features::cached_part(extractor, dataset, part, args.limit, &opts, &mut |p| {
         let bar = bar.get_or_insert_with(|| {
             Progress::new(&format!("features ({part})"), "images", p.total as u64)
         });
@@ -176,6 +183,19 @@ pub fn load_part(
         bar.finish();
     }
     Ok(set)
+}
+
+/// The crash-recovery tests' hook: `CIFAR_FINETUNE_CRASH_AFTER_SHARDS=N` makes an extraction
+/// abort the process, as `kill -9` would, right after writing its N-th new shard.
+fn crash_after_shards() -> anyhow::Result<Option<usize>> {
+    const VAR: &str = "CIFAR_FINETUNE_CRASH_AFTER_SHARDS";
+    std::env::var_os(VAR)
+        .map(|v| {
+            v.to_str()
+                .and_then(|v| v.parse().ok())
+                .with_context(|| format!("{VAR}={v:?} is not a number of shards"))
+        })
+        .transpose()
 }
 
 /// The rows of the training part that make up `split` (Train or Val).
@@ -191,15 +211,18 @@ pub fn split_rows(args: &FeatureArgs, n: usize, split: Split) -> anyhow::Result<
 
 /// The features of each split asked for, in that order (the cache is read once per part).
 pub fn load_many(args: &FeatureArgs, splits: &[Split]) -> anyhow::Result<Vec<FeatureSet>> {
+    let mut parts: Vec<Part> = splits.iter().map(|s| s.part()).collect();
+    parts.dedup();
+    let dataset = args.dataset(&parts)?;
     let extractor = args.extractor()?;
     let mut train_part: Option<FeatureSet> = None;
     let mut out = Vec::with_capacity(splits.len());
     for &split in splits {
         let set = match split.part() {
-            Part::Test => load_part(args, &extractor, Part::Test)?,
+            Part::Test => load_part(args, &dataset, &extractor, Part::Test)?,
             Part::Train => {
                 if train_part.is_none() {
-                    train_part = Some(load_part(args, &extractor, Part::Train)?);
+                    train_part = Some(load_part(args, &dataset, &extractor, Part::Train)?);
                 }
                 let whole = train_part.as_ref().context("training part not loaded")?;
                 whole.select(&split_rows(args, whole.len(), split)?)

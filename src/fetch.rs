@@ -30,7 +30,7 @@ use std::time::Duration;
 use md5::Md5;
 use sha2::{Digest, Sha256};
 
-use crate::error::{Error, Result};
+use crate::error::{DownloadFailure, Error, Result};
 
 /// Directory that the CIFAR-10 binary archive unpacks to, inside the data directory.
 pub const CIFAR10_BIN_DIR: &str = "cifar-10-batches-bin";
@@ -321,6 +321,7 @@ pub fn ensure_cifar_with(
             return Ok(target);
         }
         return Err(download_error(
+            DownloadFailure::Conflict,
             format!(
                 "{} exists but lacks {}; it was left untouched. Complete it, or move it away \
                  and run again to download CIFAR-10 afresh.",
@@ -339,6 +340,7 @@ pub fn ensure_cifar_with(
             let got = hash_file(&archive, checksum, opts)?;
             if !checksum.matches(&got) {
                 return Err(download_error(
+                    DownloadFailure::Conflict,
                     format!(
                         "{} exists but its {} is {got}, not the expected {}; it was left \
                          untouched. Delete it and run again to download it afresh.",
@@ -366,6 +368,7 @@ pub fn ensure_cifar_with(
 
     let staging = extract_to_staging(&archive, data_dir, opts).map_err(|e| {
         download_error(
+            DownloadFailure::Archive,
             format!(
                 "extracting {} failed: {e}. Nothing was moved into {}.",
                 archive.display(),
@@ -378,6 +381,7 @@ pub fn ensure_cifar_with(
     let missing = missing_cifar_files(&staged);
     if !missing.is_empty() {
         return Err(download_error(
+            DownloadFailure::Archive,
             format!(
                 "{} does not hold {CIFAR10_BIN_DIR}/{}; nothing was moved into {}.",
                 archive.display(),
@@ -494,8 +498,9 @@ struct Target<'a> {
 fn fetch_target(t: &Target<'_>, opts: &DownloadOptions) -> Result<()> {
     if opts.offline {
         return Err(download_error(
+            DownloadFailure::Offline,
             format!(
-                "{} is missing, and offline mode (--offline) forbids downloading it from {}.",
+                "{} is missing, and offline mode forbids downloading it from {}.",
                 t.what, t.url
             ),
             t.manual,
@@ -523,6 +528,7 @@ fn fetch_target(t: &Target<'_>, opts: &DownloadOptions) -> Result<()> {
         }
         fs::rename(&part, &bad).map_err(|e| Error::io("renaming", &bad, e))?;
         return Err(download_error(
+            DownloadFailure::Checksum,
             format!(
                 "checksum mismatch for {}: its {} is {got}, expected {}. The download was kept \
                  aside as {} (delete it at will){}.",
@@ -585,9 +591,13 @@ fn transfer(t: &Target<'_>, part: &Path, opts: &DownloadOptions) -> Result<(u64,
     if offset > 0 {
         request = request.header("Range", format!("bytes={offset}-"));
     }
-    let response = request
-        .call()
-        .map_err(|e| download_error(format!("could not download {}: {e}.", t.url), t.manual))?;
+    let response = request.call().map_err(|e| {
+        download_error(
+            DownloadFailure::Network,
+            format!("could not download {}: {e}.", t.url),
+            t.manual,
+        )
+    })?;
 
     let status = response.status();
     let header = |name: &str| {
@@ -610,6 +620,7 @@ fn transfer(t: &Target<'_>, part: &Path, opts: &DownloadOptions) -> Result<(u64,
                     // the next run starts cleanly.
                     fs::remove_file(part).map_err(|e| Error::io("removing", part, e))?;
                     return Err(download_error(
+                        DownloadFailure::Protocol,
                         format!(
                             "{} answered a range request for bytes {offset}- with Content-Range \
                              {range:?}; the partial file was removed, run again to download from \
@@ -634,6 +645,7 @@ fn transfer(t: &Target<'_>, part: &Path, opts: &DownloadOptions) -> Result<(u64,
         }
         _ => {
             return Err(download_error(
+                DownloadFailure::Http(status.as_u16()),
                 format!(
                     "could not download {}: the server answered HTTP {}{}.",
                     t.url,
@@ -651,6 +663,7 @@ fn transfer(t: &Target<'_>, part: &Path, opts: &DownloadOptions) -> Result<(u64,
         && !encoding.eq_ignore_ascii_case("identity")
     {
         return Err(download_error(
+            DownloadFailure::Protocol,
             format!(
                 "{} was sent with Content-Encoding {encoding:?} although none was asked for; \
                  its bytes cannot be verified as sent.",
@@ -663,6 +676,7 @@ fn transfer(t: &Target<'_>, part: &Path, opts: &DownloadOptions) -> Result<(u64,
         && expected != announced
     {
         return Err(download_error(
+            DownloadFailure::Size,
             format!(
                 "{} has {announced} bytes, but {expected} were expected: it is not the expected \
                  file (a proxy's error page, or another version). Nothing was downloaded.",
@@ -716,6 +730,7 @@ fn transfer(t: &Target<'_>, part: &Path, opts: &DownloadOptions) -> Result<(u64,
             drop(file);
             fs::remove_file(part).map_err(|e| Error::io("removing", part, e))?;
             return Err(download_error(
+                DownloadFailure::Size,
                 format!(
                     "{} sent more than the {limit} bytes announced; the partial file was removed.",
                     t.url
@@ -745,6 +760,7 @@ fn transfer(t: &Target<'_>, part: &Path, opts: &DownloadOptions) -> Result<(u64,
 fn interrupted(t: &Target<'_>, part: &Path, done: u64, total: Option<u64>, why: &str) -> Error {
     let of = total.map(|n| format!(" of {n}")).unwrap_or_default();
     download_error(
+        DownloadFailure::Interrupted,
         format!(
             "the download of {} was interrupted after {done}{of} bytes ({why}). The partial \
              file {} is kept: run again to resume.",
@@ -797,21 +813,25 @@ impl Hasher {
     }
 }
 
+/// A sink for [`std::io::copy`]: hashing never fails.
+impl Write for Hasher {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.update(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Feeds the first `len` bytes of `path` to `hasher`.
 fn hash_into(path: &Path, hasher: &mut Hasher, len: u64) -> Result<()> {
     let mut file = File::open(path)
         .map_err(|e| Error::io("opening", path, e))?
         .take(len);
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file
-            .read(&mut buf)
-            .map_err(|e| Error::io("reading", path, e))?;
-        if n == 0 {
-            return Ok(());
-        }
-        hasher.update(&buf[..n]);
-    }
+    std::io::copy(&mut file, hasher).map_err(|e| Error::io("reading", path, e))?;
+    Ok(())
 }
 
 /// The digest of a whole file, reporting [`Stage::Verify`] progress.
@@ -828,16 +848,8 @@ fn hash_file(path: &Path, checksum: &Checksum, opts: &DownloadOptions) -> Result
         opts,
     };
     let mut hasher = Hasher::new(checksum);
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = reader
-            .read(&mut buf)
-            .map_err(|e| Error::io("reading", path, e))?;
-        if n == 0 {
-            return Ok(hasher.finish());
-        }
-        hasher.update(&buf[..n]);
-    }
+    std::io::copy(&mut reader, &mut hasher).map_err(|e| Error::io("reading", path, e))?;
+    Ok(hasher.finish())
 }
 
 /// A reader that reports how many bytes went through it.
@@ -984,8 +996,9 @@ fn missing_cifar_files(dir: &Path) -> Vec<&'static str> {
 }
 
 /// An [`Error::Download`] whose message is `what` followed by the manual steps.
-fn download_error(what: String, manual: &str) -> Error {
+fn download_error(kind: DownloadFailure, what: String, manual: &str) -> Error {
     Error::Download {
+        kind,
         msg: format!("{what}\n\n{manual}"),
         source: None,
     }
