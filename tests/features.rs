@@ -279,3 +279,73 @@ fn missing_weights_file_is_named() {
     let err = String::from_utf8_lossy(&output.stderr);
     assert!(err.contains("nope.pth"), "{err}");
 }
+
+/// A copy of the CIFAR-10 fixtures in `dir`, binary version only.
+fn copy_cifar(dir: &Path) -> PathBuf {
+    let src = data_dir().join("cifar-10-batches-bin");
+    let dst = dir.join("data/cifar-10-batches-bin");
+    std::fs::create_dir_all(&dst).unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, dst.join(p.file_name().unwrap())).unwrap();
+    }
+    dir.join("data")
+}
+
+fn features_on(data: &Path, weights: &Path, cache: &Path, split: &str) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_cifar-finetune"))
+        .args([
+            "features",
+            "--offline",
+            "--image-size",
+            "32",
+            "--split",
+            split,
+        ])
+        .arg("--data")
+        .arg(data)
+        .arg("--weights")
+        .arg(weights)
+        .arg("--cache-dir")
+        .arg(cache)
+        .arg("--out")
+        .arg(cache.join("out.safetensors"))
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_command_needs_only_its_parts_and_checks_them_before_extracting() {
+    let tmp = tempfile::tempdir().unwrap();
+    let weights = write_weights(tmp.path());
+    let data = copy_cifar(tmp.path());
+    let bin = data.join("cifar-10-batches-bin");
+
+    // The test part is not needed for the training split.
+    std::fs::rename(
+        bin.join("test_batch.bin"),
+        tmp.path().join("test_batch.bin"),
+    )
+    .unwrap();
+    let cache = tmp.path().join("cache-train");
+    let out = features_on(&data, &weights, &cache, "train");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A bad label in the test part is reported before any training image is extracted.
+    let mut test = std::fs::read(tmp.path().join("test_batch.bin")).unwrap();
+    test[3073] = 10; // the second record's label
+    std::fs::write(bin.join("test_batch.bin"), &test).unwrap();
+    let cache = tmp.path().join("cache-all");
+    let out = features_on(&data, &weights, &cache, "all");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("test_batch.bin") && err.contains("record 1") && err.contains("label 10"),
+        "{err}"
+    );
+    assert!(!cache.exists() || shard_files(&cache).is_empty());
+}

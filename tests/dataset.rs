@@ -1,0 +1,207 @@
+//! The dataset seam: a dataset other than CIFAR-10 — three classes, images of two sizes —
+//! goes through feature extraction, training, checkpoints and evaluation, and its class
+//! names and count flow to every stage.
+
+use std::borrow::Cow;
+use std::ops::ControlFlow;
+
+use cifar_finetune::backbone::fast::Precision;
+use cifar_finetune::backbone::resnet::ResNet50;
+use cifar_finetune::backbone::weights::{self, StateDict};
+use cifar_finetune::checkpoint;
+use cifar_finetune::data::cifar::Split;
+use cifar_finetune::data::transform::Preprocess;
+use cifar_finetune::data::{Dataset, Image, Part};
+use cifar_finetune::evaluate;
+use cifar_finetune::features::{self, CacheOptions, Extractor, FeatureSet, Fingerprint};
+use cifar_finetune::train::{self, RunConfig, RunOptions, SweepOutcome, TrainConfig};
+use cifar_finetune::{Error, Result};
+
+/// Three classes; each image is `(height, width, label)`, its pixels a function of its index.
+#[derive(Debug)]
+struct Shapes {
+    classes: Vec<String>,
+    sizes: Vec<(usize, usize)>,
+    labels: Vec<u8>,
+}
+
+impl Shapes {
+    fn new() -> Self {
+        // Two sizes, not grouped: the extraction must split each batch into runs of one size.
+        let sizes = [
+            (32, 32),
+            (32, 32),
+            (24, 40),
+            (32, 32),
+            (24, 40),
+            (24, 40),
+            (32, 32),
+        ];
+        Shapes {
+            classes: ["circle", "square", "triangle"].map(String::from).to_vec(),
+            sizes: sizes.to_vec(),
+            labels: vec![0, 2, 1, 1, 0, 2, 2],
+        }
+    }
+
+    fn pixels(&self, index: usize) -> Vec<u8> {
+        let (h, w) = self.sizes[index];
+        (0..3 * h * w)
+            .map(|k| ((k * 7 + index * 31) % 251) as u8)
+            .collect()
+    }
+}
+
+impl Dataset for Shapes {
+    fn name(&self) -> &str {
+        "shapes"
+    }
+
+    fn classes(&self) -> &[String] {
+        &self.classes
+    }
+
+    fn fingerprint(&self, part: Part) -> Result<Vec<(String, String)>> {
+        Ok(vec![(format!("shapes-{part}"), "5e".repeat(32))])
+    }
+
+    fn labels(&self, part: Part) -> Result<&[u8]> {
+        match part {
+            Part::Train => Ok(&self.labels),
+            Part::Test => Err(Error::invalid("part", "shapes has no test part")),
+        }
+    }
+
+    fn image(&self, _part: Part, index: usize) -> Result<Image<'_>> {
+        let (height, width) = self.sizes[index];
+        Ok(Image {
+            pixels: Cow::Owned(self.pixels(index)),
+            height,
+            width,
+        })
+    }
+}
+
+#[test]
+fn features_of_another_dataset_carry_its_classes_and_mixed_sizes() {
+    let shapes = Shapes::new();
+    let sd = weights::synthetic_state_dict().unwrap();
+    let model = ResNet50::from_state_dict(StateDict::from_tensors("synthetic", sd)).unwrap();
+    let ex = Extractor::new(model, Preprocess::imagenet(32), "synthetic");
+    let cache = tempfile::tempdir().unwrap();
+    let opts = CacheOptions {
+        dir: cache.path().to_path_buf(),
+        batch_size: 4,
+        shard_size: 5,
+        crash_after_shards: None,
+    };
+    let set = features::cached_part(&ex, &shapes, Part::Train, None, &opts, &mut |_| {}).unwrap();
+    assert_eq!(set.classes, shapes.classes);
+    assert_eq!(set.labels, shapes.labels);
+    assert_eq!(set.len(), 7);
+    // Each row equals the image extracted alone.
+    for i in [0, 2, 6] {
+        let (h, w) = shapes.sizes[i];
+        let alone = ex.extract(&[shapes.pixels(i).as_slice()], h, w).unwrap();
+        let row = set.row(i);
+        let err = row
+            .iter()
+            .zip(&alone)
+            .map(|(a, b)| (a - b).abs() / (b.abs() + 1e-3))
+            .fold(0f32, f32::max);
+        assert!(err < 1e-4, "image {i}: relative error {err}");
+    }
+    // Read back from the cache, classes included.
+    let again = features::cached_part(&ex, &shapes, Part::Train, None, &opts, &mut |_| {}).unwrap();
+    assert_eq!(again, set);
+}
+
+/// `n` samples of 3 well-separated Gaussian-ish blobs in `dim` dimensions.
+fn blobs(n: usize, dim: usize, seed: usize, classes: &[String]) -> FeatureSet {
+    let mut features = Vec::with_capacity(n * dim);
+    let mut labels = Vec::with_capacity(n);
+    for i in 0..n {
+        let c = (i * 7 + seed) % classes.len();
+        labels.push(c as u8);
+        for k in 0..dim {
+            let noise = (((i * 131 + k * 17 + seed * 7) % 97) as f32 / 97.0 - 0.5) * 0.6;
+            features.push(if k % classes.len() == c { 2.0 } else { 0.0 } + noise);
+        }
+    }
+    FeatureSet {
+        features,
+        labels,
+        index: (0..n as u32).collect(),
+        dim,
+        extractor: Fingerprint {
+            backbone: "synthetic".into(),
+            weights_sha256: "00".into(),
+            preprocess: "synthetic".into(),
+            precision: Precision::F32,
+        },
+        classes: classes.to_vec(),
+    }
+}
+
+#[test]
+fn three_classes_flow_through_training_checkpoints_and_evaluation() {
+    let classes: Vec<String> = ["circle", "square", "triangle"].map(String::from).to_vec();
+    let (tr, va) = (blobs(120, 12, 1, &classes), blobs(45, 12, 2, &classes));
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("run");
+    let cfg = TrainConfig {
+        lr: 0.02,
+        epochs: 3,
+        seed: 3,
+        ..TrainConfig::default()
+    };
+    let outcome = train::sweep(
+        &tr,
+        &va,
+        &[0.0],
+        &cfg,
+        &dir,
+        &RunOptions::default(),
+        &mut |_| ControlFlow::Continue(()),
+    )
+    .unwrap();
+    let SweepOutcome::Finished(summary) = outcome else {
+        panic!("the sweep stopped");
+    };
+
+    let config = RunConfig::read(&dir).unwrap();
+    assert_eq!((config.classes, &config.class_names), (3, &classes));
+
+    let ck = checkpoint::load(&dir.join(&summary.chosen_checkpoint)).unwrap();
+    assert_eq!(ck.head.dims.classes, 3);
+    assert_eq!(ck.meta.classes, classes);
+
+    let eval = evaluate::evaluate(&ck, &va, Split::Val).unwrap();
+    let m = &eval.metrics;
+    assert_eq!(m.class_names, classes);
+    assert_eq!(m.per_class_accuracy.len(), 3);
+    assert_eq!(m.metrics.classes.len(), 3);
+    assert_eq!(eval.probabilities.len(), 45 * 3);
+    assert!(m.accuracy > 0.9, "accuracy {}", m.accuracy);
+
+    // Features labelled with other classes are refused, naming both lists.
+    let mut other = va.clone();
+    other.classes[2] = "hexagon".into();
+    let err = evaluate::evaluate(&ck, &other, Split::Val)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("triangle") && err.contains("hexagon"), "{err}");
+    // Training and validation features must agree on the classes.
+    let err = train::sweep(
+        &tr,
+        &other,
+        &[0.0],
+        &cfg,
+        &tmp.path().join("other"),
+        &RunOptions::default(),
+        &mut |_| ControlFlow::Continue(()),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("hexagon"), "{err}");
+}
