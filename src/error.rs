@@ -53,6 +53,21 @@ pub enum Error {
         msg: String,
     },
 
+    /// Another process holds the lock of a directory this one must write into.
+    #[error(
+        "{}: another process (pid {holder}) is using this {what}; wait for it to finish, or let \
+         this one wait for it",
+        path.display()
+    )]
+    Locked {
+        /// The lock file.
+        path: PathBuf,
+        /// What the directory is, e.g. "training run" or "feature cache part".
+        what: String,
+        /// The holder's process id, as it wrote it in the lock file (may be empty).
+        holder: String,
+    },
+
     /// A cache or checkpoint was made from other inputs than the ones in use.
     #[error("{}: fingerprint mismatch: {msg}", path.display())]
     Fingerprint {

@@ -28,6 +28,7 @@ use crate::backbone::resnet::ResNet50;
 use crate::data::transform::Preprocess;
 use crate::data::{Dataset, Image, Part};
 use crate::error::{CandleContext, Error, Result};
+use crate::io::DirLock;
 
 /// Feature width of ResNet-50 at its global average pool.
 pub const FEATURE_DIM: usize = crate::backbone::resnet::FEATURE_DIM;
@@ -276,6 +277,9 @@ pub struct CacheOptions {
     pub batch_size: usize,
     /// Images per shard file: the most work an interruption can lose.
     pub shard_size: usize,
+    /// When another process is extracting into the same cache part: wait for it (and then
+    /// use what it computed) instead of failing with [`Error::Locked`].
+    pub wait_for_lock: bool,
     /// For crash-recovery tests only: abort the process (as `kill -9` would, no cleanup)
     /// right after writing this many new shards. `None` in normal use.
     pub crash_after_shards: Option<usize>,
@@ -313,7 +317,7 @@ pub fn cached_part(
     let labels = dataset.labels(part)?;
     let classes = dataset.classes().to_vec();
     let total = limit.map_or(labels.len(), |l| l.min(labels.len()));
-    let dir = cache_dir_for(extractor, dataset, part, &opts.dir)?;
+    let (dir, _lock) = cache_dir_for(extractor, dataset, part, opts)?;
     let dim = FEATURE_DIM;
 
     let mut set = FeatureSet {
@@ -348,6 +352,15 @@ pub fn cached_part(
                         cached,
                     });
                 }
+                if let Some((row, v)) = first_non_finite(&features, dim) {
+                    return Err(Error::Numerical(format!(
+                        "the backbone gave a non-finite feature ({v}) for image {} of the {part} \
+                         part of {}; nothing was cached for rows {start}..{end}. Check the \
+                         weights file",
+                        start + row,
+                        dataset.name()
+                    )));
+                }
                 let shard = FeatureSet {
                     features,
                     labels: labels[start..end].to_vec(),
@@ -379,6 +392,21 @@ pub fn cached_part(
     Ok(set)
 }
 
+/// The first row of `features` (`[N, dim]`) holding a NaN or infinity, with that value.
+fn first_non_finite(features: &[f32], dim: usize) -> Option<(usize, f32)> {
+    let i = features.iter().position(|v| !v.is_finite())?;
+    Some((i / dim.max(1), features[i]))
+}
+
+/// XXH3-64 of a feature file's three tensors, in a fixed order, as lowercase hex.
+fn content_checksum(features: &[u8], labels: &[u8], index: &[u8]) -> String {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for part in [features, labels, index] {
+        h.update(part);
+    }
+    format!("{:016x}", h.digest())
+}
+
 /// Features of `images`, `[images.len(), FEATURE_DIM]` row-major: one forward pass per run
 /// of consecutive images of the same size.
 fn extract_images(extractor: &Extractor, images: &[Image<'_>]) -> Result<Vec<f32>> {
@@ -401,12 +429,15 @@ struct CacheFingerprint {
 
 /// The cache directory of one (extractor, part, dataset files) triple, created with its
 /// `fingerprint.json` if new; an existing one must describe the same inputs.
+///
+/// The directory is locked for the rest of the extraction (the lock is returned); the
+/// temporary files of an extraction that was killed while writing are removed.
 fn cache_dir_for(
     extractor: &Extractor,
     dataset: &dyn Dataset,
     part: Part,
-    root: &Path,
-) -> Result<PathBuf> {
+    opts: &CacheOptions,
+) -> Result<(PathBuf, DirLock)> {
     // The file list identifies the dataset (and so its classes): the key of a CIFAR-10
     // cache is the same as before datasets other than CIFAR-10 existed.
     let fp = CacheFingerprint {
@@ -417,7 +448,9 @@ fn cache_dir_for(
     let text = serde_json::to_string(&fp)
         .map_err(|e| Error::invalid("cache fingerprint", e.to_string()))?;
     let key = crate::io::hex(&Sha256::digest(text.as_bytes()));
-    let dir = root.join(format!("{part}-{}", &key[..16]));
+    let dir = opts.dir.join(format!("{part}-{}", &key[..16]));
+    let lock = DirLock::acquire(&dir, "feature cache part", opts.wait_for_lock)?;
+    crate::io::remove_stale_temporaries(&dir)?;
     let meta = dir.join("fingerprint.json");
     if meta.exists() {
         let existing: CacheFingerprint = crate::io::read_json(&meta)?;
@@ -432,7 +465,7 @@ fn cache_dir_for(
     } else {
         crate::io::write_json(&meta, &fp)?;
     }
-    Ok(dir)
+    Ok((dir, lock))
 }
 
 fn shard_name(start: usize, end: usize) -> String {
@@ -493,12 +526,17 @@ fn remove_superseded(dir: &Path, start: usize, end: usize) -> Result<()> {
     Ok(())
 }
 
+/// The metadata key of a feature file's content checksum.
+const CHECKSUM_KEY: &str = "xxh3_64";
+
 /// A set of backbone features with their labels, as stored on disk.
 ///
 /// On disk (safetensors, readable from Python): `features` f32 `[N, dim]`, `labels` u8 `[N]`,
 /// `index` i64 `[N]` (the image's index within its dataset part), and in the metadata the
-/// `extractor` fingerprint (weights sha256 + preprocessing + precision) and `classes`, the
-/// class names as a JSON list (files written before it existed are CIFAR-10's).
+/// `extractor` fingerprint (weights sha256 + preprocessing + precision), `classes`, the
+/// class names as a JSON list (files written before it existed are CIFAR-10's), and
+/// `xxh3_64`, the XXH3-64 of the three tensors' bytes in that order (hex), verified on every
+/// read when present. Non-finite features are refused on read.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FeatureSet {
     /// Row-major `[N, dim]`.
@@ -578,6 +616,10 @@ impl FeatureSet {
         let meta = std::collections::HashMap::from([
             ("extractor".to_string(), self.extractor.to_string()),
             ("classes".to_string(), classes),
+            (
+                CHECKSUM_KEY.to_string(),
+                content_checksum(&feat_bytes, &self.labels, &index_bytes),
+            ),
         ]);
         let bytes = safetensors::serialize(views, Some(meta)).map_err(bad)?;
         crate::io::atomic_write_bytes(path, &bytes)
@@ -651,11 +693,29 @@ impl FeatureSet {
                 ),
             ));
         }
+        if let Some(want) = meta.metadata().as_ref().and_then(|m| m.get(CHECKSUM_KEY)) {
+            let got = content_checksum(f.data(), l.data(), i.data());
+            if got != *want {
+                return Err(Error::format(
+                    path,
+                    format!(
+                        "the content checksum is {got}, the file records {want}: the file is \
+                         damaged"
+                    ),
+                ));
+            }
+        }
         let features: Vec<f32> = f
             .data()
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
+        if let Some((row, v)) = first_non_finite(&features, *dim) {
+            return Err(Error::format(
+                path,
+                format!("row {row} of tensor `features` holds a non-finite value ({v})"),
+            ));
+        }
         let labels = l.data().to_vec();
         if let Some(bad) = labels.iter().find(|&&y| usize::from(y) >= classes.len()) {
             return Err(Error::format(

@@ -1,11 +1,16 @@
-//! Small file helpers shared by every stage: atomic writes and checksums.
+//! Small file helpers shared by every stage: atomic writes, directory locks and checksums.
 //!
 //! Every file the tool writes goes through [`atomic_write`]: the bytes go to a temporary
-//! file in the same directory, are flushed to disk, and only then renamed over the target,
-//! so a crash or Ctrl-C leaves either the old file or the new one, never half of one.
+//! file (`.tmp-*`) in the same directory, are flushed to disk, and only then renamed over the
+//! target, so a crash or Ctrl-C leaves either the old file or the new one, never half of
+//! one. A directory that a process writes into is held with a [`DirLock`], an advisory lock
+//! that the operating system releases when the process ends however it ends, so `kill -9`
+//! leaves nothing stale; the lock's holder then removes the temporaries that a killed writer
+//! left behind ([`remove_stale_temporaries`]).
 
+use std::fs::File;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
@@ -23,7 +28,7 @@ pub fn atomic_write(
     };
     std::fs::create_dir_all(dir).map_err(|e| Error::io("creating directory", dir, e))?;
     let mut tmp = tempfile::Builder::new()
-        .prefix(".tmp-")
+        .prefix(TMP_PREFIX)
         .tempfile_in(dir)
         .map_err(|e| Error::io("creating a temporary file in", dir, e))?;
     {
@@ -46,6 +51,92 @@ pub fn atomic_write(
     tmp.persist(path)
         .map_err(|e| Error::io("renaming into place", path, e.error))?;
     Ok(())
+}
+
+/// Prefix of [`atomic_write`]'s temporary files.
+const TMP_PREFIX: &str = ".tmp-";
+
+/// Name of the lock file a [`DirLock`] keeps in its directory.
+pub const LOCK_FILE: &str = ".lock";
+
+/// An exclusive advisory lock on a directory, held until dropped or until the process ends.
+///
+/// The lock is taken on `<dir>/.lock` (`flock` on Unix), which then holds the holder's
+/// process id, so that a refused process can say who holds it.
+#[derive(Debug)]
+pub struct DirLock {
+    file: File,
+    path: PathBuf,
+}
+
+impl DirLock {
+    /// Locks `dir` (created if missing) for `what` (e.g. "training run"). If another process
+    /// holds it: waits for it when `wait`, else fails at once with [`Error::Locked`] naming
+    /// the holder's process id.
+    pub fn acquire(dir: &Path, what: &str, wait: bool) -> Result<DirLock> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io("creating directory", dir, e))?;
+        let path = dir.join(LOCK_FILE);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| Error::io("opening the lock file", &path, e))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) if wait => {
+                file.lock().map_err(|e| Error::io("locking", &path, e))?;
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                return Err(Error::Locked {
+                    path,
+                    what: what.to_string(),
+                    holder: holder.trim().to_string(),
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(Error::io("locking", &path, e));
+            }
+        }
+        let mut lock = DirLock { file, path };
+        lock.record_holder()?;
+        Ok(lock)
+    }
+
+    /// Writes this process's id into the lock file (informative: the lock itself is the
+    /// `flock`, not the content).
+    fn record_holder(&mut self) -> Result<()> {
+        let id = std::process::id().to_string();
+        self.file
+            .set_len(0)
+            .and_then(|()| std::io::Seek::rewind(&mut self.file))
+            .and_then(|()| self.file.write_all(id.as_bytes()))
+            .map_err(|e| Error::io("writing", &self.path, e))
+    }
+}
+
+/// Removes the temporary files that an interrupted [`atomic_write`] left in `dir` (not in
+/// its subdirectories); returns how many. Call it only while holding `dir`'s [`DirLock`],
+/// when no other process can be writing there.
+pub fn remove_stale_temporaries(dir: &Path) -> Result<usize> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(Error::io("listing", dir, e)),
+    };
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io("listing", dir, e))?;
+        let is_tmp = entry.file_name().to_string_lossy().starts_with(TMP_PREFIX);
+        if is_tmp && entry.file_type().is_ok_and(|t| t.is_file()) {
+            let p = entry.path();
+            std::fs::remove_file(&p).map_err(|e| Error::io("removing", &p, e))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 /// [`atomic_write`] for a byte buffer already in memory.

@@ -93,6 +93,7 @@ fn features_of_another_dataset_carry_its_classes_and_mixed_sizes() {
         dir: cache.path().to_path_buf(),
         batch_size: 4,
         shard_size: 5,
+        wait_for_lock: false,
         crash_after_shards: None,
     };
     let set = features::cached_part(&ex, &shapes, Part::Train, None, &opts, &mut |_| {}).unwrap();

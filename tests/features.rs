@@ -8,6 +8,7 @@ use cifar_finetune::backbone::weights::{self, StateDict};
 use cifar_finetune::data::cifar::{Cifar10, Part};
 use cifar_finetune::data::transform::Preprocess;
 use cifar_finetune::features::{self, CacheOptions, Extractor, FeatureSet, Progress};
+use cifar_finetune::io::DirLock;
 
 fn data_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cifar")
@@ -41,6 +42,7 @@ fn extract(
         dir: cache.to_path_buf(),
         batch_size: 2,
         shard_size,
+        wait_for_lock: false,
         crash_after_shards: None,
     };
     let mut last = None;
@@ -172,6 +174,7 @@ fn a_tampered_fingerprint_file_is_an_error() {
         dir: cache.path().to_path_buf(),
         batch_size: 2,
         shard_size: 4,
+        wait_for_lock: false,
         crash_after_shards: None,
     };
     let err = features::cached_part(&ex, &cifar10(), Part::Train, Some(2), &opts, &mut |_| {})
@@ -293,25 +296,30 @@ fn copy_cifar(dir: &Path) -> PathBuf {
 }
 
 fn features_on(data: &Path, weights: &Path, cache: &Path, split: &str) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_cifar-finetune"))
-        .args([
-            "features",
-            "--offline",
-            "--image-size",
-            "32",
-            "--split",
-            split,
-        ])
-        .arg("--data")
-        .arg(data)
-        .arg("--weights")
-        .arg(weights)
-        .arg("--cache-dir")
-        .arg(cache)
-        .arg("--out")
-        .arg(cache.join("out.safetensors"))
+    features_on_cmd(data, weights, cache, split)
         .output()
         .unwrap()
+}
+
+fn features_on_cmd(data: &Path, weights: &Path, cache: &Path, split: &str) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cifar-finetune"));
+    cmd.args([
+        "features",
+        "--offline",
+        "--image-size",
+        "32",
+        "--split",
+        split,
+    ])
+    .arg("--data")
+    .arg(data)
+    .arg("--weights")
+    .arg(weights)
+    .arg("--cache-dir")
+    .arg(cache)
+    .arg("--out")
+    .arg(cache.join("out.safetensors"));
+    cmd
 }
 
 #[test]
@@ -348,4 +356,106 @@ fn a_command_needs_only_its_parts_and_checks_them_before_extracting() {
         "{err}"
     );
     assert!(!cache.exists() || shard_files(&cache).is_empty());
+}
+
+/// The byte range of tensor `name`'s data in a safetensors file.
+fn tensor_range(bytes: &[u8], name: &str) -> std::ops::Range<usize> {
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let off = &header[name]["data_offsets"];
+    let at = |k: usize| 8 + n + off[k].as_u64().unwrap() as usize;
+    at(0)..at(1)
+}
+
+#[test]
+fn corrupt_feature_values_are_caught_and_recomputed() {
+    let ex = extractor(Preprocess::imagenet(32));
+    let cache = tempfile::tempdir().unwrap();
+    let (good, _) = extract(&ex, cache.path(), Some(4), 4);
+    let shard = shard_files(cache.path())[0].clone();
+    let original = std::fs::read(&shard).unwrap();
+    // A non-zero feature of row 1, so that zeroing it is a change.
+    let col = good.row(1).iter().position(|&v| v != 0.0).unwrap();
+    let at = tensor_range(&original, "features").start + 4 * (2048 + col);
+    for (what, value) in [
+        ("a flipped byte", None),
+        ("zero", Some(0f32)),
+        ("3e38", Some(3e38)),
+        ("NaN", Some(f32::NAN)),
+    ] {
+        let mut bytes = original.clone();
+        match value {
+            None => bytes[at + 1] ^= 0x5a,
+            Some(v) => bytes[at..at + 4].copy_from_slice(&v.to_le_bytes()),
+        }
+        std::fs::write(&shard, &bytes).unwrap();
+        let err = FeatureSet::read(&shard).unwrap_err().to_string();
+        assert!(
+            err.contains("checksum") && err.contains("damaged"),
+            "{what}: {err}"
+        );
+        let (again, p) = extract(&ex, cache.path(), Some(4), 4);
+        assert_eq!(p.cached, 0, "{what}: the damaged shard was used");
+        assert!(again == good, "{what}: recomputed features differ");
+    }
+    // A NaN under a matching checksum (a file rewritten by another tool) is refused too,
+    // naming the row.
+    let mut set = FeatureSet::read(&shard).unwrap();
+    set.features[2048 + col] = f32::NAN;
+    set.write(&shard).unwrap();
+    let err = FeatureSet::read(&shard).unwrap_err().to_string();
+    assert!(err.contains("row 1") && err.contains("NaN"), "{err}");
+    let (again, p) = extract(&ex, cache.path(), Some(4), 4);
+    assert!(p.cached == 0 && again == good);
+}
+
+#[test]
+fn a_cache_part_being_written_is_locked_and_stale_temporaries_go() {
+    let tmp = tempfile::tempdir().unwrap();
+    let weights = write_weights(tmp.path());
+    let cache = tmp.path().join("cache");
+    let first = features_on(&data_dir(), &weights, &cache, "train");
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let part = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.is_dir()
+                && p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("train-")
+        })
+        .unwrap();
+
+    // Another process holds the part: refused at once, naming the holder.
+    let lock = DirLock::acquire(&part, "test", false).unwrap();
+    let out = features_on(&data_dir(), &weights, &cache, "train");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(".lock") && err.contains(&format!("pid {}", std::process::id())),
+        "{err}"
+    );
+
+    // With --wait-lock it waits for the holder, then removes what a killed writer left.
+    std::fs::write(part.join(".tmp-stale"), b"half a shard").unwrap();
+    let mut child = features_on_cmd(&data_dir(), &weights, &cache, "train")
+        .arg("--wait-lock")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "did not wait for the lock"
+    );
+    drop(lock);
+    assert!(child.wait().unwrap().success());
+    assert!(!part.join(".tmp-stale").exists());
 }

@@ -77,6 +77,7 @@ fn run(dir: &Path, precision: Precision) -> Run {
         dir: dir.join("cache"),
         batch_size: 16,
         shard_size: 64,
+        wait_for_lock: false,
         crash_after_shards: None,
     };
     let cifar = Cifar10::open(dir).unwrap();

@@ -64,6 +64,10 @@ pub struct FeatureArgs {
     /// Images per cache shard: the most an interrupted extraction loses.
     #[arg(long, default_value_t = 512)]
     pub shard_size: usize,
+    /// When another process is extracting into the same cache, wait for it (then reuse
+    /// what it computed) instead of stopping with an error.
+    #[arg(long)]
+    pub wait_lock: bool,
     /// Use only the first N images of each CIFAR-10 part (a quick trial).
     #[arg(long)]
     pub limit: Option<usize>,
@@ -169,6 +173,7 @@ pub fn load_part(
         dir: args.cache_dir(),
         batch_size: args.extract_batch_size,
         shard_size: args.shard_size,
+        wait_for_lock: args.wait_lock,
         crash_after_shards: crash_after_shards()?,
     };
     let mut bar: Option<Progress> = None;
