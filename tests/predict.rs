@@ -277,3 +277,26 @@ fn bad_flags_and_checkpoints_are_named() {
     );
     fails_with(&["--checkpoint", "best.safetensors"], &["IMAGE"]);
 }
+
+#[test]
+fn a_very_thin_image_is_refused_before_it_can_exhaust_memory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let thin = tmp.path().join("thin.png");
+    image::RgbImage::from_fn(4000, 1, |x, _| image::Rgb([x as u8, 0, 0]))
+        .save(&thin)
+        .unwrap();
+    let out = predict(&[
+        "--checkpoint",
+        "best.safetensors",
+        "--weights",
+        "resnet50.safetensors",
+        thin.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    // At the checkpoint's image size 32, the 1×4000 image would become 32×128000.
+    assert!(
+        err.contains("thin.png") && err.contains("32×128000") && err.contains("--max-pixels"),
+        "{err}"
+    );
+}

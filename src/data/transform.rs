@@ -34,6 +34,20 @@ pub struct Preprocess {
     pub mean: [f32; 3],
     /// Per-channel standard deviation divided by after subtracting the mean (R, G, B).
     pub std: [f32; 3],
+    /// The most pixels a resized image may have ([`DEFAULT_MAX_PIXELS`] unless raised). A
+    /// very thin image resized so that its shorter side is `size` becomes huge — torchvision
+    /// would make the same huge tensor — so past this limit it is refused instead of
+    /// exhausting memory. Not part of the fingerprint: it changes no output.
+    #[serde(default = "default_max_pixels")]
+    pub max_pixels: usize,
+}
+
+/// The default of [`Preprocess::max_pixels`]: 2000×2000, a 48 MB input, far beyond any
+/// image the backbone is meant for.
+pub const DEFAULT_MAX_PIXELS: usize = 4_000_000;
+
+fn default_max_pixels() -> usize {
+    DEFAULT_MAX_PIXELS
 }
 
 impl Preprocess {
@@ -48,6 +62,7 @@ impl Preprocess {
             size,
             mean: Self::IMAGENET_MEAN,
             std: Self::IMAGENET_STD,
+            max_pixels: DEFAULT_MAX_PIXELS,
         }
     }
 
@@ -57,6 +72,7 @@ impl Preprocess {
             size,
             mean: [0.5; 3],
             std: [0.5; 3],
+            max_pixels: DEFAULT_MAX_PIXELS,
         }
     }
 
@@ -67,8 +83,9 @@ impl Preprocess {
         if short == 0 {
             return (0, 0);
         }
-        // Python's `int(a * b / c)`: a correctly rounded true division, then truncation.
-        let new_long = ((self.size * long) as f64 / short as f64) as usize;
+        // Python's `int(a * b / c)`: a correctly rounded true division, then truncation
+        // (the product in f64 is exact below 2^53, and saturates rather than overflows).
+        let new_long = ((self.size as f64 * long as f64) / short as f64) as usize;
         if w <= h {
             (new_long, self.size)
         } else {
@@ -81,6 +98,16 @@ impl Preprocess {
     pub fn validate(&self) -> Result<()> {
         if self.size == 0 {
             return Err(Error::invalid("image size", "must be at least 1"));
+        }
+        if self.size.saturating_mul(self.size) > self.max_pixels {
+            return Err(Error::invalid(
+                "image size",
+                format!(
+                    "{0} makes every image at least {0}×{0} pixels, more than the limit of {1} \
+                     pixels",
+                    self.size, self.max_pixels
+                ),
+            ));
         }
         for (m, s) in self.mean.iter().zip(&self.std) {
             if !m.is_finite() {
@@ -110,6 +137,19 @@ impl Preprocess {
             ));
         }
         let (oh, ow) = self.output_hw(h, w);
+        if oh.saturating_mul(ow) > self.max_pixels {
+            return Err(Error::invalid(
+                "image",
+                format!(
+                    "a {h}×{w} image resized so that its shorter side is {} becomes {oh}×{ow}, \
+                     {} pixels, more than the limit of {} (torchvision would make the same huge \
+                     tensor); crop it, or raise the limit",
+                    self.size,
+                    oh.saturating_mul(ow),
+                    self.max_pixels
+                ),
+            ));
+        }
         let resizer = Resizer::new(h, w, oh, ow)?;
         let mut table = [[0f32; 256]; 3];
         for (c, row) in table.iter_mut().enumerate() {
@@ -518,5 +558,29 @@ mod tests {
         p.std[1] = 0.0;
         let e = p.prepare(32, 32).unwrap_err().to_string();
         assert!(e.contains("std"), "{e}");
+    }
+
+    #[test]
+    fn sizes_past_the_pixel_limit_are_refused_before_allocating() {
+        // An image size whose square alone passes the limit.
+        let e = Preprocess::imagenet(100_000)
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("100000") && e.contains("4000000"), "{e}");
+        // A thin image: 4000×1 at 224 would be 896000×224.
+        let p = Preprocess::imagenet(224);
+        assert_eq!(p.output_hw(4000, 1), (896_000, 224));
+        let e = p.prepare(4000, 1).unwrap_err().to_string();
+        assert!(e.contains("4000×1") && e.contains("896000×224"), "{e}");
+        // Raising the limit lets it through; ordinary images never meet it.
+        let raised = Preprocess {
+            max_pixels: 896_000 * 224,
+            ..p.clone()
+        };
+        assert!(raised.prepare(4000, 1).is_ok());
+        assert!(p.prepare(375, 500).is_ok());
+        // No overflow in the resize arithmetic for absurd inputs.
+        assert!(p.prepare(usize::MAX / 2, 1).is_err());
     }
 }

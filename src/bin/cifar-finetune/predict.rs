@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use cifar_finetune::checkpoint;
-use cifar_finetune::data::transform::{Preprocess, load_image};
+use cifar_finetune::data::transform::{DEFAULT_MAX_PIXELS, Preprocess, load_image};
 use cifar_finetune::features::{Extractor, FEATURE_DIM, FeatureSet, Fingerprint};
 use cifar_finetune::fetch::{self, DownloadOptions};
 
@@ -43,6 +43,10 @@ pub struct Args {
     /// Normalisation after ToTensor [default: the checkpoint's].
     #[arg(long, value_enum)]
     pub normalize: Option<Normalize>,
+    /// Refuse an image that resizing would make larger than this many pixels (a very thin
+    /// image becomes huge when its shorter side is scaled up).
+    #[arg(long, default_value_t = DEFAULT_MAX_PIXELS, value_name = "N")]
+    pub max_pixels: usize,
     /// Never download the weights: fail if they are missing.
     #[arg(long)]
     pub offline: bool,
@@ -98,7 +102,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     for path in &args.images {
         images.push(load_image(path)?);
     }
-    let preprocess = preprocess_for(&ck.meta.extractor, &args)?;
+    let preprocess = Preprocess {
+        max_pixels: args.max_pixels,
+        ..preprocess_for(&ck.meta.extractor, &args)?
+    };
+    for (path, (_, h, w)) in args.images.iter().zip(&images) {
+        preprocess
+            .prepare(*h, *w)
+            .with_context(|| format!("{} (--max-pixels {})", path.display(), args.max_pixels))?;
+    }
     let weights = match &args.weights {
         Some(p) if p.is_file() => p.clone(),
         Some(p) => bail!("--weights {}: no such file", p.display()),

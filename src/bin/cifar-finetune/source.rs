@@ -7,7 +7,7 @@ use anyhow::Context;
 use cifar_finetune::backbone::fast::{Isa, Precision};
 use cifar_finetune::data::Dataset;
 use cifar_finetune::data::cifar::{self, Cifar10, Part, Split};
-use cifar_finetune::data::transform::Preprocess;
+use cifar_finetune::data::transform::{DEFAULT_MAX_PIXELS, Preprocess};
 use cifar_finetune::features::{self, CacheOptions, Extractor, FeatureSet};
 use cifar_finetune::fetch::{self, DownloadOptions};
 
@@ -52,6 +52,9 @@ pub struct FeatureArgs {
     /// Shorter image side after resizing (torchvision's Resize(size), bilinear).
     #[arg(long, default_value_t = 224)]
     pub image_size: usize,
+    /// Refuse an image that resizing would make larger than this many pixels.
+    #[arg(long, default_value_t = DEFAULT_MAX_PIXELS, value_name = "N")]
+    pub max_pixels: usize,
     /// Normalisation after ToTensor.
     #[arg(long, value_enum, default_value_t = Normalize::Imagenet)]
     pub normalize: Normalize,
@@ -86,9 +89,13 @@ pub struct FeatureArgs {
 impl FeatureArgs {
     /// The preprocessing these options describe.
     pub fn preprocess(&self) -> Preprocess {
-        match self.normalize {
+        let preprocess = match self.normalize {
             Normalize::Imagenet => Preprocess::imagenet(self.image_size),
             Normalize::Half => Preprocess::half(self.image_size),
+        };
+        Preprocess {
+            max_pixels: self.max_pixels,
+            ..preprocess
         }
     }
 
@@ -143,6 +150,10 @@ impl FeatureArgs {
     /// The extractor (weights hashed; the network is loaded only if something is missing
     /// from the cache).
     pub fn extractor(&self) -> anyhow::Result<Extractor> {
+        // Bad sizes fail here, before the weights are downloaded or hashed.
+        self.preprocess()
+            .validate()
+            .context("--image-size / --max-pixels")?;
         let weights = self.weights_path()?;
         let precision = match self.precision {
             PrecisionArg::F32 => Precision::F32,
