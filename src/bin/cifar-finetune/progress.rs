@@ -22,8 +22,9 @@ impl Progress {
     pub fn new(what: &str, unit: &'static str, total: u64) -> Self {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::new(total);
-            let template =
-                format!("{{msg}} [{{bar:30}}] {{pos}}/{{len}} {unit} ({{per_sec}}, {{eta}} left)");
+            // The rate and time left are ours (the prefix): indicatif's would count units
+            // found in a cache as done in no time, and show millions per second.
+            let template = format!("{{msg}} [{{bar:30}}] {{pos}}/{{len}} {unit}{{prefix}}");
             if let Ok(style) = ProgressStyle::with_template(&template) {
                 bar.set_style(style.progress_chars("=> "));
             }
@@ -44,26 +45,32 @@ impl Progress {
     /// Sets the position; `fresh` counts the units computed now (for the rate), as opposed
     /// to those found done already.
     pub fn update(&mut self, pos: u64, fresh: u64) {
+        let now = Instant::now();
         if let Some(bar) = &self.bar {
             bar.set_position(pos);
+            bar.set_prefix(self.rate(pos, fresh, now));
             return;
         }
-        let now = Instant::now();
         let finished = pos >= self.total;
         if self.done || (!finished && now - self.last_line < Duration::from_secs(10)) {
             return;
         }
         self.done = finished;
         self.last_line = now;
-        let secs = (now - self.start).as_secs_f64();
-        let rate = if fresh > 0 && secs > 0.0 {
-            let rate = fresh as f64 / secs;
-            let left = (self.total - pos.min(self.total)) as f64 / rate;
-            format!(" ({rate:.1} {}/s, {left:.0} s left)", self.unit)
-        } else {
-            String::new()
-        };
+        let rate = self.rate(pos, fresh, now);
         eprintln!("{}: {pos}/{} {}{rate}", self.what, self.total, self.unit);
+    }
+
+    /// ` (R unit/s, T s left)` from the units computed (not found done) so far, once there
+    /// is a second of them to go by; empty before.
+    fn rate(&self, pos: u64, fresh: u64, now: Instant) -> String {
+        let secs = (now - self.start).as_secs_f64();
+        if fresh == 0 || secs < 1.0 {
+            return String::new();
+        }
+        let rate = fresh as f64 / secs;
+        let left = (self.total - pos.min(self.total)) as f64 / rate;
+        format!(" ({rate:.1} {}/s, {left:.0} s left)", self.unit)
     }
 
     /// Clears the bar.
