@@ -483,7 +483,7 @@ pub enum Progress {
         /// Steps per epoch.
         steps: usize,
         /// Mean training loss over the steps since the last report (the original script's
-        /// `running_loss / 2000`).
+        /// `running_loss / 20` when reporting every 20 steps).
         loss: f64,
         /// Training throughput of this epoch so far.
         samples_per_sec: f64,

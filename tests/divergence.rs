@@ -198,3 +198,36 @@ fn large_features_are_reported_not_silently_collapsed() {
     assert!(html.contains("id=\"warnings\""));
     assert!(html.contains("predicts one class"));
 }
+
+/// Features so large that SGD at the default learning rate overflows whatever λ (with the
+/// course script's linear head, which has no ReLU to die instead): every λ diverges, and the
+/// error names each and points at the features' scale.
+#[test]
+fn features_that_make_sgd_diverge_fail_every_lambda_by_name() {
+    let tr = features(400, 64, 5e5, 1e5, 1e4, 5);
+    let va = features(100, 64, 5e5, 1e5, 1e4, 6);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("run");
+    let linear = TrainConfig {
+        activation: cifar_finetune::head::Activation::None,
+        ..cfg()
+    };
+    let err = sweep(&tr, &va, &[0.0, 1e-3], &linear, &dir).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("every λ failed"), "{msg}");
+    assert!(
+        msg.contains("λ = 0, epoch 1") && msg.contains("λ = 0.001, epoch 1"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("likely cause: the learning rate (--lr 0.001)"),
+        "{msg}"
+    );
+    assert!(msg.contains("mean |x| = 5"), "{msg}");
+    // history.csv is consistent (no row of an epoch that did not finish).
+    assert!(
+        train::read_history(&dir.join("history.csv"))
+            .unwrap()
+            .is_empty()
+    );
+}
