@@ -173,6 +173,10 @@ fn preset_original_is_the_course_script() {
         html.contains("→ 32 → no activation → 10, dropout 0.5"),
         "head row"
     );
+    assert!(
+        html.contains("<td>option: preset</td><td><code>original</code></td>"),
+        "preset row"
+    );
 }
 
 #[test]

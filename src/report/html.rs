@@ -616,6 +616,16 @@ fn configuration(h: &mut String, cfg: &RunConfig) {
             escape(v)
         );
     }
+    let mut options = Vec::new();
+    flatten("", &cfg.options, &mut options);
+    for (k, v) in &options {
+        let _ = write!(
+            h,
+            "<tr><td>option: {}</td><td><code>{}</code></td></tr>",
+            escape(k),
+            escape(v)
+        );
+    }
     h.push_str("</tbody></table></section>\n");
 }
 
