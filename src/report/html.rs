@@ -233,6 +233,19 @@ pub fn weights_sha256(extractor: &str) -> Option<&str> {
     (end > 0).then(|| &hex[..end])
 }
 
+/// A number, or a dash where there is none (NaN: a failed λ without a validated epoch).
+struct Dash(f64);
+
+impl std::fmt::Display for Dash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.is_finite() {
+            std::fmt::Display::fmt(&self.0, f)
+        } else {
+            f.write_str("—")
+        }
+    }
+}
+
 fn pct(x: f64) -> String {
     format!("{:.2}%", x * 100.0)
 }
@@ -541,9 +554,13 @@ fn chosen(h: &mut String, page: &Page) {
              <td>{}</td></tr>",
             escape(&fmt_lambda(l.lambda)),
             l.best_epoch,
-            l.best_val_loss,
-            pct(l.best_val_accuracy),
-            l.final_train_loss,
+            Dash(l.best_val_loss),
+            if l.best_val_accuracy.is_finite() {
+                pct(l.best_val_accuracy)
+            } else {
+                "—".to_string()
+            },
+            Dash(l.final_train_loss),
             l.epochs,
             escape(&status)
         );
