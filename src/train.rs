@@ -1005,7 +1005,7 @@ fn likely_cause(train: &FeatureSet, cfg: &TrainConfig, summaries: &[LambdaSummar
         .collect();
     if !too_strong.is_empty() {
         return format!(
-            "likely cause: for {} the L2 step lr·λ is beyond 2(1 + momentum) = {limit}, where SGD \
+            "likely cause: for {} the L2 step lr·λ is beyond 2(1 + momentum) = {limit:.2}, where SGD \
              makes the weights grow instead of shrink: use a smaller λ or --lr",
             too_strong.join(", ")
         );
