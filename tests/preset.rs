@@ -350,3 +350,128 @@ fn terminal_summary_names_failed_lambdas() {
     let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
     assert!(html.contains("id=\"warnings\""));
 }
+
+// ---------- the validation split's metrics against scikit-learn's ----------
+
+fn h32(mut x: u32) -> u32 {
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x7feb_352d);
+    x ^= x >> 15;
+    x = x.wrapping_mul(0x846c_a68b);
+    x ^= x >> 16;
+    x
+}
+
+fn uniform(tag: u32, i: usize) -> f64 {
+    let h = h32(h32(tag) ^ i as u32);
+    ((h >> 8) as f64 / (1u32 << 24) as f64) * 2.0 - 1.0
+}
+
+#[derive(serde::Deserialize)]
+struct EvalFixture {
+    n: usize,
+    y_true: Vec<u8>,
+    y_pred: Vec<u8>,
+    loss: f64,
+    accuracy: f64,
+    top5: f64,
+    confusion: Vec<Vec<u64>>,
+    precision: Vec<f64>,
+    recall: Vec<f64>,
+    f1: Vec<f64>,
+    support: Vec<u64>,
+    report: String,
+}
+
+/// What `test --split val` writes (metrics-val.json) equals scikit-learn's metrics of the
+/// same head on the same validation rows (`tools/gen_head_fixtures.py`, eval_val.json):
+/// accuracy, top-5 (`top_k_accuracy_score`), confusion matrix, precision, recall, F1,
+/// support and the classification report text.
+#[test]
+fn validation_metrics_equal_sklearns() {
+    use cifar_finetune::checkpoint::{Checkpoint, CheckpointKind, CheckpointMeta};
+    use cifar_finetune::data::cifar::Split;
+    use cifar_finetune::features::FeatureSet;
+    use cifar_finetune::head::{Head, HeadDims};
+    use cifar_finetune::train::{HistoryRow, TrainConfig};
+
+    let text = std::fs::read_to_string("tests/fixtures/head/eval_val.json").unwrap();
+    let f: EvalFixture = serde_json::from_str(&text).unwrap();
+    let (dim, hidden, classes) = (16, 8, 10);
+    let labels: Vec<u8> = (0..f.n)
+        .map(|r| (h32(h32(12) ^ r as u32) % 10) as u8)
+        .collect();
+    assert_eq!(labels, f.y_true, "labels regenerated differently");
+    let mut features = Vec::with_capacity(f.n * dim);
+    for (r, &y) in labels.iter().enumerate() {
+        for i in 0..dim {
+            let bump = if i % classes == y as usize { 1.0 } else { 0.0 };
+            features.push((uniform(11, r * dim + i) + bump) as f32);
+        }
+    }
+    let make = |tag, n| (0..n).map(|k| (uniform(tag, k) * 0.5) as f32).collect();
+    let dims = HeadDims {
+        input: dim,
+        hidden,
+        classes,
+    };
+    let head = Head::from_parts(
+        dims,
+        make(13, hidden * dim),
+        make(14, hidden),
+        make(15, classes * hidden),
+        make(16, classes),
+    )
+    .unwrap();
+    let set = FeatureSet {
+        features,
+        labels,
+        index: (0..f.n as u32).collect(),
+        dim,
+        extractor: "synthetic-eval".to_string(),
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = Checkpoint {
+        head,
+        momentum: None,
+        meta: CheckpointMeta {
+            format: checkpoint::FORMAT.to_string(),
+            kind: CheckpointKind::Best,
+            lambda: 0.0,
+            epoch: 1,
+            dims,
+            extractor: "synthetic-eval".to_string(),
+            config: TrainConfig::default(),
+            metrics: HistoryRow {
+                lambda: 0.0,
+                epoch: 1,
+                train_loss: 0.0,
+                train_penalty: 0.0,
+                val_loss: None,
+                val_accuracy: None,
+            },
+            state: None,
+        },
+        path: tmp.path().join("best.safetensors"),
+    };
+    let eval = evaluate::evaluate(&ck, &set, Split::Val).unwrap();
+    let (metrics_path, predictions_path) = evaluate::write_outputs(&eval, tmp.path()).unwrap();
+    assert!(metrics_path.ends_with("metrics-val.json"));
+    assert!(predictions_path.ends_with("predictions-val.csv"));
+    let m = TestMetrics::read(&metrics_path).unwrap();
+    assert_eq!(eval.predicted, f.y_pred);
+    assert!((m.loss - f.loss).abs() < 1e-5, "{} vs {}", m.loss, f.loss);
+    assert_eq!(m.accuracy, f.accuracy);
+    assert_eq!(m.top5_accuracy, Some(f.top5));
+    assert_eq!(m.metrics.confusion, f.confusion);
+    for (c, cm) in m.metrics.classes.iter().enumerate() {
+        assert!(
+            (cm.precision - f.precision[c]).abs() < 1e-12,
+            "precision {c}"
+        );
+        assert!((cm.recall - f.recall[c]).abs() < 1e-12, "recall {c}");
+        assert!((cm.f1 - f.f1[c]).abs() < 1e-12, "f1 {c}");
+        assert_eq!(cm.support, f.support[c]);
+    }
+    assert_eq!(m.report, f.report);
+}

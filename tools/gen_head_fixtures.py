@@ -17,6 +17,11 @@
    recall, F1, support, averages and classification_report strings.
 3. `top_k.json`: scores (with ties) and labels, and scikit-learn's top_k_accuracy_score for
    k = 1 … 10.
+4. `eval_val.json`: a small validation set and head, both regenerated from the hash on the
+   Rust side, the head's softmax probabilities computed here in float64 numpy, and
+   scikit-learn's metrics of them (accuracy, top-5, confusion matrix, precision, recall, F1,
+   support, classification_report): what `test --split val` must write into
+   metrics-val.json.
 
 Every file records the versions of torch, numpy and scikit-learn that made it.
 """
@@ -250,6 +255,49 @@ def top_k():
     }
 
 
+def eval_val():
+    """40 validation rows of 16 features (tag 11, class bump 1.0), a 16-8-10 ReLU head
+    (tags 13-16, scale 0.5), labels from tag 12. Float32 inputs and weights, float64 maths."""
+    n, dim, hidden, classes = 40, 16, 8, 10
+    y = np.array([h32(h32(12) ^ r) % classes for r in range(n)])
+    x = np.array(
+        [[uniform(11, r * dim + i) + (1.0 if i % classes == y[r] else 0.0) for i in range(dim)]
+         for r in range(n)]
+    ).astype(np.float32).astype(np.float64)
+    w1 = np.array([uniform(13, k) * 0.5 for k in range(hidden * dim)]).reshape(hidden, dim)
+    b1 = np.array([uniform(14, k) * 0.5 for k in range(hidden)])
+    w2 = np.array([uniform(15, k) * 0.5 for k in range(classes * hidden)]).reshape(classes, hidden)
+    b2 = np.array([uniform(16, k) * 0.5 for k in range(classes)])
+    z2 = np.maximum(x @ w1.T + b1, 0.0) @ w2.T + b2
+    z2 -= z2.max(axis=1, keepdims=True)
+    p = np.exp(z2) / np.exp(z2).sum(axis=1, keepdims=True)
+    loss = float(-np.log(p[np.arange(n), y]).mean())
+    pred = p.argmax(axis=1)
+    ranked = np.sort(p, axis=1)
+    # No near tie may decide a prediction or a top-5 hit, so float32 arithmetic agrees.
+    assert (ranked[:, -1] - ranked[:, -2]).min() > 1e-4
+    assert np.abs(ranked[:, -5:-4] - ranked[:, -6:-5]).min() > 1e-4
+    labels = list(range(classes))
+    pr, rc, f1, sup = precision_recall_fscore_support(y, pred, labels=labels)
+    return {
+        "generator": "tools/gen_head_fixtures.py",
+        "versions": versions(),
+        "n": n,
+        "dims": {"input": dim, "hidden": hidden, "classes": classes},
+        "y_true": [int(v) for v in y],
+        "y_pred": [int(v) for v in pred],
+        "loss": loss,
+        "accuracy": accuracy_score(y, pred),
+        "top5": top_k_accuracy_score(y, p, k=5, labels=labels),
+        "confusion": confusion_matrix(y, pred, labels=labels).tolist(),
+        "precision": pr.tolist(),
+        "recall": rc.tolist(),
+        "f1": f1.tolist(),
+        "support": sup.tolist(),
+        "report": classification_report(y, pred, labels=labels, target_names=CLASSES, digits=2),
+    }
+
+
 def main():
     # The undefined metrics (0/0) are part of what the fixture checks: sklearn sets them to 0.
     warnings.filterwarnings("ignore", category=UndefinedMetricWarning)
@@ -260,6 +308,7 @@ def main():
         ("sgd_trajectory_linear.json", trajectory("none", lam=0.0, seed=20260101)),
         ("metrics.json", metrics()),
         ("top_k.json", top_k()),
+        ("eval_val.json", eval_val()),
     ):
         path = os.path.join(OUT, name)
         with open(path, "w") as f:
