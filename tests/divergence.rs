@@ -231,3 +231,36 @@ fn features_that_make_sgd_diverge_fail_every_lambda_by_name() {
             .is_empty()
     );
 }
+
+/// A λ slightly beyond the stability limit on a short run: the weights grow every step but
+/// stay finite, so nothing diverges — yet the training loss never falls below its first
+/// epoch's, and that is reported.
+#[test]
+fn a_loss_that_never_falls_is_reported() {
+    let tr = features(40, 40, 0.0, 1.0, 1.0, 7);
+    let va = features(30, 40, 0.0, 1.0, 1.0, 8);
+    let tmp = tempfile::tempdir().unwrap();
+    let s = sweep(&tr, &va, &[0.0, 4500.0], &cfg(), &tmp.path().join("run")).unwrap();
+    let grown = &s.lambdas[1];
+    assert!(!grown.failed, "{:?}", grown.problems);
+    let p = grown
+        .problems
+        .iter()
+        .find(|p| p.kind == ProblemKind::LossNeverFell)
+        .unwrap_or_else(|| panic!("{:?}", grown.problems));
+    assert!(
+        p.message
+            .contains("λ = 4500: the training loss never fell below its first epoch's"),
+        "{}",
+        p.message
+    );
+    assert!(s.warnings.contains(&p.message));
+    // λ = 0 learns: its loss falls, and it is the one chosen.
+    assert!(
+        !s.lambdas[0]
+            .problems
+            .iter()
+            .any(|p| p.kind == ProblemKind::LossNeverFell)
+    );
+    assert_eq!(s.chosen_lambda, 0.0);
+}
