@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use cifar_finetune::features::FeatureSet;
-use cifar_finetune::head::{CLASSES, Head, Sgd, Stepper};
+use cifar_finetune::head::{Head, Sgd, Stepper};
 use cifar_finetune::train::{self, RunOptions, SweepOutcome, TrainConfig};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -49,7 +49,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut cpu_secs = Vec::with_capacity(runs);
     let mut last_loss = 0.0f64;
     for run in 0..runs {
-        let mut head = Head::init(train.dim, cfg.hidden, CLASSES, run as u64)?;
+        let mut head = Head::init(train.dim, cfg.hidden, train.classes.len(), run as u64)?;
         let mut sgd = Sgd::new(head.dims, cfg.lr, cfg.momentum)?;
         let mut stepper = Stepper::new(head.dims, cfg.batch_size);
         let mut order = permutation(train.len(), run as u64);

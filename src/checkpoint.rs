@@ -1,9 +1,13 @@
 //! Head checkpoints: the weights as safetensors plus a JSON sidecar, both written atomically.
 //!
-//! `best.safetensors` holds the head under PyTorch's state-dict names for the original script's
-//! `model.fc = nn.Sequential(nn.Linear(2048, 32), nn.ReLU(), nn.Linear(32, 10))` — `fc.0.weight`
-//! `[32, 2048]`, `fc.0.bias`, `fc.2.weight` `[10, 32]`, `fc.2.bias` — so Python can load it with
-//! `safetensors.torch.load_file` into a torchvision ResNet-50 with that `fc`. A `last`
+//! `best.safetensors` holds the head under the state-dict names of
+//! `model.fc = nn.Sequential(nn.Linear(2048, 32), <activation>, nn.Linear(32, 10))` —
+//! `fc.0.weight` `[32, 2048]`, `fc.0.bias`, `fc.2.weight` `[10, 32]`, `fc.2.bias` — so Python
+//! can load it with `safetensors.torch.load_file` into a torchvision ResNet-50 with that `fc`
+//! (`nn.ReLU()` or, for `activation: none`, `nn.Identity()`, which has no parameters either;
+//! the course script's own `fc1`/`fc2` are the same tensors under other names). The activation
+//! is `config.activation` in the metadata; a checkpoint written before it existed has none and
+//! is read as ReLU, which it was. A `last`
 //! checkpoint also holds the SGD momentum buffers (`momentum.fc.0.weight`, …) and the training
 //! state, which is what makes `--resume` exact.
 //!
@@ -136,6 +140,15 @@ pub fn save(
     meta: &CheckpointMeta,
 ) -> Result<()> {
     head.check()?;
+    if meta.config.activation != head.activation {
+        return Err(Error::invalid(
+            "checkpoint metadata",
+            format!(
+                "activation `{}` differs from the head's `{}`",
+                meta.config.activation, head.activation
+            ),
+        ));
+    }
     if meta.dims != head.dims {
         return Err(Error::invalid(
             "checkpoint metadata",
@@ -257,7 +270,7 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
     let [w1, b1, w2, b2]: [Vec<f32>; 4] = p
         .try_into()
         .map_err(|_| Error::format(path, "expected four head tensors"))?;
-    let head = Head::from_parts(d, w1, b1, w2, b2)?;
+    let head = Head::from_parts(d, w1, b1, w2, b2)?.with_activation(meta.config.activation);
     let momentum = if st.names().iter().any(|n| n.starts_with(MOMENTUM_PREFIX)) {
         let mut m = Vec::with_capacity(4);
         for (name, shape) in TENSOR_NAMES.iter().zip(&shapes) {

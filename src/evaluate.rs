@@ -3,9 +3,12 @@
 //! probabilities — the original script's "Accuracy of the network on the 10000 test images"
 //! and per-class accuracies, plus what a report needs.
 //!
-//! [`write_outputs`] writes, atomically:
-//! * `metrics.json` ([`TestMetrics`]): the numbers, the confusion matrix (rows true class,
-//!   columns predicted), the sklearn-format report, and which checkpoint/features they are for;
+//! Any split can be scored (`test --split val|test`). [`write_outputs`] writes, atomically,
+//! for the test split (for another split `S`, `metrics-S.json` and `predictions-S.csv`, see
+//! [`output_names`]):
+//! * `metrics.json` ([`TestMetrics`]): the numbers (top-1 and, as scikit-learn's
+//!   `top_k_accuracy_score`, top-5 accuracy), the confusion matrix (rows true class, columns
+//!   predicted), the sklearn-format report, and which checkpoint/features they are for;
 //! * `predictions.csv`: `index,true,predicted,<class 0 name>,…,<class 9 name>` — the image's
 //!   index within its CIFAR-10 part, the true and predicted class ids, and the 10 softmax
 //!   probabilities. [`read_predictions`] parses it back.
@@ -18,7 +21,7 @@ use crate::checkpoint::Checkpoint;
 use crate::data::cifar::Split;
 use crate::error::{Error, Result};
 use crate::features::{FeatureSet, Fingerprint};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, top_k_accuracy};
 
 /// Format tag of `metrics.json`.
 pub const METRICS_FORMAT: &str = "cifar-finetune test metrics v1";
@@ -59,6 +62,10 @@ pub struct TestMetrics {
     pub loss: f64,
     /// Fraction classified correctly.
     pub accuracy: f64,
+    /// Fraction whose true class is among the 5 most probable (scikit-learn's
+    /// `top_k_accuracy_score`, k = 5); absent from files written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top5_accuracy: Option<f64>,
     /// Class names, in label order.
     pub class_names: Vec<String>,
     /// Per-class accuracy (fraction of each class's images classified correctly).
@@ -95,6 +102,7 @@ pub fn evaluate(
     let metrics = Metrics::from_predictions(&features.labels, &p.predicted, &names)?;
     let count = features.len();
     let loss = p.losses.iter().map(|&l| f64::from(l)).sum::<f64>() / count as f64;
+    let top5 = top_k_accuracy(&features.labels, &p.probabilities, head.dims.classes, 5)?;
     let test = TestMetrics {
         format: METRICS_FORMAT.to_string(),
         split,
@@ -105,6 +113,7 @@ pub fn evaluate(
         count,
         loss,
         accuracy: metrics.accuracy,
+        top5_accuracy: Some(top5),
         class_names: names,
         per_class_accuracy: metrics.classes.iter().map(|c| c.recall).collect(),
         report: metrics.classification_report(2),
@@ -119,10 +128,26 @@ pub fn evaluate(
     })
 }
 
-/// Writes `metrics.json` and `predictions.csv` into `dir`; returns their paths.
+/// The file names of a split's results: `metrics.json` and `predictions.csv` for the test
+/// split (what the report's test section reads), `metrics-<split>.json` and
+/// `predictions-<split>.csv` for the others, so evaluating the validation split never
+/// overwrites the test results.
+pub fn output_names(split: Split) -> (String, String) {
+    match split {
+        Split::Test => ("metrics.json".into(), "predictions.csv".into()),
+        other => (
+            format!("metrics-{other}.json"),
+            format!("predictions-{other}.csv"),
+        ),
+    }
+}
+
+/// Writes the split's metrics and predictions ([`output_names`]) into `dir`; returns their
+/// paths.
 pub fn write_outputs(eval: &Evaluation, dir: &Path) -> Result<(PathBuf, PathBuf)> {
-    let metrics_path = dir.join("metrics.json");
-    let predictions_path = dir.join("predictions.csv");
+    let (m, p) = output_names(eval.metrics.split);
+    let metrics_path = dir.join(m);
+    let predictions_path = dir.join(p);
     crate::io::write_json(&metrics_path, &eval.metrics)?;
     let c = eval.metrics.class_names.len();
     let mut text = String::from("index,true,predicted");

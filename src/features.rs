@@ -317,7 +317,10 @@ pub fn cached_part(
     let labels = dataset.labels(part)?;
     let classes = dataset.classes().to_vec();
     let total = limit.map_or(labels.len(), |l| l.min(labels.len()));
-    let (dir, _lock) = cache_dir_for(extractor, dataset, part, opts)?;
+    let dir = cache_dir_for(extractor, dataset, part, &opts.dir)?;
+    // Taken at the first shard to compute: readers of a complete cache never wait, and
+    // shards appear by atomic rename, so a reader never sees half of one.
+    let mut lock: Option<DirLock> = None;
     let dim = FEATURE_DIM;
 
     let mut set = FeatureSet {
@@ -333,7 +336,18 @@ pub fn cached_part(
     for start in (0..total).step_by(opts.shard_size) {
         let end = (start + opts.shard_size).min(total);
         let rows = end - start;
-        let shard = match find_shard(&dir, start, end, extractor, &classes, labels) {
+        let mut found = find_shard(&dir, start, end, extractor, &classes, labels);
+        if found.is_none() && lock.is_none() {
+            lock = Some(DirLock::acquire(
+                &dir,
+                "feature cache part",
+                opts.wait_for_lock,
+            )?);
+            crate::io::remove_stale_temporaries(&dir)?;
+            // Another process may have written it while this one waited.
+            found = find_shard(&dir, start, end, extractor, &classes, labels);
+        }
+        let shard = match found {
             Some(shard) => {
                 cached += rows;
                 shard
@@ -429,15 +443,12 @@ struct CacheFingerprint {
 
 /// The cache directory of one (extractor, part, dataset files) triple, created with its
 /// `fingerprint.json` if new; an existing one must describe the same inputs.
-///
-/// The directory is locked for the rest of the extraction (the lock is returned); the
-/// temporary files of an extraction that was killed while writing are removed.
 fn cache_dir_for(
     extractor: &Extractor,
     dataset: &dyn Dataset,
     part: Part,
-    opts: &CacheOptions,
-) -> Result<(PathBuf, DirLock)> {
+    root: &Path,
+) -> Result<PathBuf> {
     // The file list identifies the dataset (and so its classes): the key of a CIFAR-10
     // cache is the same as before datasets other than CIFAR-10 existed.
     let fp = CacheFingerprint {
@@ -448,9 +459,7 @@ fn cache_dir_for(
     let text = serde_json::to_string(&fp)
         .map_err(|e| Error::invalid("cache fingerprint", e.to_string()))?;
     let key = crate::io::hex(&Sha256::digest(text.as_bytes()));
-    let dir = opts.dir.join(format!("{part}-{}", &key[..16]));
-    let lock = DirLock::acquire(&dir, "feature cache part", opts.wait_for_lock)?;
-    crate::io::remove_stale_temporaries(&dir)?;
+    let dir = root.join(format!("{part}-{}", &key[..16]));
     let meta = dir.join("fingerprint.json");
     if meta.exists() {
         let existing: CacheFingerprint = crate::io::read_json(&meta)?;
@@ -465,7 +474,7 @@ fn cache_dir_for(
     } else {
         crate::io::write_json(&meta, &fp)?;
     }
-    Ok((dir, lock))
+    Ok(dir)
 }
 
 fn shard_name(start: usize, end: usize) -> String {

@@ -1,12 +1,17 @@
 //! The classification head trained on cached backbone features, with its loss, a hand-written
 //! backward pass and SGD with momentum.
 //!
-//! The original PyTorch script replaces ResNet-50's `fc` by
-//! `nn.Sequential(nn.Linear(2048, 32), nn.ReLU(), nn.Linear(32, 10))` and trains it with
-//! `nn.CrossEntropyLoss` and `optim.SGD(lr=0.001, momentum=0.9)`. This module is that head:
+//! The original course script (`imagenet_finetune.py`) puts `fc1 = nn.Linear(2048, 32)`,
+//! `nn.Dropout(p=0.5)` and `fc2 = nn.Linear(32, 10)` on ResNet-50, with forward
+//! `fc2(dropout(fc1(x)))` — no activation between the two layers — and trains it with
+//! `nn.CrossEntropyLoss` and `optim.SGD(lr=0.001, momentum=0.9)`. This module is that head,
+//! with the hidden activation a choice ([`Activation`]): ReLU by default (our recommendation:
+//! without it the two layers compose to one linear map of rank ≤ 32), or none, as the script:
 //!
 //! ```text
-//!   x [b, D] ──Linear(D, H)──► z1 [b, H] ──ReLU──► (dropout) a1 [b, H] ──Linear(H, C)──► z2 [b, C]
+//!   x [b, D] ──Linear(D, H)──► z1 [b, H] ──act──► (dropout) a1 [b, H] ──Linear(H, C)──► z2 [b, C]
+//!   act = ReLU or identity;  dropout as nn.Dropout: zero with probability p, scale kept units
+//!   by 1/(1−p) in training, identity in evaluation
 //!   loss = mean_b CE(z2, y) + λ/2 · (‖W1‖² + ‖W2‖²)        (biases are not penalised)
 //! ```
 //!
@@ -42,8 +47,66 @@ use crate::error::{Error, Result};
 /// Hidden width of the original script's head.
 pub const HIDDEN: usize = 32;
 
-/// Number of CIFAR-10 classes.
-pub const CLASSES: usize = 10;
+/// The activation between the head's two linear layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Activation {
+    /// `max(0, z)`: our default; the hidden layer is then a real non-linearity.
+    #[default]
+    Relu,
+    /// The identity, as the original course script (`fc2(dropout(fc1(x)))`): the head is a
+    /// linear map of rank at most the hidden width.
+    None,
+}
+
+impl Activation {
+    /// The activation of a pre-activation value.
+    #[inline]
+    pub fn apply(self, z: f32) -> f32 {
+        match self {
+            Activation::Relu => z.max(0.0),
+            Activation::None => z,
+        }
+    }
+
+    /// Its derivative at `z` (ReLU's is taken as 0 at 0, as PyTorch does).
+    #[inline]
+    pub fn derivative(self, z: f32) -> f32 {
+        match self {
+            Activation::Relu => {
+                if z > 0.0 {
+                    1.0
+                } else {
+                    0.0
+                }
+            }
+            Activation::None => 1.0,
+        }
+    }
+}
+
+impl std::str::FromStr for Activation {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Activation> {
+        match s {
+            "relu" => Ok(Activation::Relu),
+            "none" => Ok(Activation::None),
+            other => Err(Error::invalid(
+                "--activation",
+                format!("`{other}` is neither `relu` nor `none`"),
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Activation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Activation::Relu => "relu",
+            Activation::None => "none",
+        })
+    }
+}
 
 /// The widths of the head's three layers of units.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,6 +148,8 @@ pub struct Head {
     pub b2: Vec<f32>,
     /// Layer widths.
     pub dims: HeadDims,
+    /// The activation between the layers ([`Activation::Relu`] unless set).
+    pub activation: Activation,
 }
 
 /// Gradients (or momentum buffers) with the shapes of a [`Head`]'s parameters.
@@ -188,7 +253,14 @@ impl Head {
             w2,
             b2,
             dims,
+            activation: Activation::Relu,
         })
+    }
+
+    /// The same head with the hidden activation `activation`.
+    pub fn with_activation(mut self, activation: Activation) -> Head {
+        self.activation = activation;
+        self
     }
 
     /// Builds a head from given parameters, checking every length against `dims`.
@@ -206,6 +278,7 @@ impl Head {
             w2,
             b2,
             dims,
+            activation: Activation::Relu,
         };
         head.check()?;
         Ok(head)
@@ -500,7 +573,7 @@ struct Workspace {
     batch: usize,
     /// Pre-activations of the hidden layer, `[b, H]`.
     z1: Vec<f32>,
-    /// Hidden activations after ReLU (and dropout), `[b, H]`.
+    /// Hidden activations after the activation (and dropout), `[b, H]`.
     a1: Vec<f32>,
     /// Logits, `[b, C]`.
     z2: Vec<f32>,
@@ -573,16 +646,17 @@ fn argmax(z: &[f32]) -> u8 {
 // Layer 2, softmax and cross-entropy: small, scalar, shared by every instruction set.
 // ------------------------------------------------------------------------------------------
 
-/// Layer 1's epilogue and layer 2 forward: `a1 = relu(z1)·mask`, `z2 = a1·W2ᵀ + b2`.
+/// Layer 1's epilogue and layer 2 forward: `a1 = act(z1)·mask`, `z2 = a1·W2ᵀ + b2`.
 fn forward_small(head: &Head, b: usize, mask: Option<&[f32]>, ws: &mut Workspace) {
     let HeadDims {
         hidden: h,
         classes: c,
         ..
     } = head.dims;
+    let act = head.activation;
     // a1 [b, H]
     for (i, (a, &z)) in ws.a1[..b * h].iter_mut().zip(&ws.z1[..b * h]).enumerate() {
-        let r = z.max(0.0);
+        let r = act.apply(z);
         *a = match mask {
             Some(m) => r * m[i],
             None => r,
@@ -650,7 +724,7 @@ fn backward_small(
         *g += lambda * w;
     }
     // da1 [b, H] = dz2 [b, C] · W2 [C, H] (sum over classes in order);
-    // dz1 = da1 · relu'(z1) · mask;  gb1 = Σ_b dz1
+    // dz1 = da1 · act'(z1) · mask;  gb1 = Σ_b dz1
     for s in 0..b {
         let da = &mut ws.dz1[s * h..(s + 1) * h]; // [H]
         da.fill(0.0);
@@ -662,7 +736,7 @@ fn backward_small(
         }
         for (j, x) in da.iter_mut().enumerate() {
             let i = s * h + j;
-            let gate = if ws.z1[i] > 0.0 { 1.0 } else { 0.0 };
+            let gate = head.activation.derivative(ws.z1[i]);
             let m = mask.map_or(1.0, |m| m[i]);
             *x = *x * gate * m;
         }

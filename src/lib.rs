@@ -11,7 +11,7 @@
 //!                                                                                        │
 //!                        ┌───────────────────────────────────────────────────────────────┘
 //!                        ▼
-//!    head (2048→32→ReLU→10) + train (SGD momentum, L2 λ, validation, best checkpoint, λ sweep)
+//!    head (2048→32→ReLU|none→10) + train (SGD momentum, L2 λ, validation, best checkpoint, λ sweep)
 //!                        │
 //!                        ▼
 //!    evaluate (test split: loss, accuracy, confusion matrix, classification report, probabilities)

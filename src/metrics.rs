@@ -196,3 +196,47 @@ pub fn classification_report<S: AsRef<str>>(
 ) -> Result<String> {
     Ok(Metrics::from_predictions(y_true, y_pred, names)?.classification_report(digits))
 }
+
+/// Top-k accuracy as scikit-learn's `top_k_accuracy_score(y_true, y_score, k=k)` computes it:
+/// a sample counts when its true class is among the `k` classes ranked first by score. The
+/// ranking is sklearn's (`argsort(kind="mergesort")` reversed), so among equal scores the
+/// higher class index ranks first. `scores` is `[N, classes]` row-major; `k ≥ classes` gives 1.
+pub fn top_k_accuracy(y_true: &[u8], scores: &[f32], classes: usize, k: usize) -> Result<f64> {
+    if classes == 0 || scores.len() != y_true.len() * classes {
+        return Err(Error::invalid(
+            "scores",
+            format!(
+                "{} values for {} samples of {classes} classes",
+                scores.len(),
+                y_true.len()
+            ),
+        ));
+    }
+    if k == 0 {
+        return Err(Error::invalid("k", "top-k accuracy needs k ≥ 1"));
+    }
+    if y_true.is_empty() {
+        return Err(Error::invalid("labels", "no samples"));
+    }
+    let mut hits = 0usize;
+    for (&y, row) in y_true.iter().zip(scores.chunks_exact(classes)) {
+        let y = y as usize;
+        if y >= classes {
+            return Err(Error::invalid(
+                "labels",
+                format!("label {y} is not below the {classes} classes"),
+            ));
+        }
+        let s = row[y];
+        // Classes ranked before y: higher scores, and equal scores at higher indices.
+        let ahead = row
+            .iter()
+            .enumerate()
+            .filter(|&(j, &v)| v > s || (v == s && j > y))
+            .count();
+        if ahead < k {
+            hits += 1;
+        }
+    }
+    Ok(hits as f64 / y_true.len() as f64)
+}

@@ -43,7 +43,7 @@ use sha2::{Digest, Sha256};
 use crate::checkpoint::{self, BestSoFar, CheckpointKind, CheckpointMeta, TrainState};
 use crate::error::{Error, Result};
 use crate::features::{FeatureSet, Fingerprint};
-use crate::head::{Head, HeadDims, Sgd, Stepper};
+use crate::head::{Activation, Head, HeadDims, Sgd, Stepper};
 
 /// Format tag of `config.json`.
 pub const RUN_FORMAT: &str = "cifar-finetune run v1";
@@ -117,12 +117,19 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Hidden width (script: 32).
     pub hidden: usize,
-    /// Dropout probability on the hidden layer during training (0 = off, the script's choice).
+    /// Dropout probability on the hidden layer during training, as `nn.Dropout(p)` (0 = off,
+    /// our default; the original script uses 0.5).
     pub dropout: f32,
+    /// The activation between the head's layers (ReLU by default; the original script has
+    /// none). Absent from runs made before it existed, which were all ReLU.
+    #[serde(default)]
+    pub activation: Activation,
 }
 
 impl Default for TrainConfig {
-    /// The original script's settings: lr 0.001, momentum 0.9, batch 4, 10 epochs, hidden 32.
+    /// Our recommended settings: the original script's optimiser (lr 0.001, momentum 0.9,
+    /// batch 4, 10 epochs, hidden 32) with a ReLU head and no dropout. [`TrainConfig::original`]
+    /// is the script exactly.
     fn default() -> Self {
         TrainConfig {
             lr: 0.001,
@@ -134,11 +141,23 @@ impl Default for TrainConfig {
             seed: 0,
             hidden: 32,
             dropout: 0.0,
+            activation: Activation::Relu,
         }
     }
 }
 
 impl TrainConfig {
+    /// The original course script's settings: no activation between the layers, dropout 0.5,
+    /// lr 0.001, momentum 0.9, batch 4, 10 epochs, hidden 32 (and no L2: λ = 0, which is the
+    /// sweep's business, not this struct's).
+    pub fn original() -> TrainConfig {
+        TrainConfig {
+            dropout: 0.5,
+            activation: Activation::None,
+            ..TrainConfig::default()
+        }
+    }
+
     /// Rejects impossible values, naming the flag.
     pub fn validate(&self) -> Result<()> {
         if !(self.lr.is_finite() && self.lr > 0.0) {
@@ -222,6 +241,10 @@ pub struct RunConfig {
     /// Where the features came from (data directory, weights, split options…), as the caller
     /// describes it; informative only (`--resume` compares everything else).
     pub source: serde_json::Value,
+    /// Settings that do not change the numbers (the preset named, the interval of the loss
+    /// lines), as the caller describes them; informative only, like `source`.
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub options: serde_json::Value,
 }
 
 impl RunConfig {
@@ -307,6 +330,41 @@ pub fn read_history(path: &Path) -> Result<Vec<HistoryRow>> {
     Ok(rows)
 }
 
+/// What a [`Problem`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProblemKind {
+    /// The training or validation loss became NaN or infinite: the λ stopped there and is
+    /// never chosen.
+    Diverged,
+    /// The best checkpoint predicts one class for every validation image.
+    SingleClass,
+    /// No epoch's training loss fell below the first epoch's.
+    LossNeverFell,
+}
+
+impl ProblemKind {
+    /// A short label for tables: `diverged`, `single class`, `loss never fell`.
+    pub fn label(self) -> &'static str {
+        match self {
+            ProblemKind::Diverged => "diverged",
+            ProblemKind::SingleClass => "single class",
+            ProblemKind::LossNeverFell => "loss never fell",
+        }
+    }
+}
+
+/// Something wrong with how one λ trained, found while or after training it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Problem {
+    /// What it is.
+    pub kind: ProblemKind,
+    /// The epoch it concerns, when one does.
+    pub epoch: Option<usize>,
+    /// One sentence for people, naming λ.
+    pub message: String,
+}
+
 /// The outcome of one λ in `summary.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LambdaSummary {
@@ -314,18 +372,29 @@ pub struct LambdaSummary {
     pub lambda: f32,
     /// Its directory, relative to the run directory (`lambda_0.001`).
     pub dir: String,
-    /// Its best checkpoint, relative to the run directory.
+    /// Its best checkpoint, relative to the run directory (empty when a failed λ never
+    /// reached a validated epoch).
     pub best_checkpoint: String,
-    /// Best epoch by the selection metric.
+    /// Best epoch by the selection metric (0: none).
     pub best_epoch: usize,
-    /// Validation loss at the best epoch.
+    /// Validation loss at the best epoch (NaN, `null` in JSON, when there is none).
+    #[serde(deserialize_with = "f64_or_nan")]
     pub best_val_loss: f64,
-    /// Validation accuracy at the best epoch.
+    /// Validation accuracy at the best epoch (NaN, `null` in JSON, when there is none).
+    #[serde(deserialize_with = "f64_or_nan")]
     pub best_val_accuracy: f64,
-    /// Training loss of the last epoch.
+    /// Training loss of the last completed epoch (NaN, `null` in JSON, when there is none).
+    #[serde(deserialize_with = "f64_or_nan")]
     pub final_train_loss: f64,
-    /// Epochs trained.
+    /// Epochs completed.
     pub epochs: usize,
+    /// True when the training diverged (NaN or infinite loss): the λ stopped early and is
+    /// never chosen.
+    #[serde(default)]
+    pub failed: bool,
+    /// What went wrong, if anything (see [`ProblemKind`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<Problem>,
 }
 
 /// `summary.json`: the λ chosen on validation and every λ's best epoch.
@@ -333,12 +402,22 @@ pub struct LambdaSummary {
 pub struct Summary {
     /// The selection metric.
     pub select: Select,
-    /// The chosen λ: the best of the per-λ best epochs (first in order on ties).
+    /// The chosen λ: the best of the per-λ best epochs among the λs that did not fail
+    /// (first in order on ties).
     pub chosen_lambda: f32,
     /// The chosen λ's best checkpoint, relative to the run directory.
     pub chosen_checkpoint: String,
     /// One entry per λ, in training order.
     pub lambdas: Vec<LambdaSummary>,
+    /// Every λ's problems in one list, then the likely cause; empty when training went well.
+    /// The terminal summary and the top of `report.html` show these.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+/// Reads a number that serde_json wrote as `null` because it was NaN.
+fn f64_or_nan<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 impl Summary {
@@ -407,7 +486,7 @@ pub enum Progress {
         /// Steps per epoch.
         steps: usize,
         /// Mean training loss over the steps since the last report (the original script's
-        /// `running_loss / 2000`).
+        /// `running_loss / 20` when reporting every 20 steps).
         loss: f64,
         /// Training throughput of this epoch so far.
         samples_per_sec: f64,
@@ -432,6 +511,9 @@ pub struct RunOptions {
     pub report_every: usize,
     /// Caller's description of the features' source, stored in `config.json`.
     pub source: serde_json::Value,
+    /// Caller's description of settings that do not change the numbers (preset, report
+    /// interval), stored in `config.json` as `options`.
+    pub options: serde_json::Value,
     /// How many λs train at the same time, one thread each (each λ is independent and
     /// single-threaded, so the results are the same bit for bit whatever this is).
     pub jobs: usize,
@@ -443,6 +525,7 @@ impl Default for RunOptions {
             resume: false,
             report_every: 2000,
             source: serde_json::Value::Null,
+            options: serde_json::Value::Null,
             jobs: 1,
         }
     }
@@ -488,6 +571,7 @@ pub fn sweep(
         n_val: val.len(),
         split_digest: split_digest(train, val),
         source: opts.source.clone(),
+        options: opts.options.clone(),
     };
     let config_path = run_dir.join("config.json");
     if config_path.exists() {
@@ -562,12 +646,51 @@ pub fn sweep(
         }
     }
     history.write()?;
+    if summaries.iter().all(|s| s.failed) {
+        let each: Vec<&str> = summaries
+            .iter()
+            .flat_map(|s| &s.problems)
+            .filter(|p| p.kind == ProblemKind::Diverged)
+            .map(|p| p.message.as_str())
+            .collect();
+        let prefix = if summaries.len() > 1 {
+            "every λ failed, so none can be chosen: "
+        } else {
+            ""
+        };
+        return Err(Error::Numerical(format!(
+            "{prefix}{}; {}",
+            each.join("; "),
+            likely_cause(train, cfg, &summaries)
+        )));
+    }
     let chosen = choose(cfg.select, &summaries)?;
+    let mut warnings: Vec<String> = summaries
+        .iter()
+        .flat_map(|s| &s.problems)
+        .map(|p| p.message.clone())
+        .collect();
+    let healthy: Vec<&LambdaSummary> = summaries.iter().filter(|s| !s.failed).collect();
+    if healthy.len() > 1
+        && healthy
+            .iter()
+            .all(|s| s.best_val_loss == healthy[0].best_val_loss)
+    {
+        warnings.push(format!(
+            "every λ reached the same validation loss ({}): the L2 strength made no difference, \
+             which usually means the heads learned nothing",
+            healthy[0].best_val_loss
+        ));
+    }
+    if !warnings.is_empty() {
+        warnings.push(likely_cause(train, cfg, &summaries));
+    }
     let summary = Summary {
         select: cfg.select,
         chosen_lambda: chosen.lambda,
         chosen_checkpoint: chosen.best_checkpoint.clone(),
         lambdas: summaries,
+        warnings,
     };
     crate::io::write_json(&run_dir.join("summary.json"), &summary)?;
     Ok(SweepOutcome::Finished(summary))
@@ -630,7 +753,8 @@ fn fit(
         head = ck.head;
         state = st;
     } else {
-        head = Head::init(dims.input, dims.hidden, dims.classes, cfg.seed)?;
+        head = Head::init(dims.input, dims.hidden, dims.classes, cfg.seed)?
+            .with_activation(cfg.activation);
         state = TrainState {
             history: Vec::new(),
             best: None,
@@ -655,12 +779,11 @@ fn fit(
 
     let mut stepper = Stepper::new(dims, cfg.batch_size.min(n));
     let mut mask = vec![0.0f32; cfg.batch_size * dims.hidden]; // [b, H]
-    let keep_scale = 1.0 / (1.0 - cfg.dropout);
     let mut order: Vec<usize> = (0..n).collect();
     for epoch in done + 1..=cfg.epochs {
         let started = Instant::now();
         shuffle(&mut order, cfg.seed, epoch);
-        let mut drop_rng = stream(cfg.seed, STREAM_DROPOUT, epoch);
+        let mut dropout = Dropout::new(cfg.seed, epoch, cfg.dropout);
         let (mut loss_sum, mut pen_sum) = (0.0f64, 0.0f64);
         let (mut window_loss, mut window_steps) = (0.0f64, 0usize);
         let mut xs: Vec<&[f32]> = Vec::with_capacity(cfg.batch_size);
@@ -674,13 +797,7 @@ fn fit(
             }
             let m = if cfg.dropout > 0.0 {
                 let m = &mut mask[..batch.len() * dims.hidden];
-                for v in m.iter_mut() {
-                    *v = if unit(&mut drop_rng) < cfg.dropout {
-                        0.0
-                    } else {
-                        keep_scale
-                    };
-                }
+                dropout.fill(m);
                 Some(&m[..])
             } else {
                 None
@@ -691,7 +808,8 @@ fn fit(
                     "the training loss became non-finite at step {} (cross-entropy {loss}, penalty {penalty})",
                     step + 1
                 );
-                return Err(diverged(lambda, epoch, &what, &state, &best_path));
+                let failure = diverged(lambda, epoch, &what, &state, &best_path);
+                return finish_lambda(ctx, &dir_name, &state, Some(failure), val, history);
             }
             let b = batch.len() as f64;
             loss_sum += f64::from(loss) * b;
@@ -730,7 +848,8 @@ fn fit(
             let score = head.score(&val.features, &val.labels)?;
             if !score.loss.is_finite() {
                 let what = format!("the validation loss is {}", score.loss);
-                return Err(diverged(lambda, epoch, &what, &state, &best_path));
+                let failure = diverged(lambda, epoch, &what, &state, &best_path);
+                return finish_lambda(ctx, &dir_name, &state, Some(failure), val, history);
             }
             row.val_loss = Some(score.loss);
             row.val_accuracy = Some(score.accuracy);
@@ -780,21 +899,133 @@ fn fit(
             return Ok(ControlFlow::Break(()));
         }
     }
-    let best = state.best.ok_or_else(|| {
-        Error::Numerical(format!(
+    if state.best.is_none() {
+        return Err(Error::Numerical(format!(
             "λ = {lambda}: no epoch was validated, so there is no best checkpoint"
-        ))
-    })?;
+        )));
+    }
+    finish_lambda(ctx, &dir_name, &state, None, val, history)
+}
+
+/// The summary of a λ that finished, or stopped on `failure` (a divergence): its best epoch
+/// and every problem found — the divergence, a best checkpoint that predicts a single class
+/// on the validation split, a training loss that never fell below the first epoch's.
+fn finish_lambda(
+    ctx: &LambdaCtx,
+    dir_name: &str,
+    state: &TrainState,
+    failure: Option<Error>,
+    val: &FeatureSet,
+    history: &History,
+) -> Result<ControlFlow<(), LambdaSummary>> {
+    let lambda = ctx.lambda;
+    history.set(ctx.index, &state.history)?;
+    let mut problems = Vec::new();
+    let failed = failure.is_some();
+    if let Some(e) = failure {
+        let epoch = state.history.len() + 1;
+        problems.push(Problem {
+            kind: ProblemKind::Diverged,
+            epoch: Some(epoch),
+            message: match e {
+                Error::Numerical(m) => m,
+                other => other.to_string(),
+            },
+        });
+    }
+    if let Some(best) = &state.best {
+        let path = ctx.run_dir.join(dir_name).join("best.safetensors");
+        let ck = checkpoint::load(&path)?;
+        let predicted = ck.head.predict(&val.features, &val.labels)?.predicted;
+        // Below two images per class a healthy head can predict one class by chance.
+        if let Some(&first) = predicted.first()
+            && predicted.len() >= SINGLE_CLASS_MIN_IMAGES_PER_CLASS * val.classes.len()
+            && predicted.iter().all(|&p| p == first)
+        {
+            let name = val.classes.get(first as usize).map_or("?", String::as_str);
+            problems.push(Problem {
+                kind: ProblemKind::SingleClass,
+                epoch: Some(best.epoch),
+                message: format!(
+                    "λ = {lambda}: the best checkpoint (epoch {}) predicts one class, {first} \
+                     ({name}), for all {} validation images: the head has collapsed",
+                    best.epoch,
+                    predicted.len()
+                ),
+            });
+        }
+    }
+    if let Some((first, rest)) = state.history.split_first()
+        && !rest.is_empty()
+        && rest.iter().all(|r| r.train_loss >= first.train_loss)
+    {
+        problems.push(Problem {
+            kind: ProblemKind::LossNeverFell,
+            epoch: None,
+            message: format!(
+                "λ = {lambda}: the training loss never fell below its first epoch's ({:.4}) \
+                 in {} epochs",
+                first.train_loss,
+                state.history.len()
+            ),
+        });
+    }
+    let best = state.best;
     Ok(ControlFlow::Continue(LambdaSummary {
         lambda,
-        best_checkpoint: format!("{dir_name}/best.safetensors"),
-        dir: dir_name,
-        best_epoch: best.epoch,
-        best_val_loss: best.val_loss,
-        best_val_accuracy: best.val_accuracy,
+        best_checkpoint: if best.is_some() {
+            format!("{dir_name}/best.safetensors")
+        } else {
+            String::new()
+        },
+        dir: dir_name.to_string(),
+        best_epoch: best.map_or(0, |b| b.epoch),
+        best_val_loss: best.map_or(f64::NAN, |b| b.val_loss),
+        best_val_accuracy: best.map_or(f64::NAN, |b| b.val_accuracy),
         final_train_loss: state.history.last().map_or(f64::NAN, |r| r.train_loss),
         epochs: state.history.len(),
+        failed,
+        problems,
     }))
+}
+
+/// The fewest validation images per class on which a head predicting a single class is
+/// reported.
+pub const SINGLE_CLASS_MIN_IMAGES_PER_CLASS: usize = 2;
+
+/// The sentence that follows a list of problems: what usually causes them, with the numbers
+/// that let a reader judge (λ·lr against the stability limit of SGD with momentum on the
+/// penalty, else the learning rate and the scale of the features).
+fn likely_cause(train: &FeatureSet, cfg: &TrainConfig, summaries: &[LambdaSummary]) -> String {
+    // On the penalty alone the update is w ← w − lr·λ·w with momentum μ, which converges
+    // only while lr·λ < 2(1 + μ).
+    let limit = 2.0 * (1.0 + f64::from(cfg.momentum));
+    let too_strong: Vec<String> = summaries
+        .iter()
+        .filter(|s| s.failed && f64::from(cfg.lr) * f64::from(s.lambda) >= limit)
+        .map(|s| format!("λ = {}", s.lambda))
+        .collect();
+    if !too_strong.is_empty() {
+        return format!(
+            "likely cause: for {} the L2 step lr·λ is beyond 2(1 + momentum) = {limit:.2}, where SGD \
+             makes the weights grow instead of shrink: use a smaller λ or --lr",
+            too_strong.join(", ")
+        );
+    }
+    let n = train.features.len().max(1);
+    let mean_abs = train
+        .features
+        .iter()
+        .map(|&v| f64::from(v.abs()))
+        .sum::<f64>()
+        / n as f64;
+    format!(
+        "likely cause: the learning rate (--lr {}) is too high for the scale of the features \
+         (mean |x| = {mean_abs:.3} over the training features; ImageNet-normalised ResNet-50 \
+         features average about 0.4): try a smaller --lr, or check how the features were \
+         made (--normalize)",
+        cfg.lr
+    )
 }
 
 /// The rows of every λ, in λ order, and the `history.csv` they are written to.
@@ -917,10 +1148,11 @@ fn diverged(lambda: f32, epoch: usize, what: &str, state: &TrainState, best_path
     ))
 }
 
-/// Picks the λ whose best epoch is best by `select` (the first on ties).
+/// Picks the λ whose best epoch is best by `select` (the first on ties), among the λs that
+/// did not fail.
 fn choose(select: Select, summaries: &[LambdaSummary]) -> Result<&LambdaSummary> {
     let mut best: Option<&LambdaSummary> = None;
-    for s in summaries {
+    for s in summaries.iter().filter(|s| !s.failed) {
         let better = match best {
             None => true,
             Some(b) => match select {
@@ -1006,8 +1238,8 @@ fn check_sets(train: &FeatureSet, val: &FeatureSet) -> Result<()> {
     Ok(())
 }
 
-/// sha256 over both splits' image indices and labels.
-fn split_digest(train: &FeatureSet, val: &FeatureSet) -> String {
+/// sha256 over both splits' image indices and labels (`config.json`'s `split_digest`).
+pub fn split_digest(train: &FeatureSet, val: &FeatureSet) -> String {
     let mut h = Sha256::new();
     for set in [train, val] {
         h.update((set.len() as u64).to_le_bytes());
@@ -1041,6 +1273,7 @@ fn compare_configs(path: &Path, old: &RunConfig, new: &RunConfig) -> Result<()> 
     // split digest above are what identify the features.
     let new = RunConfig {
         source: old.source.clone(),
+        options: old.options.clone(),
         ..new.clone()
     };
     if *old == new {
@@ -1099,6 +1332,41 @@ fn stream(seed: u64, purpose: u64, epoch: usize) -> ChaCha8Rng {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     rng.set_stream((purpose << 32) | epoch as u64);
     rng
+}
+
+/// The dropout masks of one epoch, as `nn.Dropout(p)` in training mode: each hidden unit of
+/// each sample is zeroed with probability `p` and otherwise scaled by 1/(1−p) ("inverted"
+/// dropout, so the expected activation is unchanged and evaluation uses the head as it is,
+/// with no mask and no rescaling). The draws come from the epoch's dropout stream of `seed`,
+/// one uniform per unit in the order the units are used.
+#[derive(Debug, Clone)]
+pub struct Dropout {
+    rng: ChaCha8Rng,
+    p: f32,
+    keep_scale: f32,
+}
+
+impl Dropout {
+    /// The masks of epoch `epoch` (1-based) of a run seeded with `seed`, for probability `p`
+    /// (in [0, 1), checked by [`TrainConfig::validate`]).
+    pub fn new(seed: u64, epoch: usize, p: f32) -> Dropout {
+        Dropout {
+            rng: stream(seed, STREAM_DROPOUT, epoch),
+            p,
+            keep_scale: 1.0 / (1.0 - p),
+        }
+    }
+
+    /// Fills `mask` (`[b, H]`) with the next units' factors: 0 (dropped) or 1/(1−p) (kept).
+    pub fn fill(&mut self, mask: &mut [f32]) {
+        for v in mask.iter_mut() {
+            *v = if unit(&mut self.rng) < self.p {
+                0.0
+            } else {
+                self.keep_scale
+            };
+        }
+    }
 }
 
 /// A uniform f32 in [0, 1) from the top 24 bits of a word.

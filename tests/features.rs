@@ -318,7 +318,7 @@ fn features_on_cmd(data: &Path, weights: &Path, cache: &Path, split: &str) -> Co
     .arg("--cache-dir")
     .arg(cache)
     .arg("--out")
-    .arg(cache.join("out.safetensors"));
+    .arg(cache.with_extension("out.safetensors"));
     cmd
 }
 
@@ -432,8 +432,20 @@ fn a_cache_part_being_written_is_locked_and_stale_temporaries_go() {
         })
         .unwrap();
 
-    // Another process holds the part: refused at once, naming the holder.
+    let remove_a_shard = || {
+        let shard = shard_files(&cache).pop().unwrap();
+        std::fs::remove_file(shard).unwrap();
+    };
+    // Another process holds the part: reading what is cached needs no lock...
     let lock = DirLock::acquire(&part, "test", false).unwrap();
+    let out = features_on(&data_dir(), &weights, &cache, "train");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // ...but writing is refused at once, naming the holder.
+    remove_a_shard();
     let out = features_on(&data_dir(), &weights, &cache, "train");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -444,6 +456,7 @@ fn a_cache_part_being_written_is_locked_and_stale_temporaries_go() {
 
     // With --wait-lock it waits for the holder, then removes what a killed writer left.
     std::fs::write(part.join(".tmp-stale"), b"half a shard").unwrap();
+    let before = shard_files(&cache).len();
     let mut child = features_on_cmd(&data_dir(), &weights, &cache, "train")
         .arg("--wait-lock")
         .stdout(Stdio::null())
@@ -458,4 +471,5 @@ fn a_cache_part_being_written_is_locked_and_stale_temporaries_go() {
     drop(lock);
     assert!(child.wait().unwrap().success());
     assert!(!part.join(".tmp-stale").exists());
+    assert_eq!(shard_files(&cache).len(), before + 1);
 }

@@ -3,7 +3,7 @@
 //! (fixture from `tools/gen_head_fixtures.py`).
 
 use cifar_finetune::Error;
-use cifar_finetune::head::{Head, HeadDims, HeadGrads, Sgd, Stepper};
+use cifar_finetune::head::{Activation, Head, HeadDims, HeadGrads, Sgd, Stepper};
 use serde::Deserialize;
 
 // ---------- inputs regenerated from an integer hash, as tools/gen_head_fixtures.py does ----------
@@ -267,6 +267,9 @@ fn sgd_with_script_defaults_matches_the_formula() {
 
 #[derive(Deserialize)]
 struct Trajectory {
+    /// `relu` (our default head) or `none` (the course script's linear head).
+    #[serde(default)]
+    activation: Activation,
     dims: HeadDims,
     n: usize,
     lr: f32,
@@ -313,7 +316,11 @@ struct GradBatch {
 }
 
 fn trajectory() -> Trajectory {
-    let text = std::fs::read_to_string("tests/fixtures/head/sgd_trajectory.json").unwrap();
+    trajectory_file("sgd_trajectory.json")
+}
+
+fn trajectory_file(name: &str) -> Trajectory {
+    let text = std::fs::read_to_string(format!("tests/fixtures/head/{name}")).unwrap();
     serde_json::from_str(&text).unwrap()
 }
 
@@ -331,7 +338,7 @@ fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
 fn fixture_inputs(t: &Trajectory) -> (Vec<f32>, Vec<u8>, Head) {
     let x = features(t.n, t.dims.input, t.dims.classes);
     let y: Vec<u8> = (0..t.n).map(|r| label(r, t.dims.classes)).collect();
-    let head = hashed_head(t.dims);
+    let head = hashed_head(t.dims).with_activation(t.activation);
     assert_eq!(y, t.check.labels, "labels regenerated differently");
     assert_eq!(
         &x[..8],
@@ -347,8 +354,18 @@ fn fixture_inputs(t: &Trajectory) -> (Vec<f32>, Vec<u8>, Head) {
 
 #[test]
 fn gradients_equal_pytorch_on_an_odd_batch() {
-    let t = trajectory();
-    let (x, y, head) = fixture_inputs(&t);
+    check_odd_batch_gradients(&trajectory());
+}
+
+#[test]
+fn linear_head_gradients_equal_pytorch_on_an_odd_batch() {
+    let t = trajectory_file("sgd_trajectory_linear.json");
+    assert_eq!(t.activation, Activation::None);
+    check_odd_batch_gradients(&t);
+}
+
+fn check_odd_batch_gradients(t: &Trajectory) {
+    let (x, y, head) = fixture_inputs(t);
     let g = &t.grad_batch;
     let d = t.dims.input;
     let xb: Vec<f32> = g
@@ -376,9 +393,20 @@ fn gradients_equal_pytorch_on_an_odd_batch() {
 
 #[test]
 fn few_hundred_sgd_steps_equal_pytorch_losses() {
-    let t = trajectory();
+    check_sgd_trajectory(&trajectory());
+}
+
+/// The course script's head: Linear → Linear, no activation, dropout off, λ = 0.
+#[test]
+fn linear_head_sgd_steps_equal_pytorch_losses() {
+    let t = trajectory_file("sgd_trajectory_linear.json");
+    assert_eq!((t.activation, t.lambda), (Activation::None, 0.0));
+    check_sgd_trajectory(&t);
+}
+
+fn check_sgd_trajectory(t: &Trajectory) {
     assert!(t.losses.len() >= 300);
-    let (x, y, mut head) = fixture_inputs(&t);
+    let (x, y, mut head) = fixture_inputs(t);
     let d = t.dims.input;
     let mut sgd = Sgd::new(t.dims, t.lr, t.momentum).unwrap();
     let mut stepper = Stepper::new(t.dims, 4);

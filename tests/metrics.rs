@@ -108,3 +108,49 @@ fn metrics_round_trip_through_json() {
     let back: Metrics = serde_json::from_str(&text).unwrap();
     assert_eq!(back, m);
 }
+
+#[derive(Deserialize)]
+struct TopK {
+    y_true: Vec<u8>,
+    scores: Vec<Vec<f32>>,
+    top_k: std::collections::BTreeMap<String, f64>,
+}
+
+/// Top-k accuracy equals scikit-learn's `top_k_accuracy_score`, ties included (a row of equal
+/// scores, scores rounded to tenths): sklearn ranks equal scores by descending class index.
+#[test]
+fn top_k_accuracy_equals_sklearn() {
+    let text = std::fs::read_to_string("tests/fixtures/head/top_k.json").unwrap();
+    let f: TopK = serde_json::from_str(&text).unwrap();
+    let flat: Vec<f32> = f.scores.iter().flatten().copied().collect();
+    assert_eq!(f.top_k.len(), 10);
+    for (k, want) in &f.top_k {
+        let k: usize = k.parse().unwrap();
+        let got = cifar_finetune::metrics::top_k_accuracy(&f.y_true, &flat, 10, k).unwrap();
+        assert!(
+            (got - want).abs() < 1e-12,
+            "k = {k}: ours {got}, sklearn {want}"
+        );
+    }
+    // Ties decide some hits: ranking equal scores by ascending index would change the result.
+    let lowest_first = |k: usize| {
+        f.y_true
+            .iter()
+            .zip(f.scores.iter())
+            .filter(|&(&y, row)| {
+                let s = row[y as usize];
+                let ahead = row
+                    .iter()
+                    .enumerate()
+                    .filter(|&(j, &v)| v > s || (v == s && j < y as usize))
+                    .count();
+                ahead < k
+            })
+            .count() as f64
+            / f.y_true.len() as f64
+    };
+    assert!(
+        (1..=10).any(|k| lowest_first(k) != f.top_k[&k.to_string()]),
+        "the fixture does not exercise ties"
+    );
+}

@@ -412,22 +412,28 @@ fn divergence_stops_with_lambda_and_epoch_and_keeps_the_best_checkpoint() {
         1
     );
 
-    // The same on two threads beside a healthy λ: the error names the diverging λ.
+    // The same on two threads beside a healthy λ: the diverging λ stops and is named, the
+    // healthy one finishes and is chosen (tests/divergence.rs covers this in depth).
     let par = RunOptions {
         jobs: 2,
         ..RunOptions::default()
     };
-    let msg = train::sweep(
-        &tr,
-        &va,
-        &[0.0, 220.0],
-        &cfg,
-        &tmp.path().join("par"),
-        &par,
-        &mut quiet(),
-    )
-    .unwrap_err()
-    .to_string();
+    let summary = finished(
+        train::sweep(
+            &tr,
+            &va,
+            &[0.0, 220.0],
+            &cfg,
+            &tmp.path().join("par"),
+            &par,
+            &mut quiet(),
+        )
+        .unwrap(),
+    );
+    assert_eq!(summary.chosen_lambda, 0.0);
+    let failed = &summary.lambdas[1];
+    assert!(failed.failed);
+    let msg = &failed.problems[0].message;
     assert!(msg.contains("λ = 220") && msg.contains("epoch 2"), "{msg}");
 
     // A huge learning rate diverges at once: no checkpoint to keep, and the error says so.
@@ -645,4 +651,76 @@ fn corrupt_checkpoints_are_named() {
     assert!(err.to_string().contains("x.safetensors"), "{err}");
     let err = checkpoint::load(&tmp.path().join("missing.safetensors")).unwrap_err();
     assert!(err.to_string().contains("missing.safetensors"), "{err}");
+}
+
+/// The activation is recorded in checkpoints and config.json and read back; a checkpoint
+/// written before the field existed (no `activation` in its metadata) is read as ReLU.
+#[test]
+fn activation_is_recorded_and_old_checkpoints_read_as_relu() {
+    use cifar_finetune::head::Activation;
+    use safetensors::SafeTensors;
+
+    let (tr, va) = sets(12);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("linear");
+    let cfg = TrainConfig {
+        activation: Activation::None,
+        epochs: 1,
+        ..small_config()
+    };
+    let s = finished(
+        train::sweep(
+            &tr,
+            &va,
+            &[0.0],
+            &cfg,
+            &dir,
+            &RunOptions::default(),
+            &mut quiet(),
+        )
+        .unwrap(),
+    );
+    assert_eq!(
+        train::RunConfig::read(&dir).unwrap().train.activation,
+        Activation::None
+    );
+    let path = dir.join(&s.chosen_checkpoint);
+    let ck = checkpoint::load(&path).unwrap();
+    assert_eq!(ck.head.activation, Activation::None);
+    // The loaded head evaluates as it was trained (no ReLU): its score is the one recorded
+    // at validation.
+    let score = ck.head.score(&va.features, &va.labels).unwrap();
+    assert_eq!(score.loss, s.lambdas[0].best_val_loss);
+
+    // An old checkpoint: the same file with `activation` removed from its metadata.
+    let bytes = std::fs::read(&path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
+    let meta = header.metadata().as_ref().unwrap()[checkpoint::META_KEY].clone();
+    let mut json: serde_json::Value = serde_json::from_str(&meta).unwrap();
+    assert_eq!(json["config"]["activation"], "none");
+    json["config"]
+        .as_object_mut()
+        .unwrap()
+        .remove("activation")
+        .unwrap();
+    let old = dir.join("old.safetensors");
+    let views: Vec<(String, safetensors::tensor::TensorView)> = st
+        .names()
+        .into_iter()
+        .map(|n| (n.to_string(), st.tensor(n).unwrap()))
+        .collect();
+    let bytes = safetensors::serialize(
+        views,
+        Some(std::collections::HashMap::from([(
+            checkpoint::META_KEY.to_string(),
+            json.to_string(),
+        )])),
+    )
+    .unwrap();
+    std::fs::write(&old, bytes).unwrap();
+    let old_ck = checkpoint::load(&old).unwrap();
+    assert_eq!(old_ck.head.activation, Activation::Relu);
+    assert_eq!(old_ck.meta.config.activation, Activation::Relu);
+    assert_eq!(old_ck.head.w1, ck.head.w1);
 }

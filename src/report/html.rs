@@ -6,9 +6,12 @@
 //! styles) makes the browser refuse any request that could slip in later, rather than
 //! silently making it. The only scripting is none at all.
 //!
-//! Sections: headline numbers; the chosen λ with every λ's best epoch; the run configuration
-//! and fingerprints; the training plots; the test metrics (classification report, confusion
-//! matrix, per-class accuracy); a gallery of test images, misclassified first, each with its
+//! Sections: a red warning box when the training went wrong (a λ diverged, a head predicts a
+//! single class, a loss that never fell — `summary.json`'s `warnings`); headline numbers; the
+//! chosen λ with every λ's best epoch and status; the run configuration and fingerprints; the
+//! training plots; the test metrics (top-1 and top-5 accuracy, classification report,
+//! confusion matrix, per-class accuracy); the validation split's when `test --split val` has
+//! scored it; a gallery of test images, misclassified first, each with its
 //! true and predicted class and a bar per class probability (as the course's own report did).
 
 use std::fmt::Write as _;
@@ -20,6 +23,7 @@ use super::plots::Figure;
 use crate::data::cifar::{CifarPart, SIDE};
 use crate::error::{Error, Result};
 use crate::evaluate::{PredictionRow, TestMetrics};
+use crate::head::Activation;
 use crate::train::{RunConfig, Summary};
 
 /// One test image of the gallery with its prediction.
@@ -49,6 +53,8 @@ pub struct Page<'a> {
     pub summary: Option<&'a Summary>,
     /// `metrics.json` (absent before the test evaluation).
     pub test: Option<&'a TestMetrics>,
+    /// `metrics-val.json` (present after `test --split val`).
+    pub val: Option<&'a TestMetrics>,
     /// Training plots (losses, error bars, accuracy spread), shown in the training section.
     pub training_figures: &'a [Figure],
     /// Test plots (confusion matrix, per-class accuracy), shown in the test section.
@@ -197,6 +203,19 @@ fn inline_svg(svg: &str) -> String {
     format!("{open} role=\"img\"{rest}")
 }
 
+/// A number, or a dash where there is none (NaN: a failed λ without a validated epoch).
+struct Dash(f64);
+
+impl std::fmt::Display for Dash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.is_finite() {
+            std::fmt::Display::fmt(&self.0, f)
+        } else {
+            f.write_str("—")
+        }
+    }
+}
+
 fn pct(x: f64) -> String {
     format!("{:.2}%", x * 100.0)
 }
@@ -250,6 +269,9 @@ padding:22px 26px;margin:22px 0;box-shadow:0 1px 2px rgba(20,30,50,.04)}
 h2{font-size:20px;margin:0 0 14px;font-weight:650}
 h3{font-size:16px;margin:22px 0 10px;font-weight:600}
 p.lead{color:var(--muted);margin:-6px 0 14px}
+.warn{background:#fdecea;border:2px solid #d93025;border-radius:8px;padding:10px 14px;margin:8px 0;color:#5f1410}
+.warn h2{margin:0 0 6px;font-size:18px;color:#b3261e}
+tr.failed td{color:#b3261e}
 .note{background:#fff8e6;border:1px solid #f3dca2;border-radius:8px;padding:10px 14px;margin:8px 0}
 .cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(170px,1fr));gap:14px;margin-top:-46px}
 .card{background:var(--card);border:1px solid var(--line);border-radius:12px;padding:14px 18px;
@@ -327,6 +349,7 @@ pub fn render(page: &Page) -> String {
         thousands(cfg.n_val)
     );
     h.push_str("<main>\n");
+    warnings(&mut h, page);
     headline(&mut h, page);
     for note in page.notes {
         let _ = writeln!(h, "<div class=\"note\">{}</div>", escape(note));
@@ -337,6 +360,9 @@ pub fn render(page: &Page) -> String {
     if let Some(t) = page.test {
         test_section(&mut h, t, page.test_figures);
     }
+    if let Some(v) = page.val {
+        val_section(&mut h, v);
+    }
     if !page.gallery.is_empty() {
         gallery(&mut h, page);
     }
@@ -345,6 +371,46 @@ pub fn render(page: &Page) -> String {
                 it loads nothing from anywhere.</footer>\n</body>\n</html>\n",
     );
     h
+}
+
+/// The training problems of `summary.json`, first thing on the page, impossible to miss.
+fn warnings(h: &mut String, page: &Page) {
+    let Some(s) = page.summary else { return };
+    if s.warnings.is_empty() {
+        return;
+    }
+    h.push_str(
+        "<div class=\"warn\" id=\"warnings\" role=\"alert\"><h2>Warning: the training did \
+         not go well</h2><ul>",
+    );
+    for w in &s.warnings {
+        let _ = write!(h, "<li>{}</li>", escape(w));
+    }
+    h.push_str("</ul></div>\n");
+}
+
+/// The scores of `test --split val`: the same numbers as the test section, for the
+/// validation images the λ was chosen on.
+fn val_section(h: &mut String, v: &TestMetrics) {
+    h.push_str("<section id=\"validation\"><h2>Validation split</h2>");
+    let _ = write!(
+        h,
+        "<p class=\"lead\">The checkpoint λ = {} (epoch {}) on the {} validation images \
+         (<code>metrics-val.json</code>): accuracy {}, top-5 accuracy {}, loss {:.4}.</p>",
+        escape(&fmt_lambda(v.lambda)),
+        v.epoch,
+        thousands(v.count),
+        pct(v.accuracy),
+        v.top5_accuracy.map_or("n/a".to_string(), pct),
+        v.loss
+    );
+    let _ = write!(
+        h,
+        "<details><summary>Classification report</summary><pre>{}</pre></details>",
+        escape(&v.report)
+    );
+    confusion_table(h, &v.metrics.confusion, &v.class_names);
+    h.push_str("</section>\n");
 }
 
 fn card(h: &mut String, key: &str, value: &str, sub: &str) {
@@ -434,23 +500,39 @@ fn chosen(h: &mut String, page: &Page) {
     h.push_str(
         "<div class=\"scroll\"><table><thead><tr><th>λ</th><th>best epoch</th>\
          <th>validation loss</th><th>validation accuracy</th><th>final training loss</th>\
-         <th>epochs</th></tr></thead><tbody>",
+         <th>epochs</th><th>status</th></tr></thead><tbody>",
     );
     for l in &s.lambdas {
-        let class = if l.lambda == s.chosen_lambda {
+        let class = if l.failed {
+            " class=\"failed\""
+        } else if l.lambda == s.chosen_lambda {
             " class=\"chosen\""
         } else {
             ""
         };
+        let status = if l.failed {
+            "failed: diverged".to_string()
+        } else if l.problems.is_empty() {
+            "ok".to_string()
+        } else {
+            let kinds: Vec<&str> = l.problems.iter().map(|p| p.kind.label()).collect();
+            format!("warning: {}", kinds.join(", "))
+        };
         let _ = write!(
             h,
-            "<tr{class}><td>{}</td><td>{}</td><td>{:.4}</td><td>{}</td><td>{:.4}</td><td>{}</td></tr>",
+            "<tr{class}><td>{}</td><td>{}</td><td>{:.4}</td><td>{}</td><td>{:.4}</td><td>{}</td>\
+             <td>{}</td></tr>",
             escape(&fmt_lambda(l.lambda)),
             l.best_epoch,
-            l.best_val_loss,
-            pct(l.best_val_accuracy),
-            l.final_train_loss,
-            l.epochs
+            Dash(l.best_val_loss),
+            if l.best_val_accuracy.is_finite() {
+                pct(l.best_val_accuracy)
+            } else {
+                "—".to_string()
+            },
+            Dash(l.final_train_loss),
+            l.epochs,
+            escape(&status)
         );
     }
     h.push_str("</tbody></table></div></section>\n");
@@ -474,8 +556,15 @@ fn configuration(h: &mut String, cfg: &RunConfig) {
         (
             "head".into(),
             format!(
-                "{} → {} → ReLU → {}, dropout {}",
-                cfg.feature_dim, t.hidden, cfg.classes, t.dropout
+                "{} → {} → {} → {}, dropout {}",
+                cfg.feature_dim,
+                t.hidden,
+                match t.activation {
+                    Activation::Relu => "ReLU",
+                    Activation::None => "no activation",
+                },
+                cfg.classes,
+                t.dropout
             ),
         ),
         (
@@ -508,6 +597,16 @@ fn configuration(h: &mut String, cfg: &RunConfig) {
         let _ = write!(
             h,
             "<tr><td>source: {}</td><td><code>{}</code></td></tr>",
+            escape(k),
+            escape(v)
+        );
+    }
+    let mut options = Vec::new();
+    flatten("", &cfg.options, &mut options);
+    for (k, v) in &options {
+        let _ = write!(
+            h,
+            "<tr><td>option: {}</td><td><code>{}</code></td></tr>",
             escape(k),
             escape(v)
         );
@@ -551,11 +650,12 @@ fn test_section(h: &mut String, t: &TestMetrics, figs: &[Figure]) {
     let _ = write!(
         h,
         "<p class=\"lead\">The chosen checkpoint (λ = {}, epoch {}) on {} test images: \
-         accuracy {}, loss {:.4}.</p>",
+         accuracy {}, top-5 accuracy {}, loss {:.4}.</p>",
         escape(&fmt_lambda(t.lambda)),
         t.epoch,
         thousands(t.count),
         pct(t.accuracy),
+        t.top5_accuracy.map_or("n/a".to_string(), pct),
         t.loss
     );
     h.push_str(

@@ -96,6 +96,12 @@ pub fn write_run_report(run_dir: &Path, opts: &ReportOptions) -> Result<ReportOu
         notes.push("No metrics.json: the chosen checkpoint has not been tested yet.".into());
         None
     };
+    let val_path = run_dir.join(crate::evaluate::output_names(crate::data::cifar::Split::Val).0);
+    let val = if val_path.exists() {
+        Some(TestMetrics::read(&val_path)?)
+    } else {
+        None
+    };
     let mut test_figures = Vec::new();
     if let Some(t) = &test {
         test_figures.push(plots::confusion_heatmap(
@@ -125,6 +131,7 @@ pub fn write_run_report(run_dir: &Path, opts: &ReportOptions) -> Result<ReportOu
         config: &run.config,
         summary: run.summary.as_ref(),
         test: test.as_ref(),
+        val: val.as_ref(),
         training_figures: &training_figures,
         test_figures: &test_figures,
         gallery: &gallery,

@@ -44,8 +44,14 @@ pub struct Args {
     #[arg(long, requires = "seed")]
     biases: bool,
     /// Print the same report as JSON instead of a table.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "explain")]
     json: bool,
+    /// Part 1 of the assignment as a derivation: each quantity it asks for (δ^(4)_1,
+    /// ∂E/∂w^(3)_{12}, δ^(3)_1, ∂E/∂w^(2)_{11}, δ^(2)_1, ∂E/∂w^(1)_{11}) as its formula with
+    /// the chain of factors written out, the numbers put in, and a finite-difference check.
+    /// Needs the assignment's 3-4-4-1 network without biases.
+    #[arg(long)]
+    explain: bool,
     /// Exit with an error when any derivative's relative error exceeds this.
     #[arg(long, default_value_t = 1e-6, value_name = "REL")]
     tolerance: f64,
@@ -70,7 +76,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let report = problem.report()?;
 
-    if args.json {
+    if args.explain {
+        emit(&problem.explain(&source)?)?;
+    } else if args.json {
         let out = serde_json::json!({
             "source": source,
             "params": problem.to_json(),

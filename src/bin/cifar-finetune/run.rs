@@ -42,15 +42,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         anyhow::bail!("invalid --repeats: must be at least 1");
     }
     args.hyper.config().validate()?;
-    let lambdas = &args.lambdas.lambdas;
+    let lambdas = &args.lambdas.resolve(&args.hyper);
     train::validate_lambdas(lambdas)?;
+    let features = args.hyper.features(&args.features);
     let run_dir = args
         .hyper
         .run_dir
         .clone()
         .unwrap_or_else(|| default_run_dir("run"));
 
-    let sets = source::load_many(&args.features, &[Split::Train, Split::Val, Split::Test])?;
+    let sets = source::load_many(&features, &[Split::Train, Split::Val, Split::Test])?;
     let [train_set, val_set, test_set] = <[_; 3]>::try_from(sets)
         .map_err(|_| anyhow::anyhow!("expected the training, validation and test features"))?;
 
@@ -59,7 +60,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         &val_set,
         lambdas,
         &args.hyper,
-        &args.features,
+        &features,
         &run_dir,
     )?
     else {
@@ -77,7 +78,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             args.repeats,
             hyper.seed
         );
-        if train_sets(&train_set, &val_set, lambdas, &hyper, &args.features, &dir)?.is_none() {
+        if train_sets(&train_set, &val_set, lambdas, &hyper, &features, &dir)?.is_none() {
             return Ok(());
         }
         seed_histories.push(train::read_history(&dir.join("history.csv"))?);
@@ -102,7 +103,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let out = report::write_run_report(
         &run_dir,
         &ReportOptions {
-            data_dir: Some(args.features.data.clone()),
+            data_dir: Some(features.data.clone()),
             gallery_size: args.gallery,
             seed_histories,
         },

@@ -55,9 +55,10 @@ pub struct FeatureArgs {
     /// Refuse an image that resizing would make larger than this many pixels.
     #[arg(long, default_value_t = DEFAULT_MAX_PIXELS, value_name = "N")]
     pub max_pixels: usize,
-    /// Normalisation after ToTensor.
-    #[arg(long, value_enum, default_value_t = Normalize::Imagenet)]
-    pub normalize: Normalize,
+    /// Normalisation after ToTensor [default: imagenet; half with --preset original; for
+    /// `test`, the checkpoint's].
+    #[arg(long, value_enum)]
+    pub normalize: Option<Normalize>,
     /// Precision of the backbone's matrix products (part of the cache fingerprint).
     #[arg(long, value_enum, default_value_t = PrecisionArg::F32)]
     pub precision: PrecisionArg,
@@ -87,9 +88,14 @@ pub struct FeatureArgs {
 }
 
 impl FeatureArgs {
+    /// The normalisation in use: `--normalize`, or ImageNet's statistics.
+    pub fn normalization(&self) -> Normalize {
+        self.normalize.unwrap_or(Normalize::Imagenet)
+    }
+
     /// The preprocessing these options describe.
     pub fn preprocess(&self) -> Preprocess {
-        let preprocess = match self.normalize {
+        let preprocess = match self.normalization() {
             Normalize::Imagenet => Preprocess::imagenet(self.image_size),
             Normalize::Half => Preprocess::half(self.image_size),
         };

@@ -1,22 +1,40 @@
-//! `cifar-finetune test --checkpoint FILE`: scores a trained head on the test split and
-//! writes `metrics.json` and `predictions.csv`.
+//! `cifar-finetune test --checkpoint FILE [--split val|test]`: scores a trained head on a
+//! split and writes `metrics.json` and `predictions.csv` (test split) or
+//! `metrics-val.json` and `predictions-val.csv` (validation split).
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use cifar_finetune::checkpoint;
 use cifar_finetune::data::cifar::Split;
+use cifar_finetune::data::transform::Preprocess;
 use cifar_finetune::evaluate::{self, Evaluation};
+use cifar_finetune::train;
 
-use crate::source::{self, FeatureArgs};
+use crate::source::{self, FeatureArgs, Normalize};
 
-/// Evaluate a checkpoint on the test split: loss, accuracy, per-class accuracy, confusion
-/// matrix, classification report, and every image's class probabilities.
+/// `test` or `val` (the training split is what the head was fitted on: not a test).
+fn parse_split(s: &str) -> Result<Split, String> {
+    match s {
+        "test" => Ok(Split::Test),
+        "val" => Ok(Split::Val),
+        other => Err(format!("`{other}` is neither `test` nor `val`")),
+    }
+}
+
+/// Evaluate a checkpoint on the test (or validation) split: loss, top-1 and top-5 accuracy,
+/// per-class accuracy, confusion matrix, classification report, and every image's class
+/// probabilities.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// The checkpoint: a `best.safetensors` of a run (or its `best.json` sidecar).
     #[arg(long)]
     pub checkpoint: PathBuf,
+    /// The split to score: `test` (writes metrics.json, predictions.csv) or `val`, the
+    /// validation images held out of the training part with --val-count/--split-seed
+    /// (writes metrics-val.json, predictions-val.csv).
+    #[arg(long, default_value = "test", value_parser = parse_split)]
+    pub split: Split,
     /// Directory for metrics.json and predictions.csv [default: the checkpoint's run
     /// directory].
     #[arg(long)]
@@ -28,8 +46,37 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     // Read the checkpoint before extracting anything: a wrong path fails at once.
     let ck = checkpoint::load(&args.checkpoint)?;
-    let test = source::load(&args.features, Split::Test)?;
-    let eval = evaluate::evaluate(&ck, &test, Split::Test)?;
+    let mut features = args.features.clone();
+    if features.normalize.is_none() {
+        // The normalisation the head's features were made with, read from its fingerprint.
+        let half = Preprocess::half(features.image_size).fingerprint();
+        features.normalize = Some(if ck.meta.extractor.preprocess == half {
+            Normalize::Half
+        } else {
+            Normalize::Imagenet
+        });
+    }
+    let set = if args.split == Split::Val {
+        // The validation rows must be the run's: compare the split with its config.json.
+        let [train_set, val_set] =
+            <[_; 2]>::try_from(source::load_many(&features, &[Split::Train, Split::Val])?)
+                .map_err(|_| anyhow::anyhow!("expected the training and validation features"))?;
+        let run_dir = evaluate::default_output_dir(&ck.path);
+        if let Ok(cfg) = train::RunConfig::read(&run_dir)
+            && cfg.split_digest != train::split_digest(&train_set, &val_set)
+        {
+            anyhow::bail!(
+                "--split val: these validation images are not those of the run in {} \
+                 (pass the --val-count, --split-seed and --limit it was trained with: {})",
+                run_dir.display(),
+                cfg.source
+            );
+        }
+        val_set
+    } else {
+        source::load(&features, args.split)?
+    };
+    let eval = evaluate::evaluate(&ck, &set, args.split)?;
     let out = args
         .out
         .clone()
@@ -52,11 +99,13 @@ fn print_table(eval: &Evaluation) {
         m.epoch
     );
     println!(
-        "{} split: {} images, loss {:.4}, accuracy {:.2} %",
+        "{} split: {} images, loss {:.4}, accuracy {:.2} %, top-5 accuracy {}",
         m.split,
         m.count,
         m.loss,
-        100.0 * m.accuracy
+        100.0 * m.accuracy,
+        m.top5_accuracy
+            .map_or("n/a".to_string(), |a| format!("{:.2} %", 100.0 * a))
     );
     println!();
     let width = m

@@ -10,14 +10,15 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use cifar_finetune::data::cifar::Split;
 use cifar_finetune::features::FeatureSet;
+use cifar_finetune::head::Activation;
 use cifar_finetune::train::{
     self, Progress, RunOptions, Select, Summary, SweepOutcome, TrainConfig,
 };
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
-use crate::source::{self, FeatureArgs};
+use crate::source::{self, FeatureArgs, Normalize};
 
-/// Train the head (Linear(2048, 32) → ReLU → Linear(32, 10)) at one L2 strength λ.
+/// Train the head (Linear(2048, 32) → ReLU or nothing → Linear(32, 10)) at one L2 strength λ.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// L2 strength λ: the objective is cross-entropy + λ/2·(‖W1‖² + ‖W2‖²), the squared norms
@@ -30,23 +31,54 @@ pub struct Args {
     pub features: FeatureArgs,
 }
 
-/// Hyper-parameters and run options shared by `train` and `sweep`. The defaults reproduce
-/// the original script: SGD with lr 0.001 and momentum 0.9, batch size 4, 10 epochs.
+/// A named set of settings for `--preset`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Preset {
+    /// The course script `imagenet_finetune.py` exactly: no activation between the layers,
+    /// dropout 0.5, `--normalize half`, a loss line every 20 mini-batches, batch 4, lr 0.001,
+    /// momentum 0.9, 10 epochs, no L2 (λ = 0). Batch norm stays in evaluation mode (see the
+    /// README).
+    Original,
+}
+
+impl Preset {
+    /// Its name as written on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::Original => "original",
+        }
+    }
+}
+
+/// How often the `[epoch, batch] loss: x` lines come without a preset.
+pub const DEFAULT_REPORT_EVERY: usize = 2000;
+
+/// The original script's `if i % 20 == 19: print(... running_loss / 20)`.
+pub const ORIGINAL_REPORT_EVERY: usize = 20;
+
+/// Hyper-parameters and run options shared by `train`, `sweep` and `run`. Unset flags take
+/// the preset's value, or our defaults without a preset; flags given beside `--preset`
+/// override it. The resolved values are what `config.json` records.
 #[derive(Debug, Clone, clap::Args)]
 pub struct TrainArgs {
-    /// Learning rate of SGD.
-    #[arg(long, default_value_t = 0.001, allow_negative_numbers = true)]
-    pub lr: f32,
+    /// Start from a named set of settings (flags given beside it override it): `original` is
+    /// the course script exactly (no activation, dropout 0.5, --normalize half,
+    /// --report-every 20, batch 4, lr 0.001, momentum 0.9, 10 epochs, λ = 0).
+    #[arg(long, value_enum)]
+    pub preset: Option<Preset>,
+    /// Learning rate of SGD [default: 0.001].
+    #[arg(long, allow_negative_numbers = true)]
+    pub lr: Option<f32>,
     /// SGD momentum μ (PyTorch semantics: v ← μ·v + g, p ← p − lr·v; no dampening, no
-    /// Nesterov).
-    #[arg(long, default_value_t = 0.9, allow_negative_numbers = true)]
-    pub momentum: f32,
-    /// Mini-batch size.
-    #[arg(long, default_value_t = 4)]
-    pub batch_size: usize,
-    /// Number of epochs per λ.
-    #[arg(long, default_value_t = 10)]
-    pub epochs: usize,
+    /// Nesterov) [default: 0.9].
+    #[arg(long, allow_negative_numbers = true)]
+    pub momentum: Option<f32>,
+    /// Mini-batch size [default: 4].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Number of epochs per λ [default: 10].
+    #[arg(long)]
+    pub epochs: Option<usize>,
     /// Validate every N epochs (the last epoch is always validated).
     #[arg(long, default_value_t = 1)]
     pub val_every: usize,
@@ -61,19 +93,26 @@ pub struct TrainArgs {
     /// Hidden width of the head.
     #[arg(long, default_value_t = 32)]
     pub hidden: usize,
-    /// Dropout probability on the hidden layer during training (0: off, as the original).
-    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
-    pub dropout: f32,
+    /// Activation between the head's two layers: `relu` (our default) or `none` (the
+    /// original script's `fc2(dropout(fc1(x)))`, with --preset original).
+    #[arg(long)]
+    pub activation: Option<Activation>,
+    /// Dropout probability on the hidden layer during training, as PyTorch's nn.Dropout
+    /// (kept units scaled by 1/(1−p); nothing at evaluation) [default: 0, off; the original
+    /// script, and --preset original, use 0.5].
+    #[arg(long, allow_negative_numbers = true)]
+    pub dropout: Option<f32>,
     /// Run directory [default: runs/<train|sweep>-<UTC date-time>].
     #[arg(long)]
     pub run_dir: Option<PathBuf>,
     /// Continue the run in --run-dir from each λ's last completed epoch (same settings).
     #[arg(long, requires = "run_dir")]
     pub resume: bool,
-    /// Print the running loss every N mini-batches when stdout is not a terminal (the
-    /// original's `[epoch, batch] loss: x` lines).
-    #[arg(long, default_value_t = 2000)]
-    pub report_every: usize,
+    /// Print the mean loss of the last N mini-batches every N mini-batches when stdout is not
+    /// a terminal, as `[epoch, batch] loss: x` lines [default: 2000; the original script, and
+    /// --preset original, print every 20].
+    #[arg(long)]
+    pub report_every: Option<usize>,
     /// λs trained at the same time, one thread each [default: the number of CPU cores].
     /// Every λ is computed alone on its thread, so the results do not depend on this.
     #[arg(long)]
@@ -81,24 +120,60 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
-    /// The library's configuration.
+    /// The library's configuration: the preset's (or our default) values, overridden by the
+    /// flags given.
     pub fn config(&self) -> TrainConfig {
+        let base = match self.preset {
+            Some(Preset::Original) => TrainConfig::original(),
+            None => TrainConfig::default(),
+        };
         TrainConfig {
-            lr: self.lr,
-            momentum: self.momentum,
-            batch_size: self.batch_size,
-            epochs: self.epochs,
+            lr: self.lr.unwrap_or(base.lr),
+            momentum: self.momentum.unwrap_or(base.momentum),
+            batch_size: self.batch_size.unwrap_or(base.batch_size),
+            epochs: self.epochs.unwrap_or(base.epochs),
             val_every: self.val_every,
             select: self.select,
             seed: self.seed,
             hidden: self.hidden,
-            dropout: self.dropout,
+            dropout: self.dropout.unwrap_or(base.dropout),
+            activation: self.activation.unwrap_or(base.activation),
         }
+    }
+
+    /// The interval of the `[epoch, batch] loss: x` lines.
+    pub fn report_every(&self) -> usize {
+        self.report_every.unwrap_or(match self.preset {
+            Some(Preset::Original) => ORIGINAL_REPORT_EVERY,
+            None => DEFAULT_REPORT_EVERY,
+        })
+    }
+
+    /// The feature options with the preset's normalisation filled in where `--normalize`
+    /// was not given.
+    pub fn features(&self, features: &FeatureArgs) -> FeatureArgs {
+        let mut f = features.clone();
+        if f.normalize.is_none() {
+            f.normalize = Some(match self.preset {
+                Some(Preset::Original) => Normalize::Half,
+                None => Normalize::Imagenet,
+            });
+        }
+        f
     }
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     run_lambdas(&[args.lambda], &args.hyper, &args.features, "train")
+}
+
+/// What `config.json` records under `options`: the preset and the settings that do not
+/// change the numbers.
+fn describe_options(hyper: &TrainArgs) -> serde_json::Value {
+    serde_json::json!({
+        "preset": hyper.preset.map(Preset::name),
+        "report_every": hyper.report_every(),
+    })
 }
 
 /// Validates the settings, loads the train/validation features and runs the sweep over
@@ -112,6 +187,7 @@ pub fn run_lambdas(
     // Reject bad settings before the (possibly long) feature extraction.
     hyper.config().validate()?;
     train::validate_lambdas(lambdas)?;
+    let features = &hyper.features(features);
     let run_dir = hyper
         .run_dir
         .clone()
@@ -139,11 +215,13 @@ pub fn train_sets(
     run_dir: &Path,
 ) -> anyhow::Result<Option<Summary>> {
     let cfg = hyper.config();
-    let mut display = Display::new(hyper.report_every);
+    let features = &hyper.features(features);
+    let mut display = Display::new(hyper.report_every());
     let opts = RunOptions {
         resume: hyper.resume,
         report_every: display.interval(),
         source: describe_source(features),
+        options: describe_options(hyper),
         jobs: hyper
             .jobs
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
@@ -177,17 +255,33 @@ pub fn train_sets(
         SweepOutcome::Finished(s) => {
             println!();
             println!(
-                "{:>10}  {:>10}  {:>13}  {:>14}",
+                "{:>10}  {:>10}  {:>13}  {:>14}  status",
                 "λ", "best epoch", "val loss", "val accuracy"
             );
             for l in &s.lambdas {
+                let status = if l.failed {
+                    "FAILED (diverged)".to_string()
+                } else if l.problems.is_empty() {
+                    "ok".to_string()
+                } else {
+                    let kinds: Vec<&str> = l.problems.iter().map(|p| p.kind.label()).collect();
+                    format!("WARNING: {}", kinds.join(", "))
+                };
                 println!(
-                    "{:>10}  {:>10}  {:>13.4}  {:>12.2} %",
+                    "{:>10}  {:>10}  {:>13.4}  {:>12.2} %  {status}",
                     l.lambda,
                     l.best_epoch,
                     l.best_val_loss,
                     100.0 * l.best_val_accuracy
                 );
+            }
+            if !s.warnings.is_empty() {
+                println!();
+                println!("WARNING: training did not go well:");
+                for w in &s.warnings {
+                    println!("  - {w}");
+                }
+                println!();
             }
             println!(
                 "chosen on validation ({}): λ = {} → {}",
@@ -207,7 +301,7 @@ fn describe_source(f: &FeatureArgs) -> serde_json::Value {
         "data": f.data,
         "weights": f.weights,
         "image_size": f.image_size,
-        "normalize": format!("{:?}", f.normalize).to_lowercase(),
+        "normalize": format!("{:?}", f.normalization()).to_lowercase(),
         "limit": f.limit,
         "val_count": f.val_count,
         "split_seed": f.split_seed,
