@@ -8,6 +8,7 @@ mod fixtures;
 use std::sync::OnceLock;
 
 use candle_core::{Device, Tensor};
+use cifar_finetune::backbone::arch::Arch;
 use cifar_finetune::backbone::fast::{FastResNet, Precision};
 use cifar_finetune::backbone::resnet::ResNet;
 use cifar_finetune::backbone::weights::{self, StateDict};
@@ -233,6 +234,45 @@ fn extractor_uses_the_fast_path_and_names_the_precision() {
         );
         assert!(c >= 0.999, "extractor bf16 image {i}: cosine {c}");
     }
+}
+
+/// ResNet-18 (basic blocks, 512-d features) is data, not code: the candle reference and the
+/// fast path built from `Arch::RESNET18` both equal torchvision's resnet18.
+#[test]
+fn resnet18_matches_torchvision_on_both_paths() {
+    let arch = Arch::RESNET18;
+    let sd = || {
+        let tensors = weights::synthetic_state_dict_of(&arch).unwrap();
+        StateDict::from_tensors("synthetic resnet18", tensors)
+    };
+    let pre = Preprocess::half(64);
+    let x = batch(&pre, &[0, 1, 2]);
+    let expected = read_f32("features_resnet18_64_half.f32");
+    assert_eq!(expected.len(), 3 * 512);
+    let reference = ResNet::with_arch(sd(), &arch).unwrap();
+    assert_eq!(reference.feature_dim(), 512);
+    let got = reference
+        .forward(&Tensor::from_slice(&x, (3, 3, 64, 64), &Device::Cpu).unwrap())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let err = max_rel_err(&got, &expected);
+    assert!(err < 1e-4, "candle resnet18: relative error {err}");
+    for isa in [Isa::detect(), Isa::Portable] {
+        let model = FastResNet::with_arch(sd(), &arch, Precision::F32, isa).unwrap();
+        assert_eq!(model.feature_dim(), 512);
+        let got = model.forward(&x, 3, 64, 64).unwrap();
+        let err = max_rel_err(&got, &expected);
+        assert!(err < 1e-4, "fast resnet18 on {isa}: relative error {err}");
+        assert!(max_rel_err(&got[..512], &got[512..1024]) > 1e-2);
+    }
+    // ResNet-50 weights are not a ResNet-18: strict loading says which was expected.
+    let err = FastResNet::with_arch(state_dict(), &arch, Precision::F32, Isa::Portable)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("resnet18"), "{err}");
 }
 
 #[test]
