@@ -908,14 +908,17 @@ pub(crate) fn conv(
     }
     let g = &b.geom;
     let (oh, ow) = (g.out_len(src.h), g.out_len(src.w));
-    let m = src.batch * oh * ow;
     let n = g.cout;
     let threads = workers.threads;
+    // Sizes that overflow cannot be held by any buffer: treat them as too large.
+    let product = |v: &[usize]| v.iter().try_fold(1usize, |a, &b| a.checked_mul(b));
+    let input_len = product(&[src.batch, src.h, src.w, src.c]).unwrap_or(usize::MAX);
+    let out_len = product(&[src.batch, oh, ow, n]).unwrap_or(usize::MAX);
     if src.c != g.cin
-        || src.data.len() < src.batch * src.h * src.w * src.c
-        || out.len() < m * n
+        || src.data.len() < input_len
+        || out.len() < out_len
         || bias.len() < n
-        || residual.is_some_and(|r| r.len() < m * n)
+        || residual.is_some_and(|r| r.len() < out_len)
         || scratch.len() < threads
     {
         return Err(Error::invalid(
@@ -927,7 +930,7 @@ pub(crate) fn conv(
                 src.data.len(),
                 src.c,
                 out.len(),
-                m * n,
+                out_len,
                 bias.len(),
                 scratch.len(),
                 g.cin,
@@ -940,6 +943,8 @@ pub(crate) fn conv(
             ),
         ));
     }
+    // out_len = m · n did not overflow (it fits in `out`), so neither does m.
+    let m = src.batch * oh * ow;
     if m == 0 {
         return Ok(());
     }
@@ -1381,6 +1386,26 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("5→19"), "{err}");
+        // So is one whose sizes overflow: no buffer can hold it.
+        let huge = Source {
+            batch: usize::MAX / 8,
+            ..src
+        };
+        assert!(
+            conv(
+                &huge,
+                &b,
+                &bias,
+                &portable,
+                &mut out,
+                None,
+                true,
+                &workers,
+                &mut scratch,
+                None,
+            )
+            .is_err()
+        );
         // Weights of the wrong size, and degenerate geometries, are refused at packing.
         assert!(PackedB::new(&wt[1..], &g, &portable).is_err());
         assert!(PackedB::new(&wt, &ConvGeom { stride: 0, ..g }, &portable).is_err());
