@@ -100,6 +100,8 @@ def main():
     ap.add_argument("--candle", action="store_true", help="also time the candle reference path (slow)")
     ap.add_argument("--no-torch", action="store_true", help="time ours only")
     ap.add_argument("--binary", default=os.path.join(ROOT, "target", "release", "examples", "bench_backbone"))
+    ap.add_argument("--baseline", help="another build of bench_backbone (e.g. from before a change), "
+                    "timed interleaved with ours as 'baseline f32' / 'baseline bf16'")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
 
@@ -114,6 +116,9 @@ def main():
     contenders = {}  # name -> callable returning the seconds of one pass
     ours = [Ours("ours f32", args.binary, images, args, ["--precision", "f32"]),
             Ours("ours bf16", args.binary, images, args, ["--precision", "bf16"])]
+    if args.baseline:
+        ours += [Ours("baseline f32", args.baseline, images, args, ["--precision", "f32"]),
+                 Ours("baseline bf16", args.baseline, images, args, ["--precision", "bf16"])]
     if args.candle:
         ours.append(Ours("ours candle f32", args.binary, images, args, ["--implementation", "candle"]))
     for o in ours:
@@ -177,7 +182,7 @@ def main():
     if torch_names:
         print("\nours / torch: ratio of the medians, and of the best passes (least disturbed by "
               "other processes):")
-        for o in [n for n in names if n.startswith("ours")]:
+        for o in [n for n in names if n.startswith(("ours", "baseline"))]:
             for t in torch_names:
                 ratios[f"{o} / {t}"] = {"median": ips[o] / ips[t], "best": best[o] / best[t]}
                 print(f"  {o:<16} / {t:<36} {ips[o] / ips[t]:5.2f}x  (best {best[o] / best[t]:5.2f}x)")
@@ -191,6 +196,11 @@ def main():
             err = float(np.abs(f - ref).max() / scale)
             cos = float(min(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)) for a, b in zip(f, ref)))
             checks[o.name] = {"max_rel_err": err, "min_cosine": cos}
+        if args.baseline:
+            for p in ("f32", "bf16"):
+                same = np.array_equal(np.fromfile(ours[0 if p == "f32" else 1].features, dtype="<f4"),
+                                      np.fromfile(ours[2 if p == "f32" else 3].features, dtype="<f4"))
+                print(f"ours {p} features {'bit-identical to' if same else 'DIFFER from'} the baseline's")
         print("\nfeatures against torch fp32 NCHW: " + "; ".join(
             f"{n}: max rel err {c['max_rel_err']:.2e}, min cosine {c['min_cosine']:.6f}" for n, c in checks.items()))
 

@@ -21,9 +21,10 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use candle_core::{Device, Tensor};
-use cifar_finetune::backbone::fast::{FastResNet50, Isa, LayerKind, Precision, Profile};
-use cifar_finetune::backbone::resnet::ResNet50;
+use cifar_finetune::backbone::fast::{FastResNet, LayerKind, Precision, Profile};
+use cifar_finetune::backbone::resnet::ResNet;
 use cifar_finetune::backbone::weights::{self, StateDict};
+use cifar_finetune::isa::{Isa, IsaKind};
 use clap::Parser;
 
 /// Benchmark of our ResNet-50 backbone.
@@ -57,7 +58,7 @@ struct Args {
     /// Timed passes in one-shot mode.
     #[arg(long, default_value_t = 3)]
     runs: usize,
-    /// Write the features of the first pass here (raw f32 `[batch, 2048]`).
+    /// Write the features of the first pass here (raw f32 `[batch, feature_dim]`).
     #[arg(long)]
     features_out: Option<PathBuf>,
     /// Serve `run` / `profile N` / `quit` commands on stdin.
@@ -67,8 +68,8 @@ struct Args {
 
 /// The network under test.
 enum Net {
-    Fast(Box<FastResNet50>),
-    Candle(ResNet50),
+    Fast(Box<FastResNet>),
+    Candle(ResNet),
 }
 
 impl Net {
@@ -107,10 +108,8 @@ impl Net {
 }
 
 fn parse_isa(name: &str) -> anyhow::Result<Isa> {
-    [Isa::Avx512Bf16, Isa::Avx512, Isa::Avx2, Isa::Portable]
-        .into_iter()
-        .find(|i| i.name() == name)
-        .with_context(|| format!("--isa {name}: unknown (avx512-bf16, avx512, avx2-fma, portable)"))
+    let kind: IsaKind = name.parse().with_context(|| format!("--isa {name}"))?;
+    Isa::new(kind).with_context(|| format!("--isa {name}: this CPU cannot run {kind} kernels"))
 }
 
 /// Peak resident memory of this process in MiB (Linux), if known.
@@ -182,15 +181,15 @@ fn main() -> anyhow::Result<()> {
         "fast" => {
             let precision: Precision = args.precision.parse()?;
             let mut m = match &args.isa {
-                Some(name) => FastResNet50::with_isa(sd, precision, parse_isa(name)?)?,
-                None => FastResNet50::from_state_dict(sd, precision)?,
+                Some(name) => FastResNet::with_isa(sd, precision, parse_isa(name)?)?,
+                None => FastResNet::from_state_dict(sd, precision)?,
             };
             if let Some(t) = args.threads {
-                m.set_threads(t);
+                m.set_threads(t)?;
             }
             Net::Fast(Box::new(m))
         }
-        "candle" => Net::Candle(ResNet50::from_state_dict(sd)?),
+        "candle" => Net::Candle(ResNet::from_state_dict(sd)?),
         other => bail!("--implementation {other}: expected fast or candle"),
     };
     let build_s = build.elapsed().as_secs_f64();

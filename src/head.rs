@@ -807,49 +807,61 @@ impl Lanes for Portable {
 }
 
 #[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
 mod avx2 {
-    //! AVX2+FMA lanes and the `#[target_feature]` entry points that instantiate the generic
-    //! kernels with them. Only reached through [`super::Isa::Avx2Fma`], which exists only
-    //! after run-time detection found both features.
+    //! AVX2+FMA lanes and the entry points that instantiate the generic kernels with them.
+    //!
+    //! The lanes type `Avx` is private to this module, so only the `#[target_feature]`
+    //! functions generated below ever instantiate a kernel with it, and those are reached only
+    //! through the entry points, each of which takes an [`Avx2Fma`] token: proof, checked at
+    //! run time when the token was made, that this CPU has AVX2 and FMA.
 
     use std::arch::x86_64::*;
 
     use super::{Head, HeadGrads, Lanes, Workspace};
+    use crate::isa::Avx2Fma;
 
     #[derive(Clone, Copy)]
-    pub(super) struct Avx(__m256);
+    struct Avx(__m256);
 
-    // SAFETY (every method): `Avx` values are only created inside the `#[target_feature]`
-    // functions below, which run only after AVX2 and FMA were detected; the methods are
-    // always inlined into them. Loads and stores go through `&[f32; 8]`, so they are in
-    // bounds.
+    // The SAFETY argument of every method: `Avx` is private to this module and only used
+    // inside the `#[target_feature(enable = "avx2,fma")]` functions below, which run only
+    // with an `Avx2Fma` token (see the module docs); the methods are always inlined into
+    // them. Loads and stores go through `&[f32; 8]` (unaligned), so they are in bounds.
     impl Lanes for Avx {
         #[inline(always)]
         fn zero() -> Self {
+            // SAFETY: AVX is available (see above).
             Avx(unsafe { _mm256_setzero_ps() })
         }
         #[inline(always)]
         fn splat(v: f32) -> Self {
+            // SAFETY: AVX is available (see above).
             Avx(unsafe { _mm256_set1_ps(v) })
         }
         #[inline(always)]
         fn load(a: &[f32; 8]) -> Self {
+            // SAFETY: AVX is available; `a` holds the 8 values read.
             Avx(unsafe { _mm256_loadu_ps(a.as_ptr()) })
         }
         #[inline(always)]
         fn store(self, a: &mut [f32; 8]) {
+            // SAFETY: AVX is available; `a` holds the 8 values written.
             unsafe { _mm256_storeu_ps(a.as_mut_ptr(), self.0) }
         }
         #[inline(always)]
         fn mul_add(a: Self, b: Self, c: Self) -> Self {
+            // SAFETY: FMA is available (see above).
             Avx(unsafe { _mm256_fmadd_ps(a.0, b.0, c.0) })
         }
         #[inline(always)]
         fn add(a: Self, b: Self) -> Self {
+            // SAFETY: AVX is available (see above).
             Avx(unsafe { _mm256_add_ps(a.0, b.0) })
         }
         #[inline(always)]
         fn hsum(self) -> f32 {
+            // SAFETY: AVX is available (see above).
             unsafe {
                 let lo = _mm256_castps256_ps128(self.0);
                 let hi = _mm256_extractf128_ps(self.0, 1);
@@ -860,19 +872,25 @@ mod avx2 {
         }
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn forward(
-        head: &Head,
-        xs: &[&[f32]],
-        mask: Option<&[f32]>,
-        ws: &mut Workspace,
-    ) -> f32 {
-        super::forward::<Avx>(head, xs, mask, ws)
+    /// `pub(super) fn $name(Avx2Fma, args) -> ret`: the generic kernel `$name` on AVX2 lanes,
+    /// compiled with AVX2 and FMA enabled, callable only with the token.
+    macro_rules! entry {
+        ($name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)?) => {
+            #[allow(clippy::too_many_arguments)]
+            pub(super) fn $name(_proof: Avx2Fma, $($arg: $ty),*) $(-> $ret)? {
+                #[allow(clippy::too_many_arguments)]
+                #[target_feature(enable = "avx2,fma")]
+                fn with_avx2($($arg: $ty),*) $(-> $ret)? {
+                    super::$name::<Avx>($($arg),*)
+                }
+                // SAFETY: the `Avx2Fma` token proves this CPU has AVX2 and FMA.
+                unsafe { with_avx2($($arg),*) }
+            }
+        };
     }
 
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn fused_step(
+    entry!(forward(head: &Head, xs: &[&[f32]], mask: Option<&[f32]>, ws: &mut Workspace) -> f32);
+    entry!(fused_step(
         head: &mut Head,
         vel: &mut HeadGrads,
         xs: &[&[f32]],
@@ -881,64 +899,29 @@ mod avx2 {
         mu: f32,
         lr: f32,
         mask: Option<&[f32]>,
-        ws: &mut Workspace,
-    ) -> (f32, f32) {
-        super::fused_step::<Avx>(head, vel, xs, y, lambda, mu, lr, mask, ws)
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn loss_and_grad(
+        ws: &mut Workspace
+    ) -> (f32, f32));
+    entry!(loss_and_grad(
         head: &Head,
         xs: &[&[f32]],
         y: &[u8],
         lambda: f32,
         mask: Option<&[f32]>,
         ws: &mut Workspace,
-        grads: &mut HeadGrads,
-    ) -> (f32, f32) {
-        super::loss_and_grad::<Avx>(head, xs, y, lambda, mask, ws, grads)
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn sgd_all(head: &mut Head, vel: &mut HeadGrads, g: &HeadGrads, mu: f32, lr: f32) {
-        super::sgd_all::<Avx>(head, vel, g, mu, lr)
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn sumsq_rows(w: &[f32], row: usize) -> f32 {
-        super::sumsq_rows::<Avx>(w, row)
-    }
+        grads: &mut HeadGrads
+    ) -> (f32, f32));
+    entry!(sgd_all(head: &mut Head, vel: &mut HeadGrads, g: &HeadGrads, mu: f32, lr: f32));
+    entry!(sumsq_rows(w: &[f32], row: usize) -> f32);
 }
 
-/// The instruction set the kernels run with, chosen once per call site by [`Isa::detect`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Isa {
-    /// 8-lane emulation with `f32::mul_add`; runs anywhere.
-    Portable,
-    /// AVX2 + FMA (x86-64 only, detected at run time).
-    #[cfg(target_arch = "x86_64")]
-    Avx2Fma,
-}
+// The instruction set the kernels run with is `crate::isa`'s, shared with the backbone, chosen
+// once per call site by `Isa::detect`: every x86-64 set it can name implies AVX2 and FMA,
+// whose token selects the AVX2 lanes; otherwise the portable lanes run.
+use crate::isa::Isa;
 
-impl Isa {
-    fn detect() -> Isa {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            return Isa::Avx2Fma;
-        }
-        Isa::Portable
-    }
-
-    fn forward(self, head: &Head, xs: &[&[f32]], mask: Option<&[f32]>, ws: &mut Workspace) -> f32 {
-        match self {
-            Isa::Portable => forward::<Portable>(head, xs, mask, ws),
-            // SAFETY: `Avx2Fma` is only constructed after detecting AVX2 and FMA.
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2Fma => unsafe { avx2::forward(head, xs, mask, ws) },
-        }
-    }
-
+/// The head's kernels, dispatched on an [`Isa`].
+trait Kernels {
+    fn forward(self, head: &Head, xs: &[&[f32]], mask: Option<&[f32]>, ws: &mut Workspace) -> f32;
     #[allow(clippy::too_many_arguments)]
     fn fused_step(
         self,
@@ -951,15 +934,7 @@ impl Isa {
         lr: f32,
         mask: Option<&[f32]>,
         ws: &mut Workspace,
-    ) -> (f32, f32) {
-        match self {
-            Isa::Portable => fused_step::<Portable>(head, vel, xs, y, lambda, mu, lr, mask, ws),
-            // SAFETY: as in `forward`.
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2Fma => unsafe { avx2::fused_step(head, vel, xs, y, lambda, mu, lr, mask, ws) },
-        }
-    }
-
+    ) -> (f32, f32);
     #[allow(clippy::too_many_arguments)]
     fn loss_and_grad(
         self,
@@ -970,30 +945,69 @@ impl Isa {
         mask: Option<&[f32]>,
         ws: &mut Workspace,
         grads: &mut HeadGrads,
-    ) -> (f32, f32) {
-        match self {
-            Isa::Portable => loss_and_grad::<Portable>(head, xs, y, lambda, mask, ws, grads),
-            // SAFETY: as in `forward`.
+    ) -> (f32, f32);
+    fn sgd_all(self, head: &mut Head, vel: &mut HeadGrads, g: &HeadGrads, mu: f32, lr: f32);
+    fn sumsq_rows(self, w: &[f32], row: usize) -> f32;
+}
+
+impl Kernels for Isa {
+    fn forward(self, head: &Head, xs: &[&[f32]], mask: Option<&[f32]>, ws: &mut Workspace) -> f32 {
+        match self.avx2_fma() {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2Fma => unsafe { avx2::loss_and_grad(head, xs, y, lambda, mask, ws, grads) },
+            Some(t) => avx2::forward(t, head, xs, mask, ws),
+            _ => forward::<Portable>(head, xs, mask, ws),
+        }
+    }
+
+    fn fused_step(
+        self,
+        head: &mut Head,
+        vel: &mut HeadGrads,
+        xs: &[&[f32]],
+        y: &[u8],
+        lambda: f32,
+        mu: f32,
+        lr: f32,
+        mask: Option<&[f32]>,
+        ws: &mut Workspace,
+    ) -> (f32, f32) {
+        match self.avx2_fma() {
+            #[cfg(target_arch = "x86_64")]
+            Some(t) => avx2::fused_step(t, head, vel, xs, y, lambda, mu, lr, mask, ws),
+            _ => fused_step::<Portable>(head, vel, xs, y, lambda, mu, lr, mask, ws),
+        }
+    }
+
+    fn loss_and_grad(
+        self,
+        head: &Head,
+        xs: &[&[f32]],
+        y: &[u8],
+        lambda: f32,
+        mask: Option<&[f32]>,
+        ws: &mut Workspace,
+        grads: &mut HeadGrads,
+    ) -> (f32, f32) {
+        match self.avx2_fma() {
+            #[cfg(target_arch = "x86_64")]
+            Some(t) => avx2::loss_and_grad(t, head, xs, y, lambda, mask, ws, grads),
+            _ => loss_and_grad::<Portable>(head, xs, y, lambda, mask, ws, grads),
         }
     }
 
     fn sgd_all(self, head: &mut Head, vel: &mut HeadGrads, g: &HeadGrads, mu: f32, lr: f32) {
-        match self {
-            Isa::Portable => sgd_all::<Portable>(head, vel, g, mu, lr),
-            // SAFETY: as in `forward`.
+        match self.avx2_fma() {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2Fma => unsafe { avx2::sgd_all(head, vel, g, mu, lr) },
+            Some(t) => avx2::sgd_all(t, head, vel, g, mu, lr),
+            _ => sgd_all::<Portable>(head, vel, g, mu, lr),
         }
     }
 
     fn sumsq_rows(self, w: &[f32], row: usize) -> f32 {
-        match self {
-            Isa::Portable => sumsq_rows::<Portable>(w, row),
-            // SAFETY: as in `forward`.
+        match self.avx2_fma() {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2Fma => unsafe { avx2::sumsq_rows(w, row) },
+            Some(t) => avx2::sumsq_rows(t, w, row),
+            _ => sumsq_rows::<Portable>(w, row),
         }
     }
 }

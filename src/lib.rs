@@ -42,6 +42,13 @@
 //!
 //! Stages talk through types and files, never globals; [`error::Error`] names the file, tensor
 //! or flag behind every failure, and [`io`] makes every write atomic.
+//!
+//! ## Unsafe code
+//!
+//! `unsafe` is denied everywhere (`[lints]` in `Cargo.toml`) except in the SIMD kernel
+//! modules — the backbone's matrix products (`backbone::fast::gemm`) and the head's AVX2
+//! lanes — and every unsafe block there states why it is sound (`// SAFETY:`). Those kernels
+//! run only behind a token of [`isa`] that proves the CPU has their instructions.
 
 pub mod backbone;
 pub mod backprop;
@@ -53,6 +60,7 @@ pub mod features;
 pub mod fetch;
 pub mod head;
 pub mod io;
+pub mod isa;
 pub mod metrics;
 pub mod report;
 pub mod train;

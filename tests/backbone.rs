@@ -1,44 +1,22 @@
 //! The ResNet-50 backbone against torchvision (fixtures from tools/gen_backbone_fixtures.py),
 //! and strict weight loading from both real formats.
 
+#[path = "common/fixtures.rs"]
+mod fixtures;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use cifar_finetune::backbone::fast::Precision;
-use cifar_finetune::backbone::resnet::ResNet50;
+use cifar_finetune::backbone::resnet::ResNet;
 use cifar_finetune::backbone::weights::{self, StateDict};
 use cifar_finetune::data::transform::Preprocess;
 use cifar_finetune::features::Extractor;
+use fixtures::{fixture, max_rel_err, read_f32};
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/backbone")
-        .join(name)
-}
-
-fn read_f32(name: &str) -> Vec<f32> {
-    std::fs::read(fixture(name))
-        .unwrap()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
-}
-
-fn synthetic_model() -> ResNet50 {
+fn synthetic_model() -> ResNet {
     let sd = weights::synthetic_state_dict().unwrap();
-    ResNet50::from_state_dict(StateDict::from_tensors("synthetic", sd)).unwrap()
-}
-
-/// Largest |ours − theirs| relative to the largest |theirs|.
-fn max_rel_err(ours: &[f32], theirs: &[f32]) -> f32 {
-    assert_eq!(ours.len(), theirs.len());
-    let scale = theirs.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let err = ours
-        .iter()
-        .zip(theirs)
-        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    err / scale
+    ResNet::from_state_dict(StateDict::from_tensors("synthetic", sd)).unwrap()
 }
 
 #[test]
@@ -126,7 +104,7 @@ fn full_model_round_trips_through_safetensors() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("resnet50.safetensors");
     weights::write_safetensors(&weights::synthetic_state_dict().unwrap(), &path).unwrap();
-    let loaded = ResNet50::load(&path).unwrap();
+    let loaded = ResNet::load(&path).unwrap();
     let x = Tensor::ones((1, 3, 32, 32), DType::F32, &Device::Cpu).unwrap();
     let a = loaded
         .forward(&x)
@@ -146,7 +124,7 @@ fn full_model_round_trips_through_safetensors() {
 }
 
 fn load_err(sd: HashMap<String, Tensor>) -> String {
-    ResNet50::from_state_dict(StateDict::from_tensors("w.pth", sd))
+    ResNet::from_state_dict(StateDict::from_tensors("w.pth", sd))
         .unwrap_err()
         .to_string()
 }
@@ -197,9 +175,7 @@ fn strict_loading_names_the_key() {
 #[test]
 fn wrong_model_file_is_rejected() {
     // tiny.pth has real names but is not a whole ResNet-50.
-    let err = ResNet50::load(&fixture("tiny.pth"))
-        .unwrap_err()
-        .to_string();
+    let err = ResNet::load(&fixture("tiny.pth")).unwrap_err().to_string();
     assert!(err.contains("tiny.pth"), "{err}");
     assert!(err.contains("conv1.weight"), "{err}");
 }

@@ -2,42 +2,42 @@
 //! tools/gen_backbone_fixtures.py) and against the candle reference network, in f32 and bf16,
 //! on the best kernels of this CPU and on the portable fallback.
 
-use std::path::{Path, PathBuf};
+#[path = "common/fixtures.rs"]
+mod fixtures;
+
 use std::sync::OnceLock;
 
 use candle_core::{Device, Tensor};
-use cifar_finetune::backbone::fast::{FastResNet50, Isa, Precision};
-use cifar_finetune::backbone::resnet::ResNet50;
+use cifar_finetune::backbone::arch::Arch;
+use cifar_finetune::backbone::fast::{FastResNet, Precision};
+use cifar_finetune::backbone::resnet::ResNet;
 use cifar_finetune::backbone::weights::{self, StateDict};
 use cifar_finetune::data::transform::Preprocess;
 use cifar_finetune::features::Extractor;
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/backbone")
-        .join(name)
-}
-
-fn read_f32(name: &str) -> Vec<f32> {
-    std::fs::read(fixture(name))
-        .unwrap()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
-}
+use cifar_finetune::isa::{Isa, IsaKind};
+use fixtures::{fixture, max_rel_err, read_f32};
 
 fn state_dict() -> StateDict {
     StateDict::from_tensors("synthetic", weights::synthetic_state_dict().unwrap())
 }
 
-fn fast(precision: Precision, isa: Isa) -> FastResNet50 {
-    FastResNet50::with_isa(state_dict(), precision, isa).unwrap()
+fn fast(precision: Precision, isa: Isa) -> FastResNet {
+    FastResNet::with_isa(state_dict(), precision, isa).unwrap()
 }
 
 /// The candle reference network, built once.
-fn candle() -> &'static ResNet50 {
-    static MODEL: OnceLock<ResNet50> = OnceLock::new();
-    MODEL.get_or_init(|| ResNet50::from_state_dict(state_dict()).unwrap())
+fn candle() -> &'static ResNet {
+    static MODEL: OnceLock<ResNet> = OnceLock::new();
+    MODEL.get_or_init(|| ResNet::from_state_dict(state_dict()).unwrap())
+}
+
+/// `kind`'s instruction set, or `None` after printing one line naming what is not tested.
+fn native_or_skip(kind: IsaKind, what: &str) -> Option<Isa> {
+    let isa = Isa::new(kind);
+    if isa.is_none() {
+        eprintln!("SKIPPED: this CPU lacks {kind}: {what} did not run");
+    }
+    isa
 }
 
 /// The three fixture images.
@@ -55,17 +55,6 @@ fn batch(pre: &Preprocess, which: &[usize]) -> Vec<f32> {
             .unwrap();
     }
     x
-}
-
-/// Largest |ours − theirs| relative to the largest |theirs|.
-fn max_rel_err(ours: &[f32], theirs: &[f32]) -> f32 {
-    assert_eq!(ours.len(), theirs.len());
-    let scale = theirs.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let err = ours
-        .iter()
-        .zip(theirs)
-        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    err / scale
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f64 {
@@ -109,7 +98,19 @@ fn check_f32_against_torchvision(isa: Isa, with_224: bool) {
 
 #[test]
 fn f32_matches_torchvision_on_the_best_kernels() {
-    check_f32_against_torchvision(Isa::detect(), true);
+    let isa = Isa::detect();
+    eprintln!("fast backbone f32, 64 and 224 px: {isa} kernels, natively");
+    check_f32_against_torchvision(isa, true);
+}
+
+#[test]
+fn f32_matches_torchvision_on_every_native_kernel() {
+    for kind in [IsaKind::Avx512, IsaKind::Avx2Fma] {
+        if let Some(isa) = native_or_skip(kind, "its fast-backbone f32 test") {
+            eprintln!("fast backbone f32, 64 px: {isa} kernels, natively");
+            check_f32_against_torchvision(isa, false);
+        }
+    }
 }
 
 #[test]
@@ -136,7 +137,7 @@ fn f32_matches_the_candle_path_on_odd_sizes_and_threads() {
         .unwrap();
     let mut model = fast(Precision::F32, Isa::detect());
     for threads in [1, 3] {
-        model.set_threads(threads);
+        model.set_threads(threads).unwrap();
         let ours = model.forward(&x, n, h, w).unwrap();
         let err = max_rel_err(&ours, &reference);
         assert!(
@@ -166,11 +167,9 @@ fn check_bf16_cosine(isa: Isa, with_224: bool) {
 
 #[test]
 fn bf16_native_agrees_with_f32() {
-    if !Isa::Avx512Bf16.is_available() {
-        eprintln!("note: this CPU lacks AVX512-BF16; the native bf16 kernel is not tested here");
-        return;
+    if let Some(isa) = native_or_skip(IsaKind::Avx512Bf16, "the native bf16 kernel test") {
+        check_bf16_cosine(isa, true);
     }
-    check_bf16_cosine(Isa::Avx512Bf16, true);
 }
 
 #[test]
@@ -179,25 +178,23 @@ fn bf16_emulated_fallback_agrees_with_f32() {
     // The emulation on the best f32 kernels of this CPU (what `--precision bf16` runs
     // without AVX512-BF16).
     let emulated = match Isa::detect() {
-        Isa::Avx512Bf16 => Isa::Avx512,
+        Isa::Avx512Bf16(t) => Isa::Avx512(t.avx512()),
         other => other,
     };
+    eprintln!("fast backbone bf16 emulated: {emulated} kernels, natively");
     check_bf16_cosine(emulated, true);
 }
 
 #[test]
 fn bf16_native_equals_the_emulation() {
-    if !Isa::Avx512Bf16.is_available() {
-        eprintln!("note: this CPU lacks AVX512-BF16; the native bf16 kernel is not tested here");
+    let Some(isa) = native_or_skip(IsaKind::Avx512Bf16, "the native bf16 kernel test") else {
         return;
-    }
+    };
     // Both see the same bf16-rounded operands and accumulate in f32: only the order of the
     // sums differs.
     let pre = Preprocess::half(64);
     let x = batch(&pre, &[0, 1, 2]);
-    let native = fast(Precision::Bf16, Isa::Avx512Bf16)
-        .forward(&x, 3, 64, 64)
-        .unwrap();
+    let native = fast(Precision::Bf16, isa).forward(&x, 3, 64, 64).unwrap();
     let emulated = fast(Precision::Bf16, Isa::Portable)
         .forward(&x, 3, 64, 64)
         .unwrap();
@@ -237,17 +234,49 @@ fn extractor_uses_the_fast_path_and_names_the_precision() {
     }
 }
 
+/// ResNet-18 (basic blocks, 512-d features) is data, not code: the candle reference and the
+/// fast path built from `Arch::RESNET18` both equal torchvision's resnet18.
+#[test]
+fn resnet18_matches_torchvision_on_both_paths() {
+    let arch = Arch::RESNET18;
+    let sd = || {
+        let tensors = weights::synthetic_state_dict_of(&arch).unwrap();
+        StateDict::from_tensors("synthetic resnet18", tensors)
+    };
+    let pre = Preprocess::half(64);
+    let x = batch(&pre, &[0, 1, 2]);
+    let expected = read_f32("features_resnet18_64_half.f32");
+    assert_eq!(expected.len(), 3 * 512);
+    let reference = ResNet::with_arch(sd(), &arch).unwrap();
+    assert_eq!(reference.feature_dim(), 512);
+    let got = reference
+        .forward(&Tensor::from_slice(&x, (3, 3, 64, 64), &Device::Cpu).unwrap())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let err = max_rel_err(&got, &expected);
+    assert!(err < 1e-4, "candle resnet18: relative error {err}");
+    for isa in [Isa::detect(), Isa::Portable] {
+        let model = FastResNet::with_arch(sd(), &arch, Precision::F32, isa).unwrap();
+        assert_eq!(model.feature_dim(), 512);
+        let got = model.forward(&x, 3, 64, 64).unwrap();
+        let err = max_rel_err(&got, &expected);
+        assert!(err < 1e-4, "fast resnet18 on {isa}: relative error {err}");
+        assert!(max_rel_err(&got[..512], &got[512..1024]) > 1e-2);
+    }
+    // ResNet-50 weights are not a ResNet-18: strict loading says which was expected.
+    let err = FastResNet::with_arch(state_dict(), &arch, Precision::F32, Isa::Portable)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("resnet18"), "{err}");
+}
+
 #[test]
 fn bad_input_is_an_error_not_a_panic() {
     let model = fast(Precision::F32, Isa::Portable);
     let err = model.forward(&[0.0; 10], 1, 4, 4).unwrap_err().to_string();
     assert!(err.contains("[1, 3, 4, 4]"), "{err}");
     assert!(model.forward(&[], 0, 4, 4).is_err());
-    // Unsupported instruction sets are refused up front.
-    if !Isa::Avx512.is_available() {
-        let err = FastResNet50::with_isa(state_dict(), Precision::F32, Isa::Avx512)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("avx512"), "{err}");
-    }
 }

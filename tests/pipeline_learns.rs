@@ -5,9 +5,8 @@
 //! cosine of 0.999 or more.
 
 use std::path::Path;
-use std::sync::OnceLock;
 
-use cifar_finetune::backbone::fast::{FastResNet50, Precision};
+use cifar_finetune::backbone::fast::{FastResNet, Precision};
 use cifar_finetune::backbone::weights::{self, StateDict};
 use cifar_finetune::checkpoint;
 use cifar_finetune::data::cifar::{self, Cifar10, Part, Split};
@@ -70,7 +69,7 @@ struct Run {
 
 fn run(dir: &Path, precision: Precision) -> Run {
     let sd = StateDict::from_tensors("synthetic", weights::synthetic_state_dict().unwrap());
-    let model = FastResNet50::from_state_dict(sd, precision).unwrap();
+    let model = FastResNet::from_state_dict(sd, precision).unwrap();
     let ex = Extractor::new_fast(model, Preprocess::imagenet(32), "synthetic");
     assert_eq!(ex.fingerprint().precision, precision);
     let opts = CacheOptions {
@@ -113,20 +112,13 @@ fn run(dir: &Path, precision: Precision) -> Run {
     }
 }
 
-fn dataset() -> &'static Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        write_dataset(dir.path());
-        dir
-    })
-    .path()
-}
-
 #[test]
 fn f32_and_bf16_features_train_heads_with_the_same_test_accuracy() {
-    let f32_run = run(dataset(), Precision::F32);
-    let bf16_run = run(dataset(), Precision::Bf16);
+    // Dropped (and removed) when the test ends.
+    let dir = tempfile::tempdir().unwrap();
+    write_dataset(dir.path());
+    let f32_run = run(dir.path(), Precision::F32);
+    let bf16_run = run(dir.path(), Precision::Bf16);
     let (a, b) = (&f32_run.test_features, &bf16_run.test_features);
     assert_eq!(a.len(), PER_FILE);
     for i in 0..a.len() {

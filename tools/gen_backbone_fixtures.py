@@ -13,6 +13,8 @@ It writes, under tests/fixtures/backbone/:
                        those images after its real preprocessing: Resize(224) -> ToTensor ->
                        Normalize(ImageNet mean/std); [3, 2048] little-endian float32.
 * features_64_half.f32 -- the same with Resize(64) and mean = std = 0.5; [3, 2048].
+* features_resnet18_64_half.f32 -- torchvision's resnet18 (basic blocks) with the same kind of
+                       synthetic weights, on the Resize(64), mean = std = 0.5 images; [3, 512].
 * tiny.pth          -- a few tensors under real torchvision names, written by torch.save
                        (zip format), an int64 `num_batches_tracked` among them.
 * tiny.safetensors  -- the same tensors as safetensors (without num_batches_tracked).
@@ -81,31 +83,38 @@ def images() -> np.ndarray:
     return v.astype(np.uint8)
 
 
-def main() -> None:
-    os.makedirs(OUT, exist_ok=True)
-    torch.manual_seed(0)
-    model = torchvision.models.resnet50(weights=None)
-    sd = model.state_dict()
+def synthetic_backbone(arch: str) -> torch.nn.Module:
+    """torchvision's `arch` with the synthetic weights, eval mode, up to the average pool."""
+    model = getattr(torchvision.models, arch)(weights=None)
     new = {}
-    for k, v in sd.items():
+    for k, v in model.state_dict().items():
         if k.endswith("num_batches_tracked"):
             new[k] = v
         else:
             new[k] = torch.from_numpy(synthetic(k, tuple(v.shape)))
     model.load_state_dict(new)
     model.eval()
-    backbone = torch.nn.Sequential(*list(model.children())[:-1])  # up to the average pool
+    return torch.nn.Sequential(*list(model.children())[:-1])
+
+
+def main() -> None:
+    os.makedirs(OUT, exist_ok=True)
+    torch.manual_seed(0)
+    backbone = synthetic_backbone("resnet50")
+    resnet18 = synthetic_backbone("resnet18")
 
     imgs = images()
     imgs.tofile(os.path.join(OUT, "images.u8"))
     for size, mean, std, name in [
         (224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "features_224.f32"),
         (64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "features_64_half.f32"),
+        (64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "features_resnet18_64_half.f32"),
     ]:
         tf = transforms.Compose([transforms.Resize(size), transforms.ToTensor(), transforms.Normalize(mean, std)])
         x = torch.stack([tf(Image.fromarray(np.ascontiguousarray(im.transpose(1, 2, 0)), "RGB")) for im in imgs])
+        net = resnet18 if "resnet18" in name else backbone
         with torch.no_grad():
-            f = backbone(x).flatten(1)
+            f = net(x).flatten(1)
         print(name, tuple(f.shape), "mean", float(f.mean()), "std", float(f.std()), "max", float(f.max()))
         f.numpy().astype("<f4").tofile(os.path.join(OUT, name))
 

@@ -1,17 +1,19 @@
-//! ResNet-50 up to its global average pool, in torchvision's layout, batch norm folded.
+//! The candle reference ResNet up to its global average pool, in torchvision's layout, batch
+//! norm folded.
 //!
 //! He et al., "Deep Residual Learning for Image Recognition" (2015), as torchvision builds
 //! it ("ResNet v1.5": the stride of a down-sampling bottleneck sits on its 3×3 convolution,
-//! not on the first 1×1). The network is frozen: every convolution carries its folded batch
-//! norm as a bias, weights are plain tensors (never `Var`s), so no autograd graph is kept.
-//! Written in the style of candle's own `resnet.rs`, with strict weight loading from
-//! [`super::weights`].
+//! not on the first 1×1), for any [`Arch`] (ResNet-50 by default). The network is frozen:
+//! every convolution carries its folded batch norm as a bias, weights are plain tensors
+//! (never `Var`s), so no autograd graph is kept. Written in the style of candle's own
+//! `resnet.rs`, with strict weight loading from [`super::weights`].
 
 use std::path::Path;
 
 use candle_core::{D, Module, Tensor};
 
-use super::weights::{ConvSpec, EXPANSION, StateDict, resnet50_blocks, stem_spec};
+use super::arch::{Arch, ConvSpec};
+use super::weights::StateDict;
 use crate::error::{CandleContext, Result};
 
 /// A convolution with its batch norm folded in: `conv(x, w) + b`.
@@ -48,21 +50,24 @@ impl Module for ConvBn {
     }
 }
 
-/// The bottleneck block: 1×1 reduce, 3×3 (carrying the stride), 1×1 expand, plus the
-/// shortcut (a strided 1×1 projection in the first block of each stage).
+/// A residual block, basic or bottleneck: `relu(main(x) + shortcut(x))`, the shortcut a
+/// strided 1×1 projection where the block changes the shape.
 #[derive(Debug, Clone)]
-struct Bottleneck {
-    conv1: ConvBn,
-    conv2: ConvBn,
-    conv3: ConvBn,
+struct Block {
+    /// A ReLU follows every convolution but the last.
+    main: Vec<ConvBn>,
     downsample: Option<ConvBn>,
 }
 
-impl Module for Bottleneck {
+impl Module for Block {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = self.conv1.forward(x)?.relu()?;
-        let y = self.conv2.forward(&y)?.relu()?;
-        let y = self.conv3.forward(&y)?;
+        let mut y = x.clone();
+        for (i, conv) in self.main.iter().enumerate() {
+            y = conv.forward(&y)?;
+            if i + 1 < self.main.len() {
+                y = y.relu()?;
+            }
+        }
         let shortcut = match &self.downsample {
             Some(d) => d.forward(x)?,
             None => x.clone(),
@@ -71,33 +76,49 @@ impl Module for Bottleneck {
     }
 }
 
-/// ResNet-50 without its classifier: images `[batch, 3, h, w]` → features `[batch, 2048]`.
+/// A ResNet without its classifier: images `[batch, 3, h, w]` → features
+/// `[batch, feature_dim]`.
 #[derive(Debug, Clone)]
-pub struct ResNet50 {
+pub struct ResNet {
+    arch: Arch,
     stem: ConvBn,
-    blocks: Vec<Bottleneck>,
+    blocks: Vec<Block>,
 }
 
-/// Width of the features the backbone produces.
-pub const FEATURE_DIM: usize = 512 * EXPANSION;
+/// The name the default architecture's network had before the backbone seam.
+pub type ResNet50 = ResNet;
 
-impl ResNet50 {
-    /// Reads a torchvision state dict (`.pth` or `.safetensors`) and builds the network.
+/// Width of the default backbone's (ResNet-50's) features; a network reports its own with
+/// [`ResNet::feature_dim`].
+pub const FEATURE_DIM: usize = Arch::RESNET50.feature_dim();
+
+impl ResNet {
+    /// Reads a torchvision ResNet-50 state dict (`.pth` or `.safetensors`) and builds the
+    /// network.
     pub fn load(path: &Path) -> Result<Self> {
         Self::from_state_dict(StateDict::read(path)?)
     }
 
-    /// Builds the network from a state dict, strictly: every tensor is used or knowingly
+    /// Builds ResNet-50 from a state dict, strictly: every tensor is used or knowingly
     /// ignored, and every shape is checked.
-    pub fn from_state_dict(mut sd: StateDict) -> Result<Self> {
-        let stem = ConvBn::load(&mut sd, &stem_spec())?;
-        let blocks = resnet50_blocks()
+    pub fn from_state_dict(sd: StateDict) -> Result<Self> {
+        Self::with_arch(sd, &Arch::default())
+    }
+
+    /// Builds `arch` from a state dict, strictly (as [`ResNet::from_state_dict`]).
+    pub fn with_arch(mut sd: StateDict, arch: &Arch) -> Result<Self> {
+        sd.expect_arch(arch);
+        let stem = ConvBn::load(&mut sd, &arch.stem())?;
+        let blocks = arch
+            .blocks()
             .iter()
             .map(|b| {
-                Ok(Bottleneck {
-                    conv1: ConvBn::load(&mut sd, &b.conv1)?,
-                    conv2: ConvBn::load(&mut sd, &b.conv2)?,
-                    conv3: ConvBn::load(&mut sd, &b.conv3)?,
+                Ok(Block {
+                    main: b
+                        .main
+                        .iter()
+                        .map(|c| ConvBn::load(&mut sd, c))
+                        .collect::<Result<_>>()?,
                     downsample: b
                         .downsample
                         .as_ref()
@@ -107,13 +128,28 @@ impl ResNet50 {
             })
             .collect::<Result<Vec<_>>>()?;
         sd.finish()?;
-        Ok(Self { stem, blocks })
+        Ok(Self {
+            arch: *arch,
+            stem,
+            blocks,
+        })
     }
 
-    /// Runs the backbone: `[batch, 3, h, w]` normalised images → `[batch, 2048]`.
+    /// The architecture.
+    pub fn arch(&self) -> &Arch {
+        &self.arch
+    }
+
+    /// Width of the features.
+    pub fn feature_dim(&self) -> usize {
+        self.arch.feature_dim()
+    }
+
+    /// Runs the backbone: `[batch, 3, h, w]` normalised images → `[batch, feature_dim]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.forward_inner(x).ctx(format!(
-            "running ResNet-50 on input of shape {:?}",
+            "running {} on input of shape {:?}",
+            self.arch,
             x.dims()
         ))
     }
@@ -132,7 +168,7 @@ impl ResNet50 {
         for block in &self.blocks {
             x = block.forward(&x)?;
         }
-        // Global average pool: [b, 2048, h/32, w/32] -> [b, 2048]
+        // Global average pool: [b, feature_dim, h/32, w/32] -> [b, feature_dim]
         x.mean(D::Minus1)?.mean(D::Minus1)
     }
 }

@@ -1,10 +1,10 @@
-//! Strict loading of torchvision's ResNet-50 state dict, and batch-norm folding.
+//! Strict loading of torchvision's ResNet state dicts, and batch-norm folding.
 //!
 //! Reads the two formats torchvision's weights come in: `.pth` files written by `torch.save`
 //! (the zip format, e.g. `resnet50-0676ba61.pth` for IMAGENET1K_V1 and `resnet50-11ad3fa6.pth`
 //! for IMAGENET1K_V2) and `.safetensors` (e.g. Hugging Face `timm/resnet50.tv_in1k`, which
-//! uses the same key names). Loading is strict: every tensor of the file is either used or
-//! knowingly ignored (`fc.*`, the classifier we cut off, and `*.num_batches_tracked`), every
+//! uses the same key names). Loading is strict, against the key list of an
+//! [`Arch`](super::arch::Arch): every tensor of the file is either used or knowingly ignored (`fc.*`, the classifier we cut off, and `*.num_batches_tracked`), every
 //! shape is checked, and an error names the missing or unexpected key or the wrong shape.
 //!
 //! [`synthetic_state_dict`] builds deterministic weights (a hash of each element's index) that
@@ -16,106 +16,11 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
+use super::arch::{Arch, ConvSpec};
 use crate::error::{CandleContext, Error, Result};
 
 /// Batch-norm epsilon of torchvision's ResNet.
 pub const BN_EPS: f64 = 1e-5;
-/// Bottleneck blocks per stage of ResNet-50.
-pub const BLOCKS: [usize; 4] = [3, 4, 6, 3];
-/// Inner width of each stage's bottlenecks; the output width is four times this.
-pub const WIDTHS: [usize; 4] = [64, 128, 256, 512];
-/// Channel expansion of a bottleneck block.
-pub const EXPANSION: usize = 4;
-
-/// A convolution and the batch norm after it, as torchvision names and shapes them.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConvSpec {
-    /// Key prefix of the convolution, e.g. `layer2.0.conv2`.
-    pub conv: String,
-    /// Key prefix of its batch norm, e.g. `layer2.0.bn2`.
-    pub bn: String,
-    /// Weight shape `[out, in, k, k]`.
-    pub shape: [usize; 4],
-    /// Stride (the padding is `k / 2`).
-    pub stride: usize,
-}
-
-/// One bottleneck block: 1×1 reduce, 3×3, 1×1 expand, and the projection shortcut of each
-/// stage's first block.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BlockSpec {
-    /// The 1×1 reduction.
-    pub conv1: ConvSpec,
-    /// The 3×3 convolution, carrying the block's stride (torchvision's "v1.5").
-    pub conv2: ConvSpec,
-    /// The 1×1 expansion.
-    pub conv3: ConvSpec,
-    /// The strided 1×1 projection of the shortcut, in the first block of a stage.
-    pub downsample: Option<ConvSpec>,
-}
-
-/// The stem: a 7×7 convolution with stride 2 (a 3×3 max pool follows).
-pub fn stem_spec() -> ConvSpec {
-    ConvSpec {
-        conv: "conv1".into(),
-        bn: "bn1".into(),
-        shape: [64, 3, 7, 7],
-        stride: 2,
-    }
-}
-
-/// ResNet-50's 16 bottleneck blocks in order, with torchvision's names: the one description
-/// of the architecture that the key list and both implementations are built from.
-pub fn resnet50_blocks() -> Vec<BlockSpec> {
-    let mut blocks = Vec::new();
-    let mut in_ch = 64;
-    for (stage, (&n, &width)) in BLOCKS.iter().zip(WIDTHS.iter()).enumerate() {
-        let out = width * EXPANSION;
-        for block in 0..n {
-            let spec = |conv: &str, bn: &str, shape: [usize; 4], stride: usize| ConvSpec {
-                conv: format!("layer{}.{block}.{conv}", stage + 1),
-                bn: format!("layer{}.{block}.{bn}", stage + 1),
-                shape,
-                stride,
-            };
-            // Stages 2-4 halve the resolution in their first block.
-            let stride = if block == 0 && stage > 0 { 2 } else { 1 };
-            blocks.push(BlockSpec {
-                conv1: spec("conv1", "bn1", [width, in_ch, 1, 1], 1),
-                conv2: spec("conv2", "bn2", [width, width, 3, 3], stride),
-                conv3: spec("conv3", "bn3", [out, width, 1, 1], 1),
-                downsample: (block == 0)
-                    .then(|| spec("downsample.0", "downsample.1", [out, in_ch, 1, 1], stride)),
-            });
-            in_ch = out;
-        }
-    }
-    blocks
-}
-
-/// Every tensor the backbone needs, with its shape, in torchvision's state-dict order.
-/// The classifier `fc.*` and the `num_batches_tracked` counters are not listed: they are
-/// ignored on purpose.
-pub fn resnet50_keys() -> Vec<(String, Vec<usize>)> {
-    let mut keys = Vec::new();
-    let mut conv_bn = |c: &ConvSpec| {
-        keys.push((format!("{}.weight", c.conv), c.shape.to_vec()));
-        for leaf in ["weight", "bias", "running_mean", "running_var"] {
-            keys.push((format!("{}.{leaf}", c.bn), vec![c.shape[0]]));
-        }
-    };
-    conv_bn(&stem_spec());
-    for b in resnet50_blocks() {
-        for c in [&b.conv1, &b.conv2, &b.conv3]
-            .into_iter()
-            .chain(&b.downsample)
-        {
-            conv_bn(c);
-        }
-    }
-    keys
-}
-
 /// True for keys that a backbone checkpoint may hold and we deliberately do not use.
 fn is_ignored(key: &str) -> bool {
     key.starts_with("fc.") || key.ends_with(".num_batches_tracked")
@@ -126,6 +31,8 @@ fn is_ignored(key: &str) -> bool {
 pub struct StateDict {
     path: PathBuf,
     tensors: HashMap<String, Tensor>,
+    /// The architecture being loaded, for error messages.
+    arch: Arch,
 }
 
 impl StateDict {
@@ -176,7 +83,14 @@ impl StateDict {
         Self {
             path: path.into(),
             tensors,
+            arch: Arch::default(),
         }
+    }
+
+    /// Names `arch` as the architecture these tensors should hold, in error messages
+    /// (ResNet-50 unless set).
+    pub fn expect_arch(&mut self, arch: &Arch) {
+        self.arch = *arch;
     }
 
     /// The file the tensors came from.
@@ -191,7 +105,8 @@ impl StateDict {
                 &self.path,
                 format!(
                     "missing tensor `{key}` (expected shape {shape:?}); \
-                     is this a torchvision ResNet-50 state dict?"
+                     is this a torchvision {} state dict?",
+                    self.arch
                 ),
             )
         })?;
@@ -199,8 +114,9 @@ impl StateDict {
             return Err(weights_err(
                 &self.path,
                 format!(
-                    "tensor `{key}` has shape {:?}, expected {shape:?} (ResNet-50)",
-                    t.dims()
+                    "tensor `{key}` has shape {:?}, expected {shape:?} ({})",
+                    t.dims(),
+                    self.arch
                 ),
             ));
         }
@@ -231,8 +147,9 @@ impl StateDict {
                 &self.path,
                 format!(
                     "unexpected tensor `{first}` ({} unexpected in all); not a torchvision \
-                     ResNet-50 state dict",
-                    unexpected.len()
+                     {} state dict",
+                    unexpected.len(),
+                    self.arch
                 ),
             )),
         }
@@ -323,8 +240,13 @@ pub fn synthetic_values(name: &str, shape: &[usize]) -> Vec<f32> {
 /// A complete torchvision ResNet-50 state dict (classifier and `num_batches_tracked`
 /// included, as in a real file) with [`synthetic_values`]: for tests and benchmarks.
 pub fn synthetic_state_dict() -> Result<HashMap<String, Tensor>> {
-    let mut keys = resnet50_keys();
-    keys.push(("fc.weight".into(), vec![1000, 2048]));
+    synthetic_state_dict_of(&Arch::RESNET50)
+}
+
+/// As [`synthetic_state_dict`], for any architecture.
+pub fn synthetic_state_dict_of(arch: &Arch) -> Result<HashMap<String, Tensor>> {
+    let mut keys = arch.keys();
+    keys.push(("fc.weight".into(), vec![1000, arch.feature_dim()]));
     keys.push(("fc.bias".into(), vec![1000]));
     let mut map = HashMap::new();
     for (key, shape) in keys {
@@ -353,20 +275,6 @@ pub fn write_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn key_list_matches_resnet50() {
-        let keys = resnet50_keys();
-        // 53 conv+bn pairs (1 stem + 16 blocks × 3 + 4 downsamples), 5 tensors each.
-        assert_eq!(keys.len(), 53 * 5);
-        let params: usize = keys
-            .iter()
-            .filter(|(k, _)| !k.contains("running_"))
-            .map(|(_, s)| s.iter().product::<usize>())
-            .sum();
-        // torchvision's resnet50 has 25,557,032 parameters, 2,049,000 of them in fc.
-        assert_eq!(params, 25_557_032 - 2_049_000);
-    }
 
     #[test]
     fn synthetic_values_are_deterministic_and_in_range() {

@@ -15,7 +15,7 @@
 //!   to the accumulators of the last `KC` block before they are stored: every activation is
 //!   written once per layer.
 //!
-//! Micro-kernels are chosen at run time ([`Isa::detect`]): AVX-512F (12×32) and AVX2 + FMA
+//! Micro-kernels are chosen at run time ([`crate::isa::Isa`]): AVX-512F (12×32) and AVX2 + FMA
 //! (6×16) are one intrinsics macro instantiated per instruction set, with a plain-Rust 4×8
 //! kernel as the portable fallback. The bf16 micro-kernel uses AVX512-BF16's `vdpbf16ps`
 //! (pairs of bf16 products summed into f32 accumulators); without it, bf16 is emulated
@@ -26,59 +26,9 @@
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use crate::error::{Error, Result};
-
-/// The instruction set the micro-kernels are compiled for, chosen at run time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Isa {
-    /// AVX-512F plus AVX512-BF16: f32 kernels as [`Isa::Avx512`], and native bf16 dot
-    /// products for the bf16 precision.
-    Avx512Bf16,
-    /// AVX-512F: 12×32 f32 micro-kernel on 512-bit registers.
-    Avx512,
-    /// AVX2 + FMA: 6×16 f32 micro-kernel on 256-bit registers.
-    Avx2,
-    /// Plain Rust, no instruction-set assumptions (4×8 micro-kernel).
-    Portable,
-}
-
-impl Isa {
-    /// The best instruction set this CPU supports.
-    pub fn detect() -> Isa {
-        [Isa::Avx512Bf16, Isa::Avx512, Isa::Avx2]
-            .into_iter()
-            .find(|isa| isa.is_available())
-            .unwrap_or(Isa::Portable)
-    }
-
-    /// True when this CPU can run kernels compiled for `self`.
-    pub fn is_available(self) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            match self {
-                Isa::Avx512Bf16 => {
-                    is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
-                }
-                Isa::Avx512 => is_x86_feature_detected!("avx512f"),
-                Isa::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
-                Isa::Portable => true,
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            self == Isa::Portable
-        }
-    }
-
-    /// A short name for logs and benchmark output.
-    pub fn name(self) -> &'static str {
-        match self {
-            Isa::Avx512Bf16 => "avx512-bf16",
-            Isa::Avx512 => "avx512",
-            Isa::Avx2 => "avx2-fma",
-            Isa::Portable => "portable",
-        }
-    }
-}
+use crate::isa::Isa;
+#[cfg(target_arch = "x86_64")]
+use crate::isa::{Avx2Fma, Avx512, Avx512Bf16};
 
 /// The pointer type every micro-kernel takes: `steps` k-steps of `a` and packed `b` (f32
 /// words; for bf16, each word holds two bf16 values of consecutive k), accumulated into the
@@ -95,40 +45,85 @@ pub(crate) type MicroFn = unsafe fn(
     ep: &Epilogue,
 );
 
-/// Blocking of one micro-kernel family, and how its operands are packed.
-#[derive(Debug, Clone, Copy)]
+/// The micro-kernel a [`Tiling`] runs. The x86-64 variants hold the token that proves this
+/// CPU runs the kernel's instructions, so a `Kernel` (and hence a `Tiling`) cannot exist for
+/// a kernel the CPU lacks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    /// Plain Rust, 4×8.
+    Portable,
+    /// AVX2 + FMA, 6×16.
+    #[cfg(target_arch = "x86_64")]
+    Avx2(Avx2Fma),
+    /// AVX-512F, 12×32.
+    #[cfg(target_arch = "x86_64")]
+    Avx512(Avx512),
+    /// AVX512-BF16 `vdpbf16ps` on bf16 pairs, 12×32.
+    #[cfg(target_arch = "x86_64")]
+    Avx512Bf16(Avx512Bf16),
+    /// Test stand-ins for the two AVX-512 kernels: the same blockings and arithmetic in
+    /// plain Rust, so they run on any CPU.
+    #[cfg(all(test, target_arch = "x86_64"))]
+    Emulated12x32 {
+        /// Stands in for the bf16-pair kernel rather than the f32 one.
+        pairs: bool,
+    },
+}
+
+/// Blocking of one micro-kernel family, and how its operands are packed. The fields are
+/// private: a `Tiling` only comes from [`Tiling::new`], whose [`Isa`] proves the CPU runs
+/// its micro-kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Tiling {
     /// Rows of the register tile.
-    pub mr: usize,
+    mr: usize,
     /// Columns of the register tile (a multiple of the vector width).
-    pub nr: usize,
+    nr: usize,
     /// Depth of one packed block, in k values (even, so bf16 pairs never straddle blocks).
-    pub kc: usize,
+    kc: usize,
     /// Rows of one packed `A` block (a multiple of `mr`); sized to stay in L2.
-    pub mc: usize,
+    mc: usize,
     /// Operands are bf16 pairs (two consecutive k per 32-bit word), for `vdpbf16ps`.
-    pub pairs: bool,
+    pairs: bool,
     /// Operands are f32 rounded to bf16 first (bf16 emulated by the f32 kernels).
-    pub round: bool,
+    round: bool,
     /// The micro-kernel.
-    pub micro: MicroFn,
+    kernel: Kernel,
 }
 
 impl Tiling {
     /// The blocking and micro-kernel for `isa`, with bf16 operands when `bf16`.
     pub fn new(isa: Isa, bf16: bool) -> Tiling {
+        let kernel = match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Bf16(t) if bf16 => Kernel::Avx512Bf16(t),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Bf16(t) => Kernel::Avx512(t.avx512()),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512(t) => Kernel::Avx512(t),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2Fma(t) => Kernel::Avx2(t),
+            _ => Kernel::Portable,
+        };
+        Tiling::for_kernel(kernel, bf16)
+    }
+
+    /// The blocking of `kernel`.
+    fn for_kernel(kernel: Kernel, bf16: bool) -> Tiling {
         // KC keeps one B sliver (KC × NR × 4 bytes) around 16 KiB, half of a 32 KiB L1;
         // MC keeps the packed A block (MC × KC × 4 bytes) well inside a 512 KiB–1 MiB L2.
-        let (mr, nr, kc, mc, micro): (usize, usize, usize, usize, MicroFn) = match isa {
+        // With bf16 pairs a KC of 256 k values is 128 words deep: the same bytes.
+        let (mr, nr, kc, mc, pairs) = match kernel {
+            Kernel::Portable => (4, 8, 256, 64, false),
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512Bf16 if bf16 => (12, 32, 256, 144, x86::bf16_avx512),
+            Kernel::Avx2(_) => (6, 16, 256, 96, false),
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512Bf16 | Isa::Avx512 => (12, 32, 128, 144, x86::f32_avx512),
+            Kernel::Avx512(_) => (12, 32, 128, 144, false),
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => (6, 16, 256, 96, x86::f32_avx2),
-            _ => (4, 8, 256, 64, f32_portable),
+            Kernel::Avx512Bf16(_) => (12, 32, 256, 144, true),
+            #[cfg(all(test, target_arch = "x86_64"))]
+            Kernel::Emulated12x32 { pairs } => (12, 32, if pairs { 256 } else { 128 }, 144, pairs),
         };
-        let pairs = bf16 && isa == Isa::Avx512Bf16 && cfg!(target_arch = "x86_64");
         Tiling {
             mr,
             nr,
@@ -136,8 +131,31 @@ impl Tiling {
             mc,
             pairs,
             round: bf16 && !pairs,
-            micro,
+            kernel,
         }
+    }
+
+    /// The micro-kernel of `self.kernel`. Calling it is sound on this CPU: the x86-64
+    /// variants of [`Kernel`] hold the token proving their instructions are available.
+    fn micro(&self) -> MicroFn {
+        match self.kernel {
+            Kernel::Portable => f32_portable,
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2(_) => x86::f32_avx2,
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512(_) => x86::f32_avx512,
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Bf16(_) => x86::bf16_avx512,
+            #[cfg(all(test, target_arch = "x86_64"))]
+            Kernel::Emulated12x32 { pairs: false } => tests::f32_12x32,
+            #[cfg(all(test, target_arch = "x86_64"))]
+            Kernel::Emulated12x32 { pairs: true } => tests::bf16_pairs_12x32,
+        }
+    }
+
+    /// True when the products run on bf16 pairs with `vdpbf16ps` (native bf16).
+    pub fn pairs(&self) -> bool {
+        self.pairs
     }
 
     /// log2 of k values per packed word: 1 for bf16 pairs, else 0.
@@ -177,7 +195,7 @@ unsafe fn finish<const MR: usize, const NR: usize>(
 ) {
     let full = ep.rows == MR && ep.cols == NR;
     let (rows, cols) = if full { (MR, NR) } else { (ep.rows, ep.cols) };
-    // SAFETY (whole function): the caller guarantees `c` (and `bias`, `residual` when not
+    // SAFETY: (the whole function) the caller guarantees `c` (and `bias`, `residual` when not
     // null) address at least `rows` rows of `cols` valid values with the given strides.
     unsafe {
         if full {
@@ -278,6 +296,7 @@ unsafe fn f32_loop<const MR: usize, const NR: usize, const FMA: bool, const DIRE
         // values (packed) or MR rows of at least `steps` values (direct).
         let bp = unsafe { b.add(p * NR) };
         for (i, row) in acc.iter_mut().enumerate() {
+            // SAFETY: i < MR and p < steps, inside `a` as above.
             let av = unsafe {
                 if DIRECT {
                     *a.add(i * lda + p)
@@ -286,6 +305,7 @@ unsafe fn f32_loop<const MR: usize, const NR: usize, const FMA: bool, const DIRE
                 }
             };
             for (j, v) in row.iter_mut().enumerate() {
+                // SAFETY: j < NR, inside step p of `b`.
                 let bv = unsafe { *bp.add(j) };
                 *v = if FMA {
                     av.mul_add(bv, *v)
@@ -321,8 +341,9 @@ mod x86 {
     //! The x86-64 micro-kernels, written with explicit intrinsics so they are fast at any
     //! optimisation level (the test profile builds this crate at opt-level 1, where LLVM does
     //! not vectorise). Rows are unrolled by the macro with literal indices, which lets even
-    //! opt-level 1 keep every accumulator in a register. Each kernel is only ever called
-    //! after [`super::Isa::is_available`] confirmed its target features.
+    //! opt-level 1 keep every accumulator in a register. Each kernel is only reachable through
+    //! a [`super::Tiling`] whose `Kernel` holds the token (`crate::isa`) proving its target
+    //! features.
 
     use std::arch::x86_64::*;
 
@@ -378,18 +399,18 @@ mod x86 {
                 const L: usize = $lanes;
                 const NR: usize = 2 * L;
                 let mut acc = [[$zero(); 2]; MR];
-                // SAFETY (whole body): `b` holds `steps` steps of NR words, 64-byte aligned
-                // (`PackedB` is aligned and a step is 64 or 128 bytes), so the vector loads
-                // are aligned; `a` holds `steps` packed steps of MR words (lda == 0) or MR
-                // rows of `steps` words, `lda` apart; `c`, the bias and the residual cover
-                // the tile as `ep` describes (see `MicroFn`).
+                // SAFETY: (the whole body) `b` holds `steps` steps of NR words (read with
+                // unaligned loads: nothing relies on `PackedB`'s alignment); `a` holds `steps`
+                // packed steps of MR words (lda == 0) or MR rows of `steps` words, `lda`
+                // apart; `c`, the bias and the residual cover the tile as `ep` describes (see
+                // `MicroFn`); the CPU has the target features (see the module docs).
                 unsafe {
                     let mut bp = b;
                     let mut ap = a;
                     if lda == 0 {
                         for _ in 0..steps {
-                            let b0 = *bp.cast::<$V>();
-                            let b1 = *bp.add(L).cast::<$V>();
+                            let b0 = $loadu(bp);
+                            let b1 = $loadu(bp.add(L));
                             $(
                                 let av = $splat(*ap.add($r));
                                 acc[$r][0] = $mac!(acc[$r][0], av, b0);
@@ -400,8 +421,8 @@ mod x86 {
                         }
                     } else {
                         for _ in 0..steps {
-                            let b0 = *bp.cast::<$V>();
-                            let b1 = *bp.add(L).cast::<$V>();
+                            let b0 = $loadu(bp);
+                            let b1 = $loadu(bp.add(L));
                             $(
                                 let av = $splat(*ap.add($r * lda));
                                 acc[$r][0] = $mac!(acc[$r][0], av, b0);
@@ -481,7 +502,12 @@ mod x86 {
     );
 }
 
-/// bf16 bits of `v`, rounded to nearest even (as `vcvtne2ps2bf16`).
+/// bf16 bits of `v`, rounded to nearest even (as `vcvtne2ps2bf16`; NaN stays a quiet NaN):
+/// bit for bit `half::bf16::from_f32(v).to_bits()` (a test checks every high half-word), but
+/// branch-free. `half` branches on the mantissa's rounding bits, which mispredicts on half
+/// of all activations: packing them, emulated bf16 ran 2.3× longer in the packer (1.6 →
+/// 3.7 thread-seconds per ResNet-50 pass of 16 images). The weights, packed once at load,
+/// go through `half` itself.
 #[inline(always)]
 pub(crate) fn bf16_bits(v: f32) -> u16 {
     let b = v.to_bits();
@@ -492,7 +518,7 @@ pub(crate) fn bf16_bits(v: f32) -> u16 {
     (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16
 }
 
-/// `v` rounded to the nearest bf16, as an f32.
+/// `v` rounded to the nearest bf16, as an f32 (as [`bf16_bits`]).
 #[inline(always)]
 pub(crate) fn round_bf16(v: f32) -> f32 {
     f32::from_bits(u32::from(bf16_bits(v)) << 16)
@@ -569,19 +595,29 @@ impl ConvGeom {
 }
 
 /// Weights `[cout, cin, k, k]` (PyTorch's layout) packed for one [`Tiling`]:
-/// `NR`-column panels of `B [k, cout]`, k-steps contiguous within a panel.
+/// `NR`-column panels of `B [k, cout]`, k-steps contiguous within a panel. It remembers the
+/// tiling and geometry it was packed for, and [`conv`] refuses any other.
 #[derive(Debug)]
 pub(crate) struct PackedB {
     data: AlignedBuf,
     /// k padded to the packing granularity (even for bf16 pairs).
     kp: usize,
     panels: usize,
+    tiling: Tiling,
+    geom: ConvGeom,
 }
 
 impl PackedB {
-    /// Packs `w` (`[cout, cin, k, k]`, row-major) for `t`.
-    pub fn new(w: &[f32], g: &ConvGeom, t: &Tiling) -> PackedB {
+    /// Packs `w` (`[cout, cin, k, k]`, row-major) for `t`. Errors when the geometry is
+    /// degenerate (a zero size or stride) or `w` does not hold `cout · cin · k²` values.
+    pub fn new(w: &[f32], g: &ConvGeom, t: &Tiling) -> Result<PackedB> {
         let k = g.k();
+        if g.cin == 0 || g.cout == 0 || g.ksize == 0 || g.stride == 0 || w.len() != g.cout * k {
+            return Err(Error::invalid(
+                "convolution weights",
+                format!("{} values for {g:?} (need {})", w.len(), g.cout * k),
+            ));
+        }
         let kp = k.next_multiple_of(1 << t.shift());
         let panels = g.cout.div_ceil(t.nr);
         let steps = kp >> t.shift();
@@ -600,20 +636,32 @@ impl PackedB {
             for s in 0..steps {
                 for c in 0..t.nr {
                     let co = j * t.nr + c;
+                    let bf16 = |v: f32| half::bf16::from_f32(v);
                     out[(j * steps + s) * t.nr + c] = if t.pairs {
                         // Even k in the low half: the same order `put` gives packed A.
-                        let lo = u32::from(bf16_bits(at(2 * s, co)));
-                        let hi = u32::from(bf16_bits(at(2 * s + 1, co)));
+                        let lo = u32::from(bf16(at(2 * s, co)).to_bits());
+                        let hi = u32::from(bf16(at(2 * s + 1, co)).to_bits());
                         f32::from_bits(lo | (hi << 16))
                     } else if t.round {
-                        round_bf16(at(s, co))
+                        bf16(at(s, co)).to_f32()
                     } else {
                         at(s, co)
                     };
                 }
             }
         }
-        PackedB { data, kp, panels }
+        Ok(PackedB {
+            data,
+            kp,
+            panels,
+            tiling: *t,
+            geom: *g,
+        })
+    }
+
+    /// The convolution these weights belong to.
+    pub fn geom(&self) -> ConvGeom {
+        self.geom
     }
 
     /// Bytes held.
@@ -689,7 +737,7 @@ unsafe fn pack_panel<const PAIRS: bool, const ROUND: bool>(
     let per_ky = g.ksize * g.cin;
     let (w, cin) = (src.w as isize, g.cin as isize);
     let base = src.data.as_ptr();
-    // SAFETY (every `put` and read below): kk < kc and r < mr stay inside `dst`; reads are at
+    // SAFETY: (every `put` and read below) kk < kc and r < mr stay inside `dst`; reads are at
     // ((n·h + iy)·w + ix)·c + ci with iy, ix inside the image and ci < c.
     unsafe {
         for r in 0..mr {
@@ -763,6 +811,7 @@ unsafe fn pack_block(
     let panel_words = (kc >> t.shift()) * t.mr;
     for p in 0..rows.div_ceil(t.mr) {
         let valid = t.mr.min(rows - p * t.mr);
+        // SAFETY: panel p < ceil(rows / mr) starts inside `dst` (see the contract).
         let (m, d) = (m0 + p * t.mr, unsafe { dst.add(p * panel_words) });
         // SAFETY: forwarded from the caller; panel p lies inside `dst`.
         unsafe {
@@ -783,50 +832,107 @@ unsafe fn pack_block(
 #[derive(Clone, Copy)]
 struct SharedPtr(*mut f32);
 // SAFETY: tasks partition the output into disjoint tiles (see `conv`), so no two threads
-// ever write the same element; the residual is only read; the scope joins every thread
+// ever write the same element; the residual is only read; the scope joins every worker
 // before the buffers are used again.
 unsafe impl Send for SharedPtr {}
+// SAFETY: as for `Send`.
 unsafe impl Sync for SharedPtr {}
+
+/// The threads that run the matrix products: one persistent pool, kept alive for the whole
+/// life of the network, instead of threads spawned in every convolution.
+#[derive(Debug)]
+pub(crate) struct Workers {
+    /// `threads` workers; `None` for one thread (the caller's).
+    pool: Option<rayon::ThreadPool>,
+    threads: usize,
+}
+
+impl Workers {
+    /// A pool of `threads` workers (at least one).
+    pub fn new(threads: usize) -> Result<Workers> {
+        let threads = threads.max(1);
+        let pool = (threads > 1)
+            .then(|| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .thread_name(|i| format!("backbone-gemm-{i}"))
+                    .build()
+                    .map_err(|e| {
+                        Error::invalid(
+                            "backbone threads",
+                            format!("cannot start {threads} worker threads: {e}"),
+                        )
+                    })
+            })
+            .transpose()?;
+        Ok(Workers { pool, threads })
+    }
+
+    /// Threads per matrix product.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+}
 
 /// One convolution: `out [M, cout] = epilogue(im2col(src) · B)`, M = batch · oh · ow,
 /// with `bias` added, `residual [M, cout]` added when given, then ReLU when `relu`.
-/// `scratch` holds one packing buffer per thread; its length is the number of threads.
-/// `pack_ns`, when given, accumulates the thread-time spent packing `A`.
+///
+/// `t` is the tiling the caller runs and must be the one `b` was packed for: a mismatch
+/// (or any buffer too small for the geometry `b` was packed for) is an error, never a
+/// kernel call. `scratch` holds at least one packing buffer per worker; `pack_ns`, when
+/// given, accumulates the thread-time spent packing `A`.
+///
+/// Results do not depend on the number of workers: every output tile is computed by one
+/// task, in the same order of k blocks, whichever thread takes it.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn conv(
     src: &Source,
-    g: &ConvGeom,
     b: &PackedB,
     bias: &[f32],
     t: &Tiling,
     out: &mut [f32],
     residual: Option<&[f32]>,
     relu: bool,
+    workers: &Workers,
     scratch: &mut [AlignedBuf],
     pack_ns: Option<&AtomicU64>,
 ) -> Result<()> {
+    if b.tiling != *t {
+        return Err(Error::invalid(
+            "packed convolution weights",
+            format!(
+                "packed for a {}×{} tiling ({:?}), run with a {}×{} one ({:?})",
+                b.tiling.mr, b.tiling.nr, b.tiling.kernel, t.mr, t.nr, t.kernel
+            ),
+        ));
+    }
+    let g = &b.geom;
     let (oh, ow) = (g.out_len(src.h), g.out_len(src.w));
-    let m = src.batch * oh * ow;
     let n = g.cout;
+    let threads = workers.threads;
+    // Sizes that overflow cannot be held by any buffer: treat them as too large.
+    let product = |v: &[usize]| v.iter().try_fold(1usize, |a, &b| a.checked_mul(b));
+    let input_len = product(&[src.batch, src.h, src.w, src.c]).unwrap_or(usize::MAX);
+    let out_len = product(&[src.batch, oh, ow, n]).unwrap_or(usize::MAX);
     if src.c != g.cin
-        || src.data.len() < src.batch * src.h * src.w * src.c
-        || out.len() < m * n
+        || src.data.len() < input_len
+        || out.len() < out_len
         || bias.len() < n
-        || residual.is_some_and(|r| r.len() < m * n)
-        || b.kp < g.k()
-        || b.panels * t.nr < n
-        || scratch.is_empty()
+        || residual.is_some_and(|r| r.len() < out_len)
+        || scratch.len() < threads
     {
         return Err(Error::invalid(
             "convolution buffers",
             format!(
-                "input {} values of {} channels, output {} (need {}), bias {} (need {n}), for \
-                 a {k}×{k} convolution {}→{} on a [{}, {}, {}, {}] batch",
+                "input {} values of {} channels, output {} (need {}), bias {} (need {n}), \
+                 {} packing buffers for {threads} threads, for a {k}×{k} convolution {}→{} on \
+                 a [{}, {}, {}, {}] batch",
                 src.data.len(),
                 src.c,
                 out.len(),
-                m * n,
+                out_len,
                 bias.len(),
+                scratch.len(),
                 g.cin,
                 g.cout,
                 src.batch,
@@ -837,6 +943,13 @@ pub(crate) fn conv(
             ),
         ));
     }
+    // out_len = m · n did not overflow (it fits in `out`), so neither does m.
+    let m = src.batch * oh * ow;
+    if m == 0 {
+        return Ok(());
+    }
+    let scratch = &mut scratch[..threads];
+    let micro = t.micro();
     let shift = t.shift();
     let kp = b.kp;
     let ksteps = kp >> shift;
@@ -846,7 +959,6 @@ pub(crate) fn conv(
     let mblocks = m.div_ceil(t.mc);
     // Enough tasks to keep every thread busy: split the columns too when rows are few
     // (the last stage at batch 1 has 49 rows).
-    let threads = scratch.len();
     let want = threads * 4;
     let nsplit = if mblocks >= want {
         1
@@ -886,7 +998,8 @@ pub(crate) fn conv(
                 let steps = kc >> shift;
                 let started = pack_ns.map(|_| std::time::Instant::now());
                 // SAFETY: the buffer holds mc · kc words (ensured above), enough for
-                // ceil(rows / mr) panels of kc values (rows ≤ mc, mc a multiple of mr).
+                // ceil(rows / mr) panels of kc values (rows ≤ mc, mc a multiple of mr);
+                // `src` holds the whole activation of `g` (checked above).
                 unsafe {
                     if !direct {
                         pack_block(src, g, (oh, ow), (m0, rows), (k0, kc), t, apack);
@@ -933,13 +1046,13 @@ pub(crate) fn conv(
                             rows: t.mr.min(m - r0),
                             cols,
                         };
-                        // SAFETY: the micro-kernel matches `t` (its target features were
-                        // checked when `t` was built from an available Isa); `a` holds
-                        // `steps` steps of MR rows, the B sliver `steps` steps of NR words;
-                        // the output tile [r0.., j·nr..] of rows × cols lies inside `out`
-                        // (checked above) and belongs to this task alone.
+                        // SAFETY: `micro` is `t`'s kernel, whose token proves this CPU has its
+                        // target features; `b` was packed for `t` and `g` (checked above), so
+                        // `a` holds `steps` steps of MR rows and the B sliver `steps` steps of
+                        // NR words; the output tile [r0.., j·nr..] of rows × cols lies inside
+                        // `out` (checked above) and belongs to this task alone.
                         unsafe {
-                            (t.micro)(
+                            micro(
                                 steps,
                                 a,
                                 lda,
@@ -957,15 +1070,14 @@ pub(crate) fn conv(
     };
 
     let (first, rest) = scratch.split_at_mut(1);
-    if rest.is_empty() || tasks == 1 {
-        work(&mut first[0]);
-    } else {
-        std::thread::scope(|s| {
+    match &workers.pool {
+        Some(pool) if tasks > 1 => pool.scope(|s| {
             for buf in rest.iter_mut() {
-                s.spawn(|| work(buf));
+                s.spawn(|_| work(buf));
             }
             work(&mut first[0]);
-        });
+        }),
+        _ => work(&mut first[0]),
     }
     Ok(())
 }
@@ -973,6 +1085,7 @@ pub(crate) fn conv(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::isa::IsaKind;
 
     /// Direct convolution in f64 on NHWC input, PyTorch's weight layout.
     fn reference(
@@ -1050,8 +1163,9 @@ mod tests {
             let (oh, ow) = (g.out_len(h), g.out_len(w));
             let residual = values(batch * oh * ow * g.cout, 4);
             let expect = reference(&x, (batch, h, w), &wt, &bias, &g);
-            let b = PackedB::new(&wt, &g, t);
+            let b = PackedB::new(&wt, &g, t).unwrap();
             for (threads, res) in [(1, true), (2, true), (2, false)] {
+                let workers = Workers::new(threads).unwrap();
                 let mut scratch: Vec<AlignedBuf> =
                     (0..threads).map(|_| AlignedBuf::default()).collect();
                 let mut out = vec![f32::NAN; expect.len()];
@@ -1063,7 +1177,19 @@ mod tests {
                     c: g.cin,
                 };
                 let r = res.then_some(residual.as_slice());
-                conv(&src, &g, &b, &bias, t, &mut out, r, res, &mut scratch, None).unwrap();
+                conv(
+                    &src,
+                    &b,
+                    &bias,
+                    t,
+                    &mut out,
+                    r,
+                    res,
+                    &workers,
+                    &mut scratch,
+                    None,
+                )
+                .unwrap();
                 // bf16 keeps 8 significant bits per operand.
                 let tol = if bf16 { 2e-2 } else { 1e-5 } * (g.k() as f64).sqrt();
                 for (i, (&o, &e)) in out.iter().zip(&expect).enumerate() {
@@ -1083,8 +1209,14 @@ mod tests {
 
     #[test]
     fn conv_matches_direct_convolution_on_every_available_isa() {
-        let isas = [Isa::Avx512Bf16, Isa::Avx512, Isa::Avx2, Isa::Portable];
-        for isa in isas.into_iter().filter(|i| i.is_available()) {
+        let available = Isa::available();
+        for kind in IsaKind::ALL {
+            if !available.iter().any(|i| i.kind() == kind) {
+                eprintln!("SKIPPED: this CPU lacks {kind}; its convolution kernels did not run");
+            }
+        }
+        for isa in available {
+            eprintln!("running the {isa} convolution kernels natively");
             for bf16 in [false, true] {
                 check_tiling(&Tiling::new(isa, bf16), bf16, isa.name());
             }
@@ -1096,7 +1228,7 @@ mod tests {
     /// # Safety
     /// As [`MicroFn`], for a 12×32 tile.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn f32_12x32(
+    pub(super) unsafe fn f32_12x32(
         steps: usize,
         a: *const f32,
         lda: usize,
@@ -1116,7 +1248,7 @@ mod tests {
     /// # Safety
     /// As [`MicroFn`], for a 12×32 tile of bf16-pair words.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn bf16_pairs_12x32(
+    pub(super) unsafe fn bf16_pairs_12x32(
         steps: usize,
         a: *const f32,
         lda: usize,
@@ -1129,18 +1261,19 @@ mod tests {
         let hi = |w: f32| f32::from_bits(w.to_bits() & 0xFFFF_0000);
         let lo = |w: f32| f32::from_bits(w.to_bits() << 16);
         let mut acc = [[0f32; 32]; 12];
-        // SAFETY (reads and `finish`): `a` and `b` hold `steps` packed steps of 12 and 32
-        // words; `c` and the epilogue pointers cover the tile (see `MicroFn`).
         for p in 0..steps {
             for (i, row) in acc.iter_mut().enumerate() {
+                // SAFETY: `a` holds `steps` packed steps of 12 words (see `MicroFn`).
                 let av = unsafe { *a.add(p * 12 + i) };
                 for (j, v) in row.iter_mut().enumerate() {
+                    // SAFETY: `b` holds `steps` packed steps of 32 words.
                     let bv = unsafe { *b.add(p * 32 + j) };
                     *v += hi(av) * hi(bv);
                     *v += lo(av) * lo(bv);
                 }
             }
         }
+        // SAFETY: `c` and the epilogue pointers cover the tile (see `MicroFn`).
         unsafe { finish::<12, 32>(acc, c, ldc, ep) }
     }
 
@@ -1150,16 +1283,156 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn avx512_blockings_match_direct_convolution_on_any_cpu() {
-        for (isa, bf16, micro) in [
-            (Isa::Avx512, false, f32_12x32 as MicroFn),
-            (Isa::Avx512Bf16, true, bf16_pairs_12x32),
-        ] {
-            let t = Tiling {
-                micro,
-                ..Tiling::new(isa, bf16)
-            };
-            assert_eq!((t.mr, t.nr, t.pairs), (12, 32, bf16), "{isa:?}");
-            check_tiling(&t, bf16, &format!("{} (emulated)", isa.name()));
+        for pairs in [false, true] {
+            // The bf16 stand-in takes bf16 operands; the f32 one f32 operands.
+            let t = Tiling::for_kernel(Kernel::Emulated12x32 { pairs }, pairs);
+            assert_eq!((t.mr, t.nr, t.pairs, t.round), (12, 32, pairs, false));
+            // The same blocking as the real kernels it stands in for.
+            if let Some(isa) = Avx512Bf16::new() {
+                let real = Tiling::for_kernel(Kernel::Avx512Bf16(isa), true);
+                assert_eq!((real.kc, real.mc), (t.kc, t.mc));
+            }
+            let f32_real = [128, 144];
+            if !pairs {
+                assert_eq!([t.kc, t.mc], f32_real);
+            }
+            check_tiling(&t, pairs, &format!("12x32 pairs={pairs} (emulated)"));
+        }
+    }
+
+    #[test]
+    fn weights_packed_for_another_tiling_are_refused() {
+        let g = ConvGeom {
+            cin: 5,
+            cout: 19,
+            ksize: 3,
+            stride: 1,
+            pad: 1,
+        };
+        let wt = values(g.cout * g.k(), 2);
+        let bias = values(g.cout, 3);
+        let x = values(4 * 4 * g.cin, 1);
+        let src = Source {
+            data: &x,
+            batch: 1,
+            h: 4,
+            w: 4,
+            c: g.cin,
+        };
+        let workers = Workers::new(1).unwrap();
+        let mut scratch = vec![AlignedBuf::default()];
+        let mut out = vec![0f32; 16 * g.cout];
+        let portable = Tiling::new(Isa::Portable, false);
+        // Every pair of distinct tilings: other blockings (a 4×8-packed B read as 12×32
+        // panels would make the kernel read and write out of bounds), or the same blocking
+        // with other operands (f32 weights read as bf16, or bf16 pairs as f32).
+        let mut tilings = vec![portable, Tiling::new(Isa::Portable, true)];
+        #[cfg(target_arch = "x86_64")]
+        tilings.extend([
+            Tiling::for_kernel(Kernel::Emulated12x32 { pairs: false }, false),
+            Tiling::for_kernel(Kernel::Emulated12x32 { pairs: true }, true),
+        ]);
+        for isa in Isa::available() {
+            tilings.extend([Tiling::new(isa, false), Tiling::new(isa, true)]);
+        }
+        for packed_for in &tilings {
+            let b = PackedB::new(&wt, &g, packed_for).unwrap();
+            for run_with in tilings.iter().filter(|t| *t != packed_for) {
+                let err = conv(
+                    &src,
+                    &b,
+                    &bias,
+                    run_with,
+                    &mut out,
+                    None,
+                    true,
+                    &workers,
+                    &mut scratch,
+                    None,
+                )
+                .unwrap_err()
+                .to_string();
+                assert!(err.contains("packed for"), "{err}");
+            }
+            // The matching tiling runs.
+            conv(
+                &src,
+                &b,
+                &bias,
+                packed_for,
+                &mut out,
+                None,
+                true,
+                &workers,
+                &mut scratch,
+                None,
+            )
+            .unwrap();
+        }
+        // A source that is not the geometry the weights were packed for is refused too.
+        let b = PackedB::new(&wt, &g, &portable).unwrap();
+        let wrong = Source { c: 4, ..src };
+        let err = conv(
+            &wrong,
+            &b,
+            &bias,
+            &portable,
+            &mut out,
+            None,
+            true,
+            &workers,
+            &mut scratch,
+            None,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("5→19"), "{err}");
+        // So is one whose sizes overflow: no buffer can hold it.
+        let huge = Source {
+            batch: usize::MAX / 8,
+            ..src
+        };
+        assert!(
+            conv(
+                &huge,
+                &b,
+                &bias,
+                &portable,
+                &mut out,
+                None,
+                true,
+                &workers,
+                &mut scratch,
+                None,
+            )
+            .is_err()
+        );
+        // Weights of the wrong size, and degenerate geometries, are refused at packing.
+        assert!(PackedB::new(&wt[1..], &g, &portable).is_err());
+        assert!(PackedB::new(&wt, &ConvGeom { stride: 0, ..g }, &portable).is_err());
+    }
+
+    /// The packer's branch-free bf16 rounding equals the `half` crate's (which rounds the
+    /// weights) bit for bit, on every exponent, NaN and infinity, and on ties.
+    #[test]
+    fn bf16_rounding_matches_the_half_crate() {
+        let mut x = 0x2545_F491u32;
+        for high in 0..=0xFFFFu32 {
+            // Every high half (every sign, exponent, NaN and infinity), with ties, their
+            // neighbours and a few pseudo-random low halves.
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            for low in [0, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF, x & 0xFFFF, x >> 16] {
+                let v = f32::from_bits(high << 16 | low);
+                let reference = half::bf16::from_f32(v);
+                assert_eq!(bf16_bits(v), reference.to_bits(), "{:#010x}", v.to_bits());
+                assert_eq!(
+                    round_bf16(v).to_bits(),
+                    reference.to_f32().to_bits(),
+                    "{:#010x}",
+                    v.to_bits()
+                );
+            }
         }
     }
 

@@ -1,7 +1,8 @@
-//! A fast CPU ResNet-50 forward pass: channels-last activations, packed matrix products with
-//! fused epilogues, run-time-selected SIMD micro-kernels, fp32 or bf16.
+//! A fast CPU ResNet forward pass (ResNet-50 by default, any [`Arch`]): channels-last
+//! activations, packed matrix products with fused epilogues, run-time-selected SIMD
+//! micro-kernels, fp32 or bf16.
 //!
-//! The same network as [`super::resnet::ResNet50`] (torchvision's layout, batch norm folded at
+//! The same network as [`super::resnet::ResNet`] (torchvision's layout, batch norm folded at
 //! load by [`super::weights::StateDict::take_conv_bn`]) computed without candle, the way
 //! oneDNN runs PyTorch's `channels_last` models:
 //!
@@ -9,8 +10,10 @@
 //!   [cin, cout]` and a k×k convolution is one over an implicit im2col matrix gathered while
 //!   packing (the private `gemm` module);
 //! * weights are packed once, at load, in the micro-kernel's panel order;
-//! * bias (the folded batch norm), the bottleneck's residual add and ReLU happen in the
+//! * bias (the folded batch norm), the block's residual add and ReLU happen in the
 //!   matrix product's epilogue, on registers, before the single store of each activation;
+//! * the matrix products share one persistent pool of worker threads (rayon), whose tasks
+//!   own disjoint output tiles, so results do not depend on the number of threads;
 //! * every buffer lives in a workspace reused from batch to batch, so a forward pass neither
 //!   allocates nor page-faults once warm;
 //! * the preprocessed NCHW batch is transposed to NHWC once before the stem (3 channels: a
@@ -20,6 +23,7 @@
 //! `vdpbf16ps` where available, an exact emulation elsewhere); activations between layers,
 //! biases, the epilogue and the pooling stay f32, as under PyTorch's CPU autocast.
 
+#[allow(unsafe_code)]
 mod gemm;
 
 use std::fmt;
@@ -31,14 +35,12 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 
-pub use gemm::Isa;
-use gemm::{AlignedBuf, ConvGeom, PackedB, Source, Tiling};
+use gemm::{AlignedBuf, ConvGeom, PackedB, Source, Tiling, Workers};
 
-use super::weights::{ConvSpec, EXPANSION, StateDict, resnet50_blocks, stem_spec};
+use super::arch::{Arch, ConvSpec};
+use super::weights::StateDict;
 use crate::error::{CandleContext, Error, Result};
-
-/// Width of the features: the channels of the last stage.
-pub const FEATURE_DIM: usize = 512 * EXPANSION;
+use crate::isa::Isa;
 
 /// The arithmetic of the backbone's matrix products.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -89,9 +91,9 @@ pub enum LayerKind {
     Stem,
     /// The 3×3 stride-2 max pool after the stem.
     MaxPool,
-    /// The bottlenecks' 1×1 convolutions (reduce and expand, epilogue included).
+    /// The blocks' 1×1 convolutions (a bottleneck's reduce and expand, epilogue included).
     Conv1x1,
-    /// The bottlenecks' 3×3 convolutions.
+    /// The blocks' 3×3 convolutions.
     Conv3x3,
     /// The projection shortcuts (strided 1×1 convolutions).
     Downsample,
@@ -165,7 +167,6 @@ impl Profile {
 /// A convolution with its batch norm folded in, weights packed for the micro-kernel.
 #[derive(Debug)]
 struct Conv {
-    geom: ConvGeom,
     packed: PackedB,
     /// `[cout]`
     bias: Vec<f32>,
@@ -193,19 +194,26 @@ impl Conv {
             pad: shape[2] / 2,
         };
         Ok(Conv {
-            geom,
-            packed: PackedB::new(&to_vec(&w, "weight")?, &geom, t),
+            packed: PackedB::new(&to_vec(&w, "weight")?, &geom, t)?,
             bias: to_vec(&b, "bias")?,
         })
     }
+
+    fn geom(&self) -> ConvGeom {
+        self.packed.geom()
+    }
+
+    fn bytes(&self) -> usize {
+        self.packed.bytes() + self.bias.len() * 4
+    }
 }
 
-/// A bottleneck: 1×1 reduce, 3×3 (carrying the stride), 1×1 expand + shortcut.
+/// A residual block, basic or bottleneck: `relu(main(x) + shortcut(x))`.
 #[derive(Debug)]
 struct Block {
-    conv1: Conv,
-    conv2: Conv,
-    conv3: Conv,
+    /// A ReLU follows every convolution but the last, which adds the shortcut (fused).
+    main: Vec<Conv>,
+    /// The strided 1×1 projection of the shortcut, or `None` for the input itself.
     downsample: Option<Conv>,
 }
 
@@ -216,63 +224,74 @@ struct Workspace {
     cur: AlignedBuf,
     /// The current block's output (then swapped with `cur`); also the stem's output.
     next: AlignedBuf,
-    /// Output of the 1×1 reduce.
-    t1: AlignedBuf,
-    /// Output of the 3×3.
-    t2: AlignedBuf,
+    /// Outputs of the main path's inner convolutions, alternately (a bottleneck's 1×1
+    /// reduce into the first, its 3×3 into the second).
+    inner: [AlignedBuf; 2],
     /// Output of the projection shortcut.
     ds: AlignedBuf,
     /// The input batch, transposed to NHWC.
     input: AlignedBuf,
-    /// One packing buffer per thread.
+    /// One packing buffer per worker thread.
     scratch: Vec<AlignedBuf>,
 }
 
-/// ResNet-50 up to its global average pool on the fast CPU path: images `[batch, 3, h, w]`
-/// (NCHW, normalised) → features `[batch, 2048]`.
+/// A ResNet up to its global average pool on the fast CPU path: images `[batch, 3, h, w]`
+/// (NCHW, normalised) → features `[batch, feature_dim]`.
 #[derive(Debug)]
-pub struct FastResNet50 {
+pub struct FastResNet {
+    arch: Arch,
     precision: Precision,
     isa: Isa,
     tiling: Tiling,
     stem: Conv,
     blocks: Vec<Block>,
-    threads: usize,
+    workers: Workers,
     workspace: Mutex<Workspace>,
 }
 
-impl FastResNet50 {
-    /// Reads a torchvision state dict (`.pth` or `.safetensors`) and builds the network for
-    /// `precision` with the best kernels of this CPU.
+/// The name the default architecture's fast network had before the backbone seam.
+pub type FastResNet50 = FastResNet;
+
+impl FastResNet {
+    /// Reads a torchvision ResNet-50 state dict (`.pth` or `.safetensors`) and builds the
+    /// network for `precision` with the best kernels of this CPU.
     pub fn load(path: &Path, precision: Precision) -> Result<Self> {
         Self::from_state_dict(StateDict::read(path)?, precision)
     }
 
-    /// Builds the network from a state dict, strictly (as [`super::resnet::ResNet50`]), for
+    /// Builds ResNet-50 from a state dict, strictly (as [`super::resnet::ResNet`]), for
     /// `precision` with the best kernels of this CPU ([`Isa::detect`]).
     pub fn from_state_dict(sd: StateDict, precision: Precision) -> Result<Self> {
         Self::with_isa(sd, precision, Isa::detect())
     }
 
-    /// As [`FastResNet50::from_state_dict`] with the kernels of `isa`, e.g.
-    /// [`Isa::Portable`] to test the fallback. Errors if this CPU cannot run them.
-    pub fn with_isa(mut sd: StateDict, precision: Precision, isa: Isa) -> Result<Self> {
-        if !isa.is_available() {
-            return Err(Error::invalid(
-                "kernel instruction set",
-                format!("this CPU cannot run {} kernels", isa.name()),
-            ));
-        }
+    /// As [`FastResNet::from_state_dict`] with the kernels of `isa`, e.g.
+    /// [`Isa::Portable`] to test the fallback.
+    pub fn with_isa(sd: StateDict, precision: Precision, isa: Isa) -> Result<Self> {
+        Self::with_arch(sd, &Arch::default(), precision, isa)
+    }
+
+    /// Builds `arch` from a state dict, strictly, for `precision` with the kernels of `isa`.
+    pub fn with_arch(
+        mut sd: StateDict,
+        arch: &Arch,
+        precision: Precision,
+        isa: Isa,
+    ) -> Result<Self> {
+        sd.expect_arch(arch);
         let tiling = Tiling::new(isa, precision == Precision::Bf16);
         let t = &tiling;
-        let stem = Conv::load(&mut sd, &stem_spec(), t)?;
-        let blocks = resnet50_blocks()
+        let stem = Conv::load(&mut sd, &arch.stem(), t)?;
+        let blocks = arch
+            .blocks()
             .iter()
             .map(|b| {
                 Ok(Block {
-                    conv1: Conv::load(&mut sd, &b.conv1, t)?,
-                    conv2: Conv::load(&mut sd, &b.conv2, t)?,
-                    conv3: Conv::load(&mut sd, &b.conv3, t)?,
+                    main: b
+                        .main
+                        .iter()
+                        .map(|c| Conv::load(&mut sd, c, t))
+                        .collect::<Result<_>>()?,
                     downsample: b
                         .downsample
                         .as_ref()
@@ -282,15 +301,26 @@ impl FastResNet50 {
             })
             .collect::<Result<Vec<_>>>()?;
         sd.finish()?;
-        Ok(FastResNet50 {
+        Ok(FastResNet {
+            arch: *arch,
             precision,
             isa,
             tiling,
             stem,
             blocks,
-            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            workers: Workers::new(std::thread::available_parallelism().map_or(1, |n| n.get()))?,
             workspace: Mutex::new(Workspace::default()),
         })
+    }
+
+    /// The architecture.
+    pub fn arch(&self) -> &Arch {
+        &self.arch
+    }
+
+    /// Width of the features.
+    pub fn feature_dim(&self) -> usize {
+        self.arch.feature_dim()
     }
 
     /// The precision of the matrix products.
@@ -305,42 +335,39 @@ impl FastResNet50 {
 
     /// True when bf16 runs on native AVX512-BF16 instructions rather than being emulated.
     pub fn native_bf16(&self) -> bool {
-        self.tiling.pairs
+        self.tiling.pairs()
     }
 
     /// Worker threads per matrix product (default: the CPU's available parallelism).
     pub fn threads(&self) -> usize {
-        self.threads
+        self.workers.threads()
     }
 
-    /// Sets the worker threads per matrix product (at least 1).
-    pub fn set_threads(&mut self, threads: usize) {
-        self.threads = threads.max(1);
+    /// Sets the worker threads per matrix product (at least 1): a new pool, kept for every
+    /// later pass. Errors if the threads cannot be started.
+    pub fn set_threads(&mut self, threads: usize) -> Result<()> {
+        self.workers = Workers::new(threads)?;
+        Ok(())
     }
 
     /// Bytes of packed weights.
     pub fn weight_bytes(&self) -> usize {
-        let conv = |c: &Conv| c.packed.bytes() + c.bias.len() * 4;
-        conv(&self.stem)
+        self.stem.bytes()
             + self
                 .blocks
                 .iter()
-                .map(|b| {
-                    conv(&b.conv1)
-                        + conv(&b.conv2)
-                        + conv(&b.conv3)
-                        + b.downsample.as_ref().map_or(0, conv)
-                })
+                .flat_map(|b| b.main.iter().chain(&b.downsample))
+                .map(Conv::bytes)
                 .sum::<usize>()
     }
 
     /// Features of `batch` normalised images `x` (`[batch, 3, h, w]`, NCHW, row-major):
-    /// `[batch, 2048]` row-major.
+    /// `[batch, feature_dim]` row-major.
     pub fn forward(&self, x: &[f32], batch: usize, h: usize, w: usize) -> Result<Vec<f32>> {
         self.run(x, batch, h, w, None)
     }
 
-    /// As [`FastResNet50::forward`], adding where the time went to `profile`.
+    /// As [`FastResNet::forward`], adding where the time went to `profile`.
     pub fn forward_profiled(
         &self,
         x: &[f32],
@@ -358,7 +385,7 @@ impl FastResNet50 {
         batch: usize,
         h: usize,
         w: usize,
-        mut profile: Option<&mut Profile>,
+        profile: Option<&mut Profile>,
     ) -> Result<Vec<f32>> {
         if batch == 0 || h == 0 || w == 0 || x.len() != batch * 3 * h * w {
             return Err(Error::invalid(
@@ -381,181 +408,88 @@ impl FastResNet50 {
             input,
             cur,
             next,
-            t1,
-            t2,
+            inner,
             ds,
             scratch,
         } = ws;
         let pack_ns = AtomicU64::new(0);
-        let pack = profile.as_ref().map(|_| &pack_ns);
-        let t = &self.tiling;
-        let conv_flops = |c: &Conv, m: usize| 2.0 * (m * c.geom.k() * c.geom.cout) as f64;
-
-        // Stem: [b, 3, h, w] (NCHW) -> [b, h1, w1, 64]
-        let g = self.stem.geom;
-        let (h1, w1) = (g.out_len(h), g.out_len(w));
-        // The stem's packer, like every other, reads NHWC: transpose the small 3-channel input.
-        nchw_to_nhwc(x, (batch, 3, h, w), input.as_mut_slice());
-        let src = Source {
-            data: &input.as_slice()[..batch * h * w * 3],
-            batch,
-            h,
-            w,
-            c: 3,
+        let mut pass = Pass {
+            tiling: &self.tiling,
+            workers: &self.workers,
+            scratch,
+            pack_ns: profile.is_some().then_some(&pack_ns),
+            profile,
         };
-        timed(
-            &mut profile,
+
+        // Stem: [b, 3, h, w] (NCHW) -> [b, h1, w1, 64]. Its packer, like every other, reads
+        // NHWC: transpose the small 3-channel input.
+        nchw_to_nhwc(x, (batch, 3, h, w), input.as_mut_slice());
+        let (h1, w1) = pass.apply(
+            &self.stem,
             LayerKind::Stem,
-            conv_flops(&self.stem, batch * h1 * w1),
-            || {
-                gemm::conv(
-                    &src,
-                    &g,
-                    &self.stem.packed,
-                    &self.stem.bias,
-                    t,
-                    next.as_mut_slice(),
-                    None,
-                    true,
-                    scratch,
-                    pack,
-                )
-            },
+            nhwc(input.as_slice(), batch, (h, w, 3)),
+            next,
+            None,
         )?;
         // Max pool 3×3 / 2: [b, h1, w1, 64] -> [b, h2, w2, 64]
-        let (h2, w2) = (pool_len(h1), pool_len(w1));
-        timed(&mut profile, LayerKind::MaxPool, 0.0, || {
-            max_pool(next.as_slice(), (batch, h1, w1, 64), cur.as_mut_slice());
+        let c1 = self.stem.geom().cout;
+        pass.timed(LayerKind::MaxPool, 0.0, || {
+            max_pool(next.as_slice(), (batch, h1, w1, c1), cur.as_mut_slice());
             Ok(())
         })?;
 
-        let (mut hc, mut wc, mut cc) = (h2, w2, 64);
+        let mut shape = (pool_len(h1), pool_len(w1), c1);
         for block in &self.blocks {
-            let (g1, g2, g3) = (block.conv1.geom, block.conv2.geom, block.conv3.geom);
-            let m_in = batch * hc * wc;
-            let (ho, wo) = (g2.out_len(hc), g2.out_len(wc));
-            let m_out = batch * ho * wo;
-            let cur_src = Source {
-                data: cur.as_slice(),
-                batch,
-                h: hc,
-                w: wc,
-                c: cc,
+            let Some((last, inner_convs)) = block.main.split_last() else {
+                continue;
             };
-            // 1×1 reduce: [b, hc, wc, cc] -> [b, hc, wc, width]
-            timed(
-                &mut profile,
-                LayerKind::Conv1x1,
-                conv_flops(&block.conv1, m_in),
-                || {
-                    let c = &block.conv1;
-                    gemm::conv(
-                        &cur_src,
-                        &g1,
-                        &c.packed,
-                        &c.bias,
-                        t,
-                        t1.as_mut_slice(),
-                        None,
-                        true,
-                        scratch,
-                        pack,
-                    )
-                },
-            )?;
-            // 3×3 (stride s): [b, hc, wc, width] -> [b, ho, wo, width]
-            let t1_src = Source {
-                data: t1.as_slice(),
-                batch,
-                h: hc,
-                w: wc,
-                c: g1.cout,
-            };
-            timed(
-                &mut profile,
-                LayerKind::Conv3x3,
-                conv_flops(&block.conv2, m_out),
-                || {
-                    let c = &block.conv2;
-                    gemm::conv(
-                        &t1_src,
-                        &g2,
-                        &c.packed,
-                        &c.bias,
-                        t,
-                        t2.as_mut_slice(),
-                        None,
-                        true,
-                        scratch,
-                        pack,
-                    )
-                },
-            )?;
-            // Shortcut: the block input itself, or its strided 1×1 projection [b, ho, wo, out].
+            // Main path but its last convolution, each with ReLU, alternating between the
+            // two inner buffers: [b, h, w, c] -> [b, h', w', width]
+            let mut y = shape;
+            for (i, conv) in inner_convs.iter().enumerate() {
+                let [a, b] = &mut *inner;
+                let (out, prev) = if i % 2 == 0 { (a, &*b) } else { (b, &*a) };
+                let data = if i == 0 {
+                    cur.as_slice()
+                } else {
+                    prev.as_slice()
+                };
+                let (ho, wo) = pass.apply(conv, kind(conv), nhwc(data, batch, y), out, None)?;
+                y = (ho, wo, conv.geom().cout);
+            }
+            // Shortcut: the block input itself, or its strided 1×1 projection.
             let residual: &[f32] = match &block.downsample {
                 Some(d) => {
-                    timed(
-                        &mut profile,
+                    pass.apply(
+                        d,
                         LayerKind::Downsample,
-                        conv_flops(d, m_out),
-                        || {
-                            gemm::conv(
-                                &cur_src,
-                                &d.geom,
-                                &d.packed,
-                                &d.bias,
-                                t,
-                                ds.as_mut_slice(),
-                                None,
-                                false,
-                                scratch,
-                                pack,
-                            )
-                        },
+                        nhwc(cur.as_slice(), batch, shape),
+                        ds,
+                        None,
                     )?;
                     ds.as_slice()
                 }
                 None => cur.as_slice(),
             };
-            // 1×1 expand + residual + ReLU, fused: [b, ho, wo, width] -> [b, ho, wo, out]
-            let t2_src = Source {
-                data: t2.as_slice(),
-                batch,
-                h: ho,
-                w: wo,
-                c: g2.cout,
+            // Last convolution + residual + ReLU, fused: [b, h', w', width] -> [b, h', w', out]
+            let data = match inner_convs.len() {
+                0 => cur.as_slice(),
+                n => inner[(n - 1) % 2].as_slice(),
             };
-            timed(
-                &mut profile,
-                LayerKind::Conv1x1,
-                conv_flops(&block.conv3, m_out),
-                || {
-                    let c = &block.conv3;
-                    gemm::conv(
-                        &t2_src,
-                        &g3,
-                        &c.packed,
-                        &c.bias,
-                        t,
-                        next.as_mut_slice(),
-                        Some(&residual[..m_out * g3.cout]),
-                        true,
-                        scratch,
-                        pack,
-                    )
-                },
-            )?;
+            let (ho, wo) =
+                pass.apply(last, kind(last), nhwc(data, batch, y), next, Some(residual))?;
             std::mem::swap(cur, next);
-            (hc, wc, cc) = (ho, wo, g3.cout);
+            shape = (ho, wo, last.geom().cout);
         }
 
-        // Global average pool: [b, hc, wc, 2048] -> [b, 2048]
+        // Global average pool: [b, hc, wc, c] -> [b, c]
+        let (hc, wc, cc) = shape;
         let mut features = vec![0f32; batch * cc];
-        timed(&mut profile, LayerKind::AvgPool, 0.0, || {
+        pass.timed(LayerKind::AvgPool, 0.0, || {
             avg_pool(cur.as_slice(), (batch, hc * wc, cc), &mut features);
             Ok(())
         })?;
-        if let Some(p) = profile {
+        if let Some(p) = pass.profile {
             p.pack_thread_seconds += pack_ns.load(Ordering::Relaxed) as f64 * 1e-9;
             p.passes += 1;
         }
@@ -564,45 +498,116 @@ impl FastResNet50 {
 
     /// Grows the workspace to what a `[batch, 3, h, w]` pass needs.
     fn size_workspace(&self, ws: &mut Workspace, batch: usize, h: usize, w: usize) {
-        let g = self.stem.geom;
+        let g = self.stem.geom();
         let (h1, w1) = (g.out_len(h), g.out_len(w));
         let (mut hc, mut wc) = (pool_len(h1), pool_len(w1));
         let mut act = batch * h1 * w1 * g.cout;
-        let (mut t1, mut t2, mut ds) = (0, 0, 0);
+        let (mut inner, mut ds) = ([0, 0], 0);
         for b in &self.blocks {
-            let g2 = b.conv2.geom;
-            let (ho, wo) = (g2.out_len(hc), g2.out_len(wc));
-            t1 = t1.max(batch * hc * wc * b.conv1.geom.cout);
-            t2 = t2.max(batch * ho * wo * g2.cout);
-            act = act.max(batch * ho * wo * b.conv3.geom.cout);
+            let (mut ho, mut wo) = (hc, wc);
+            for (i, conv) in b.main.iter().enumerate() {
+                let g = conv.geom();
+                (ho, wo) = (g.out_len(ho), g.out_len(wo));
+                let len = batch * ho * wo * g.cout;
+                if i + 1 < b.main.len() {
+                    inner[i % 2] = inner[i % 2].max(len);
+                } else {
+                    act = act.max(len);
+                }
+            }
             if let Some(d) = &b.downsample {
-                ds = ds.max(batch * ho * wo * d.geom.cout);
+                let g = d.geom();
+                ds = ds.max(batch * g.out_len(hc) * g.out_len(wc) * g.cout);
             }
             (hc, wc) = (ho, wo);
         }
         ws.input.ensure(batch * h * w * 3);
         ws.cur.ensure(act);
         ws.next.ensure(act);
-        ws.t1.ensure(t1);
-        ws.t2.ensure(t2);
+        ws.inner[0].ensure(inner[0]);
+        ws.inner[1].ensure(inner[1]);
         ws.ds.ensure(ds);
-        ws.scratch.resize_with(self.threads, AlignedBuf::default);
+        ws.scratch
+            .resize_with(self.workers.threads(), AlignedBuf::default);
     }
 }
 
-/// Runs `f`, adding its wall-clock time and `flops` to `profile` under `kind`.
-fn timed(
-    profile: &mut Option<&mut Profile>,
-    kind: LayerKind,
-    flops: f64,
-    f: impl FnOnce() -> Result<()>,
-) -> Result<()> {
-    let start = Instant::now();
-    f()?;
-    if let Some(p) = profile.as_deref_mut() {
-        p.add(kind, start.elapsed().as_secs_f64(), flops);
+/// A `[batch, h, w, c]` activation.
+fn nhwc(data: &[f32], batch: usize, (h, w, c): (usize, usize, usize)) -> Source<'_> {
+    Source {
+        data,
+        batch,
+        h,
+        w,
+        c,
     }
-    Ok(())
+}
+
+/// The profile kind of a main-path convolution.
+fn kind(conv: &Conv) -> LayerKind {
+    if conv.geom().ksize == 1 {
+        LayerKind::Conv1x1
+    } else {
+        LayerKind::Conv3x3
+    }
+}
+
+/// What one forward pass runs its layers with.
+struct Pass<'a> {
+    tiling: &'a Tiling,
+    workers: &'a Workers,
+    scratch: &'a mut [AlignedBuf],
+    /// Thread-nanoseconds spent packing, when profiling.
+    pack_ns: Option<&'a AtomicU64>,
+    profile: Option<&'a mut Profile>,
+}
+
+impl Pass<'_> {
+    /// Runs one convolution layer on `src` into `out`: bias, then `residual` when given,
+    /// then ReLU (every layer but a projection shortcut has one). Returns the output's
+    /// height and width.
+    fn apply(
+        &mut self,
+        layer: &Conv,
+        kind: LayerKind,
+        src: Source,
+        out: &mut AlignedBuf,
+        residual: Option<&[f32]>,
+    ) -> Result<(usize, usize)> {
+        let g = layer.geom();
+        let (oh, ow) = (g.out_len(src.h), g.out_len(src.w));
+        let flops = 2.0 * (src.batch * oh * ow * g.k() * g.cout) as f64;
+        let relu = kind != LayerKind::Downsample;
+        let start = Instant::now();
+        gemm::conv(
+            &src,
+            &layer.packed,
+            &layer.bias,
+            self.tiling,
+            out.as_mut_slice(),
+            residual,
+            relu,
+            self.workers,
+            self.scratch,
+            self.pack_ns,
+        )?;
+        self.record(kind, start, flops);
+        Ok((oh, ow))
+    }
+
+    /// Runs `f`, adding its wall-clock time and `flops` to the profile under `kind`.
+    fn timed(&mut self, kind: LayerKind, flops: f64, f: impl FnOnce() -> Result<()>) -> Result<()> {
+        let start = Instant::now();
+        f()?;
+        self.record(kind, start, flops);
+        Ok(())
+    }
+
+    fn record(&mut self, kind: LayerKind, start: Instant, flops: f64) {
+        if let Some(p) = self.profile.as_deref_mut() {
+            p.add(kind, start.elapsed().as_secs_f64(), flops);
+        }
+    }
 }
 
 /// `[b, c, h, w]` → `[b, h, w, c]`.

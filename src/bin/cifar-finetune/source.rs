@@ -4,12 +4,13 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use cifar_finetune::backbone::fast::{Isa, Precision};
+use cifar_finetune::backbone::fast::Precision;
 use cifar_finetune::data::Dataset;
 use cifar_finetune::data::cifar::{self, Cifar10, Part, Split};
 use cifar_finetune::data::transform::{DEFAULT_MAX_PIXELS, Preprocess};
 use cifar_finetune::features::{self, CacheOptions, Extractor, FeatureSet};
 use cifar_finetune::fetch::{self, DownloadOptions};
+use cifar_finetune::isa::Avx512Bf16;
 
 use crate::progress::Progress;
 
@@ -165,7 +166,7 @@ impl FeatureArgs {
             PrecisionArg::F32 => Precision::F32,
             PrecisionArg::Bf16 => Precision::Bf16,
         };
-        if precision == Precision::Bf16 && Isa::detect() != Isa::Avx512Bf16 {
+        if precision == Precision::Bf16 && Avx512Bf16::new().is_none() {
             eprintln!(
                 "note: this CPU lacks AVX512-BF16: bf16 is emulated (the same features up to \
                  summation order) at f32 speed"
