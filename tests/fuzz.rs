@@ -193,7 +193,7 @@ fn cifar_python_batches_and_the_pickle_reader() {
 fn weights_pth_and_safetensors() {
     let tmp = tempfile::tempdir().unwrap();
     let pth = read_all(&[fixtures().join("backbone/tiny.pth")]);
-    fuzz("weights .pth", &pth, &tmp.path().join("w.pth"), 300, |p| {
+    fuzz("weights .pth", &pth, &tmp.path().join("w.pth"), 1500, |p| {
         let _ = StateDict::read(p);
     });
     let st = read_all(&[fixtures().join("backbone/tiny.safetensors")]);
@@ -327,4 +327,25 @@ fn our_own_files() {
             let _ = checkpoint::load(p);
         },
     );
+}
+
+/// Inputs the fuzzer found, kept as regression tests.
+mod regressions {
+    use super::*;
+
+    /// A LONG1 opcode whose length byte was set to 138 made candle's pickle reader overflow
+    /// a shift (a panic in debug builds); it must be an error naming the file.
+    #[test]
+    fn a_pth_whose_pickle_has_an_overlong_long1_is_an_error() {
+        let seed = std::fs::read(fixtures().join("backbone/tiny.pth")).unwrap();
+        let bytes = apply(&seed, &[Edit::Set(7011470838330496089, 138)]);
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("bad.pth");
+        std::fs::write(&path, bytes).unwrap();
+        let err = StateDict::read(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("bad.pth") && err.contains("malformed"),
+            "{err}"
+        );
+    }
 }

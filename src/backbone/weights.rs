@@ -57,9 +57,18 @@ impl StateDict {
             }
         }
         let tensors: Vec<(String, Tensor)> = if magic.starts_with(b"PK\x03\x04") {
-            candle_core::pickle::read_all(path).map_err(|e| {
-                weights_err(path, format!("cannot read as a torch.save zip (.pth): {e}"))
-            })?
+            // candle's pickle reader can panic on malformed input (found by tests/fuzz.rs: a
+            // LONG1 of more than 8 bytes overflows a shift); a bad file must be an error.
+            std::panic::catch_unwind(|| candle_core::pickle::read_all(path))
+                .map_err(|_| {
+                    weights_err(
+                        path,
+                        "cannot read as a torch.save zip (.pth): its pickle is malformed",
+                    )
+                })?
+                .map_err(|e| {
+                    weights_err(path, format!("cannot read as a torch.save zip (.pth): {e}"))
+                })?
         } else if magic[8] == b'{' {
             candle_core::safetensors::load(path, &Device::Cpu)
                 .map_err(|e| weights_err(path, format!("cannot read as safetensors: {e}")))?
