@@ -20,7 +20,8 @@ use std::time::Instant;
 
 use cifar_finetune::features::FeatureSet;
 use cifar_finetune::head::{Head, Sgd, Stepper};
-use cifar_finetune::train::{self, RunOptions, SweepOutcome, TrainConfig};
+use cifar_finetune::rundir::TrainConfig;
+use cifar_finetune::train::{self, RunOptions, SweepOutcome};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut features: Option<PathBuf> = None;

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::features::{FeatureSet, Fingerprint};
 use crate::head::{Head, HeadDims, HeadGrads};
-use crate::train::{HistoryRow, TrainConfig};
+use crate::rundir::{HistoryRow, TrainConfig, TrainState};
 
 /// Format tag written into every checkpoint.
 pub const FORMAT: &str = "cifar-finetune head checkpoint v1";
@@ -47,32 +47,6 @@ pub enum CheckpointKind {
     Best,
     /// The latest epoch, with momentum and training state, for `--resume`.
     Last,
-}
-
-/// The best epoch seen so far for one λ.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct BestSoFar {
-    /// Epoch (1-based).
-    pub epoch: usize,
-    /// Validation loss at that epoch.
-    pub val_loss: f64,
-    /// Validation accuracy at that epoch (0..1).
-    pub val_accuracy: f64,
-}
-
-/// Training state saved in a `last` checkpoint: enough to continue exactly.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TrainState {
-    /// History rows of this λ so far (one per completed epoch).
-    pub history: Vec<HistoryRow>,
-    /// Best validated epoch so far, if any.
-    pub best: Option<BestSoFar>,
-    /// True once every epoch of this λ has run.
-    pub finished: bool,
-    /// How the per-epoch random streams derive from the seed (documentation for readers; the
-    /// shuffle and dropout of epoch `e` depend only on `(seed, e)`, so the epoch count is the
-    /// whole RNG state).
-    pub rng: String,
 }
 
 /// Everything a checkpoint records besides the tensors.

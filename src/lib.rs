@@ -63,6 +63,7 @@ pub mod io;
 pub mod isa;
 pub mod metrics;
 pub mod report;
+pub mod rundir;
 pub mod train;
 
 pub use error::{Error, Result};

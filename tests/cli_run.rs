@@ -6,7 +6,8 @@ use std::process::Command;
 
 use cifar_finetune::backbone::weights;
 use cifar_finetune::evaluate::{self, TestMetrics};
-use cifar_finetune::train::{self, RunConfig, Summary};
+use cifar_finetune::rundir;
+use cifar_finetune::rundir::{RunConfig, Summary};
 
 #[test]
 fn run_writes_a_complete_run_directory() {
@@ -58,7 +59,7 @@ fn run_writes_a_complete_run_directory() {
         config.extractor
     );
 
-    let history = train::read_history(&run_dir.join("history.csv")).unwrap();
+    let history = rundir::read_history(&run_dir.join("history.csv")).unwrap();
     assert_eq!(history.len(), 2 * 3);
     let summary = Summary::read(&run_dir).unwrap();
     assert!(run_dir.join(&summary.chosen_checkpoint).exists());
@@ -79,7 +80,7 @@ fn run_writes_a_complete_run_directory() {
     assert_eq!(rows.len(), 4);
 
     // The second seed's sweep, and the plots including the spread across seeds.
-    let repeat = train::read_history(&run_dir.join("repeats/seed-1/history.csv")).unwrap();
+    let repeat = rundir::read_history(&run_dir.join("repeats/seed-1/history.csv")).unwrap();
     assert_eq!(repeat.len(), history.len());
     assert_ne!(repeat, history, "another seed must give other numbers");
     let plots: Vec<String> = std::fs::read_dir(run_dir.join("plots"))

@@ -8,7 +8,8 @@ use std::sync::OnceLock;
 
 use cifar_finetune::backbone::weights;
 use cifar_finetune::evaluate::{self, TestMetrics};
-use cifar_finetune::train::{self, Summary};
+use cifar_finetune::rundir;
+use cifar_finetune::rundir::Summary;
 
 struct Setup {
     _tmp: tempfile::TempDir,
@@ -100,7 +101,7 @@ fn fails_with(out: &Output, needles: &[&str]) {
 #[test]
 fn sweep_writes_a_complete_run_directory() {
     let s = setup();
-    let record = train::load_run(&s.run).unwrap();
+    let record = rundir::load_run(&s.run).unwrap();
     assert_eq!(record.config.lambdas, vec![0.0, 0.01]);
     assert_eq!(record.config.n_train, 10);
     assert_eq!(record.config.n_val, 5);

@@ -14,7 +14,8 @@ use cifar_finetune::data::transform::Preprocess;
 use cifar_finetune::data::{Dataset, Image, Part};
 use cifar_finetune::evaluate;
 use cifar_finetune::features::{self, CacheOptions, Extractor, FeatureSet, Fingerprint};
-use cifar_finetune::train::{self, RunConfig, RunOptions, SweepOutcome, TrainConfig};
+use cifar_finetune::rundir::{RunConfig, TrainConfig};
+use cifar_finetune::train::{self, RunOptions, SweepOutcome};
 use cifar_finetune::{Error, Result};
 
 /// Three classes; each image is `(height, width, label)`, its pixels a function of its index.

@@ -6,7 +6,9 @@ use std::ops::ControlFlow;
 use cifar_finetune::Error;
 use cifar_finetune::features::FeatureSet;
 use cifar_finetune::report::{self, ReportOptions};
-use cifar_finetune::train::{self, ProblemKind, RunOptions, Summary, SweepOutcome, TrainConfig};
+use cifar_finetune::rundir;
+use cifar_finetune::rundir::{ProblemKind, Summary, TrainConfig};
+use cifar_finetune::train::{self, RunOptions, SweepOutcome};
 
 /// `n` rows of `dim` features around `offset` (uniform spread `spread`), with a class-dependent
 /// bump of `bump` so that a working head can learn them; deterministic.
@@ -229,7 +231,7 @@ fn features_that_make_sgd_diverge_fail_every_lambda_by_name() {
     assert!(msg.contains("mean |x| = 5"), "{msg}");
     // history.csv is consistent (no row of an epoch that did not finish).
     assert!(
-        train::read_history(&dir.join("history.csv"))
+        rundir::read_history(&dir.join("history.csv"))
             .unwrap()
             .is_empty()
     );

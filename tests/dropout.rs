@@ -8,7 +8,8 @@ use std::ops::ControlFlow;
 use cifar_finetune::checkpoint;
 use cifar_finetune::features::FeatureSet;
 use cifar_finetune::head::{Activation, Head, Sgd, Stepper};
-use cifar_finetune::train::{self, Dropout, RunOptions, SweepOutcome, TrainConfig};
+use cifar_finetune::rundir::TrainConfig;
+use cifar_finetune::train::{self, Dropout, RunOptions, SweepOutcome};
 
 #[test]
 fn mask_rate_and_scale_are_pytorchs() {

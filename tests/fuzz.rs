@@ -20,7 +20,9 @@ use cifar_finetune::backbone::weights::StateDict;
 use cifar_finetune::backprop::Problem;
 use cifar_finetune::data::cifar::{self, Part, Split};
 use cifar_finetune::features::{FeatureSet, Fingerprint};
-use cifar_finetune::train::{self, RunOptions, TrainConfig};
+use cifar_finetune::rundir;
+use cifar_finetune::rundir::TrainConfig;
+use cifar_finetune::train::{self, RunOptions};
 use cifar_finetune::{checkpoint, evaluate};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
@@ -273,7 +275,7 @@ fn our_files(dir: &Path) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
         &mut |_| ControlFlow::Continue(()),
     )
     .unwrap();
-    let summary = train::Summary::read(&run).unwrap();
+    let summary = rundir::Summary::read(&run).unwrap();
     let best = run.join(&summary.chosen_checkpoint);
     let ck = checkpoint::load(&best).unwrap();
     let eval = evaluate::evaluate(&ck, &va, Split::Val).unwrap();
@@ -295,7 +297,7 @@ fn our_own_files() {
         &work.join("history.csv"),
         1500,
         |p| {
-            let _ = train::read_history(p);
+            let _ = rundir::read_history(p);
         },
     );
     fuzz(

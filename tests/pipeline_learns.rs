@@ -13,7 +13,8 @@ use cifar_finetune::data::cifar::{self, Cifar10, Part, Split};
 use cifar_finetune::data::transform::Preprocess;
 use cifar_finetune::evaluate;
 use cifar_finetune::features::{self, CacheOptions, Extractor, FeatureSet};
-use cifar_finetune::train::{self, RunOptions, SweepOutcome, TrainConfig};
+use cifar_finetune::rundir::TrainConfig;
+use cifar_finetune::train::{self, RunOptions, SweepOutcome};
 
 /// Records per training batch file (5 files) and in the test file.
 const PER_FILE: usize = 20;

@@ -11,7 +11,7 @@ use cifar_finetune::data::cifar::CLASSES;
 use cifar_finetune::data::transform::{Preprocess, load_image};
 use cifar_finetune::features::{Extractor, Fingerprint};
 use cifar_finetune::head::Head;
-use cifar_finetune::train::{HistoryRow, TrainConfig};
+use cifar_finetune::rundir::{HistoryRow, TrainConfig};
 
 /// A temporary directory with a full synthetic ResNet-50 (`resnet50.safetensors`), a head
 /// checkpoint trained (nominally) on its features at image size 32 with ImageNet

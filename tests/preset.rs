@@ -12,7 +12,8 @@ use cifar_finetune::data::transform::Preprocess;
 use cifar_finetune::evaluate::{self, TestMetrics};
 use cifar_finetune::head::Activation;
 use cifar_finetune::metrics::{Metrics, top_k_accuracy};
-use cifar_finetune::train::{self, RunConfig, Summary};
+use cifar_finetune::rundir;
+use cifar_finetune::rundir::{RunConfig, Summary};
 
 struct Setup {
     _tmp: tempfile::TempDir,
@@ -317,7 +318,7 @@ fn test_split_val_scores_the_validation_rows() {
     assert!(!wrong.status.success());
     let err = String::from_utf8_lossy(&wrong.stderr);
     assert!(err.contains("--val-count"), "{err}");
-    let _ = train::load_run(&dir).unwrap();
+    let _ = rundir::load_run(&dir).unwrap();
 }
 
 /// The terminal summary of a sweep where one λ diverges: its status, the warning block and
@@ -396,7 +397,7 @@ fn validation_metrics_equal_sklearns() {
     use cifar_finetune::data::cifar::Split;
     use cifar_finetune::features::FeatureSet;
     use cifar_finetune::head::{Head, HeadDims};
-    use cifar_finetune::train::{HistoryRow, TrainConfig};
+    use cifar_finetune::rundir::{HistoryRow, TrainConfig};
 
     let text = std::fs::read_to_string("tests/fixtures/head/eval_val.json").unwrap();
     let f: EvalFixture = serde_json::from_str(&text).unwrap();

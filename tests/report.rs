@@ -22,7 +22,9 @@ use cifar_finetune::evaluate;
 use cifar_finetune::features::FeatureSet;
 use cifar_finetune::report::plots::{self, Figure, LossKind};
 use cifar_finetune::report::{self, ReportOptions};
-use cifar_finetune::train::{self, HistoryRow, RunOptions, SweepOutcome, TrainConfig};
+use cifar_finetune::rundir;
+use cifar_finetune::rundir::{HistoryRow, TrainConfig};
+use cifar_finetune::train::{self, RunOptions, SweepOutcome};
 
 const LAMBDAS: [f32; 5] = [0.0, 1e-4, 1e-3, 1e-2, 1e-1];
 
@@ -482,7 +484,7 @@ fn run_report_is_complete_and_self_contained() {
     let root = tempfile::tempdir().unwrap();
     let (data, run, n_test) = make_run(root.path());
     // A second seed of the same sweep (here: this run's history, shifted) adds the spread plot.
-    let mut other_seed = train::read_history(&run.join("history.csv")).unwrap();
+    let mut other_seed = rundir::read_history(&run.join("history.csv")).unwrap();
     for r in &mut other_seed {
         r.val_accuracy = r.val_accuracy.map(|a| a * 0.9);
     }

@@ -10,9 +10,9 @@ use cifar_finetune::checkpoint::{self, CheckpointKind};
 use cifar_finetune::data::cifar::{self, Split};
 use cifar_finetune::evaluate::{self, TestMetrics};
 use cifar_finetune::features::{FeatureSet, Fingerprint};
-use cifar_finetune::train::{
-    self, Progress, RunOptions, Select, Summary, SweepOutcome, TrainConfig,
-};
+use cifar_finetune::rundir;
+use cifar_finetune::rundir::{Select, Summary, TrainConfig};
+use cifar_finetune::train::{self, Progress, RunOptions, SweepOutcome};
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 
@@ -128,7 +128,7 @@ fn sweep_learns_and_writes_a_complete_run_directory() {
     let lambdas = [0.0, 1e-3, 1.0];
     let summary = finished(run(&tr, &va, &lambdas, &small_config(), &dir).unwrap());
 
-    let record = train::load_run(&dir).unwrap();
+    let record = rundir::load_run(&dir).unwrap();
     assert_eq!(record.config.lambdas, lambdas);
     assert_eq!(record.config.extractor, fp("synthetic-blobs"));
     assert_eq!(record.config.train.seed, 7);
@@ -250,7 +250,7 @@ fn resumed_run_equals_an_uninterrupted_one() {
     };
     let out = train::sweep(&tr, &va, &lambdas, &cfg, &parts, &opts, &mut stop).unwrap();
     assert_eq!(out, SweepOutcome::Stopped);
-    let partial = train::read_history(&parts.join("history.csv")).unwrap();
+    let partial = rundir::read_history(&parts.join("history.csv")).unwrap();
     assert_eq!(partial.len(), 4 + 2, "λ=0 complete, λ=0.01 two epochs");
     assert!(!parts.join("summary.json").exists());
 
@@ -408,7 +408,9 @@ fn divergence_stops_with_lambda_and_epoch_and_keeps_the_best_checkpoint() {
     let best = checkpoint::load(&dir.join("lambda_220/best.safetensors")).unwrap();
     assert_eq!(best.meta.epoch, 1);
     assert_eq!(
-        train::read_history(&dir.join("history.csv")).unwrap().len(),
+        rundir::read_history(&dir.join("history.csv"))
+            .unwrap()
+            .len(),
         1
     );
 
@@ -553,7 +555,7 @@ fn validation_every_n_epochs_and_selection_by_accuracy() {
         ..small_config()
     };
     let summary = finished(run(&tr, &va, &[0.0, 0.5], &cfg, &dir).unwrap());
-    let rows = train::read_history(&dir.join("history.csv")).unwrap();
+    let rows = rundir::read_history(&dir.join("history.csv")).unwrap();
     let validated: Vec<usize> = rows
         .iter()
         .filter(|r| r.lambda == 0.0 && r.val_loss.is_some())
@@ -681,7 +683,7 @@ fn activation_is_recorded_and_old_checkpoints_read_as_relu() {
         .unwrap(),
     );
     assert_eq!(
-        train::RunConfig::read(&dir).unwrap().train.activation,
+        rundir::RunConfig::read(&dir).unwrap().train.activation,
         Activation::None
     );
     let path = dir.join(&s.chosen_checkpoint);

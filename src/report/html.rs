@@ -24,7 +24,7 @@ use crate::data::cifar::{CifarPart, SIDE};
 use crate::error::{Error, Result};
 use crate::evaluate::{PredictionRow, TestMetrics};
 use crate::head::Activation;
-use crate::train::{RunConfig, Summary};
+use crate::rundir::{RunConfig, Summary};
 
 /// One test image of the gallery with its prediction.
 #[derive(Debug, Clone, PartialEq)]

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use crate::data::cifar::{self, Part};
 use crate::error::Result;
 use crate::evaluate::TestMetrics;
-use crate::train::HistoryRow;
+use crate::rundir::HistoryRow;
 
 use self::plots::LossKind;
 
@@ -67,7 +67,7 @@ pub struct ReportOutput {
 /// `predictions.csv` (written by the sweep and the test evaluation) are used when present, and
 /// their absence is noted in the report.
 pub fn write_run_report(run_dir: &Path, opts: &ReportOptions) -> Result<ReportOutput> {
-    let run = crate::train::load_run(run_dir)?;
+    let run = crate::rundir::load_run(run_dir)?;
     let mut notes = Vec::new();
     if run.summary.is_none() {
         notes.push("No summary.json: the sweep has not finished, so no λ is chosen yet.".into());
@@ -153,7 +153,7 @@ type Gallery = (Vec<html::GalleryItem>, Option<(usize, usize)>);
 /// The gallery of a run, or none with a note saying why.
 fn gallery_for_run(
     run_dir: &Path,
-    config: &crate::train::RunConfig,
+    config: &crate::rundir::RunConfig,
     opts: &ReportOptions,
     notes: &mut Vec<String>,
 ) -> Result<Gallery> {

@@ -24,7 +24,7 @@ use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use super::{LambdaAccuracies, fmt_lambda, mean_std};
 use crate::error::{Error, Result};
-use crate::train::HistoryRow;
+use crate::rundir::HistoryRow;
 
 /// DejaVu Sans 2.37 (Bitstream Vera licence, see `assets/fonts/LICENSE-DejaVu.txt`).
 static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");

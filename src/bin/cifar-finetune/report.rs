@@ -37,7 +37,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let mut seed_histories = Vec::with_capacity(seed_runs.len());
     for dir in &seed_runs {
-        let history = cifar_finetune::train::read_history(&dir.join("history.csv"))
+        let history = cifar_finetune::rundir::read_history(&dir.join("history.csv"))
             .with_context(|| format!("reading the seed run {}", dir.display()))?;
         seed_histories.push(history);
     }

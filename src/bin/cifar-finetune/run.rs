@@ -9,7 +9,7 @@ use cifar_finetune::checkpoint;
 use cifar_finetune::data::cifar::Split;
 use cifar_finetune::evaluate;
 use cifar_finetune::report::{self, DEFAULT_GALLERY_SIZE, ReportOptions};
-use cifar_finetune::train;
+use cifar_finetune::rundir;
 
 use crate::source::{self, FeatureArgs};
 use crate::sweep::LambdaArgs;
@@ -43,7 +43,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     args.hyper.config().validate()?;
     let lambdas = &args.lambdas.resolve(&args.hyper);
-    train::validate_lambdas(lambdas)?;
+    rundir::validate_lambdas(lambdas)?;
     let features = args.hyper.features(&args.features);
     let run_dir = args
         .hyper
@@ -81,7 +81,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         if train_sets(&train_set, &val_set, lambdas, &hyper, &features, &dir)?.is_none() {
             return Ok(());
         }
-        seed_histories.push(train::read_history(&dir.join("history.csv"))?);
+        seed_histories.push(rundir::read_history(&dir.join("history.csv"))?);
     }
 
     let chosen = run_dir.join(&summary.chosen_checkpoint);

@@ -9,6 +9,7 @@ use cifar_finetune::checkpoint;
 use cifar_finetune::data::cifar::Split;
 use cifar_finetune::data::transform::Preprocess;
 use cifar_finetune::evaluate::{self, Evaluation};
+use cifar_finetune::rundir;
 use cifar_finetune::train;
 
 use crate::source::{self, FeatureArgs, Normalize};
@@ -62,7 +63,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             <[_; 2]>::try_from(source::load_many(&features, &[Split::Train, Split::Val])?)
                 .map_err(|_| anyhow::anyhow!("expected the training and validation features"))?;
         let run_dir = evaluate::default_output_dir(&ck.path);
-        if let Ok(cfg) = train::RunConfig::read(&run_dir)
+        if let Ok(cfg) = rundir::RunConfig::read(&run_dir)
             && cfg.split_digest != train::split_digest(&train_set, &val_set)
         {
             anyhow::bail!(

@@ -11,9 +11,9 @@ use anyhow::Context;
 use cifar_finetune::data::cifar::Split;
 use cifar_finetune::features::FeatureSet;
 use cifar_finetune::head::Activation;
-use cifar_finetune::train::{
-    self, Progress, RunOptions, Select, Summary, SweepOutcome, TrainConfig,
-};
+use cifar_finetune::rundir;
+use cifar_finetune::rundir::{Select, Summary, TrainConfig};
+use cifar_finetune::train::{self, Progress, RunOptions, SweepOutcome};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 use crate::source::{self, FeatureArgs, Normalize};
@@ -186,7 +186,7 @@ pub fn run_lambdas(
 ) -> anyhow::Result<()> {
     // Reject bad settings before the (possibly long) feature extraction.
     hyper.config().validate()?;
-    train::validate_lambdas(lambdas)?;
+    rundir::validate_lambdas(lambdas)?;
     let features = &hyper.features(features);
     let run_dir = hyper
         .run_dir
