@@ -53,12 +53,12 @@
 //!
 //! # The head of the main task
 //!
-//! [`head_backprop`] applies the same δ equations to the classifier head of the main task,
-//! Linear(d→h) → ReLU → Linear(h→c) with softmax cross-entropy averaged over the batch and the
-//! L2 penalty λ/2 (‖W₁‖² + ‖W₂‖²) on the weight matrices (not the biases). There the output δ
-//! is (softmax − one-hot) / batch size, and h'(a) is the ReLU's step function. The tests check
-//! it against candle's autograd and against the head's own training gradients, so the two
-//! halves of the assignment check each other.
+//! The tests apply the same δ equations, in f64, to the classifier head of the main task
+//! (`tests/common/reference_head.rs`): Linear(d→h) → ReLU → Linear(h→c) with softmax
+//! cross-entropy averaged over the batch and the L2 penalty λ/2 (‖W₁‖² + ‖W₂‖²) on the weight
+//! matrices (not the biases). There the output δ is (softmax − one-hot) / batch size, and
+//! h'(a) is the ReLU's step function. They check it against candle's autograd and against the
+//! head's own training gradients, so the two halves of the assignment check each other.
 //!
 //! # Parameter files
 //!
@@ -190,21 +190,6 @@ fn sigmoid_backward(da: &mut [f64], z: &[f64], dz: &[f64]) {
     }
 }
 
-/// z = max(a, 0), elementwise.
-fn relu_forward(z: &mut [f64], a: &[f64]) {
-    for (z_i, &a_i) in z.iter_mut().zip(a) {
-        *z_i = a_i.max(0.0);
-    }
-}
-
-/// δ = h'(a) · dz with h'(a) = 1 for a > 0 and 0 otherwise (PyTorch's choice at a = 0; candle
-/// takes 1 there, which only matters for activations that are exactly zero).
-fn relu_backward(da: &mut [f64], a: &[f64], dz: &[f64]) {
-    for ((da_i, &a_i), &dz_i) in da.iter_mut().zip(a).zip(dz) {
-        *da_i = if a_i > 0.0 { dz_i } else { 0.0 };
-    }
-}
-
 /// E = ½ Σ_j (y_j − t_j)².
 fn squared_error_forward(y: &[f64], t: &[f64]) -> f64 {
     0.5 * y.iter().zip(t).map(|(y, t)| (y - t) * (y - t)).sum::<f64>()
@@ -214,52 +199,6 @@ fn squared_error_forward(y: &[f64], t: &[f64]) -> f64 {
 fn squared_error_backward(delta: &mut [f64], y: &[f64], t: &[f64]) {
     for ((d, y), t) in delta.iter_mut().zip(y).zip(t) {
         *d = y - t;
-    }
-}
-
-/// Softmax cross-entropy averaged over the batch: probabilities p (written to `probs`) and
-/// E = (1/B) Σ_n −ln `p[n, t_n]`, through log-sum-exp so large logits do not overflow.
-fn softmax_cross_entropy_forward(
-    probs: &mut [f64], // [batch, classes]
-    logits: &[f64],    // [batch, classes]
-    labels: &[usize],  // [batch]
-    classes: usize,
-) -> f64 {
-    let batch = labels.len();
-    let mut total = 0.0;
-    for ((p_row, a_row), &label) in probs
-        .chunks_exact_mut(classes)
-        .zip(logits.chunks_exact(classes))
-        .zip(labels)
-    {
-        let max = a_row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let sum: f64 = a_row.iter().map(|a| (a - max).exp()).sum();
-        let log_sum = max + sum.ln();
-        for (p, a) in p_row.iter_mut().zip(a_row) {
-            *p = (a - log_sum).exp();
-        }
-        total += log_sum - a_row[label];
-    }
-    total / batch as f64
-}
-
-/// `δ[n, k] = ∂E/∂a[n, k] = (p[n, k] − 1[k = t_n]) / B`.
-fn softmax_cross_entropy_backward(
-    delta: &mut [f64], // [batch, classes]
-    probs: &[f64],     // [batch, classes]
-    labels: &[usize],  // [batch]
-    classes: usize,
-) {
-    let scale = 1.0 / labels.len() as f64;
-    for ((d_row, p_row), &label) in delta
-        .chunks_exact_mut(classes)
-        .zip(probs.chunks_exact(classes))
-        .zip(labels)
-    {
-        for (k, (d, p)) in d_row.iter_mut().zip(p_row).enumerate() {
-            let onehot = if k == label { 1.0 } else { 0.0 };
-            *d = (p - onehot) * scale;
-        }
     }
 }
 
@@ -1594,176 +1533,6 @@ fn mark_non_finite(text: &str) -> std::borrow::Cow<'_, str> {
     }
     out.push_str(&text[copied..]);
     std::borrow::Cow::Owned(out)
-}
-
-// ---------------------------------------------------------------------------------------------
-// The δ-rule for the main task's head.
-// ---------------------------------------------------------------------------------------------
-
-/// The classifier head of the main task in `f64`: Linear(input→hidden) → ReLU →
-/// Linear(hidden→classes), weights row-major `[out, in]` like PyTorch's `nn.Linear`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct HeadParams {
-    /// Input features d (2048 for ResNet-50).
-    pub input: usize,
-    /// Hidden units h (32 in the assignment).
-    pub hidden: usize,
-    /// Classes c (10 for CIFAR-10).
-    pub classes: usize,
-    /// W₁, `[hidden, input]`.
-    pub w1: Vec<f64>,
-    /// b₁, `[hidden]`.
-    pub b1: Vec<f64>,
-    /// W₂, `[classes, hidden]`.
-    pub w2: Vec<f64>,
-    /// b₂, `[classes]`.
-    pub b2: Vec<f64>,
-}
-
-/// Derivatives of the head's objective, shaped like [`HeadParams`].
-#[derive(Debug, Clone, PartialEq)]
-pub struct HeadGradients {
-    /// ∂E/∂W₁, `[hidden, input]`.
-    pub w1: Vec<f64>,
-    /// ∂E/∂b₁, `[hidden]`.
-    pub b1: Vec<f64>,
-    /// ∂E/∂W₂, `[classes, hidden]`.
-    pub w2: Vec<f64>,
-    /// ∂E/∂b₂, `[classes]`.
-    pub b2: Vec<f64>,
-}
-
-/// The head's forward and backward pass on one batch.
-#[derive(Debug, Clone, PartialEq)]
-pub struct HeadBackprop {
-    /// Mean cross-entropy over the batch.
-    pub data_loss: f64,
-    /// λ/2 (‖W₁‖² + ‖W₂‖²).
-    pub penalty: f64,
-    /// δ^(2) = ∂E/∂a^(2), the hidden layer's error signals, `[batch, hidden]`.
-    pub delta_hidden: Vec<f64>,
-    /// δ^(3) = (softmax(a^(3)) − onehot(label)) / batch, `[batch, classes]`.
-    pub delta_output: Vec<f64>,
-    /// ∂(data loss + penalty)/∂θ.
-    pub grads: HeadGradients,
-}
-
-/// Forward and backward pass of the head on a batch `x` (`[batch, input]`, row-major) with
-/// labels `y` (`[batch]`) and L2 strength `lambda`, by the δ-rule:
-///
-/// * δ^(3)_{nk} = (p_{nk} − 1[k = y_n]) / B,
-/// * δ^(2)_{nj} = 1[a^(2)_{nj} > 0] Σ_k W₂_{kj} δ^(3)_{nk},
-/// * ∂E/∂W₂_{kj} = Σ_n δ^(3)_{nk} z^(2)_{nj} + λ W₂_{kj}, ∂E/∂b₂_k = Σ_n δ^(3)_{nk},
-/// * ∂E/∂W₁_{ji} = Σ_n δ^(2)_{nj} x_{ni} + λ W₁_{ji}, ∂E/∂b₁_j = Σ_n δ^(2)_{nj}.
-pub fn head_backprop(p: &HeadParams, x: &[f64], y: &[usize], lambda: f64) -> Result<HeadBackprop> {
-    let (d, h, c) = (p.input, p.hidden, p.classes);
-    let batch = y.len();
-    for (name, len, expected) in [
-        ("head w1", p.w1.len(), h * d),
-        ("head b1", p.b1.len(), h),
-        ("head w2", p.w2.len(), c * h),
-        ("head b2", p.b2.len(), c),
-    ] {
-        if len != expected {
-            return Err(Error::invalid(
-                name,
-                format!("{len} values, expected {expected}"),
-            ));
-        }
-    }
-    if d == 0 || h == 0 || c == 0 {
-        return Err(Error::invalid(
-            "head sizes",
-            format!("{d}→{h}→{c} has an empty layer"),
-        ));
-    }
-    if batch == 0 {
-        return Err(Error::invalid("labels", "empty batch"));
-    }
-    if x.len() != batch * d {
-        return Err(Error::invalid(
-            "features",
-            format!(
-                "{} values, expected {batch} × {d} for {batch} labels",
-                x.len()
-            ),
-        ));
-    }
-    if let Some(n) = y.iter().position(|&label| label >= c) {
-        return Err(Error::invalid(
-            "labels",
-            format!("label {} of sample {n} is not below {c}", y[n]),
-        ));
-    }
-    if !lambda.is_finite() || lambda < 0.0 {
-        return Err(Error::invalid(
-            "lambda",
-            format!("{lambda} is not a finite non-negative number"),
-        ));
-    }
-
-    // Forward, keeping every activation.
-    let mut a2 = vec![0.0; batch * h]; // [batch, hidden]
-    linear_forward(&mut a2, x, &p.w1, Some(&p.b1), d, h);
-    let mut z2 = vec![0.0; batch * h]; // [batch, hidden]
-    relu_forward(&mut z2, &a2);
-    let mut a3 = vec![0.0; batch * c]; // [batch, classes]
-    linear_forward(&mut a3, &z2, &p.w2, Some(&p.b2), h, c);
-    let mut probs = vec![0.0; batch * c]; // [batch, classes]
-    let data_loss = softmax_cross_entropy_forward(&mut probs, &a3, y, c);
-    let sum_sq = |w: &[f64]| w.iter().map(|v| v * v).sum::<f64>();
-    let penalty = 0.5 * lambda * (sum_sq(&p.w1) + sum_sq(&p.w2));
-
-    // Backward: the δ recurrences.
-    let mut delta_output = vec![0.0; batch * c]; // [batch, classes]
-    softmax_cross_entropy_backward(&mut delta_output, &probs, y, c);
-    let mut grads = HeadGradients {
-        w1: vec![0.0; h * d],
-        b1: vec![0.0; h],
-        w2: vec![0.0; c * h],
-        b2: vec![0.0; c],
-    };
-    let mut dz2 = vec![0.0; batch * h]; // [batch, hidden], Σ_k W₂_{kj} δ^(3)_{nk}
-    linear_backward(
-        Some(&mut dz2),
-        &mut grads.w2,
-        Some(&mut grads.b2),
-        &delta_output,
-        &z2,
-        &p.w2,
-        h,
-        c,
-    );
-    let mut delta_hidden = vec![0.0; batch * h]; // [batch, hidden]
-    relu_backward(&mut delta_hidden, &a2, &dz2);
-    // The input layer needs no δ: the features are fixed.
-    linear_backward(
-        None,
-        &mut grads.w1,
-        Some(&mut grads.b1),
-        &delta_hidden,
-        x,
-        &p.w1,
-        d,
-        h,
-    );
-
-    // ∂/∂W of λ/2 ‖W‖² is λW; biases are not penalised.
-    for (g, w) in grads
-        .w1
-        .iter_mut()
-        .zip(&p.w1)
-        .chain(grads.w2.iter_mut().zip(&p.w2))
-    {
-        *g += lambda * w;
-    }
-    Ok(HeadBackprop {
-        data_loss,
-        penalty,
-        delta_hidden,
-        delta_output,
-        grads,
-    })
 }
 
 #[cfg(test)]

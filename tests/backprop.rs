@@ -1,16 +1,18 @@
 //! Checks of the δ-rule module (`cifar_finetune::backprop`) against finite differences, a
 //! hand computation, candle's autograd, and through the `cifar-finetune backprop` command.
 
+#[path = "common/reference_head.rs"]
+mod reference_head;
+
 use std::path::Path;
 use std::process::Command;
 
 use candle_core::{D, Device, Tensor, Var};
-use cifar_finetune::backprop::{
-    HeadParams, Network, Problem, central_difference, head_backprop, relative_error,
-};
+use cifar_finetune::backprop::{Network, Problem, central_difference, relative_error};
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use reference_head::{HeadParams, head_backprop};
 
 const FIXTURE: &str = "tests/fixtures/backprop/params_3441.json";
 

@@ -1,11 +1,14 @@
-//! The two halves of the assignment check each other: the δ-rule of `backprop::head_backprop`
+//! The two halves of the assignment check each other: the δ-rule of `head_backprop` (tests/common/reference_head.rs)
 //! (f64, written from the δ equations) against the training gradients of `head::Head`
 //! (f32, fused and vectorised for speed), on the same parameters and batches.
 
-use cifar_finetune::backprop::{HeadParams, head_backprop};
+#[path = "common/reference_head.rs"]
+mod reference_head;
+
 use cifar_finetune::head::Head;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use reference_head::{HeadParams, head_backprop};
 
 fn widen(v: &[f32]) -> Vec<f64> {
     v.iter().map(|&x| f64::from(x)).collect()
