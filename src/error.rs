@@ -47,7 +47,7 @@ pub enum Error {
     /// A user-supplied option or configuration value is invalid (names the flag or field).
     #[error("invalid {what}: {msg}")]
     Invalid {
-        /// The flag or field, e.g. "--batch-size".
+        /// The flag or field, e.g. "batch_size".
         what: String,
         /// Why it is rejected.
         msg: String,

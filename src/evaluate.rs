@@ -93,7 +93,7 @@ pub fn evaluate(
     if features.is_empty() {
         return Err(Error::invalid(
             format!("{split} split"),
-            "has no samples to evaluate (check --limit)",
+            "has no samples to evaluate (check the image limit)",
         ));
     }
     let head = &checkpoint.head;

@@ -62,7 +62,7 @@ impl FromStr for Select {
             "loss" => Ok(Select::Loss),
             "accuracy" => Ok(Select::Accuracy),
             other => Err(Error::invalid(
-                "--select",
+                "select",
                 format!("`{other}` is neither `loss` nor `accuracy`"),
             )),
         }
@@ -142,31 +142,31 @@ impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return Err(Error::invalid(
-                "--lr",
+                "lr",
                 format!("{} is not a number > 0", self.lr),
             ));
         }
         if !(self.momentum.is_finite() && (0.0..1.0).contains(&self.momentum)) {
             return Err(Error::invalid(
-                "--momentum",
+                "momentum",
                 format!("{} is not in [0, 1)", self.momentum),
             ));
         }
         if self.batch_size == 0 {
-            return Err(Error::invalid("--batch-size", "must be at least 1"));
+            return Err(Error::invalid("batch_size", "must be at least 1"));
         }
         if self.epochs == 0 {
-            return Err(Error::invalid("--epochs", "must be at least 1"));
+            return Err(Error::invalid("epochs", "must be at least 1"));
         }
         if self.val_every == 0 {
-            return Err(Error::invalid("--val-every", "must be at least 1"));
+            return Err(Error::invalid("val_every", "must be at least 1"));
         }
         if self.hidden == 0 {
-            return Err(Error::invalid("--hidden", "must be at least 1"));
+            return Err(Error::invalid("hidden", "must be at least 1"));
         }
         if !(self.dropout.is_finite() && (0.0..1.0).contains(&self.dropout)) {
             return Err(Error::invalid(
-                "--dropout",
+                "dropout",
                 format!("{} is not a probability in [0, 1)", self.dropout),
             ));
         }
@@ -176,7 +176,7 @@ impl TrainConfig {
 
 /// Checks a list of L2 strengths: at least one, each finite and ≥ 0, no repeats.
 pub fn validate_lambdas(lambdas: &[f32]) -> Result<()> {
-    const WHAT: &str = "--lambda/--lambdas";
+    const WHAT: &str = "lambdas";
     if lambdas.is_empty() {
         return Err(Error::invalid(WHAT, "no λ given"));
     }

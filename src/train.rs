@@ -155,9 +155,9 @@ pub fn sweep(
     if config_path.exists() {
         if !opts.resume {
             return Err(Error::invalid(
-                "--run-dir",
+                "run_dir",
                 format!(
-                    "{} already holds a run; pass --resume to continue it or choose another --run-dir",
+                    "{} already holds a run; resume it, or choose another run directory",
                     run_dir.display()
                 ),
             ));
@@ -166,7 +166,7 @@ pub fn sweep(
         compare_configs(&config_path, &old, &config)?;
     } else if opts.resume {
         return Err(Error::invalid(
-            "--resume",
+            "resume",
             format!(
                 "{} holds no run to resume (no config.json)",
                 run_dir.display()
@@ -722,7 +722,7 @@ fn diverged(lambda: f32, epoch: usize, what: &str, state: &TrainState, best_path
         None => "no epoch had been validated yet, so there is no best checkpoint".to_string(),
     };
     Error::Numerical(format!(
-        "λ = {lambda}, epoch {epoch}: {what}; the training diverged (try a smaller --lr); {kept}"
+        "λ = {lambda}, epoch {epoch}: {what}; the training diverged (try a smaller learning rate); {kept}"
     ))
 }
 
@@ -742,20 +742,20 @@ fn choose(select: Select, summaries: &[LambdaSummary]) -> Result<&LambdaSummary>
             best = Some(s);
         }
     }
-    best.ok_or_else(|| Error::invalid("--lambda/--lambdas", "no λ was trained"))
+    best.ok_or_else(|| Error::invalid("lambdas", "no λ was trained"))
 }
 
 fn check_sets(train: &FeatureSet, val: &FeatureSet) -> Result<()> {
     if train.is_empty() {
         return Err(Error::invalid(
             "training split",
-            "has no samples (check --limit and --val-count)",
+            "has no samples (check the image limit and the validation count)",
         ));
     }
     if val.is_empty() {
         return Err(Error::invalid(
             "validation split",
-            "has no samples, and validation picks the best checkpoint (check --val-count and --limit)",
+            "has no samples, and validation picks the best checkpoint (check the validation count and the image limit)",
         ));
     }
     if train.extractor != val.extractor {
@@ -843,7 +843,7 @@ fn compare_configs(path: &Path, old: &RunConfig, new: &RunConfig) -> Result<()> 
     if old.split_digest != new.split_digest {
         return Err(Error::Fingerprint {
             path: path.to_path_buf(),
-            msg: "the training/validation split differs (check --val-count, --split-seed, --limit)"
+            msg: "the training/validation split differs (check the validation count, the split seed and the image limit)"
                 .to_string(),
         });
     }
@@ -860,9 +860,9 @@ fn compare_configs(path: &Path, old: &RunConfig, new: &RunConfig) -> Result<()> 
     let (a, b) = (to_value(old), to_value(&new));
     let field = first_difference("", &a, &b).unwrap_or_else(|| "?".to_string());
     Err(Error::invalid(
-        "--resume",
+        "resume",
         format!(
-            "{} was made with a different `{field}`; resume with the same settings or start a new --run-dir",
+            "{} was made with a different `{field}`; resume with the same settings or start a new run directory",
             path.display()
         ),
     ))

@@ -472,7 +472,7 @@ fn bad_input_is_named() {
     let x = vec![0.5f32; 16];
     let err = head.loss_and_grad(&x, &[0, 1], -1.0).unwrap_err();
     assert!(
-        matches!(&err, Error::Invalid { what, .. } if what == "--lambda"),
+        matches!(&err, Error::Invalid { what, .. } if what == "lambda"),
         "{err}"
     );
     let err = head.loss_and_grad(&x, &[0, 3], 0.0).unwrap_err();
@@ -482,9 +482,9 @@ fn bad_input_is_named() {
     let err = head.loss_and_grad(&x, &[0], 0.0).unwrap_err();
     assert!(err.to_string().contains("1 labels for 2"), "{err}");
     let dims = head.dims;
-    assert!(matches!(Sgd::new(dims, 0.0, 0.9), Err(Error::Invalid { what, .. }) if what == "--lr"));
+    assert!(matches!(Sgd::new(dims, 0.0, 0.9), Err(Error::Invalid { what, .. }) if what == "lr"));
     assert!(
-        matches!(Sgd::new(dims, 0.1, 1.0), Err(Error::Invalid { what, .. }) if what == "--momentum")
+        matches!(Sgd::new(dims, 0.1, 1.0), Err(Error::Invalid { what, .. }) if what == "momentum")
     );
     assert!(Head::init(8, 0, 3, 0).is_err());
     let err = Head::from_parts(

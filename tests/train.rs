@@ -257,7 +257,7 @@ fn resumed_run_equals_an_uninterrupted_one() {
     // Without --resume the directory is refused, with it the run completes.
     let err = run(&tr, &va, &lambdas, &cfg, &parts).unwrap_err();
     assert!(
-        matches!(&err, Error::Invalid { what, .. } if what == "--run-dir"),
+        matches!(&err, Error::Invalid { what, .. } if what == "run_dir"),
         "{err}"
     );
     let resume = RunOptions {
@@ -343,7 +343,7 @@ fn resume_refuses_other_settings_or_features() {
     };
     let err = train::sweep(&tr, &va, &[0.0], &other, &dir, &resume, &mut quiet()).unwrap_err();
     assert!(
-        matches!(&err, Error::Invalid { what, msg } if what == "--resume" && msg.contains("train.lr")),
+        matches!(&err, Error::Invalid { what, msg } if what == "resume" && msg.contains("train.lr")),
         "{err}"
     );
     let mut tr2 = tr.clone();
@@ -363,7 +363,7 @@ fn resume_refuses_other_settings_or_features() {
     )
     .unwrap_err();
     assert!(
-        matches!(&err, Error::Invalid { what, .. } if what == "--resume"),
+        matches!(&err, Error::Invalid { what, .. } if what == "resume"),
         "{err}"
     );
     // The finished run resumes to the same summary without training again.
@@ -455,17 +455,17 @@ fn bad_settings_are_named() {
     let dir = tmp.path().join("run");
     let base = small_config();
     let cases: Vec<(TrainConfig, Vec<f32>, &str)> = vec![
-        (base.clone(), vec![-0.1], "--lambda/--lambdas"),
-        (base.clone(), vec![f32::NAN], "--lambda/--lambdas"),
-        (base.clone(), vec![0.1, 0.1], "--lambda/--lambdas"),
-        (base.clone(), vec![], "--lambda/--lambdas"),
+        (base.clone(), vec![-0.1], "lambdas"),
+        (base.clone(), vec![f32::NAN], "lambdas"),
+        (base.clone(), vec![0.1, 0.1], "lambdas"),
+        (base.clone(), vec![], "lambdas"),
         (
             TrainConfig {
                 batch_size: 0,
                 ..base.clone()
             },
             vec![0.0],
-            "--batch-size",
+            "batch_size",
         ),
         (
             TrainConfig {
@@ -473,7 +473,7 @@ fn bad_settings_are_named() {
                 ..base.clone()
             },
             vec![0.0],
-            "--lr",
+            "lr",
         ),
         (
             TrainConfig {
@@ -481,7 +481,7 @@ fn bad_settings_are_named() {
                 ..base.clone()
             },
             vec![0.0],
-            "--lr",
+            "lr",
         ),
         (
             TrainConfig {
@@ -489,7 +489,7 @@ fn bad_settings_are_named() {
                 ..base.clone()
             },
             vec![0.0],
-            "--epochs",
+            "epochs",
         ),
         (
             TrainConfig {
@@ -497,7 +497,7 @@ fn bad_settings_are_named() {
                 ..base.clone()
             },
             vec![0.0],
-            "--val-every",
+            "val_every",
         ),
         (
             TrainConfig {
@@ -505,7 +505,7 @@ fn bad_settings_are_named() {
                 ..base.clone()
             },
             vec![0.0],
-            "--momentum",
+            "momentum",
         ),
         (
             TrainConfig {
@@ -513,7 +513,7 @@ fn bad_settings_are_named() {
                 ..base.clone()
             },
             vec![0.0],
-            "--dropout",
+            "dropout",
         ),
         (
             TrainConfig {
@@ -521,14 +521,14 @@ fn bad_settings_are_named() {
                 ..base.clone()
             },
             vec![0.0],
-            "--hidden",
+            "hidden",
         ),
     ];
-    for (cfg, lambdas, flag) in cases {
+    for (cfg, lambdas, setting) in cases {
         let err = run(&tr, &va, &lambdas, &cfg, &dir).unwrap_err();
         assert!(
-            matches!(&err, Error::Invalid { what, .. } if what == flag),
-            "{flag}: got {err}"
+            matches!(&err, Error::Invalid { what, .. } if what == setting),
+            "{setting}: got {err}"
         );
         assert!(!dir.exists(), "nothing is written for invalid settings");
     }
@@ -536,7 +536,7 @@ fn bad_settings_are_named() {
     let err = run(&empty, &va, &[0.0], &base, &dir).unwrap_err();
     assert!(err.to_string().contains("training split"), "{err}");
     let err = run(&tr, &empty, &[0.0], &base, &dir).unwrap_err();
-    assert!(err.to_string().contains("--val-count"), "{err}");
+    assert!(err.to_string().contains("validation count"), "{err}");
     let mut other = va.clone();
     other.extractor = fp("else");
     let err = run(&tr, &other, &[0.0], &base, &dir).unwrap_err();

@@ -69,7 +69,7 @@ impl Problem {
         let net = &self.network;
         if net.sizes() != DEFAULT_SIZES || net.biases().is_some() {
             return Err(Error::invalid(
-                "--explain",
+                "explain",
                 format!(
                     "follows the assignment's 3-4-4-1 network without biases; this one is {}{}",
                     net.sizes_label(),

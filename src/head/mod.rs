@@ -103,7 +103,7 @@ impl std::str::FromStr for Activation {
             "relu" => Ok(Activation::Relu),
             "none" => Ok(Activation::None),
             other => Err(Error::invalid(
-                "--activation",
+                "activation",
                 format!("`{other}` is neither `relu` nor `none`"),
             )),
         }
@@ -135,7 +135,7 @@ impl HeadDims {
     pub fn validate(&self) -> Result<()> {
         for (name, v) in [
             ("input width", self.input),
-            ("--hidden", self.hidden),
+            ("hidden", self.hidden),
             ("classes", self.classes),
         ] {
             if v == 0 {
@@ -439,7 +439,7 @@ fn check_lambda(lambda: f32) -> Result<()> {
         Ok(())
     } else {
         Err(Error::invalid(
-            "--lambda",
+            "lambda",
             format!("{lambda} is not a finite number ≥ 0"),
         ))
     }

@@ -21,11 +21,11 @@ impl Sgd {
     /// A fresh optimiser for a head of `dims`; rejects lr ≤ 0 and μ outside [0, 1).
     pub fn new(dims: HeadDims, lr: f32, momentum: f32) -> Result<Sgd> {
         if !(lr.is_finite() && lr > 0.0) {
-            return Err(Error::invalid("--lr", format!("{lr} is not a number > 0")));
+            return Err(Error::invalid("lr", format!("{lr} is not a number > 0")));
         }
         if !(momentum.is_finite() && (0.0..1.0).contains(&momentum)) {
             return Err(Error::invalid(
-                "--momentum",
+                "momentum",
                 format!("{momentum} is not in [0, 1)"),
             ));
         }

@@ -65,11 +65,47 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err}");
+            eprintln!("error: {}", describe(err.as_ref()));
             for cause in err.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
+                eprintln!("  caused by: {}", describe(cause));
             }
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error as the user should read it: the library names invalid settings by their field
+/// names (`batch_size`), which become the flags that set them (`--batch-size`).
+fn describe(err: &(dyn std::error::Error + 'static)) -> String {
+    match err.downcast_ref::<cifar_finetune::Error>() {
+        Some(cifar_finetune::Error::Invalid { what, msg }) => match flag_for(what) {
+            // A run directory that holds a run is continued with --resume.
+            Some("--run-dir") => format!("invalid --run-dir: {msg} (--resume continues it)"),
+            Some(flag) => format!("invalid {flag}: {msg}"),
+            None => err.to_string(),
+        },
+        _ => err.to_string(),
+    }
+}
+
+/// The flag that sets a library setting, by the setting's field name.
+fn flag_for(setting: &str) -> Option<&'static str> {
+    Some(match setting {
+        "lr" => "--lr",
+        "momentum" => "--momentum",
+        "activation" => "--activation",
+        "hidden" => "--hidden",
+        "dropout" => "--dropout",
+        "batch_size" => "--batch-size",
+        "epochs" => "--epochs",
+        "val_every" => "--val-every",
+        "select" => "--select",
+        "lambda" | "lambdas" => "--lambda/--lambdas",
+        "run_dir" => "--run-dir",
+        "resume" => "--resume",
+        "shard_size" => "--shard-size",
+        "image size" => "--image-size",
+        "explain" => "--explain",
+        _ => return None,
+    })
 }
