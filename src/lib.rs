@@ -1,47 +1,63 @@
 //! # cifar-finetune
 //!
-//! Transfer learning on CIFAR-10 with a frozen, ImageNet-pretrained ResNet-50, in Rust.
+//! Transfer learning on CIFAR-10 with a frozen, ImageNet-pretrained ResNet (ResNet-50 by
+//! default), in Rust.
 //!
 //! ## The pipeline, stage by stage
 //!
 //! ```text
-//!  download ──► data::cifar (binary / python batches) ──► data::transform (resize 224, normalise)
-//!                                                              │
-//!  backbone::weights (.pth / .safetensors) ──► backbone::resnet (BN folded, frozen) ──► features
-//!                                                                                        │
-//!                        ┌───────────────────────────────────────────────────────────────┘
+//!  fetch ──► data::Dataset (data::cifar: binary / python batches) ──► data::transform
+//!            (class names, labels, images, file fingerprints)           (Resize, ToTensor, Normalize)
+//!                                                                              │
+//!  backbone::weights (.pth / .safetensors, strict keys from backbone::arch) ──► backbone::fast
+//!  (BN folded, frozen; NHWC GEMM kernels chosen by an isa token) ──► features (cached shards)
+//!                                                                              │
+//!                        ┌─────────────────────────────────────────────────────┘
 //!                        ▼
-//!    head (2048→32→ReLU|none→10) + train (SGD momentum, L2 λ, validation, best checkpoint, λ sweep)
+//!    head (D→32→ReLU|none→C) + train (SGD momentum, L2 λ, validation, best checkpoint,
+//!    λ sweep) ──► rundir (config.json, history.csv, summary.json) + checkpoint
 //!                        │
 //!                        ▼
-//!    evaluate (test split: loss, accuracy, confusion matrix, classification report, probabilities)
+//!    evaluate + metrics (test or validation split: loss, top-1/top-5, confusion matrix,
+//!    classification report, probabilities)
 //!                        │
 //!                        ▼
 //!    report (PNG/SVG plots, self-contained report.html)        backprop (error propagation, alone)
 //! ```
 //!
-//! 1. [`fetch`] fetches the CIFAR-10 archive and torchvision's weights, verifies
-//!    their checksums and extracts safely.
-//! 2. [`data::cifar`] reads CIFAR-10 (binary or python version) and makes the seeded
-//!    train/validation split; [`data::transform`] reproduces torchvision's
-//!    `Resize(224)` (PIL bilinear) → `ToTensor` → `Normalize` exactly.
-//! 3. [`backbone::weights`] loads torchvision's ResNet-50 state dict strictly and folds batch
-//!    norm into the convolutions; [`backbone::fast`] runs it up to the global average pool
-//!    (channels-last, fused GEMM epilogues, f32 or bf16), and [`backbone::resnet`] is the
-//!    straightforward candle version it is checked against.
-//! 4. [`features`] runs the frozen backbone once per image and caches the 2048-d features in
-//!    fingerprinted, resumable shards. Only this stage ever runs the ResNet.
-//! 5. [`head`], [`train`] and [`checkpoint`] fit the small head on cached features, sweep the
-//!    L2 strength λ and keep the best checkpoint by validation.
-//! 6. [`evaluate`] and [`metrics`] score a checkpoint on the test split — the only stage that
-//!    reads it.
+//! 1. [`fetch`] downloads the CIFAR-10 archive and torchvision's weights, verifies their
+//!    checksums, resumes and extracts safely.
+//! 2. A [`data::Dataset`] — CIFAR-10 today ([`data::cifar::Cifar10`], binary or python
+//!    version) — hands out class names, labels, images and a fingerprint of its files;
+//!    [`data::transform`] reproduces torchvision's `Resize` (Pillow's bilinear, bit for bit)
+//!    → `ToTensor` → `Normalize`. The class count flows from the dataset to every later stage.
+//! 3. [`backbone::weights`] loads torchvision's state dict strictly (the key list comes from
+//!    [`backbone::arch::Arch`]) and folds batch norm into the convolutions;
+//!    [`backbone::fast`] runs the network up to the global average pool — channels-last,
+//!    fused GEMM epilogues, f32 or bf16, on the kernels an [`isa::Isa`] token allows.
+//!    [`backbone::resnet`] is the straightforward candle version it is checked against.
+//! 4. [`features`] runs the frozen backbone once per image and caches the features in
+//!    fingerprinted ([`features::Fingerprint`]), checksummed, locked, resumable shards. Only
+//!    this stage ever runs the ResNet.
+//! 5. [`head`] and [`train`] fit the small head on cached features, sweep the L2 strength λ
+//!    and keep the best checkpoint by validation, writing a run directory ([`rundir`],
+//!    [`checkpoint`]).
+//! 6. [`evaluate`] and [`metrics`] score a checkpoint on the test (or validation) split.
 //! 7. [`report`] draws the plots and writes `report.html`.
 //!
 //! [`backprop`] stands apart: the first half of the assignment, error propagation through a
-//! small network by the δ-rule, verified against finite differences.
+//! small network by the δ-rule, verified against finite differences and written out as a
+//! derivation.
 //!
-//! Stages talk through types and files, never globals; [`error::Error`] names the file, tensor
-//! or flag behind every failure, and [`io`] makes every write atomic.
+//! ## Seams
+//!
+//! Three types are where the tool grows: [`data::Dataset`] (another dataset is another
+//! implementation), [`backbone::arch::Arch`] (another ResNet is another constant) and
+//! [`isa::Isa`] (another instruction set is another token and kernel).
+//!
+//! Stages talk through types and files, never globals; [`error::Error`] names the file,
+//! tensor or setting behind every failure, and [`io`] makes every write atomic and locks the
+//! directories a process writes into.
 //!
 //! ## Unsafe code
 //!

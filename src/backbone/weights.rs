@@ -4,7 +4,7 @@
 //! (the zip format, e.g. `resnet50-0676ba61.pth` for IMAGENET1K_V1 and `resnet50-11ad3fa6.pth`
 //! for IMAGENET1K_V2) and `.safetensors` (e.g. Hugging Face `timm/resnet50.tv_in1k`, which
 //! uses the same key names). Loading is strict, against the key list of an
-//! [`Arch`](super::arch::Arch): every tensor of the file is either used or knowingly ignored (`fc.*`, the classifier we cut off, and `*.num_batches_tracked`), every
+//! [`Arch`]: every tensor of the file is either used or knowingly ignored (`fc.*`, the classifier we cut off, and `*.num_batches_tracked`), every
 //! shape is checked, and an error names the missing or unexpected key or the wrong shape.
 //!
 //! [`synthetic_state_dict`] builds deterministic weights (a hash of each element's index) that

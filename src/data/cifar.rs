@@ -13,7 +13,7 @@
 //!   `[N, 3072]` in the same R, G, B plane order and whose `b'labels'` is a list of ints.
 //!
 //! Both decode to a [`CifarPart`]: images `[n, 3, 32, 32]` and labels, in dataset order. The
-//! pickles are read by a small, safe reader ([`crate::data::pickle`]) that
+//! pickles are read by a small, safe reader (`data::pickle`) that
 //! executes nothing: it knows the handful of opcodes and the few numpy constructors such
 //! files use, and rejects everything else with an error naming the file.
 //!
