@@ -804,3 +804,27 @@ fn cli_needs_a_source() {
         "--seed and --params together are ambiguous"
     );
 }
+
+#[test]
+fn sizes_beyond_what_can_be_held_or_checked_are_refused_at_once() {
+    // Holding it would take terabytes: refused before anything is allocated.
+    let err = Problem::random(&[3, 100_000_000_000, 1], false, 1)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("3-100000000000-1") && err.contains("50000000"),
+        "{err}"
+    );
+    // Overflowing the weight count is the same error, not a panic.
+    let err = Problem::random(&[usize::MAX, usize::MAX, 1], false, 1)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("too many"), "{err}");
+    // It fits, but checking 40,000 weights would take minutes: refused with the limit.
+    let p = Problem::random(&[3, 10_000, 1], false, 1).unwrap();
+    let err = p.report().unwrap_err().to_string();
+    assert!(
+        err.contains("40000 weights") && err.contains("20000"),
+        "{err}"
+    );
+}

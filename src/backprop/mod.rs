@@ -397,7 +397,28 @@ impl Network {
     }
 
     /// Compares every δ^(l)_j, ∂E/∂w^(l)_{jk} and ∂E/∂b^(l)_j with a central difference.
+    /// Refuses networks of more than [`MAX_CHECKED_WEIGHTS`] weights and biases, whose check
+    /// would run for minutes to hours.
     pub fn gradient_check(&self, x: &[f64], t: &[f64]) -> Result<GradientCheck> {
+        let with_biases = self.biases.is_some();
+        if let Some(n) =
+            parameter_count(&self.sizes, with_biases).filter(|&n| n > MAX_CHECKED_WEIGHTS)
+        {
+            return Err(Error::invalid(
+                "sizes",
+                format!(
+                    "{} has {n} {}; checking each by finite differences costs \
+                     time ∝ their number squared, so at most {MAX_CHECKED_WEIGHTS} are checked: \
+                     choose smaller layers",
+                    sizes_label(&self.sizes),
+                    if with_biases {
+                        "weights and biases"
+                    } else {
+                        "weights"
+                    }
+                ),
+            ));
+        }
         let fwd = self.forward(x, t)?;
         let grads = self.backward(&fwd, t)?;
         let depth = self.sizes.len();
@@ -636,7 +657,36 @@ fn check_sizes(sizes: &[usize]) -> Result<()> {
             format!("layer {} has no units", l + 1),
         ));
     }
+    // With biases, the most a network of these sizes can have.
+    let weights = parameter_count(sizes, true);
+    if weights.is_none_or(|w| w > MAX_WEIGHTS) {
+        return Err(Error::invalid(
+            "sizes",
+            format!(
+                "{} has up to {} weights and biases, more than the {MAX_WEIGHTS} this tool holds",
+                sizes_label(sizes),
+                weights.map_or("too many".to_string(), |w| w.to_string())
+            ),
+        ));
+    }
     Ok(())
+}
+
+/// The most weights and biases a network may have (400 MB of f64).
+pub const MAX_WEIGHTS: usize = 50_000_000;
+
+/// The most weights and biases [`Network::gradient_check`] checks. Each of the N finite
+/// differences runs the network (cost ∝ N), so the check costs ∝ N²: 20,000 take a few
+/// seconds, a million would take hours.
+pub const MAX_CHECKED_WEIGHTS: usize = 20_000;
+
+/// Weights (plus biases, when `biases`) of a network with these layer sizes; `None` on
+/// overflow.
+fn parameter_count(sizes: &[usize], biases: bool) -> Option<usize> {
+    sizes.windows(2).try_fold(0usize, |acc, pair| {
+        acc.checked_add(pair[0].checked_mul(pair[1])?)?
+            .checked_add(if biases { pair[1] } else { 0 })
+    })
 }
 
 fn check_finite(values: &[f64], name: impl Fn() -> String) -> Result<()> {

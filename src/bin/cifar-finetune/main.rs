@@ -106,6 +106,7 @@ fn flag_for(setting: &str) -> Option<&'static str> {
         "shard_size" => "--shard-size",
         "image size" => "--image-size",
         "explain" => "--explain",
+        "sizes" => "--sizes",
         _ => return None,
     })
 }
