@@ -137,6 +137,13 @@ pub fn sweep(
     cfg.validate()?;
     validate_lambdas(lambdas)?;
     check_sets(train, val)?;
+    // A head too large to hold is refused before anything is written.
+    HeadDims {
+        input: train.dim,
+        hidden: cfg.hidden,
+        classes: train.classes.len(),
+    }
+    .validate()?;
     let config = RunConfig {
         format: RUN_FORMAT.to_string(),
         train: cfg.clone(),
@@ -355,8 +362,11 @@ fn fit(
         return Ok(ControlFlow::Break(()));
     }
 
-    let mut stepper = Stepper::new(dims, cfg.batch_size.min(n));
-    let mut mask = vec![0.0f32; cfg.batch_size * dims.hidden]; // [b, H]
+    // Buffers are sized by the largest batch there can be, not by the setting, which may be
+    // far larger than the data.
+    let max_batch = cfg.batch_size.min(n);
+    let mut stepper = Stepper::new(dims, max_batch);
+    let mut mask = vec![0.0f32; max_batch * dims.hidden]; // [b, H]
     let mut order: Vec<usize> = (0..n).collect();
     for epoch in done + 1..=cfg.epochs {
         let started = Instant::now();
@@ -364,8 +374,8 @@ fn fit(
         let mut dropout = Dropout::new(cfg.seed, epoch, cfg.dropout);
         let (mut loss_sum, mut pen_sum) = (0.0f64, 0.0f64);
         let (mut window_loss, mut window_steps) = (0.0f64, 0usize);
-        let mut xs: Vec<&[f32]> = Vec::with_capacity(cfg.batch_size);
-        let mut ys: Vec<u8> = Vec::with_capacity(cfg.batch_size);
+        let mut xs: Vec<&[f32]> = Vec::with_capacity(max_batch);
+        let mut ys: Vec<u8> = Vec::with_capacity(max_batch);
         for (step, batch) in order.chunks(cfg.batch_size).enumerate() {
             xs.clear();
             ys.clear();
@@ -397,7 +407,7 @@ fn fit(
             let last_step = step + 1 == steps;
             if (ctx.report_every > 0 && (step + 1).is_multiple_of(ctx.report_every)) || last_step {
                 let secs = started.elapsed().as_secs_f64();
-                let done_samples = ((step + 1) * cfg.batch_size).min(n);
+                let done_samples = (step + 1).saturating_mul(cfg.batch_size).min(n);
                 let flow = progress(&Progress::Step {
                     lambda,
                     epoch,

@@ -726,3 +726,29 @@ fn activation_is_recorded_and_old_checkpoints_read_as_relu() {
     assert_eq!(old_ck.meta.config.activation, Activation::Relu);
     assert_eq!(old_ck.head.w1, ck.head.w1);
 }
+
+#[test]
+fn extreme_sizes_are_bounded_or_refused_not_allocated() {
+    let (tr, va) = sets(8);
+    let tmp = tempfile::tempdir().unwrap();
+    // A batch far larger than the data trains on the data (one batch per epoch): buffers are
+    // sized by the data, so this neither aborts nor overflows.
+    let huge_batch = TrainConfig {
+        batch_size: usize::MAX,
+        epochs: 1,
+        ..small_config()
+    };
+    finished(run(&tr, &va, &[0.0], &huge_batch, &tmp.path().join("a")).unwrap());
+    // A hidden width whose weights cannot be held is refused, naming the setting.
+    for hidden in [usize::MAX, 1 << 40] {
+        let cfg = TrainConfig {
+            hidden,
+            ..small_config()
+        };
+        let err = run(&tr, &va, &[0.0], &cfg, &tmp.path().join("b")).unwrap_err();
+        assert!(
+            matches!(&err, Error::Invalid { what, .. } if what == "hidden"),
+            "{hidden}: {err}"
+        );
+    }
+}

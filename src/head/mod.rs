@@ -55,6 +55,10 @@ use crate::isa::Isa;
 use lanes::Kernels;
 pub use sgd::{Sgd, Stepper};
 
+/// The most parameters a head may have (1 GiB of f32, ×3 with momentum and gradients):
+/// a hidden width in the millions is a typo, not a model.
+pub const MAX_PARAMETERS: usize = 1 << 28;
+
 /// Hidden width of the original script's head.
 pub const HIDDEN: usize = 32;
 
@@ -131,7 +135,8 @@ pub struct HeadDims {
 }
 
 impl HeadDims {
-    /// Rejects a zero width, naming it.
+    /// Rejects a zero width, naming it, and a head too large to hold (more than
+    /// [`MAX_PARAMETERS`], or sizes whose product overflows).
     pub fn validate(&self) -> Result<()> {
         for (name, v) in [
             ("input width", self.input),
@@ -141,6 +146,21 @@ impl HeadDims {
             if v == 0 {
                 return Err(Error::invalid(name, "must be at least 1"));
             }
+        }
+        let (d, h, c) = (self.input, self.hidden, self.classes);
+        let count = h
+            .checked_mul(d)
+            .and_then(|w1| w1.checked_add(h.checked_mul(c)?))
+            .and_then(|w| w.checked_add(h)?.checked_add(c));
+        if count.is_none_or(|n| n > MAX_PARAMETERS) {
+            return Err(Error::invalid(
+                "hidden",
+                format!(
+                    "a {d}→{h}→{c} head has {} parameters, more than the {MAX_PARAMETERS} \
+                     allowed",
+                    count.map_or("too many".to_string(), |n| n.to_string())
+                ),
+            ));
         }
         Ok(())
     }

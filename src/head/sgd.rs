@@ -20,6 +20,7 @@ pub struct Sgd {
 impl Sgd {
     /// A fresh optimiser for a head of `dims`; rejects lr ≤ 0 and μ outside [0, 1).
     pub fn new(dims: HeadDims, lr: f32, momentum: f32) -> Result<Sgd> {
+        dims.validate()?;
         if !(lr.is_finite() && lr > 0.0) {
             return Err(Error::invalid("lr", format!("{lr} is not a number > 0")));
         }
