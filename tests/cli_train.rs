@@ -2,9 +2,14 @@
 //! synthetic ResNet-50 at image size 32, features extracted into the cache once, then the
 //! run directory, the test evaluation and the errors a user can run into.
 
+#[path = "common/shared_dir.rs"]
+mod shared_dir;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
+
+use shared_dir::shared_dir;
 
 use cifar_finetune::backbone::weights;
 use cifar_finetune::evaluate::{self, TestMetrics};
@@ -12,7 +17,6 @@ use cifar_finetune::rundir;
 use cifar_finetune::rundir::Summary;
 
 struct Setup {
-    _tmp: tempfile::TempDir,
     root: PathBuf,
     /// The run directory of a finished two-λ sweep.
     run: PathBuf,
@@ -23,8 +27,7 @@ struct Setup {
 fn setup() -> &'static Setup {
     static SETUP: OnceLock<Setup> = OnceLock::new();
     SETUP.get_or_init(|| {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().to_path_buf();
+        let root = shared_dir("cli_train");
         let data = root.join("data/cifar-10-batches-bin");
         std::fs::create_dir_all(&data).unwrap();
         let fixtures =
@@ -57,7 +60,6 @@ fn setup() -> &'static Setup {
         );
         assert!(out.status.success(), "sweep failed: {}", text(&out.stderr));
         Setup {
-            _tmp: tmp,
             root,
             run,
             stdout: text(&out.stdout),

@@ -1,9 +1,14 @@
 //! `cifar-finetune predict`: a user's own images through the same weights and preprocessing
 //! as the head's training features, and clear errors for bad input.
 
-use std::path::Path;
+#[path = "common/shared_dir.rs"]
+mod shared_dir;
+
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
+
+use shared_dir::shared_dir;
 
 use cifar_finetune::backbone::weights;
 use cifar_finetune::checkpoint::{self, CheckpointKind, CheckpointMeta};
@@ -17,10 +22,10 @@ use cifar_finetune::rundir::{HistoryRow, TrainConfig};
 /// checkpoint trained (nominally) on its features at image size 32 with ImageNet
 /// normalisation (`best.safetensors`), and test images. Made once per test binary.
 fn setup() -> &'static Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path();
+        let dir = shared_dir("predict");
+        let p = dir.as_path();
         let w = p.join("resnet50.safetensors");
         weights::write_safetensors(&weights::synthetic_state_dict().unwrap(), &w).unwrap();
         let ex = Extractor::load(&w, Preprocess::imagenet(32)).unwrap();
@@ -45,7 +50,6 @@ fn setup() -> &'static Path {
         std::fs::write(p.join("notes.png"), "not an image").unwrap();
         dir
     })
-    .path()
 }
 
 fn write_checkpoint(path: &Path, extractor: &Fingerprint) {

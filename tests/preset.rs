@@ -2,9 +2,14 @@
 //! validation split (`test --split val`), end to end through the binary: fixture-sized
 //! CIFAR-10 files and a synthetic ResNet-50 at image size 32, as tests/cli_train.rs.
 
+#[path = "common/shared_dir.rs"]
+mod shared_dir;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
+
+use shared_dir::shared_dir;
 
 use cifar_finetune::backbone::weights;
 use cifar_finetune::checkpoint;
@@ -16,15 +21,13 @@ use cifar_finetune::rundir;
 use cifar_finetune::rundir::{RunConfig, Summary};
 
 struct Setup {
-    _tmp: tempfile::TempDir,
     root: PathBuf,
 }
 
 fn setup() -> &'static Setup {
     static SETUP: OnceLock<Setup> = OnceLock::new();
     SETUP.get_or_init(|| {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().to_path_buf();
+        let root = shared_dir("preset");
         let data = root.join("data/cifar-10-batches-bin");
         std::fs::create_dir_all(&data).unwrap();
         let fixtures =
@@ -38,7 +41,7 @@ fn setup() -> &'static Setup {
             &root.join("resnet50.safetensors"),
         )
         .unwrap();
-        Setup { _tmp: tmp, root }
+        Setup { root }
     })
 }
 
