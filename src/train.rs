@@ -30,6 +30,7 @@ use crate::checkpoint::{self, CheckpointKind, CheckpointMeta};
 use crate::error::{Error, Result};
 use crate::features::FeatureSet;
 use crate::head::{Head, HeadDims, Sgd, Stepper};
+use crate::io::DirLock;
 use crate::rundir::{
     BestSoFar, HistoryRow, LambdaSummary, Problem, ProblemKind, RUN_FORMAT, RunConfig, Select,
     Summary, TrainConfig, TrainState, lambda_dir_name, validate_lambdas, write_history,
@@ -95,6 +96,8 @@ pub struct RunOptions {
     /// How many λs train at the same time, one thread each (each λ is independent and
     /// single-threaded, so the results are the same bit for bit whatever this is).
     pub jobs: usize,
+    /// When another process holds the run directory, wait for it instead of failing at once.
+    pub wait_for_lock: bool,
 }
 
 impl Default for RunOptions {
@@ -105,6 +108,7 @@ impl Default for RunOptions {
             source: serde_json::Value::Null,
             options: serde_json::Value::Null,
             jobs: 1,
+            wait_for_lock: false,
         }
     }
 }
@@ -152,6 +156,20 @@ pub fn sweep(
         options: opts.options.clone(),
     };
     let config_path = run_dir.join("config.json");
+    if opts.resume && !config_path.exists() {
+        return Err(Error::invalid(
+            "resume",
+            format!(
+                "{} holds no run to resume (no config.json)",
+                run_dir.display()
+            ),
+        ));
+    }
+    // Two processes writing one run directory would mix their checkpoints silently: hold it
+    // for the whole sweep. Then no other writer can be alive, so any temporary file left
+    // there (by a killed process) is stale.
+    let _lock = DirLock::acquire(run_dir, "training run", opts.wait_for_lock)?;
+    remove_run_temporaries(run_dir)?;
     if config_path.exists() {
         if !opts.resume {
             return Err(Error::invalid(
@@ -164,14 +182,6 @@ pub fn sweep(
         }
         let old = RunConfig::read(run_dir)?;
         compare_configs(&config_path, &old, &config)?;
-    } else if opts.resume {
-        return Err(Error::invalid(
-            "resume",
-            format!(
-                "{} holds no run to resume (no config.json)",
-                run_dir.display()
-            ),
-        ));
     } else {
         crate::io::write_json(&config_path, &config)?;
     }
@@ -272,6 +282,21 @@ pub fn sweep(
     };
     crate::io::write_json(&run_dir.join("summary.json"), &summary)?;
     Ok(SweepOutcome::Finished(summary))
+}
+
+/// Removes the temporary files an interrupted write left in `run_dir` and in its λ
+/// directories (`lambda_*`); the caller holds the run directory's lock.
+fn remove_run_temporaries(run_dir: &Path) -> Result<()> {
+    crate::io::remove_stale_temporaries(run_dir)?;
+    let entries = std::fs::read_dir(run_dir).map_err(|e| Error::io("listing", run_dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io("listing", run_dir, e))?;
+        let is_lambda = entry.file_name().to_string_lossy().starts_with("lambda_");
+        if is_lambda && entry.file_type().is_ok_and(|t| t.is_dir()) {
+            crate::io::remove_stale_temporaries(&entry.path())?;
+        }
+    }
+    Ok(())
 }
 
 /// Which λ of a sweep is being fitted, and where.

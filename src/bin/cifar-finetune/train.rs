@@ -225,6 +225,7 @@ pub fn train_sets(
         jobs: hyper
             .jobs
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        wait_for_lock: features.wait_lock,
     };
     println!(
         "training on {} features, validating on {}; run directory {}",
