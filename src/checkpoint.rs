@@ -232,10 +232,27 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
                 ),
             });
         }
-        Ok(t.data()
+        let values: Vec<f32> = t
+            .data()
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect())
+            .collect();
+        // A NaN or infinite weight gives NaN metrics, or (behind a ReLU that zeroes it)
+        // silently wrong ones: no head is usable with one.
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            let at = match shape {
+                [_, cols] => format!("[{}, {}]", i / cols, i % cols),
+                _ => format!("[{i}]"),
+            };
+            return Err(Error::Weights {
+                path: path.to_path_buf(),
+                msg: format!(
+                    "tensor `{name}` holds the non-finite value {} at {at}",
+                    values[i]
+                ),
+            });
+        }
+        Ok(values)
     };
     let mut p = Vec::with_capacity(4);
     for (name, shape) in TENSOR_NAMES.iter().zip(&shapes) {

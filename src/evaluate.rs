@@ -103,6 +103,17 @@ pub fn evaluate(
     let count = features.len();
     let loss = p.losses.iter().map(|&l| f64::from(l)).sum::<f64>() / count as f64;
     let top5 = top_k_accuracy(&features.labels, &p.probabilities, head.dims.classes, 5)?;
+    // Never report NaN as a result (JSON would even write it as null): a non-finite loss
+    // means the head's output overflowed on these features.
+    if !(loss.is_finite() && metrics.accuracy.is_finite() && top5.is_finite()) {
+        return Err(Error::Numerical(format!(
+            "{}: on the {split} split the loss is {loss}, the accuracy {} and the top-5 \
+             accuracy {top5}: the head's outputs are not finite on these features, so no \
+             metrics are written",
+            checkpoint.path.display(),
+            metrics.accuracy
+        )));
+    }
     let test = TestMetrics {
         format: METRICS_FORMAT.to_string(),
         split,

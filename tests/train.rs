@@ -726,3 +726,49 @@ fn activation_is_recorded_and_old_checkpoints_read_as_relu() {
     assert_eq!(old_ck.meta.config.activation, Activation::Relu);
     assert_eq!(old_ck.head.w1, ck.head.w1);
 }
+
+/// A checkpoint with a NaN or infinite value is refused on load, naming the tensor and the
+/// index; a finite head whose outputs overflow on the features writes no metrics.
+#[test]
+fn non_finite_checkpoints_and_metrics_are_refused() {
+    let (tr, va) = sets(12);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("run");
+    let cfg = TrainConfig {
+        epochs: 1,
+        ..small_config()
+    };
+    let s = finished(run(&tr, &va, &[0.0], &cfg, &dir).unwrap());
+    let ck = checkpoint::load(&dir.join(&s.chosen_checkpoint)).unwrap();
+    let bad = tmp.path().join("bad.safetensors");
+    type Spoil = fn(&mut cifar_finetune::head::Head);
+    let cases: [(&str, Spoil, &str); 3] = [
+        ("fc.2.bias", |h| h.b2[3] = f32::INFINITY, "[3]"),
+        ("fc.0.weight", |h| h.w1[12 + 5] = f32::NAN, "[1, 5]"),
+        ("fc.2.weight", |h| h.w2[0] = f32::NEG_INFINITY, "[0, 0]"),
+    ];
+    for (name, spoil, at) in cases {
+        let mut head = ck.head.clone();
+        spoil(&mut head);
+        checkpoint::save(&bad, &head, None, &ck.meta).unwrap();
+        let err = checkpoint::load(&bad).unwrap_err().to_string();
+        assert!(
+            err.contains("bad.safetensors") && err.contains(name) && err.contains(at),
+            "{err}"
+        );
+    }
+
+    // Finite, but so large that the logits' differences overflow: the loss is infinite.
+    let mut head = ck.head.clone();
+    for (c, b) in head.b2.iter_mut().enumerate() {
+        *b = if c % 2 == 0 { 3e38 } else { -3e38 };
+    }
+    checkpoint::save(&bad, &head, None, &ck.meta).unwrap();
+    let loaded = checkpoint::load(&bad).unwrap();
+    let test = blobs(40, 12, 1.0, 5, "synthetic-blobs");
+    let err = evaluate::evaluate(&loaded, &test, Split::Test).unwrap_err();
+    assert!(
+        matches!(&err, Error::Numerical(m) if m.contains("bad.safetensors") && m.contains("loss")),
+        "{err}"
+    );
+}
