@@ -299,6 +299,35 @@ fn remove_run_temporaries(run_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Checks that the best checkpoint a `last` checkpoint's state refers to exists, loads, and
+/// is epoch `epoch` of λ `lambda`.
+fn verify_best(best_path: &Path, last_path: &Path, lambda: f32, epoch: usize) -> Result<()> {
+    if !best_path.exists() {
+        return Err(Error::format(
+            best_path,
+            format!(
+                "missing, but the run state in {} says epoch {epoch} of λ = {lambda} is the \
+                 best: this run directory cannot be resumed (start a new one)",
+                last_path.display()
+            ),
+        ));
+    }
+    let best = checkpoint::load(best_path)?;
+    if best.meta.lambda.to_bits() != lambda.to_bits() || best.meta.epoch != epoch {
+        return Err(Error::Fingerprint {
+            path: best_path.to_path_buf(),
+            msg: format!(
+                "holds epoch {} of λ = {}, but the run state in {} says the best is epoch \
+                 {epoch} of λ = {lambda}",
+                best.meta.epoch,
+                best.meta.lambda,
+                last_path.display()
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Which λ of a sweep is being fitted, and where.
 struct LambdaCtx<'a> {
     run_dir: &'a Path,
@@ -353,6 +382,11 @@ fn fit(
         sgd.velocity = ck.momentum.ok_or_else(|| {
             Error::format(&last_path, "a `last` checkpoint without momentum buffers")
         })?;
+        // The state names a best epoch: its checkpoint must be there and be that epoch, or
+        // summary.json would end up naming a file that is missing or another run's.
+        if let Some(best) = &st.best {
+            verify_best(&best_path, &last_path, lambda, best.epoch)?;
+        }
         head = ck.head;
         state = st;
     } else {

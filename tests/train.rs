@@ -772,3 +772,47 @@ fn non_finite_checkpoints_and_metrics_are_refused() {
         "{err}"
     );
 }
+
+/// `--resume` verifies the best checkpoint each λ's run state refers to: a missing one, or
+/// one of another λ, is refused, never named in summary.json.
+#[test]
+fn resume_verifies_the_best_checkpoints_the_state_refers_to() {
+    let (tr, va) = sets(12);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("run");
+    let cfg = TrainConfig {
+        epochs: 2,
+        ..small_config()
+    };
+    let lambdas = [0.0, 0.01];
+    finished(run(&tr, &va, &lambdas, &cfg, &dir).unwrap());
+    let resume = RunOptions {
+        resume: true,
+        ..RunOptions::default()
+    };
+    let resumed = || train::sweep(&tr, &va, &lambdas, &cfg, &dir, &resume, &mut quiet());
+    let best = dir.join("lambda_0.01/best.safetensors");
+    let kept = std::fs::read(&best).unwrap();
+
+    std::fs::remove_file(&best).unwrap();
+    std::fs::remove_file(dir.join("summary.json")).unwrap();
+    let err = resumed().unwrap_err().to_string();
+    assert!(
+        err.contains("lambda_0.01/best.safetensors") && err.contains("missing"),
+        "{err}"
+    );
+    assert!(!dir.join("summary.json").exists());
+
+    // Another λ's best in its place.
+    std::fs::copy(dir.join("lambda_0/best.safetensors"), &best).unwrap();
+    let err = resumed().unwrap_err().to_string();
+    assert!(
+        err.contains("lambda_0.01/best.safetensors") && err.contains("λ = 0,"),
+        "{err}"
+    );
+
+    // Put back, the run resumes (and has nothing left to train).
+    std::fs::write(&best, kept).unwrap();
+    let s = finished(resumed().unwrap());
+    assert!(dir.join(&s.chosen_checkpoint).is_file());
+}
