@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 
 use safetensors::tensor::{Dtype, TensorView};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::features::{FeatureSet, Fingerprint};
@@ -88,6 +89,9 @@ pub struct Checkpoint {
     pub meta: CheckpointMeta,
     /// The safetensors file it was read from.
     pub path: PathBuf,
+    /// The lowercase hex sha256 of that file's bytes as read (`None` for a checkpoint built
+    /// in memory); results computed from the checkpoint carry it.
+    pub sha256: Option<String>,
 }
 
 /// The JSON sidecar of a checkpoint: `best.safetensors` → `best.json`.
@@ -295,6 +299,7 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
         momentum,
         meta,
         path: path.to_path_buf(),
+        sha256: Some(crate::io::hex(&Sha256::digest(&bytes))),
     })
 }
 
