@@ -369,3 +369,29 @@ fn a_run_directory_in_use_is_refused_or_waited_for_and_stale_temporaries_go() {
     assert!(!run.join("lambda_0/.tmp-stale").exists());
     assert!(!run.join(".tmp-stale").exists());
 }
+
+/// λs are trained in f32: one beyond its range (shown as λ = inf) or too small for it (1e-50
+/// silently 0, a subnormal losing digits) is refused by both flags, naming the value.
+#[test]
+fn lambdas_that_do_not_survive_f32_are_refused() {
+    let parse = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_cifar-finetune"))
+            .args(args)
+            .args(["--offline", "--data", "no-such-dir"])
+            .output()
+            .unwrap()
+    };
+    for (args, value, why) in [
+        (["sweep", "--lambdas", "0,1e40"], "1e40", "beyond"),
+        (["sweep", "--lambdas", "1e-50,0.1"], "1e-50", "too small"),
+        (["train", "--lambda", "1e-40"], "1e-40", "too small"),
+        (["train", "--lambda", "-1e39"], "-1e39", "beyond"),
+    ] {
+        let out = parse(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        fails_with(&out, &[args[1], value, why]);
+    }
+    // Representable λs get past the parsing (and stop at the missing data).
+    let out = parse(&["sweep", "--lambdas", "0,1e-30,3e38"]);
+    fails_with(&out, &["no-such-dir"]);
+}
