@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 
 use safetensors::tensor::{Dtype, TensorView};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::features::{FeatureSet, Fingerprint};
@@ -88,6 +89,9 @@ pub struct Checkpoint {
     pub meta: CheckpointMeta,
     /// The safetensors file it was read from.
     pub path: PathBuf,
+    /// The lowercase hex sha256 of that file's bytes as read (`None` for a checkpoint built
+    /// in memory); results computed from the checkpoint carry it.
+    pub sha256: Option<String>,
 }
 
 /// The JSON sidecar of a checkpoint: `best.safetensors` → `best.json`.
@@ -232,10 +236,27 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
                 ),
             });
         }
-        Ok(t.data()
+        let values: Vec<f32> = t
+            .data()
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect())
+            .collect();
+        // A NaN or infinite weight gives NaN metrics, or (behind a ReLU that zeroes it)
+        // silently wrong ones: no head is usable with one.
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            let at = match shape {
+                [_, cols] => format!("[{}, {}]", i / cols, i % cols),
+                _ => format!("[{i}]"),
+            };
+            return Err(Error::Weights {
+                path: path.to_path_buf(),
+                msg: format!(
+                    "tensor `{name}` holds the non-finite value {} at {at}",
+                    values[i]
+                ),
+            });
+        }
+        Ok(values)
     };
     let mut p = Vec::with_capacity(4);
     for (name, shape) in TENSOR_NAMES.iter().zip(&shapes) {
@@ -278,6 +299,7 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
         momentum,
         meta,
         path: path.to_path_buf(),
+        sha256: Some(crate::io::hex(&Sha256::digest(&bytes))),
     })
 }
 

@@ -11,7 +11,9 @@
 //!   predicted), the sklearn-format report, and which checkpoint/features they are for;
 //! * `predictions.csv`: `index,true,predicted,<class 0 name>,…,<class 9 name>` — the image's
 //!   index within its CIFAR-10 part, the true and predicted class ids, and the 10 softmax
-//!   probabilities. [`read_predictions`] parses it back.
+//!   probabilities, after a first line `# checkpoint sha256:<hex>` naming the checkpoint
+//!   file, as `metrics.json` does: [`check_pair`] refuses a pair from two evaluations.
+//!   [`read_predictions`] parses it back.
 
 use std::path::{Path, PathBuf};
 
@@ -50,6 +52,11 @@ pub struct TestMetrics {
     pub split: Split,
     /// The checkpoint file scored.
     pub checkpoint: PathBuf,
+    /// The sha256 of the checkpoint file as scored, also in `predictions.csv`'s first line,
+    /// so that a `metrics.json` and a `predictions.csv` of different evaluations are told
+    /// apart; absent from files written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_sha256: Option<String>,
     /// Its λ.
     pub lambda: f32,
     /// Its epoch.
@@ -103,10 +110,22 @@ pub fn evaluate(
     let count = features.len();
     let loss = p.losses.iter().map(|&l| f64::from(l)).sum::<f64>() / count as f64;
     let top5 = top_k_accuracy(&features.labels, &p.probabilities, head.dims.classes, 5)?;
+    // Never report NaN as a result (JSON would even write it as null): a non-finite loss
+    // means the head's output overflowed on these features.
+    if !(loss.is_finite() && metrics.accuracy.is_finite() && top5.is_finite()) {
+        return Err(Error::Numerical(format!(
+            "{}: on the {split} split the loss is {loss}, the accuracy {} and the top-5 \
+             accuracy {top5}: the head's outputs are not finite on these features, so no \
+             metrics are written",
+            checkpoint.path.display(),
+            metrics.accuracy
+        )));
+    }
     let test = TestMetrics {
         format: METRICS_FORMAT.to_string(),
         split,
         checkpoint: checkpoint.path.clone(),
+        checkpoint_sha256: checkpoint.sha256.clone(),
         lambda: checkpoint.meta.lambda,
         epoch: checkpoint.meta.epoch,
         extractor: features.extractor.clone(),
@@ -150,7 +169,11 @@ pub fn write_outputs(eval: &Evaluation, dir: &Path) -> Result<(PathBuf, PathBuf)
     let predictions_path = dir.join(p);
     crate::io::write_json(&metrics_path, &eval.metrics)?;
     let c = eval.metrics.class_names.len();
-    let mut text = String::from("index,true,predicted");
+    let mut text = String::new();
+    if let Some(digest) = &eval.metrics.checkpoint_sha256 {
+        text.push_str(&format!("{DIGEST_PREFIX}{digest}\n"));
+    }
+    text.push_str("index,true,predicted");
     for name in &eval.metrics.class_names {
         text.push(',');
         text.push_str(name);
@@ -170,6 +193,49 @@ pub fn write_outputs(eval: &Evaluation, dir: &Path) -> Result<(PathBuf, PathBuf)
     Ok((metrics_path, predictions_path))
 }
 
+/// Start of `predictions.csv`'s optional first line, `# checkpoint sha256:<hex>`.
+pub const DIGEST_PREFIX: &str = "# checkpoint sha256:";
+
+/// Refuses a `metrics.json` and a `predictions.csv` that come from different evaluations
+/// (their checkpoint digests differ, or only one has one): a failed or interrupted `test`
+/// can leave one file of the pair from an earlier model. Two files written before digests
+/// existed are accepted.
+pub fn check_pair(
+    metrics: &TestMetrics,
+    metrics_path: &Path,
+    predictions_path: &Path,
+) -> Result<()> {
+    let predicted = read_predictions_digest(predictions_path)?;
+    if metrics.checkpoint_sha256 == predicted {
+        return Ok(());
+    }
+    let show = |d: &Option<String>| {
+        d.as_deref().map_or("no digest".to_string(), |d| {
+            format!("checkpoint sha256 {d}")
+        })
+    };
+    Err(Error::Fingerprint {
+        path: predictions_path.to_path_buf(),
+        msg: format!(
+            "has {}, but {} has {}: the two files come from different evaluations; run \
+             `test` again to write both",
+            show(&predicted),
+            metrics_path.display(),
+            show(&metrics.checkpoint_sha256)
+        ),
+    })
+}
+
+/// The checkpoint digest in a `predictions.csv`'s first line, `None` when it has none.
+pub fn read_predictions_digest(path: &Path) -> Result<Option<String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io("reading", path, e))?;
+    Ok(text
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix(DIGEST_PREFIX))
+        .map(|d| d.trim().to_string()))
+}
+
 /// One row of `predictions.csv`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PredictionRow {
@@ -187,7 +253,9 @@ pub struct PredictionRow {
 /// header and the rows.
 pub fn read_predictions(path: &Path) -> Result<(Vec<String>, Vec<PredictionRow>)> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io("reading", path, e))?;
-    let mut lines = text.lines();
+    let mut lines = text.lines().peekable();
+    // The checkpoint's digest, in files written since it existed.
+    let skipped = usize::from(lines.next_if(|l| l.starts_with(DIGEST_PREFIX)).is_some());
     let header = lines
         .next()
         .ok_or_else(|| Error::format(path, "empty file"))?;
@@ -201,7 +269,7 @@ pub fn read_predictions(path: &Path) -> Result<(Vec<String>, Vec<PredictionRow>)
     let names: Vec<String> = cols[3..].iter().map(|s| s.to_string()).collect();
     let mut rows = Vec::new();
     for (i, line) in lines.enumerate() {
-        let bad = |what: &str| Error::format(path, format!("line {}: {what}", i + 2));
+        let bad = |what: &str| Error::format(path, format!("line {}: {what}", i + 2 + skipped));
         let cells: Vec<&str> = line.split(',').collect();
         if cells.len() != cols.len() {
             return Err(bad(&format!(

@@ -30,6 +30,7 @@ use crate::checkpoint::{self, CheckpointKind, CheckpointMeta};
 use crate::error::{Error, Result};
 use crate::features::FeatureSet;
 use crate::head::{Head, HeadDims, Sgd, Stepper};
+use crate::io::DirLock;
 use crate::rundir::{
     BestSoFar, HistoryRow, LambdaSummary, Problem, ProblemKind, RUN_FORMAT, RunConfig, Select,
     Summary, TrainConfig, TrainState, lambda_dir_name, validate_lambdas, write_history,
@@ -95,6 +96,8 @@ pub struct RunOptions {
     /// How many λs train at the same time, one thread each (each λ is independent and
     /// single-threaded, so the results are the same bit for bit whatever this is).
     pub jobs: usize,
+    /// When another process holds the run directory, wait for it instead of failing at once.
+    pub wait_for_lock: bool,
 }
 
 impl Default for RunOptions {
@@ -105,6 +108,7 @@ impl Default for RunOptions {
             source: serde_json::Value::Null,
             options: serde_json::Value::Null,
             jobs: 1,
+            wait_for_lock: false,
         }
     }
 }
@@ -159,6 +163,20 @@ pub fn sweep(
         options: opts.options.clone(),
     };
     let config_path = run_dir.join("config.json");
+    if opts.resume && !config_path.exists() {
+        return Err(Error::invalid(
+            "resume",
+            format!(
+                "{} holds no run to resume (no config.json)",
+                run_dir.display()
+            ),
+        ));
+    }
+    // Two processes writing one run directory would mix their checkpoints silently: hold it
+    // for the whole sweep. Then no other writer can be alive, so any temporary file left
+    // there (by a killed process) is stale.
+    let _lock = DirLock::acquire(run_dir, "training run", opts.wait_for_lock)?;
+    remove_run_temporaries(run_dir)?;
     if config_path.exists() {
         if !opts.resume {
             return Err(Error::invalid(
@@ -171,14 +189,6 @@ pub fn sweep(
         }
         let old = RunConfig::read(run_dir)?;
         compare_configs(&config_path, &old, &config)?;
-    } else if opts.resume {
-        return Err(Error::invalid(
-            "resume",
-            format!(
-                "{} holds no run to resume (no config.json)",
-                run_dir.display()
-            ),
-        ));
     } else {
         crate::io::write_json(&config_path, &config)?;
     }
@@ -281,6 +291,50 @@ pub fn sweep(
     Ok(SweepOutcome::Finished(summary))
 }
 
+/// Removes the temporary files an interrupted write left in `run_dir` and in its λ
+/// directories (`lambda_*`); the caller holds the run directory's lock.
+fn remove_run_temporaries(run_dir: &Path) -> Result<()> {
+    crate::io::remove_stale_temporaries(run_dir)?;
+    let entries = std::fs::read_dir(run_dir).map_err(|e| Error::io("listing", run_dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io("listing", run_dir, e))?;
+        let is_lambda = entry.file_name().to_string_lossy().starts_with("lambda_");
+        if is_lambda && entry.file_type().is_ok_and(|t| t.is_dir()) {
+            crate::io::remove_stale_temporaries(&entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// Checks that the best checkpoint a `last` checkpoint's state refers to exists, loads, and
+/// is epoch `epoch` of λ `lambda`.
+fn verify_best(best_path: &Path, last_path: &Path, lambda: f32, epoch: usize) -> Result<()> {
+    if !best_path.exists() {
+        return Err(Error::format(
+            best_path,
+            format!(
+                "missing, but the run state in {} says epoch {epoch} of λ = {lambda} is the \
+                 best: this run directory cannot be resumed (start a new one)",
+                last_path.display()
+            ),
+        ));
+    }
+    let best = checkpoint::load(best_path)?;
+    if best.meta.lambda.to_bits() != lambda.to_bits() || best.meta.epoch != epoch {
+        return Err(Error::Fingerprint {
+            path: best_path.to_path_buf(),
+            msg: format!(
+                "holds epoch {} of λ = {}, but the run state in {} says the best is epoch \
+                 {epoch} of λ = {lambda}",
+                best.meta.epoch,
+                best.meta.lambda,
+                last_path.display()
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Which λ of a sweep is being fitted, and where.
 struct LambdaCtx<'a> {
     run_dir: &'a Path,
@@ -335,6 +389,11 @@ fn fit(
         sgd.velocity = ck.momentum.ok_or_else(|| {
             Error::format(&last_path, "a `last` checkpoint without momentum buffers")
         })?;
+        // The state names a best epoch: its checkpoint must be there and be that epoch, or
+        // summary.json would end up naming a file that is missing or another run's.
+        if let Some(best) = &st.best {
+            verify_best(&best_path, &last_path, lambda, best.epoch)?;
+        }
         head = ck.head;
         state = st;
     } else {

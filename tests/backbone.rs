@@ -7,7 +7,7 @@ mod fixtures;
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
-use cifar_finetune::backbone::fast::Precision;
+use cifar_finetune::backbone::fast::{FastResNet, Precision};
 use cifar_finetune::backbone::resnet::ResNet;
 use cifar_finetune::backbone::weights::{self, StateDict};
 use cifar_finetune::data::transform::Preprocess;
@@ -211,6 +211,55 @@ fn truncated_or_corrupt_weights_give_a_clear_error() {
     let err = StateDict::read(&p).unwrap_err().to_string();
     assert!(
         err.contains("truncated.safetensors") && err.contains("safetensors"),
+        "{err}"
+    );
+}
+
+/// Batch-norm statistics that PyTorch could not have produced, or that would make its output
+/// NaN, are refused when loading, naming the tensor, in both implementations.
+#[test]
+fn invalid_batch_norm_statistics_are_refused() {
+    let with = |changes: &[(&str, usize, f32)]| {
+        let mut sd = weights::synthetic_state_dict().unwrap();
+        for &(key, index, value) in changes {
+            let t = &sd[key];
+            let mut v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            v[index] = value;
+            let t = Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap();
+            sd.insert(key.to_string(), t);
+        }
+        sd
+    };
+    let sd = with(&[("layer2.1.bn3.running_var", 7, -0.25)]);
+    let err = load_err(sd.clone());
+    assert!(
+        err.contains("`layer2.1.bn3.running_var`")
+            && err.contains("negative variance -0.25")
+            && err.contains("index 7"),
+        "{err}"
+    );
+    let err = FastResNet::from_state_dict(StateDict::from_tensors("w.pth", sd), Precision::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("`layer2.1.bn3.running_var`"), "{err}");
+
+    // Tiny: -ε < σ² < 0 still gives σ² + ε > 0, but is no variance.
+    let err = load_err(with(&[("bn1.running_var", 0, -1e-9)]));
+    assert!(err.contains("`bn1.running_var`"), "{err}");
+
+    let err = load_err(with(&[("layer4.2.conv3.weight", 5, f32::INFINITY)]));
+    assert!(
+        err.contains("`layer4.2.conv3.weight` holds NaN or infinite") && err.contains("index 5"),
+        "{err}"
+    );
+
+    // Finite, but γ/√(σ²+ε) overflows f32 once folded into the weights.
+    let err = load_err(with(&[
+        ("layer1.0.bn1.weight", 2, 3e38),
+        ("layer1.0.bn1.running_var", 2, 0.0),
+    ]));
+    assert!(
+        err.contains("folding `layer1.0.bn1` into `layer1.0.conv1` overflows"),
         "{err}"
     );
 }

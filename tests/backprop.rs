@@ -828,3 +828,17 @@ fn sizes_beyond_what_can_be_held_or_checked_are_refused_at_once() {
         "{err}"
     );
 }
+
+/// `--biases` makes random biases for `--seed`; a `--params` file has its own biases or none,
+/// so the combination is refused rather than `--biases` silently ignored.
+#[test]
+fn cli_refuses_biases_with_params() {
+    let out = cli(&["--params", FIXTURE, "--biases"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--biases") && err.contains("--params"),
+        "{err}"
+    );
+    assert!(cli(&["--params", FIXTURE]).status.success());
+}

@@ -13,6 +13,7 @@ use shared_dir::shared_dir;
 
 use cifar_finetune::backbone::weights;
 use cifar_finetune::evaluate::{self, TestMetrics};
+use cifar_finetune::io::DirLock;
 use cifar_finetune::rundir;
 use cifar_finetune::rundir::Summary;
 
@@ -305,4 +306,94 @@ fn help_says_biases_are_not_penalised() {
             assert!(help.contains(flag), "{sub} --help lacks {flag}");
         }
     }
+}
+
+#[test]
+fn a_run_directory_in_use_is_refused_or_waited_for_and_stale_temporaries_go() {
+    let s = setup();
+    let run = s.root.join("runs/locked");
+    let r = run.to_str().unwrap();
+    let sweep = ["sweep", "--lambdas", "0", "--epochs", "1", "--run-dir", r];
+    // Another process (this test) holds the run directory: a sweep fails at once, naming it.
+    let lock = DirLock::acquire(&run, "test", false).unwrap();
+    let pid = format!("pid {}", std::process::id());
+    fails_with(&cli(&s.root, &sweep), &[".lock", &pid]);
+    assert!(!run.join("config.json").exists(), "nothing written");
+    // So do `test` and `report` writing into it.
+    let summary = Summary::read(&s.run).unwrap();
+    let ck = s.run.join(&summary.chosen_checkpoint);
+    fails_with(
+        &cli(
+            &s.root,
+            &["test", "--checkpoint", ck.to_str().unwrap(), "--out", r],
+        ),
+        &[".lock", &pid],
+    );
+    assert!(!run.join("metrics.json").exists());
+    let report = Command::new(env!("CARGO_BIN_EXE_cifar-finetune"))
+        .args(["report", "--run-dir", r])
+        .output()
+        .unwrap();
+    fails_with(&report, &[".lock", &pid]);
+
+    // With --wait-lock the sweep waits for the holder, then removes what a killed writer
+    // left in the run directory and its λ directories.
+    std::fs::create_dir_all(run.join("lambda_0")).unwrap();
+    std::fs::write(run.join("lambda_0/.tmp-stale"), b"half a checkpoint").unwrap();
+    std::fs::write(run.join(".tmp-stale"), b"half a config").unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cifar-finetune"));
+    cmd.current_dir(&s.root).args(sweep).args([
+        "--data",
+        "data",
+        "--weights",
+        "resnet50.safetensors",
+        "--image-size",
+        "32",
+        "--val-count",
+        "5",
+        "--offline",
+        "--wait-lock",
+    ]);
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "did not wait for the lock"
+    );
+    assert!(!run.join("config.json").exists());
+    drop(lock);
+    assert!(child.wait().unwrap().success());
+    assert!(run.join("lambda_0/best.safetensors").is_file());
+    assert!(!run.join("lambda_0/.tmp-stale").exists());
+    assert!(!run.join(".tmp-stale").exists());
+}
+
+/// λs are trained in f32: one beyond its range (shown as λ = inf) or too small for it (1e-50
+/// silently 0, a subnormal losing digits) is refused by both flags, naming the value.
+#[test]
+fn lambdas_that_do_not_survive_f32_are_refused() {
+    let parse = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_cifar-finetune"))
+            .args(args)
+            .args(["--offline", "--data", "no-such-dir"])
+            .output()
+            .unwrap()
+    };
+    for (args, value, why) in [
+        (["sweep", "--lambdas", "0,1e40"], "1e40", "beyond"),
+        (["sweep", "--lambdas", "1e-50,0.1"], "1e-50", "too small"),
+        (["train", "--lambda", "1e-40"], "1e-40", "too small"),
+        (["train", "--lambda", "-1e39"], "-1e39", "beyond"),
+    ] {
+        let out = parse(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        fails_with(&out, &[args[1], value, why]);
+    }
+    // Representable λs get past the parsing (and stop at the missing data).
+    let out = parse(&["sweep", "--lambdas", "0,1e-30,3e38"]);
+    fails_with(&out, &["no-such-dir"]);
 }

@@ -468,6 +468,7 @@ fn validation_metrics_equal_sklearns() {
             state: None,
         },
         path: tmp.path().join("best.safetensors"),
+        sha256: None,
     };
     let eval = evaluate::evaluate(&ck, &set, Split::Val).unwrap();
     let (metrics_path, predictions_path) = evaluate::write_outputs(&eval, tmp.path()).unwrap();

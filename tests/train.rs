@@ -616,9 +616,12 @@ fn evaluation_writes_metrics_and_predictions_and_refuses_other_features() {
     assert_eq!(names, m.class_names);
     assert_eq!(rows.len(), 90);
     let header = std::fs::read_to_string(&pp).unwrap();
-    assert!(header.starts_with(
-        "index,true,predicted,airplane,automobile,bird,cat,deer,dog,frog,horse,ship,truck\n"
-    ));
+    let digest = cifar_finetune::io::sha256_file(&ck_path).unwrap();
+    assert_eq!(m.checkpoint_sha256.as_deref(), Some(digest.as_str()));
+    assert!(header.starts_with(&format!(
+        "# checkpoint sha256:{digest}\n\
+         index,true,predicted,airplane,automobile,bird,cat,deer,dog,frog,horse,ship,truck\n"
+    )));
     for (i, r) in rows.iter().enumerate() {
         assert_eq!(r.index, test.index[i]);
         assert_eq!(r.true_class, test.labels[i]);
@@ -751,4 +754,153 @@ fn extreme_sizes_are_bounded_or_refused_not_allocated() {
             "{hidden}: {err}"
         );
     }
+}
+
+/// A checkpoint with a NaN or infinite value is refused on load, naming the tensor and the
+/// index; a finite head whose outputs overflow on the features writes no metrics.
+#[test]
+fn non_finite_checkpoints_and_metrics_are_refused() {
+    let (tr, va) = sets(12);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("run");
+    let cfg = TrainConfig {
+        epochs: 1,
+        ..small_config()
+    };
+    let s = finished(run(&tr, &va, &[0.0], &cfg, &dir).unwrap());
+    let ck = checkpoint::load(&dir.join(&s.chosen_checkpoint)).unwrap();
+    let bad = tmp.path().join("bad.safetensors");
+    type Spoil = fn(&mut cifar_finetune::head::Head);
+    let cases: [(&str, Spoil, &str); 3] = [
+        ("fc.2.bias", |h| h.b2[3] = f32::INFINITY, "[3]"),
+        ("fc.0.weight", |h| h.w1[12 + 5] = f32::NAN, "[1, 5]"),
+        ("fc.2.weight", |h| h.w2[0] = f32::NEG_INFINITY, "[0, 0]"),
+    ];
+    for (name, spoil, at) in cases {
+        let mut head = ck.head.clone();
+        spoil(&mut head);
+        checkpoint::save(&bad, &head, None, &ck.meta).unwrap();
+        let err = checkpoint::load(&bad).unwrap_err().to_string();
+        assert!(
+            err.contains("bad.safetensors") && err.contains(name) && err.contains(at),
+            "{err}"
+        );
+    }
+
+    // Finite, but so large that the logits' differences overflow: the loss is infinite.
+    let mut head = ck.head.clone();
+    for (c, b) in head.b2.iter_mut().enumerate() {
+        *b = if c % 2 == 0 { 3e38 } else { -3e38 };
+    }
+    checkpoint::save(&bad, &head, None, &ck.meta).unwrap();
+    let loaded = checkpoint::load(&bad).unwrap();
+    let test = blobs(40, 12, 1.0, 5, "synthetic-blobs");
+    let err = evaluate::evaluate(&loaded, &test, Split::Test).unwrap_err();
+    assert!(
+        matches!(&err, Error::Numerical(m) if m.contains("bad.safetensors") && m.contains("loss")),
+        "{err}"
+    );
+}
+
+/// `--resume` verifies the best checkpoint each λ's run state refers to: a missing one, or
+/// one of another λ, is refused, never named in summary.json.
+#[test]
+fn resume_verifies_the_best_checkpoints_the_state_refers_to() {
+    let (tr, va) = sets(12);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("run");
+    let cfg = TrainConfig {
+        epochs: 2,
+        ..small_config()
+    };
+    let lambdas = [0.0, 0.01];
+    finished(run(&tr, &va, &lambdas, &cfg, &dir).unwrap());
+    let resume = RunOptions {
+        resume: true,
+        ..RunOptions::default()
+    };
+    let resumed = || train::sweep(&tr, &va, &lambdas, &cfg, &dir, &resume, &mut quiet());
+    let best = dir.join("lambda_0.01/best.safetensors");
+    let kept = std::fs::read(&best).unwrap();
+
+    std::fs::remove_file(&best).unwrap();
+    std::fs::remove_file(dir.join("summary.json")).unwrap();
+    let err = resumed().unwrap_err().to_string();
+    assert!(
+        err.contains("lambda_0.01/best.safetensors") && err.contains("missing"),
+        "{err}"
+    );
+    assert!(!dir.join("summary.json").exists());
+
+    // Another λ's best in its place.
+    std::fs::copy(dir.join("lambda_0/best.safetensors"), &best).unwrap();
+    let err = resumed().unwrap_err().to_string();
+    assert!(
+        err.contains("lambda_0.01/best.safetensors") && err.contains("λ = 0,"),
+        "{err}"
+    );
+
+    // Put back, the run resumes (and has nothing left to train).
+    std::fs::write(&best, kept).unwrap();
+    let s = finished(resumed().unwrap());
+    assert!(dir.join(&s.chosen_checkpoint).is_file());
+}
+
+/// `metrics.json` and `predictions.csv` both carry the checkpoint's digest: a pair from two
+/// evaluations (a failed `test` leaving one file of an earlier model) is refused by the
+/// report; files from before the digest existed are still read.
+#[test]
+fn a_metrics_and_predictions_pair_from_two_models_is_refused() {
+    use cifar_finetune::report::{self, ReportOptions};
+    let (tr, va) = sets(12);
+    let test = blobs(30, 12, 1.0, 5, "synthetic-blobs");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("run");
+    let cfg = TrainConfig {
+        epochs: 2,
+        ..small_config()
+    };
+    finished(run(&tr, &va, &[0.0, 0.01], &cfg, &dir).unwrap());
+    let evaluated = |lambda_dir: &str| {
+        let ck = checkpoint::load(&dir.join(lambda_dir).join("best.safetensors")).unwrap();
+        evaluate::evaluate(&ck, &test, Split::Test).unwrap()
+    };
+    let no_gallery = ReportOptions {
+        gallery_size: 0,
+        ..ReportOptions::default()
+    };
+    let (mp, pp) = evaluate::write_outputs(&evaluated("lambda_0"), &dir).unwrap();
+    report::write_run_report(&dir, &no_gallery).unwrap();
+    let first = std::fs::read(&pp).unwrap();
+
+    // λ = 0.01's evaluation whose predictions.csv never arrived: metrics of one model beside
+    // predictions of another.
+    evaluate::write_outputs(&evaluated("lambda_0.01"), &dir).unwrap();
+    std::fs::write(&pp, &first).unwrap();
+    let err = report::write_run_report(&dir, &no_gallery)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("predictions.csv")
+            && err.contains("metrics.json")
+            && err.contains("different evaluations"),
+        "{err}"
+    );
+
+    // A predictions.csv without digest (an older file) beside a metrics.json with one.
+    let text = String::from_utf8(first.clone()).unwrap();
+    let (digest_line, rest) = text.split_once('\n').unwrap();
+    assert!(digest_line.starts_with(evaluate::DIGEST_PREFIX));
+    std::fs::write(&pp, rest).unwrap();
+    assert_eq!(evaluate::read_predictions(&pp).unwrap().1.len(), 30);
+    assert!(report::write_run_report(&dir, &no_gallery).is_err());
+
+    // Both from before digests existed: read as they are.
+    let mut json: serde_json::Value = serde_json::from_slice(&std::fs::read(&mp).unwrap()).unwrap();
+    json.as_object_mut()
+        .unwrap()
+        .remove("checkpoint_sha256")
+        .unwrap();
+    std::fs::write(&mp, json.to_string()).unwrap();
+    report::write_run_report(&dir, &no_gallery).unwrap();
 }

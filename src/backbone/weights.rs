@@ -132,15 +132,18 @@ impl StateDict {
         let t = t
             .to_dtype(DType::F32)
             .ctx(format!("converting `{key}` to f32"))?;
-        if t.flatten_all()
+        let values = t
+            .flatten_all()
             .and_then(|t| t.to_vec1::<f32>())
-            .ctx(format!("reading `{key}`"))?
-            .iter()
-            .any(|v| !v.is_finite())
-        {
+            .ctx(format!("reading `{key}`"))?;
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
             return Err(weights_err(
                 &self.path,
-                format!("tensor `{key}` holds NaN or infinite values"),
+                format!(
+                    "tensor `{key}` holds NaN or infinite values (the first, {}, at flat \
+                     index {i})",
+                    values[i]
+                ),
             ));
         }
         Ok(t)
@@ -176,8 +179,41 @@ impl StateDict {
         let gamma = self.take(&format!("{bn}.weight"), &c)?;
         let beta = self.take(&format!("{bn}.bias"), &c)?;
         let mean = self.take(&format!("{bn}.running_mean"), &c)?;
-        let var = self.take(&format!("{bn}.running_var"), &c)?;
-        fold_bn(&w, &gamma, &beta, &mean, &var).ctx(format!("folding `{bn}` into `{conv}`"))
+        let var_key = format!("{bn}.running_var");
+        let var = self.take(&var_key, &c)?;
+        // A variance is never negative; PyTorch's batch norm would give NaN where σ² + ε < 0,
+        // and a small negative σ² would give finite but wrong features here.
+        let vars = var.to_vec1::<f32>().ctx(format!("reading `{var_key}`"))?;
+        if let Some(i) = vars.iter().position(|&v| v < 0.0) {
+            return Err(weights_err(
+                &self.path,
+                format!(
+                    "tensor `{var_key}` holds the negative variance {} at index {i}: not a \
+                     valid batch-norm running variance",
+                    vars[i]
+                ),
+            ));
+        }
+        let (w, b) =
+            fold_bn(&w, &gamma, &beta, &mean, &var).ctx(format!("folding `{bn}` into `{conv}`"))?;
+        for (what, t) in [("weight", &w), ("bias", &b)] {
+            let finite = t
+                .flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .ctx(format!("reading the folded `{conv}`"))?
+                .iter()
+                .all(|v| v.is_finite());
+            if !finite {
+                return Err(weights_err(
+                    &self.path,
+                    format!(
+                        "folding `{bn}` into `{conv}` overflows f32 in its {what}: `{bn}.weight` \
+                         is too large for `{var_key}`"
+                    ),
+                ));
+            }
+        }
+        Ok((w, b))
     }
 }
 

@@ -91,7 +91,12 @@ pub fn write_run_report(run_dir: &Path, opts: &ReportOptions) -> Result<ReportOu
 
     let metrics_path = run_dir.join("metrics.json");
     let test = if metrics_path.exists() {
-        Some(TestMetrics::read(&metrics_path)?)
+        let m = TestMetrics::read(&metrics_path)?;
+        let predictions_path = run_dir.join("predictions.csv");
+        if predictions_path.exists() {
+            crate::evaluate::check_pair(&m, &metrics_path, &predictions_path)?;
+        }
+        Some(m)
     } else {
         notes.push("No metrics.json: the chosen checkpoint has not been tested yet.".into());
         None

@@ -40,8 +40,8 @@ pub struct Args {
     /// Layer sizes, input first [default with --seed: 3,4,4,1; with --params: the file's].
     #[arg(long, value_delimiter = ',', value_name = "N,N,...")]
     sizes: Option<Vec<usize>>,
-    /// With --seed: give every layer biases as well.
-    #[arg(long, requires = "seed")]
+    /// With --seed: give every layer biases as well (a --params file has biases or not).
+    #[arg(long, requires = "seed", conflicts_with = "params")]
     biases: bool,
     /// Print the same report as JSON instead of a table.
     #[arg(long, conflicts_with = "explain")]

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use cifar_finetune::io::DirLock;
 use cifar_finetune::report::{self, DEFAULT_GALLERY_SIZE, ReportOptions};
 
 /// Draw the plots (PNG and SVG, under <run-dir>/plots/) and write <run-dir>/report.html: one
@@ -27,6 +28,10 @@ pub struct Args {
     /// [default: those `run --repeats` left under <run-dir>/repeats/].
     #[arg(long, value_delimiter = ',')]
     pub seed_runs: Vec<PathBuf>,
+    /// When another process is writing into the run directory, wait for it instead of
+    /// stopping with an error.
+    #[arg(long)]
+    pub wait_lock: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -46,6 +51,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         gallery_size: args.gallery,
         seed_histories,
     };
+    let _lock = DirLock::acquire(&args.run_dir, "run directory", args.wait_lock)?;
     let out = report::write_run_report(&args.run_dir, &opts)
         .with_context(|| format!("writing the report of {}", args.run_dir.display()))?;
     for note in &out.notes {

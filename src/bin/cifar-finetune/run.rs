@@ -8,6 +8,7 @@ use anyhow::Context;
 use cifar_finetune::checkpoint;
 use cifar_finetune::data::cifar::Split;
 use cifar_finetune::evaluate;
+use cifar_finetune::io::DirLock;
 use cifar_finetune::report::{self, DEFAULT_GALLERY_SIZE, ReportOptions};
 use cifar_finetune::rundir;
 
@@ -84,6 +85,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         seed_histories.push(rundir::read_history(&dir.join("history.csv"))?);
     }
 
+    // The sweep released the run directory; hold it again while the test results and the
+    // report are written.
+    let _lock = DirLock::acquire(&run_dir, "run directory", features.wait_lock)?;
     let chosen = run_dir.join(&summary.chosen_checkpoint);
     let ck = checkpoint::load(&chosen)?;
     let eval = evaluate::evaluate(&ck, &test_set, Split::Test)?;

@@ -2,7 +2,7 @@
 //! same initial weights and data order for each, the λ chosen on validation.
 
 use crate::source::FeatureArgs;
-use crate::train::{Preset, TrainArgs, run_lambdas};
+use crate::train::{Preset, TrainArgs, parse_lambda, run_lambdas};
 
 /// The λs of a sweep; shared with `run`.
 #[derive(Debug, Clone, clap::Args)]
@@ -10,7 +10,7 @@ pub struct LambdaArgs {
     /// L2 strengths λ, comma-separated: each head minimises cross-entropy +
     /// λ/2·(‖W1‖² + ‖W2‖²) over its two weight matrices. Biases are not penalised
     /// [default: 0,1e-4,1e-3,1e-2,1e-1; 0 with --preset original, which has no L2].
-    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
+    #[arg(long, value_delimiter = ',', allow_negative_numbers = true, value_parser = parse_lambda)]
     pub lambdas: Option<Vec<f32>>,
 }
 

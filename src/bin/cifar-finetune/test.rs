@@ -9,6 +9,7 @@ use cifar_finetune::checkpoint;
 use cifar_finetune::data::cifar::Split;
 use cifar_finetune::data::transform::Preprocess;
 use cifar_finetune::evaluate::{self, Evaluation};
+use cifar_finetune::io::DirLock;
 use cifar_finetune::rundir;
 use cifar_finetune::train;
 
@@ -47,6 +48,13 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     // Read the checkpoint before extracting anything: a wrong path fails at once.
     let ck = checkpoint::load(&args.checkpoint)?;
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| evaluate::default_output_dir(&ck.path));
+    // Another process writing this directory (a sweep, another test) must not interleave its
+    // files with ours; taken before the (possibly long) extraction, so a refusal is at once.
+    let _lock = DirLock::acquire(&out, "run directory", args.features.wait_lock)?;
     let mut features = args.features.clone();
     if features.normalize.is_none() {
         // The normalisation the head's features were made with, read from its fingerprint.
@@ -78,10 +86,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         source::load(&features, args.split)?
     };
     let eval = evaluate::evaluate(&ck, &set, args.split)?;
-    let out = args
-        .out
-        .clone()
-        .unwrap_or_else(|| evaluate::default_output_dir(&ck.path));
     let (metrics, predictions) = evaluate::write_outputs(&eval, &out)
         .with_context(|| format!("writing the results into {}", out.display()))?;
     print_table(&eval);

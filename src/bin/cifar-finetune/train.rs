@@ -18,12 +18,38 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 use crate::source::{self, FeatureArgs, Normalize};
 
+/// Parses a λ, refusing one that f32 (the precision of training) cannot hold: beyond its
+/// range (it would become infinite), or so small that it becomes 0 or loses digits as a
+/// subnormal. Signs and NaN pass, for the settings' validation to name.
+pub fn parse_lambda(s: &str) -> Result<f32, String> {
+    let x: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number"))?;
+    let y = x as f32;
+    if x.is_finite() && y.is_infinite() {
+        return Err(format!(
+            "{s} is beyond the largest λ training can hold (f32, about {:e})",
+            f32::MAX
+        ));
+    }
+    if x.is_finite() && (f64::from(y) - x).abs() > x.abs() * f64::from(f32::EPSILON) {
+        return Err(format!(
+            "{s} is too small for training's f32 arithmetic, which would make it {:e}; the \
+             smallest λ it holds exactly enough is about {:e}",
+            f64::from(y),
+            f32::MIN_POSITIVE
+        ));
+    }
+    Ok(y)
+}
+
 /// Train the head (Linear(2048, 32) → ReLU or nothing → Linear(32, 10)) at one L2 strength λ.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// L2 strength λ: the objective is cross-entropy + λ/2·(‖W1‖² + ‖W2‖²), the squared norms
     /// of the two weight matrices. Biases are not penalised.
-    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true, value_parser = parse_lambda)]
     pub lambda: f32,
     #[command(flatten)]
     pub hyper: TrainArgs,
@@ -225,6 +251,7 @@ pub fn train_sets(
         jobs: hyper
             .jobs
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        wait_for_lock: features.wait_lock,
     };
     println!(
         "training on {} features, validating on {}; run directory {}",
