@@ -317,10 +317,10 @@ pub fn cached_part(
     let labels = dataset.labels(part)?;
     let classes = dataset.classes().to_vec();
     let total = limit.map_or(labels.len(), |l| l.min(labels.len()));
-    let dir = cache_dir_for(extractor, dataset, part, &opts.dir)?;
-    // Taken at the first shard to compute: readers of a complete cache never wait, and
-    // shards appear by atomic rename, so a reader never sees half of one.
-    let mut lock: Option<DirLock> = None;
+    // The lock is taken for the first write (fingerprint.json or a shard): readers of a
+    // complete cache never wait, and files appear by atomic rename, so a reader never sees
+    // half of one.
+    let (dir, mut lock) = cache_dir_for(extractor, dataset, part, opts)?;
     let dim = FEATURE_DIM;
 
     let mut set = FeatureSet {
@@ -338,12 +338,7 @@ pub fn cached_part(
         let rows = end - start;
         let mut found = find_shard(&dir, start, end, extractor, &classes, labels);
         if found.is_none() && lock.is_none() {
-            lock = Some(DirLock::acquire(
-                &dir,
-                "feature cache part",
-                opts.wait_for_lock,
-            )?);
-            crate::io::remove_stale_temporaries(&dir)?;
+            lock = Some(lock_part(&dir, opts)?);
             // Another process may have written it while this one waited.
             found = find_shard(&dir, start, end, extractor, &classes, labels);
         }
@@ -443,12 +438,15 @@ struct CacheFingerprint {
 
 /// The cache directory of one (extractor, part, dataset files) triple, created with its
 /// `fingerprint.json` if new; an existing one must describe the same inputs.
+///
+/// Writing `fingerprint.json` takes the directory's lock, which is returned: every write
+/// into a cache part happens under it, so the holder may remove stray temporaries.
 fn cache_dir_for(
     extractor: &Extractor,
     dataset: &dyn Dataset,
     part: Part,
-    root: &Path,
-) -> Result<PathBuf> {
+    opts: &CacheOptions,
+) -> Result<(PathBuf, Option<DirLock>)> {
     // The file list identifies the dataset (and so its classes): the key of a CIFAR-10
     // cache is the same as before datasets other than CIFAR-10 existed.
     let fp = CacheFingerprint {
@@ -459,8 +457,12 @@ fn cache_dir_for(
     let text = serde_json::to_string(&fp)
         .map_err(|e| Error::invalid("cache fingerprint", e.to_string()))?;
     let key = crate::io::hex(&Sha256::digest(text.as_bytes()));
-    let dir = root.join(format!("{part}-{}", &key[..16]));
+    let dir = opts.dir.join(format!("{part}-{}", &key[..16]));
     let meta = dir.join("fingerprint.json");
+    let mut lock = None;
+    if !meta.exists() {
+        lock = Some(lock_part(&dir, opts)?);
+    }
     if meta.exists() {
         let existing: CacheFingerprint = crate::io::read_json(&meta)?;
         if existing != fp {
@@ -474,7 +476,14 @@ fn cache_dir_for(
     } else {
         crate::io::write_json(&meta, &fp)?;
     }
-    Ok(dir)
+    Ok((dir, lock))
+}
+
+/// Locks a cache part for writing and removes the temporaries a killed writer left there.
+fn lock_part(dir: &Path, opts: &CacheOptions) -> Result<DirLock> {
+    let lock = DirLock::acquire(dir, "feature cache part", opts.wait_for_lock)?;
+    crate::io::remove_stale_temporaries(dir)?;
+    Ok(lock)
 }
 
 fn shard_name(start: usize, end: usize) -> String {

@@ -26,6 +26,14 @@ use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use sha2::{Digest, Sha256};
 
+mod checks;
+mod random;
+
+pub use checks::split_digest;
+use checks::{check_sets, compare_configs};
+pub use random::Dropout;
+use random::{RNG_SCHEME, shuffle};
+
 use crate::checkpoint::{self, CheckpointKind, CheckpointMeta};
 use crate::error::{Error, Result};
 use crate::features::FeatureSet;
@@ -814,228 +822,9 @@ fn choose(select: Select, summaries: &[LambdaSummary]) -> Result<&LambdaSummary>
     best.ok_or_else(|| Error::invalid("lambdas", "no λ was trained"))
 }
 
-fn check_sets(train: &FeatureSet, val: &FeatureSet) -> Result<()> {
-    if train.is_empty() {
-        return Err(Error::invalid(
-            "training split",
-            "has no samples (check the image limit and the validation count)",
-        ));
-    }
-    if val.is_empty() {
-        return Err(Error::invalid(
-            "validation split",
-            "has no samples, and validation picks the best checkpoint (check the validation count and the image limit)",
-        ));
-    }
-    if train.extractor != val.extractor {
-        return Err(Error::invalid(
-            "features",
-            format!(
-                "training features come from `{}`, validation features from `{}`",
-                train.extractor, val.extractor
-            ),
-        ));
-    }
-    if train.classes != val.classes {
-        return Err(Error::invalid(
-            "features",
-            format!(
-                "training features are labelled with the classes {:?}, validation features \
-                 with {:?}",
-                train.classes, val.classes
-            ),
-        ));
-    }
-    if train.classes.len() < 2 {
-        return Err(Error::invalid(
-            "features",
-            format!(
-                "a classifier needs at least 2 classes, these features name {:?}",
-                train.classes
-            ),
-        ));
-    }
-    for (name, set) in [("training", train), ("validation", val)] {
-        if set.dim == 0 || set.dim != train.dim || set.features.len() != set.len() * set.dim {
-            return Err(Error::invalid(
-                "features",
-                format!(
-                    "{name} features hold {} values for {} rows of width {} (training width {})",
-                    set.features.len(),
-                    set.len(),
-                    set.dim,
-                    train.dim
-                ),
-            ));
-        }
-        if let Some(bad) = set
-            .labels
-            .iter()
-            .find(|&&y| y as usize >= train.classes.len())
-        {
-            return Err(Error::invalid(
-                "labels",
-                format!(
-                    "{name} label {bad} is not a class id (there are {} classes)",
-                    train.classes.len()
-                ),
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// sha256 over both splits' image indices and labels (`config.json`'s `split_digest`).
-pub fn split_digest(train: &FeatureSet, val: &FeatureSet) -> String {
-    let mut h = Sha256::new();
-    for set in [train, val] {
-        h.update((set.len() as u64).to_le_bytes());
-        for &i in &set.index {
-            h.update(i.to_le_bytes());
-        }
-        h.update(&set.labels);
-    }
-    crate::io::hex(&h.finalize())
-}
-
-/// Rejects a resumed run whose configuration differs, naming the first differing field.
-fn compare_configs(path: &Path, old: &RunConfig, new: &RunConfig) -> Result<()> {
-    if old.extractor != new.extractor || old.feature_dim != new.feature_dim {
-        return Err(Error::Fingerprint {
-            path: path.to_path_buf(),
-            msg: format!(
-                "the run was trained on features from `{}`, these come from `{}`",
-                old.extractor, new.extractor
-            ),
-        });
-    }
-    if old.split_digest != new.split_digest {
-        return Err(Error::Fingerprint {
-            path: path.to_path_buf(),
-            msg: "the training/validation split differs (check the validation count, the split seed and the image limit)"
-                .to_string(),
-        });
-    }
-    // `source` is informative (paths may be spelled differently); the fingerprint and the
-    // split digest above are what identify the features.
-    let new = RunConfig {
-        source: old.source.clone(),
-        options: old.options.clone(),
-        ..new.clone()
-    };
-    if *old == new {
-        return Ok(());
-    }
-    let (a, b) = (to_value(old), to_value(&new));
-    let field = first_difference("", &a, &b).unwrap_or_else(|| "?".to_string());
-    Err(Error::invalid(
-        "resume",
-        format!(
-            "{} was made with a different `{field}`; resume with the same settings or start a new run directory",
-            path.display()
-        ),
-    ))
-}
-
-fn to_value(c: &RunConfig) -> serde_json::Value {
-    serde_json::to_value(c).unwrap_or(serde_json::Value::Null)
-}
-
-fn first_difference(prefix: &str, a: &serde_json::Value, b: &serde_json::Value) -> Option<String> {
-    use serde_json::Value;
-    match (a, b) {
-        (Value::Object(x), Value::Object(y)) => {
-            for (k, va) in x {
-                let path = if prefix.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{prefix}.{k}")
-                };
-                match y.get(k) {
-                    Some(vb) => {
-                        if let Some(d) = first_difference(&path, va, vb) {
-                            return Some(d);
-                        }
-                    }
-                    None => return Some(path),
-                }
-            }
-            y.keys()
-                .find(|k| !x.contains_key(*k))
-                .map(|k| format!("{prefix}.{k}"))
-        }
-        _ if a == b => None,
-        _ => Some(prefix.to_string()),
-    }
-}
-
-/// Describes the random streams (stored in `last` checkpoints).
-const RNG_SCHEME: &str = "ChaCha8 seed_from_u64(seed); init stream 0, shuffle stream 2^32+epoch, \
-                          dropout stream 2*2^32+epoch";
-const STREAM_SHUFFLE: u64 = 1;
-const STREAM_DROPOUT: u64 = 2;
-
-fn stream(seed: u64, purpose: u64, epoch: usize) -> ChaCha8Rng {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    rng.set_stream((purpose << 32) | epoch as u64);
-    rng
-}
-
-/// The dropout masks of one epoch, as `nn.Dropout(p)` in training mode: each hidden unit of
-/// each sample is zeroed with probability `p` and otherwise scaled by 1/(1−p) ("inverted"
-/// dropout, so the expected activation is unchanged and evaluation uses the head as it is,
-/// with no mask and no rescaling). The draws come from the epoch's dropout stream of `seed`,
-/// one uniform per unit in the order the units are used.
-#[derive(Debug, Clone)]
-pub struct Dropout {
-    rng: ChaCha8Rng,
-    p: f32,
-    keep_scale: f32,
-}
-
-impl Dropout {
-    /// The masks of epoch `epoch` (1-based) of a run seeded with `seed`, for probability `p`
-    /// (in [0, 1), checked by [`TrainConfig::validate`]).
-    pub fn new(seed: u64, epoch: usize, p: f32) -> Dropout {
-        Dropout {
-            rng: stream(seed, STREAM_DROPOUT, epoch),
-            p,
-            keep_scale: 1.0 / (1.0 - p),
-        }
-    }
-
-    /// Fills `mask` (`[b, H]`) with the next units' factors: 0 (dropped) or 1/(1−p) (kept).
-    pub fn fill(&mut self, mask: &mut [f32]) {
-        for v in mask.iter_mut() {
-            *v = if unit(&mut self.rng) < self.p {
-                0.0
-            } else {
-                self.keep_scale
-            };
-        }
-    }
-}
-
-/// A uniform f32 in [0, 1) from the top 24 bits of a word.
-fn unit(rng: &mut ChaCha8Rng) -> f32 {
-    (rng.next_u32() >> 8) as f32 * (1.0 / (1u32 << 24) as f32)
-}
-
-/// Resets `order` to 0..n and applies the Fisher–Yates shuffle of epoch `epoch`.
-fn shuffle(order: &mut [usize], seed: u64, epoch: usize) {
-    for (i, v) in order.iter_mut().enumerate() {
-        *v = i;
-    }
-    let mut rng = stream(seed, STREAM_SHUFFLE, epoch);
-    for i in (1..order.len()).rev() {
-        // Lemire's multiply-shift: uniform in 0..=i up to a bias below 2⁻³².
-        let j = ((u128::from(rng.next_u64()) * (i as u128 + 1)) >> 64) as usize;
-        order.swap(i, j);
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::checks::first_difference;
     use super::*;
 
     #[test]
