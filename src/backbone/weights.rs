@@ -19,6 +19,46 @@ use candle_core::{DType, Device, Tensor};
 use super::arch::{Arch, ConvSpec};
 use crate::error::{CandleContext, Error, Result};
 
+/// candle's error without the backtrace it carries when `RUST_BACKTRACE` is set: a message
+/// about a file, not thirty lines of stack.
+fn without_backtrace(e: candle_core::Error) -> candle_core::Error {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => without_backtrace(*inner),
+        e => e,
+    }
+}
+
+/// Every tensor of a torch.save zip, read one by one so that an error names its key.
+fn read_pth(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    let pth = candle_core::pickle::PthTensors::new(path, None).map_err(|e| {
+        let e = without_backtrace(e);
+        weights_err(path, format!("cannot read as a torch.save zip (.pth): {e}"))
+    })?;
+    let mut names: Vec<&String> = pth.tensor_infos().keys().collect();
+    names.sort();
+    let mut tensors = Vec::with_capacity(names.len());
+    for name in names {
+        match pth.get(name) {
+            Ok(Some(t)) => tensors.push((name.clone(), t)),
+            Ok(None) => {}
+            Err(e) => {
+                let e = without_backtrace(e);
+                let hint = if e.to_string().contains("non-contiguous") {
+                    "; save the state dict with contiguous tensors \
+                     (`{k: v.contiguous() for k, v in sd.items()}`)"
+                } else {
+                    ""
+                };
+                return Err(weights_err(
+                    path,
+                    format!("cannot read tensor `{name}`: {e}{hint}"),
+                ));
+            }
+        }
+    }
+    Ok(tensors)
+}
+
 /// Batch-norm epsilon of torchvision's ResNet.
 pub const BN_EPS: f64 = 1e-5;
 /// True for keys that a backbone checkpoint may hold and we deliberately do not use.
@@ -59,19 +99,18 @@ impl StateDict {
         let tensors: Vec<(String, Tensor)> = if magic.starts_with(b"PK\x03\x04") {
             // candle's pickle reader can panic on malformed input (found by tests/fuzz.rs: a
             // LONG1 of more than 8 bytes overflows a shift); a bad file must be an error.
-            std::panic::catch_unwind(|| candle_core::pickle::read_all(path))
-                .map_err(|_| {
-                    weights_err(
-                        path,
-                        "cannot read as a torch.save zip (.pth): its pickle is malformed",
-                    )
-                })?
-                .map_err(|e| {
-                    weights_err(path, format!("cannot read as a torch.save zip (.pth): {e}"))
-                })?
+            std::panic::catch_unwind(|| read_pth(path)).map_err(|_| {
+                weights_err(
+                    path,
+                    "cannot read as a torch.save zip (.pth): its pickle is malformed",
+                )
+            })??
         } else if magic[8] == b'{' {
             candle_core::safetensors::load(path, &Device::Cpu)
-                .map_err(|e| weights_err(path, format!("cannot read as safetensors: {e}")))?
+                .map_err(|e| {
+                    let e = without_backtrace(e);
+                    weights_err(path, format!("cannot read as safetensors: {e}"))
+                })?
                 .into_iter()
                 .collect()
         } else {
@@ -113,8 +152,9 @@ impl StateDict {
             weights_err(
                 &self.path,
                 format!(
-                    "missing tensor `{key}` (expected shape {shape:?}); \
-                     is this a torchvision {} state dict?",
+                    "missing tensor `{key}` (expected shape {shape:?}); is this a \
+                     torchvision {} state dict? (A .pth tensor stored as int32, bool or complex \
+                     cannot be read and counts as missing: save it as float.)",
                     self.arch
                 ),
             )
