@@ -334,7 +334,7 @@ pub fn cached_part(
     let mut cached = 0;
     let mut written = 0;
     for start in (0..total).step_by(opts.shard_size) {
-        let end = (start + opts.shard_size).min(total);
+        let end = start.saturating_add(opts.shard_size).min(total);
         let rows = end - start;
         let mut found = find_shard(&dir, start, end, extractor, &classes, labels);
         if found.is_none() && lock.is_none() {
@@ -350,7 +350,7 @@ pub fn cached_part(
             None => {
                 let mut features = Vec::with_capacity(rows * dim);
                 for b in (start..end).step_by(opts.batch_size) {
-                    let be = (b + opts.batch_size).min(end);
+                    let be = b.saturating_add(opts.batch_size).min(end);
                     let images = (b..be)
                         .map(|i| dataset.image(part, i))
                         .collect::<Result<Vec<_>>>()?;

@@ -473,3 +473,20 @@ fn a_cache_part_being_written_is_locked_and_stale_temporaries_go() {
     assert!(!part.join(".tmp-stale").exists());
     assert_eq!(shard_files(&cache).len(), before + 1);
 }
+
+#[test]
+fn batch_and_shard_sizes_beyond_the_data_are_bounded_by_it() {
+    let ex = extractor(Preprocess::imagenet(32));
+    let cache = tempfile::tempdir().unwrap();
+    let opts = CacheOptions {
+        dir: cache.path().to_path_buf(),
+        batch_size: usize::MAX,
+        shard_size: usize::MAX,
+        wait_for_lock: false,
+        crash_after_shards: None,
+    };
+    let set =
+        features::cached_part(&ex, &cifar10(), Part::Train, Some(3), &opts, &mut |_| {}).unwrap();
+    assert_eq!(set.len(), 3);
+    assert_eq!(shard_files(cache.path()).len(), 1);
+}
