@@ -47,7 +47,8 @@ pub enum Error {
     /// A user-supplied option or configuration value is invalid (names the flag or field).
     #[error("invalid {what}: {msg}")]
     Invalid {
-        /// The flag or field, e.g. "batch_size".
+        /// The setting, by its field name (e.g. `batch_size`; the command line maps it to its
+        /// flag), or what else is invalid (e.g. "image").
         what: String,
         /// Why it is rejected.
         msg: String,

@@ -80,3 +80,20 @@ impl Progress {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rate_counts_computed_units_only_and_waits_for_a_second() {
+        let mut p = Progress::new("features", "images", 1000);
+        let now = Instant::now();
+        // 900 units found in the cache in the first instant: no rate at all.
+        assert_eq!(p.rate(900, 0, now), "");
+        // Computed ones, but not yet a second of them.
+        assert_eq!(p.rate(910, 10, now), "");
+        p.start = now - Duration::from_secs(2);
+        assert_eq!(p.rate(910, 10, now), " (5.0 images/s, 18 s left)");
+    }
+}
