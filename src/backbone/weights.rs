@@ -28,6 +28,61 @@ fn without_backtrace(e: candle_core::Error) -> candle_core::Error {
     }
 }
 
+/// The storage class (`FloatStorage`, `IntStorage`, …) of every tensor of a torch.save zip,
+/// by key, read from its pickle; `None` when the file is not such a zip.
+fn pth_storage_classes(path: &Path) -> Option<HashMap<String, String>> {
+    use candle_core::pickle::{Object, Stack};
+    fn storage_class(v: &Object) -> Option<String> {
+        match v {
+            Object::Class { class_name, .. } if class_name.ends_with("Storage") => {
+                Some(class_name.clone())
+            }
+            Object::Tuple(items) | Object::List(items) => items.iter().find_map(storage_class),
+            Object::Reduce { callable, args } | Object::Build { callable, args } => {
+                storage_class(callable).or_else(|| storage_class(args))
+            }
+            Object::PersistentLoad(o) => storage_class(o),
+            _ => None,
+        }
+    }
+    fn collect(obj: &Object, out: &mut HashMap<String, String>) {
+        match obj {
+            Object::Dict(pairs) => {
+                for (k, v) in pairs {
+                    match (k, storage_class(v)) {
+                        (Object::Unicode(k), Some(class)) => {
+                            out.insert(k.clone(), class);
+                        }
+                        _ => collect(v, out),
+                    }
+                }
+            }
+            Object::Tuple(items) | Object::List(items) => {
+                items.iter().for_each(|o| collect(o, out));
+            }
+            Object::Reduce { callable, args } | Object::Build { callable, args } => {
+                collect(callable, out);
+                collect(args, out);
+            }
+            Object::PersistentLoad(o) => collect(o, out),
+            _ => {}
+        }
+    }
+    let file = std::fs::File::open(path).ok()?;
+    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file)).ok()?;
+    let name = zip
+        .file_names()
+        .filter_map(|n| n.ok())
+        .find(|n| n.ends_with("data.pkl"))?
+        .into_owned();
+    let pickle = zip.by_name(&name).ok()?;
+    let mut stack = Stack::empty();
+    stack.read_loop(&mut std::io::BufReader::new(pickle)).ok()?;
+    let mut out = HashMap::new();
+    collect(&stack.finalize().ok()?, &mut out);
+    Some(out)
+}
+
 /// Every tensor of a torch.save zip, read one by one so that an error names its key.
 fn read_pth(path: &Path) -> Result<Vec<(String, Tensor)>> {
     let pth = candle_core::pickle::PthTensors::new(path, None).map_err(|e| {
@@ -149,15 +204,28 @@ impl StateDict {
     /// Removes tensor `key`, checking its shape, as f32 on the CPU.
     pub fn take(&mut self, key: &str, shape: &[usize]) -> Result<Tensor> {
         let t = self.tensors.remove(key).ok_or_else(|| {
-            weights_err(
-                &self.path,
-                format!(
-                    "missing tensor `{key}` (expected shape {shape:?}); is this a \
-                     torchvision {} state dict? (A .pth tensor stored as int32, bool or complex \
-                     cannot be read and counts as missing: save it as float.)",
-                    self.arch
+            // candle skips .pth tensors of storage types it cannot read: name the type.
+            let class = std::panic::catch_unwind(|| pth_storage_classes(&self.path))
+                .ok()
+                .flatten()
+                .and_then(|mut classes| classes.remove(key));
+            match class {
+                Some(class) => weights_err(
+                    &self.path,
+                    format!(
+                        "tensor `{key}` is stored as {class}, which cannot be read; save it as \
+                         float (`{{k: v.float() for k, v in sd.items()}}`)"
+                    ),
                 ),
-            )
+                None => weights_err(
+                    &self.path,
+                    format!(
+                        "missing tensor `{key}` (expected shape {shape:?}); is this a \
+                         torchvision {} state dict?",
+                        self.arch
+                    ),
+                ),
+            }
         })?;
         if t.dims() != shape {
             return Err(weights_err(
