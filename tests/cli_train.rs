@@ -2,6 +2,8 @@
 //! synthetic ResNet-50 at image size 32, features extracted into the cache once, then the
 //! run directory, the test evaluation and the errors a user can run into.
 
+#[path = "common/cli_fixture.rs"]
+mod cli_fixture;
 #[path = "common/shared_dir.rs"]
 mod shared_dir;
 
@@ -9,9 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-use shared_dir::shared_dir;
+use cli_fixture::{FIXTURE_FLAGS, cli_fixture_dir};
 
-use cifar_finetune::backbone::weights;
 use cifar_finetune::evaluate::{self, TestMetrics};
 use cifar_finetune::io::DirLock;
 use cifar_finetune::rundir;
@@ -28,20 +29,7 @@ struct Setup {
 fn setup() -> &'static Setup {
     static SETUP: OnceLock<Setup> = OnceLock::new();
     SETUP.get_or_init(|| {
-        let root = shared_dir("cli_train");
-        let data = root.join("data/cifar-10-batches-bin");
-        std::fs::create_dir_all(&data).unwrap();
-        let fixtures =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cifar/cifar-10-batches-bin");
-        for e in std::fs::read_dir(&fixtures).unwrap() {
-            let p = e.unwrap().path();
-            std::fs::copy(&p, data.join(p.file_name().unwrap())).unwrap();
-        }
-        weights::write_safetensors(
-            &weights::synthetic_state_dict().unwrap(),
-            &root.join("resnet50.safetensors"),
-        )
-        .unwrap();
+        let root = cli_fixture_dir("cli_train");
         let run = root.join("runs/sweep");
         let out = cli(
             &root,
@@ -73,17 +61,7 @@ fn cli(root: &Path, args: &[&str]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_cifar-finetune"));
     cmd.current_dir(root).args(args);
     if args.first() != Some(&"--help") {
-        cmd.args([
-            "--data",
-            "data",
-            "--weights",
-            "resnet50.safetensors",
-            "--image-size",
-            "32",
-            "--val-count",
-            "5",
-            "--offline",
-        ]);
+        cmd.args(FIXTURE_FLAGS);
     }
     cmd.output().unwrap()
 }
@@ -342,18 +320,10 @@ fn a_run_directory_in_use_is_refused_or_waited_for_and_stale_temporaries_go() {
     std::fs::write(run.join("lambda_0/.tmp-stale"), b"half a checkpoint").unwrap();
     std::fs::write(run.join(".tmp-stale"), b"half a config").unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_cifar-finetune"));
-    cmd.current_dir(&s.root).args(sweep).args([
-        "--data",
-        "data",
-        "--weights",
-        "resnet50.safetensors",
-        "--image-size",
-        "32",
-        "--val-count",
-        "5",
-        "--offline",
-        "--wait-lock",
-    ]);
+    cmd.current_dir(&s.root)
+        .args(sweep)
+        .args(FIXTURE_FLAGS)
+        .arg("--wait-lock");
     let mut child = cmd
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())

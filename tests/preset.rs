@@ -2,6 +2,8 @@
 //! validation split (`test --split val`), end to end through the binary: fixture-sized
 //! CIFAR-10 files and a synthetic ResNet-50 at image size 32, as tests/cli_train.rs.
 
+#[path = "common/cli_fixture.rs"]
+mod cli_fixture;
 #[path = "common/shared_dir.rs"]
 mod shared_dir;
 
@@ -9,9 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-use shared_dir::shared_dir;
+use cli_fixture::{FIXTURE_FLAGS, cli_fixture_dir};
 
-use cifar_finetune::backbone::weights;
 use cifar_finetune::checkpoint;
 use cifar_finetune::data::transform::Preprocess;
 use cifar_finetune::evaluate::{self, TestMetrics};
@@ -27,20 +28,7 @@ struct Setup {
 fn setup() -> &'static Setup {
     static SETUP: OnceLock<Setup> = OnceLock::new();
     SETUP.get_or_init(|| {
-        let root = shared_dir("preset");
-        let data = root.join("data/cifar-10-batches-bin");
-        std::fs::create_dir_all(&data).unwrap();
-        let fixtures =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cifar/cifar-10-batches-bin");
-        for e in std::fs::read_dir(&fixtures).unwrap() {
-            let p = e.unwrap().path();
-            std::fs::copy(&p, data.join(p.file_name().unwrap())).unwrap();
-        }
-        weights::write_safetensors(
-            &weights::synthetic_state_dict().unwrap(),
-            &root.join("resnet50.safetensors"),
-        )
-        .unwrap();
+        let root = cli_fixture_dir("preset");
         Setup { root }
     })
 }
@@ -66,29 +54,13 @@ fn report(dir: &Path) {
 
 fn run_ok(args: &[&str], feature_flags: bool) -> Output {
     let root = &setup().root;
-    let extra: &[&str] = if feature_flags {
-        &[
-            "--data",
-            "data",
-            "--weights",
-            "resnet50.safetensors",
-            "--image-size",
-            "32",
-            "--val-count",
-            "5",
-            "--offline",
-            // The tests run at once, and the first ones all fill the shared cache.
-            "--wait-lock",
-        ]
-    } else {
-        &[]
-    };
-    let out = Command::new(env!("CARGO_BIN_EXE_cifar-finetune"))
-        .current_dir(root)
-        .args(args)
-        .args(extra)
-        .output()
-        .unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cifar-finetune"));
+    cmd.current_dir(root).args(args);
+    if feature_flags {
+        // The tests run at once, and the first ones all fill the shared cache.
+        cmd.args(FIXTURE_FLAGS).arg("--wait-lock");
+    }
+    let out = cmd.output().unwrap();
     assert!(
         out.status.success(),
         "{args:?} failed:\n{}",
