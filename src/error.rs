@@ -35,6 +35,15 @@ pub enum Error {
         msg: String,
     },
 
+    /// An image file cannot be read or decoded (names the file); a dataset may skip these.
+    #[error("{}: {msg}", path.display())]
+    BadImage {
+        /// The image file.
+        path: PathBuf,
+        /// Why it cannot be used.
+        msg: String,
+    },
+
     /// A tensor is missing, unexpected or has the wrong shape (names the tensor).
     #[error("{}: {msg}", path.display())]
     Weights {

@@ -58,6 +58,10 @@ impl Dataset for Shapes {
         "shapes"
     }
 
+    fn parts(&self) -> &[Part] {
+        &[Part::Train]
+    }
+
     fn classes(&self) -> &[String] {
         &self.classes
     }
@@ -69,7 +73,7 @@ impl Dataset for Shapes {
     fn labels(&self, part: Part) -> Result<&[u8]> {
         match part {
             Part::Train => Ok(&self.labels),
-            Part::Test => Err(Error::invalid("part", "shapes has no test part")),
+            Part::Val | Part::Test => Err(Error::invalid("part", "shapes has only a train part")),
         }
     }
 

@@ -31,6 +31,7 @@ use std::sync::OnceLock;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+pub use crate::data::Part;
 use crate::data::{Dataset, Image, pickle};
 use crate::error::{Error, Result};
 
@@ -70,61 +71,6 @@ pub const BIN_DIR: &str = "cifar-10-batches-bin";
 
 /// Directory name of the python version.
 pub const PY_DIR: &str = "cifar-10-batches-py";
-
-/// One of CIFAR-10's own two file sets.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Part {
-    /// The 50,000 training images (`data_batch_1` … `data_batch_5`).
-    Train,
-    /// The 10,000 test images (`test_batch`).
-    Test,
-}
-
-impl Part {
-    /// The lowercase name, as accepted by [`FromStr`].
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Part::Train => "train",
-            Part::Test => "test",
-        }
-    }
-
-    /// Batch file stems of this part, in dataset order (without the binary `.bin` suffix).
-    fn stems(self) -> &'static [&'static str] {
-        match self {
-            Part::Train => &[
-                "data_batch_1",
-                "data_batch_2",
-                "data_batch_3",
-                "data_batch_4",
-                "data_batch_5",
-            ],
-            Part::Test => &["test_batch"],
-        }
-    }
-}
-
-impl fmt::Display for Part {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Part {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "train" => Ok(Part::Train),
-            "test" => Ok(Part::Test),
-            other => Err(Error::invalid(
-                "part",
-                format!("expected `train` or `test`, got `{other}`"),
-            )),
-        }
-    }
-}
 
 /// What a user asks for: train and val are a seeded split of [`Part::Train`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -201,7 +147,7 @@ pub struct Layout {
 impl Layout {
     /// The batch files of `part` in this layout, in dataset order (existence not checked).
     pub fn batch_paths(&self, part: Part) -> Vec<PathBuf> {
-        part.stems()
+        stems(part)
             .iter()
             .map(|stem| match self.format {
                 Format::Binary => self.dir.join(format!("{stem}.bin")),
@@ -216,6 +162,22 @@ impl Layout {
             Format::Binary => self.dir.join("batches.meta.txt"),
             Format::Python => self.dir.join("batches.meta"),
         }
+    }
+}
+
+/// Batch file stems of `part`, in dataset order (without the binary `.bin` suffix); CIFAR-10
+/// has no validation files, so `Val` has none.
+fn stems(part: Part) -> &'static [&'static str] {
+    match part {
+        Part::Train => &[
+            "data_batch_1",
+            "data_batch_2",
+            "data_batch_3",
+            "data_batch_4",
+            "data_batch_5",
+        ],
+        Part::Val => &[],
+        Part::Test => &["test_batch"],
     }
 }
 
@@ -274,6 +236,9 @@ pub fn locate(data_dir: &Path) -> Result<Layout> {
 ///
 /// Errors name the first missing file and the expected layout.
 pub fn part_files(data_dir: &Path, part: Part) -> Result<Vec<PathBuf>> {
+    if stems(part).is_empty() {
+        return Err(no_such_part(part));
+    }
     let layout = locate(data_dir)?;
     let paths = layout.batch_paths(part);
     for p in &paths {
@@ -328,6 +293,7 @@ impl Cifar10 {
         let slot = match part {
             Part::Train => &self.parts[0],
             Part::Test => &self.parts[1],
+            Part::Val => return Err(no_such_part(part)),
         };
         if let Some(p) = slot.get() {
             return Ok(p);
@@ -337,9 +303,24 @@ impl Cifar10 {
     }
 }
 
+/// The error for a part CIFAR-10 does not have (its validation images are drawn from the
+/// training part).
+fn no_such_part(part: Part) -> Error {
+    Error::invalid(
+        "part",
+        format!(
+            "CIFAR-10 has no {part} files: only train and test (validation images are drawn from train)"
+        ),
+    )
+}
+
 impl Dataset for Cifar10 {
     fn name(&self) -> &str {
         "cifar10"
+    }
+
+    fn parts(&self) -> &[Part] {
+        &[Part::Train, Part::Test]
     }
 
     fn classes(&self) -> &[String] {

@@ -242,7 +242,7 @@ pub fn load_many(args: &FeatureArgs, splits: &[Split]) -> anyhow::Result<Vec<Fea
     let mut out = Vec::with_capacity(splits.len());
     for &split in splits {
         let set = match split.part() {
-            Part::Test => load_part(args, &dataset, &extractor, Part::Test)?,
+            part @ (Part::Val | Part::Test) => load_part(args, &dataset, &extractor, part)?,
             Part::Train => {
                 if train_part.is_none() {
                     train_part = Some(load_part(args, &dataset, &extractor, Part::Train)?);
