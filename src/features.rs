@@ -18,6 +18,7 @@
 //! complete shard. Each shard is validated before use — its extractor, its rows, its labels
 //! against the dataset — and recomputed if it does not match.
 
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
@@ -236,35 +237,109 @@ impl Extractor {
         &self.preprocess
     }
 
-    /// Features of a batch of images, each `[3, h, w]` u8 (R, G, B planes).
-    /// Returns `[images.len(), 2048]` row-major.
+    /// Width of a feature row.
+    pub fn feature_dim(&self) -> usize {
+        FEATURE_DIM
+    }
+
+    /// Features of a batch of images of one size, each `[3, h, w]` u8 (R, G, B planes).
+    /// Returns `[images.len(), feature_dim]` row-major.
     pub fn extract(&self, images: &[&[u8]], h: usize, w: usize) -> Result<Vec<f32>> {
+        let images: Vec<Image<'_>> = images
+            .iter()
+            .map(|&pixels| Image {
+                pixels: std::borrow::Cow::Borrowed(pixels),
+                height: h,
+                width: w,
+            })
+            .collect();
+        self.extract_images(&images)
+    }
+
+    /// Features of a batch of images of any sizes: each is preprocessed on its own, then the
+    /// backbone runs once per run of consecutive inputs of the same preprocessed size (one
+    /// run when the preprocessing crops to a fixed size). Returns `[images.len(),
+    /// feature_dim]` row-major.
+    pub fn extract_images(&self, images: &[Image<'_>]) -> Result<Vec<f32>> {
         if images.is_empty() {
             return Ok(Vec::new());
         }
         let model = self.model()?;
-        // The resize filters are computed once for the batch's image size.
-        let prepared = self.preprocess.prepare(h, w)?;
-        let (oh, ow) = prepared.output_hw();
-        let per = prepared.output_len();
-        // [b, 3, oh, ow]
-        let mut input = vec![0f32; images.len() * per];
-        for (img, out) in images.iter().zip(input.chunks_exact_mut(per)) {
-            prepared.apply(img, out)?;
-        }
-        match model {
-            // [b, 2048]
-            Backbone::Fast(model) => model.forward(&input, images.len(), oh, ow),
-            Backbone::Candle(model) => {
-                let x = Tensor::from_vec(input, (images.len(), 3, oh, ow), &Device::Cpu)
-                    .ctx("building the input batch")?;
-                // [b, 2048]
-                let f = model.forward(&x)?;
-                f.flatten_all()
-                    .and_then(|f| f.to_vec1::<f32>())
-                    .ctx("reading features back")
+        let mut out = Vec::with_capacity(images.len() * self.feature_dim());
+        // The resize filters are computed once per run of images of one input size.
+        let mut inputs: Vec<(Vec<f32>, (usize, usize))> = Vec::with_capacity(images.len());
+        for run in images.chunk_by(|a, b| (a.height, a.width) == (b.height, b.width)) {
+            let prepared = self.preprocess.prepare(run[0].height, run[0].width)?;
+            for image in run {
+                // [3, oh, ow]
+                let mut input = vec![0f32; prepared.output_len()];
+                prepared.apply(&image.pixels, &mut input)?;
+                inputs.push((input, prepared.output_hw()));
             }
         }
+        for run in inputs.chunk_by(|a, b| a.1 == b.1) {
+            let (oh, ow) = run[0].1;
+            // [b, 3, oh, ow]
+            let input: Vec<f32> = run.iter().flat_map(|(x, _)| x.iter().copied()).collect();
+            match model {
+                // [b, feature_dim]
+                Backbone::Fast(model) => out.extend(model.forward(&input, run.len(), oh, ow)?),
+                Backbone::Candle(model) => {
+                    let x = Tensor::from_vec(input, (run.len(), 3, oh, ow), &Device::Cpu)
+                        .ctx("building the input batch")?;
+                    // [b, feature_dim]
+                    let f = model.forward(&x)?;
+                    out.extend(
+                        f.flatten_all()
+                            .and_then(|f| f.to_vec1::<f32>())
+                            .ctx("reading features back")?,
+                    );
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Which chunks of a part one process extracts: the part's rows are cut into chunks of
+/// [`CacheOptions::shard_size`] rows, and worker `index` of `count` takes chunk `k` when
+/// `k % count == index`. The chunks — and so the shard files — are the same whoever
+/// computes them, so `count` workers on `count` machines (a Slurm job array, a Kubernetes
+/// Indexed Job) fill a shared cache with the very files one process would write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Work {
+    /// This worker, `0..count`.
+    pub index: usize,
+    /// How many workers share the part.
+    pub count: usize,
+}
+
+impl Work {
+    /// One process does everything.
+    pub const ALL: Work = Work { index: 0, count: 1 };
+
+    /// Worker `index` of `count`; errors unless `index < count`.
+    pub fn new(index: usize, count: usize) -> Result<Work> {
+        if count == 0 {
+            return Err(Error::invalid("num_shards", "must be at least 1"));
+        }
+        if index >= count {
+            return Err(Error::invalid(
+                "shard_index",
+                format!("{index} is not below the number of shards, {count}"),
+            ));
+        }
+        Ok(Work { index, count })
+    }
+
+    /// Whether this worker computes chunk `k`.
+    fn takes(&self, chunk: usize) -> bool {
+        chunk % self.count == self.index
+    }
+
+    /// The lock file a worker of a sharded job holds alone, beside the shared `.lock`.
+    fn lock_file(&self) -> String {
+        format!(".lock-{}-of-{}", self.index, self.count)
     }
 }
 
@@ -275,31 +350,87 @@ pub struct CacheOptions {
     pub dir: PathBuf,
     /// Images per forward pass.
     pub batch_size: usize,
-    /// Images per shard file: the most work an interruption can lose.
+    /// Rows per chunk, each written as one shard: the most work an interruption can lose.
     pub shard_size: usize,
     /// When another process is extracting into the same cache part: wait for it (and then
     /// use what it computed) instead of failing with [`Error::Locked`].
     pub wait_for_lock: bool,
+    /// The chunks this process extracts ([`Work::ALL`] unless the job is spread over
+    /// several processes).
+    pub work: Work,
+    /// Leave out images that cannot be decoded (listed in [`PartFeatures::skipped`])
+    /// instead of failing with the list of them.
+    pub skip_bad: bool,
     /// For crash-recovery tests only: abort the process (as `kill -9` would, no cleanup)
     /// right after writing this many new shards. `None` in normal use.
     pub crash_after_shards: Option<usize>,
 }
 
+impl CacheOptions {
+    /// The cache in `dir` with the defaults of the command line: batches of 16, shards of
+    /// 512, no waiting, one worker, bad images an error.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        CacheOptions {
+            dir: dir.into(),
+            batch_size: 16,
+            shard_size: 512,
+            wait_for_lock: false,
+            work: Work::ALL,
+            skip_bad: false,
+            crash_after_shards: None,
+        }
+    }
+}
+
 /// Where an extraction stands, reported after each batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Progress {
-    /// Images whose features are available (cached or computed).
+    /// Images whose features are available (cached or computed), or skipped.
     pub done: usize,
-    /// Images wanted in all.
+    /// Images this process is to provide (all of the part, or its chunks of it).
     pub total: usize,
     /// Of `done`, those found in the cache.
     pub cached: usize,
 }
 
+/// An image left out because it cannot be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Skipped {
+    /// The part it belongs to.
+    pub part: Part,
+    /// Its row in the part.
+    pub index: usize,
+    /// Its file.
+    pub path: PathBuf,
+    /// Why it was left out.
+    pub reason: String,
+}
+
+/// The features of a part, and the images left out of them.
+#[derive(Debug, Clone)]
+pub struct PartFeatures {
+    /// One row per usable image, in dataset order (`index` holds each row's image index).
+    pub set: FeatureSet,
+    /// The images that could not be decoded (empty unless [`CacheOptions::skip_bad`]).
+    pub skipped: Vec<Skipped>,
+}
+
+/// What [`fill_part`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FillSummary {
+    /// Images of this worker's chunks found in the cache.
+    pub cached: usize,
+    /// Images whose features were computed now.
+    pub computed: usize,
+    /// Images that could not be decoded.
+    pub skipped: Vec<Skipped>,
+}
+
+/// The most bad files an error lists by name before it gives a count of the rest.
+const BAD_FILES_NAMED: usize = 20;
+
 /// The features of the first `limit` images (all when `None`) of one part of `dataset`, in
-/// dataset order, computing only the shards the cache lacks.
-///
-/// Every file of the part is read and validated before the first image is extracted.
+/// dataset order, computing only those the cache lacks (see [`fill_part`]).
 pub fn cached_part(
     extractor: &Extractor,
     dataset: &dyn Dataset,
@@ -307,98 +438,355 @@ pub fn cached_part(
     limit: Option<usize>,
     opts: &CacheOptions,
     progress: &mut dyn FnMut(Progress),
-) -> Result<FeatureSet> {
-    if opts.batch_size == 0 {
-        return Err(Error::invalid("batch_size", "must be at least 1"));
-    }
-    if opts.shard_size == 0 {
-        return Err(Error::invalid("shard_size", "must be at least 1"));
-    }
-    let labels = dataset.labels(part)?;
-    let classes = dataset.classes().to_vec();
-    let total = limit.map_or(labels.len(), |l| l.min(labels.len()));
-    // The lock is taken for the first write (fingerprint.json or a shard): readers of a
-    // complete cache never wait, and files appear by atomic rename, so a reader never sees
-    // half of one.
-    let (dir, mut lock) = cache_dir_for(extractor, dataset, part, opts)?;
-    let dim = FEATURE_DIM;
+) -> Result<PartFeatures> {
+    let mut cache = PartCache::open(extractor, dataset, part, limit, opts)?;
+    let summary = cache.fill(progress)?;
+    cache.assemble(summary.skipped)
+}
 
-    let mut set = FeatureSet {
-        features: Vec::with_capacity(total * dim),
-        labels: Vec::with_capacity(total),
-        index: Vec::with_capacity(total),
-        dim,
-        extractor: extractor.fingerprint().clone(),
-        classes: classes.clone(),
-    };
-    let mut cached = 0;
-    let mut written = 0;
-    for start in (0..total).step_by(opts.shard_size) {
-        let end = start.saturating_add(opts.shard_size).min(total);
-        let rows = end - start;
-        let mut found = find_shard(&dir, start, end, extractor, &classes, labels);
-        if found.is_none() && lock.is_none() {
-            lock = Some(lock_part(&dir, opts)?);
-            // Another process may have written it while this one waited.
-            found = find_shard(&dir, start, end, extractor, &classes, labels);
+/// Computes the features this worker's chunks ([`CacheOptions::work`]) lack in the cache of
+/// one part, without reading them back: the step a sharded job runs on each machine.
+///
+/// Bad images are collected, not fatal, until the end: then, unless
+/// [`CacheOptions::skip_bad`], the error lists them (every good image's features are
+/// cached by then).
+pub fn fill_part(
+    extractor: &Extractor,
+    dataset: &dyn Dataset,
+    part: Part,
+    limit: Option<usize>,
+    opts: &CacheOptions,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<FillSummary> {
+    PartCache::open(extractor, dataset, part, limit, opts)?.fill(progress)
+}
+
+/// The cache of one part while it is being filled: the shards found so far, indexed by
+/// content key, and the lock once something has to be written.
+struct PartCache<'a> {
+    extractor: &'a Extractor,
+    dataset: &'a dyn Dataset,
+    part: Part,
+    opts: &'a CacheOptions,
+    dir: PathBuf,
+    /// The content key of each of the first `total` images.
+    keys: Vec<u128>,
+    /// The shards read, and where each key's features are: (shard, row).
+    shards: Vec<Shard>,
+    found: HashMap<u128, (usize, usize)>,
+    /// Shard files already read (valid or not), so a rescan reads only new ones.
+    seen: HashSet<PathBuf>,
+    locks: Vec<DirLock>,
+}
+
+impl<'a> PartCache<'a> {
+    fn open(
+        extractor: &'a Extractor,
+        dataset: &'a dyn Dataset,
+        part: Part,
+        limit: Option<usize>,
+        opts: &'a CacheOptions,
+    ) -> Result<Self> {
+        if opts.batch_size == 0 {
+            return Err(Error::invalid("batch_size", "must be at least 1"));
         }
-        let shard = match found {
-            Some(shard) => {
-                cached += rows;
-                shard
+        if opts.shard_size == 0 {
+            return Err(Error::invalid("shard_size", "must be at least 1"));
+        }
+        Work::new(opts.work.index, opts.work.count)?;
+        let mut keys = dataset.image_keys(part)?;
+        keys.truncate(limit.unwrap_or(usize::MAX));
+        let mut cache = PartCache {
+            extractor,
+            dataset,
+            part,
+            opts,
+            dir: PathBuf::new(),
+            keys,
+            shards: Vec::new(),
+            found: HashMap::new(),
+            seen: HashSet::new(),
+            locks: Vec::new(),
+        };
+        cache.dir = cache.part_dir()?;
+        cache.scan();
+        Ok(cache)
+    }
+
+    /// The part's cache directory, created with its `fingerprint.json` if new (under the
+    /// lock); an existing one must describe the same extractor and data source.
+    fn part_dir(&mut self) -> Result<PathBuf> {
+        let fp = CacheFingerprint {
+            extractor: self.extractor.fingerprint().clone(),
+            part: self.part.to_string(),
+            files: self.dataset.fingerprint(self.part)?,
+            layout: CACHE_LAYOUT.to_string(),
+        };
+        let text = serde_json::to_string(&fp)
+            .map_err(|e| Error::invalid("cache fingerprint", e.to_string()))?;
+        let key = crate::io::hex(&Sha256::digest(text.as_bytes()));
+        let dir = self.opts.dir.join(format!("{}-{}", self.part, &key[..16]));
+        let meta = dir.join("fingerprint.json");
+        if !meta.exists() {
+            self.lock(&dir)?;
+        }
+        if meta.exists() {
+            let existing: CacheFingerprint = crate::io::read_json(&meta)?;
+            if existing != fp {
+                return Err(Error::Fingerprint {
+                    path: meta,
+                    msg: "the cache directory describes other weights, preprocessing or data \
+                          files; remove it"
+                        .into(),
+                });
             }
-            None => {
-                let mut features = Vec::with_capacity(rows * dim);
-                for b in (start..end).step_by(opts.batch_size) {
-                    let be = b.saturating_add(opts.batch_size).min(end);
-                    let images = (b..be)
-                        .map(|i| dataset.image(part, i))
-                        .collect::<Result<Vec<_>>>()?;
-                    features.extend(extract_images(extractor, &images)?);
-                    progress(Progress {
-                        done: be,
-                        total,
-                        cached,
-                    });
-                }
-                if let Some((row, v)) = first_non_finite(&features, dim) {
+        } else {
+            crate::io::write_json(&meta, &fp)?;
+        }
+        Ok(dir)
+    }
+
+    /// Takes the locks a writer needs, once: exclusive on `.lock` for a single worker, who
+    /// then removes stale temporaries; for a worker of a sharded job, shared on `.lock`
+    /// (its siblings write beside it) and exclusive on its own lock file.
+    fn lock(&mut self, dir: &Path) -> Result<()> {
+        if !self.locks.is_empty() {
+            return Ok(());
+        }
+        let (wait, what) = (self.opts.wait_for_lock, "feature cache part");
+        if self.opts.work == Work::ALL {
+            self.locks.push(DirLock::acquire(dir, what, wait)?);
+            crate::io::remove_stale_temporaries(dir)?;
+        } else {
+            self.locks.push(DirLock::acquire_file(
+                dir,
+                crate::io::LOCK_FILE,
+                what,
+                wait,
+                true,
+            )?);
+            let own = self.opts.work.lock_file();
+            self.locks
+                .push(DirLock::acquire_file(dir, &own, what, wait, false)?);
+        }
+        Ok(())
+    }
+
+    /// Reads the shard files not read yet; a damaged or foreign one is skipped (its images
+    /// are then recomputed and the file rewritten).
+    fn scan(&mut self) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        let mut paths: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("shard-") && n.ends_with(".safetensors"))
+            })
+            .filter(|p| !self.seen.contains(p))
+            .collect();
+        paths.sort();
+        for path in paths {
+            self.seen.insert(path.clone());
+            let Ok(shard) = Shard::read(&path) else {
+                continue;
+            };
+            if shard.extractor != *self.extractor.fingerprint()
+                || shard.dim != self.extractor.feature_dim()
+            {
+                continue;
+            }
+            self.add(shard);
+        }
+    }
+
+    fn add(&mut self, shard: Shard) {
+        let s = self.shards.len();
+        for (row, &key) in shard.keys.iter().enumerate() {
+            self.found.entry(key).or_insert((s, row));
+        }
+        self.shards.push(shard);
+    }
+
+    /// The rows of chunk `k`.
+    fn chunk(&self, k: usize) -> std::ops::Range<usize> {
+        let start = k.saturating_mul(self.opts.shard_size);
+        start
+            ..start
+                .saturating_add(self.opts.shard_size)
+                .min(self.keys.len())
+    }
+
+    /// The rows of `rows` whose features the cache lacks, each key once.
+    fn missing(&self, rows: std::ops::Range<usize>) -> Vec<usize> {
+        let mut wanted = HashSet::new();
+        rows.filter(|&i| !self.found.contains_key(&self.keys[i]) && wanted.insert(self.keys[i]))
+            .collect()
+    }
+
+    /// Extracts what this worker's chunks lack (see [`fill_part`]).
+    fn fill(&mut self, progress: &mut dyn FnMut(Progress)) -> Result<FillSummary> {
+        let n = self.keys.len();
+        let chunks: Vec<usize> = (0..n.div_ceil(self.opts.shard_size))
+            .filter(|&k| self.opts.work.takes(k))
+            .collect();
+        let total: usize = chunks.iter().map(|&k| self.chunk(k).len()).sum();
+        let mut summary = FillSummary::default();
+        let mut done = 0;
+        let mut written = 0;
+        for k in chunks {
+            let rows = self.chunk(k);
+            let mut missing = self.missing(rows.clone());
+            if !missing.is_empty() && self.locks.is_empty() {
+                let dir = self.dir.clone();
+                self.lock(&dir)?;
+                // Another process may have written them while this one waited.
+                self.scan();
+                missing = self.missing(rows.clone());
+            }
+            summary.cached += rows.len() - missing.len();
+            let mut keys = Vec::with_capacity(missing.len());
+            let mut features = Vec::with_capacity(missing.len() * self.extractor.feature_dim());
+            for batch in missing.chunks(self.opts.batch_size) {
+                let (good, bad) = self.decode(batch)?;
+                summary.skipped.extend(bad);
+                let images: Vec<Image<'_>> = good.iter().map(|(_, im)| im.clone()).collect();
+                let f = self.extractor.extract_images(&images)?;
+                let dim = self.extractor.feature_dim();
+                if let Some((row, v)) = first_non_finite(&f, dim) {
                     return Err(Error::Numerical(format!(
-                        "the backbone gave a non-finite feature ({v}) for image {} of the {part} \
-                         part of {}; nothing was cached for rows {start}..{end}. Check the \
-                         weights file",
-                        start + row,
-                        dataset.name()
+                        "the backbone gave a non-finite feature ({v}) for image {} of the {} \
+                         part of {}; it was not cached. Check the weights file",
+                        good[row].0,
+                        self.part,
+                        self.dataset.name()
                     )));
                 }
-                let shard = FeatureSet {
+                keys.extend(good.iter().map(|&(i, _)| self.keys[i]));
+                features.extend(f);
+                summary.computed += good.len();
+                progress(Progress {
+                    done: done + (rows.len() - missing.len()) + summary.computed,
+                    total,
+                    cached: summary.cached,
+                });
+            }
+            done += rows.len();
+            if !keys.is_empty() {
+                let shard = Shard {
+                    keys,
                     features,
-                    labels: labels[start..end].to_vec(),
-                    index: (start as u32..end as u32).collect(),
-                    dim,
-                    extractor: extractor.fingerprint().clone(),
-                    classes: classes.clone(),
+                    dim: self.extractor.feature_dim(),
+                    extractor: self.extractor.fingerprint().clone(),
                 };
-                shard.write(&dir.join(shard_name(start, end)))?;
-                remove_superseded(&dir, start, end)?;
+                let path = self.dir.join(shard.file_name());
+                shard.write(&path)?;
+                self.seen.insert(path);
+                self.add(shard);
                 written += 1;
-                if opts.crash_after_shards == Some(written) {
+                if self.opts.crash_after_shards == Some(written) {
                     std::process::abort();
                 }
-                shard
             }
-        };
-        // A cached shard may be longer than needed (written by a run with a larger limit).
-        set.features
-            .extend_from_slice(&shard.features[..rows * dim]);
-        set.labels.extend_from_slice(&shard.labels[..rows]);
-        set.index.extend_from_slice(&shard.index[..rows]);
-        progress(Progress {
-            done: end,
-            total,
-            cached,
-        });
+            progress(Progress {
+                done,
+                total,
+                cached: summary.cached,
+            });
+        }
+        if !summary.skipped.is_empty() && !self.opts.skip_bad {
+            return Err(bad_images_error(self.dataset.name(), &summary.skipped));
+        }
+        Ok(summary)
     }
-    Ok(set)
+
+    /// Decodes the images at `rows` in parallel: the usable ones with their row, and the
+    /// ones that cannot be decoded.
+    #[allow(clippy::type_complexity)]
+    fn decode(&self, rows: &[usize]) -> Result<(Vec<(usize, Image<'a>)>, Vec<Skipped>)> {
+        use rayon::prelude::*;
+        let decoded: Vec<(usize, Result<Image<'a>>)> = rows
+            .par_iter()
+            .map(|&i| (i, self.dataset.image(self.part, i)))
+            .collect();
+        let mut good = Vec::with_capacity(rows.len());
+        let mut bad = Vec::new();
+        for (i, result) in decoded {
+            match result {
+                Ok(image) => good.push((i, image)),
+                Err(Error::BadImage { path, msg }) => bad.push(Skipped {
+                    part: self.part,
+                    index: i,
+                    path,
+                    reason: msg,
+                }),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((good, bad))
+    }
+
+    /// Every image's features from the cache, leaving out `skipped`; errors if any other
+    /// is missing (a sharded job not finished yet).
+    fn assemble(&self, skipped: Vec<Skipped>) -> Result<PartFeatures> {
+        let dim = self.extractor.feature_dim();
+        let left_out: HashSet<usize> = skipped.iter().map(|s| s.index).collect();
+        let labels = self.dataset.labels(self.part)?;
+        let n = self.keys.len() - left_out.len();
+        let mut set = FeatureSet {
+            features: Vec::with_capacity(n * dim),
+            labels: Vec::with_capacity(n),
+            index: Vec::with_capacity(n),
+            dim,
+            extractor: self.extractor.fingerprint().clone(),
+            classes: self.dataset.classes().to_vec(),
+        };
+        for (i, key) in self.keys.iter().enumerate() {
+            if left_out.contains(&i) {
+                continue;
+            }
+            let &(s, row) = self.found.get(key).ok_or_else(|| {
+                Error::invalid(
+                    "feature cache",
+                    format!(
+                        "{}: image {i} of the {} part has no features yet (the other workers \
+                         of a sharded extraction have not finished?)",
+                        self.dir.display(),
+                        self.part
+                    ),
+                )
+            })?;
+            set.features.extend_from_slice(self.shards[s].row(row));
+            set.labels.push(labels[i]);
+            set.index.push(u32::try_from(i).map_err(|_| {
+                Error::invalid(
+                    "image index",
+                    format!("{i} does not fit the cache's u32 index"),
+                )
+            })?);
+        }
+        Ok(PartFeatures { set, skipped })
+    }
+}
+
+/// The error for images that cannot be decoded: the first [`BAD_FILES_NAMED`] by path, then
+/// a count of the rest.
+fn bad_images_error(dataset: &str, bad: &[Skipped]) -> Error {
+    let mut msg = format!(
+        "{} image(s) of {dataset} cannot be decoded (the features of every other image are \
+         cached; pass --skip-bad to leave these out):",
+        bad.len()
+    );
+    for s in bad.iter().take(BAD_FILES_NAMED) {
+        msg.push_str(&format!("\n  {}: {}", s.path.display(), s.reason));
+    }
+    if bad.len() > BAD_FILES_NAMED {
+        msg.push_str(&format!("\n  … and {} more", bad.len() - BAD_FILES_NAMED));
+    }
+    Error::invalid("images", msg)
 }
 
 /// The first row of `features` (`[N, dim]`) holding a NaN or infinity, with that value.
@@ -407,141 +795,200 @@ fn first_non_finite(features: &[f32], dim: usize) -> Option<(usize, f32)> {
     Some((i / dim.max(1), features[i]))
 }
 
-/// XXH3-64 of a feature file's three tensors, in a fixed order, as lowercase hex.
-fn content_checksum(features: &[u8], labels: &[u8], index: &[u8]) -> String {
+/// XXH3-64 of a file's tensors' bytes, in a fixed order, as lowercase hex.
+fn content_checksum(tensors: &[&[u8]]) -> String {
     let mut h = xxhash_rust::xxh3::Xxh3::new();
-    for part in [features, labels, index] {
+    for part in tensors {
         h.update(part);
     }
     format!("{:016x}", h.digest())
 }
 
-/// Features of `images`, `[images.len(), FEATURE_DIM]` row-major: one forward pass per run
-/// of consecutive images of the same size.
-fn extract_images(extractor: &Extractor, images: &[Image<'_>]) -> Result<Vec<f32>> {
-    let mut out = Vec::with_capacity(images.len() * FEATURE_DIM);
-    for run in images.chunk_by(|a, b| (a.height, a.width) == (b.height, b.width)) {
-        let pixels: Vec<&[u8]> = run.iter().map(|im| im.pixels.as_ref()).collect();
-        out.extend(extractor.extract(&pixels, run[0].height, run[0].width)?);
-    }
-    Ok(out)
-}
+/// The cache layout's version, part of every directory key: directories of an older layout
+/// (shards by row range) are never read.
+const CACHE_LAYOUT: &str = "content-keys-1";
 
 /// What a cache directory's key stands for, kept beside the shards in `fingerprint.json`.
 #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
 struct CacheFingerprint {
     extractor: Fingerprint,
     part: String,
-    /// (file name, sha256) of every dataset file of the part.
+    /// What identifies the part's source ([`Dataset::fingerprint`]).
     files: Vec<(String, String)>,
+    layout: String,
 }
 
-/// The cache directory of one (extractor, part, dataset files) triple, created with its
-/// `fingerprint.json` if new; an existing one must describe the same inputs.
+/// One shard of a cache part: features by content key.
 ///
-/// Writing `fingerprint.json` takes the directory's lock, which is returned: every write
-/// into a cache part happens under it, so the holder may remove stray temporaries.
-fn cache_dir_for(
-    extractor: &Extractor,
-    dataset: &dyn Dataset,
-    part: Part,
-    opts: &CacheOptions,
-) -> Result<(PathBuf, Option<DirLock>)> {
-    // The file list identifies the dataset (and so its classes): the key of a CIFAR-10
-    // cache is the same as before datasets other than CIFAR-10 existed.
-    let fp = CacheFingerprint {
-        extractor: extractor.fingerprint().clone(),
-        part: part.to_string(),
-        files: dataset.fingerprint(part)?,
-    };
-    let text = serde_json::to_string(&fp)
-        .map_err(|e| Error::invalid("cache fingerprint", e.to_string()))?;
-    let key = crate::io::hex(&Sha256::digest(text.as_bytes()));
-    let dir = opts.dir.join(format!("{part}-{}", &key[..16]));
-    let meta = dir.join("fingerprint.json");
-    let mut lock = None;
-    if !meta.exists() {
-        lock = Some(lock_part(&dir, opts)?);
+/// On disk (safetensors): `features` f32 `[M, dim]`, `keys` u8 `[M, 16]` (each image's
+/// 128-bit content key, little-endian), and one metadata entry, `shard`, a JSON object with
+/// the `extractor` fingerprint and `xxh3_64` over both tensors, verified on every read. Its
+/// name is derived from its keys, and its bytes from its content alone (one metadata entry:
+/// safetensors writes several in hash-map order), so whoever computes the same chunk writes
+/// the same file, byte for byte.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shard {
+    /// `[M]`, each row's content key ([`Dataset::image_keys`]).
+    pub keys: Vec<u128>,
+    /// Row-major `[M, dim]`.
+    pub features: Vec<f32>,
+    /// Width of one feature row.
+    pub dim: usize,
+    /// What produced the features.
+    pub extractor: Fingerprint,
+}
+
+impl Shard {
+    /// Row `i` of the feature matrix.
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.features[i * self.dim..(i + 1) * self.dim]
     }
-    if meta.exists() {
-        let existing: CacheFingerprint = crate::io::read_json(&meta)?;
-        if existing != fp {
-            return Err(Error::Fingerprint {
-                path: meta,
-                msg: "the cache directory describes other weights, preprocessing or data \
-                      files; remove it"
-                    .into(),
-            });
+
+    fn key_bytes(&self) -> Vec<u8> {
+        self.keys.iter().flat_map(|k| k.to_le_bytes()).collect()
+    }
+
+    /// The file name the cache gives this shard: `shard-<XXH3-64 of its keys>.safetensors`.
+    pub fn file_name(&self) -> String {
+        let digest = xxhash_rust::xxh3::xxh3_64(&self.key_bytes());
+        format!("shard-{digest:016x}.safetensors")
+    }
+
+    /// Writes the shard atomically.
+    pub fn write(&self, path: &Path) -> Result<()> {
+        use safetensors::tensor::{Dtype, TensorView};
+        let feat_bytes: Vec<u8> = self.features.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let key_bytes = self.key_bytes();
+        let bad = |e: safetensors::SafeTensorError| Error::format(path, e.to_string());
+        let views = [
+            (
+                "features",
+                TensorView::new(Dtype::F32, vec![self.keys.len(), self.dim], &feat_bytes)
+                    .map_err(bad)?,
+            ),
+            (
+                "keys",
+                TensorView::new(Dtype::U8, vec![self.keys.len(), 16], &key_bytes).map_err(bad)?,
+            ),
+        ];
+        let meta = ShardMeta {
+            extractor: self.extractor.clone(),
+            xxh3_64: content_checksum(&[&feat_bytes, &key_bytes]),
+        };
+        let meta = serde_json::to_string(&meta)
+            .map_err(|e| Error::format(path, format!("shard metadata: {e}")))?;
+        let meta = HashMap::from([(SHARD_META_KEY.to_string(), meta)]);
+        let bytes = safetensors::serialize(views, Some(meta)).map_err(bad)?;
+        crate::io::atomic_write_bytes(path, &bytes)
+    }
+
+    /// Reads a shard, verifying its checksum and refusing non-finite features.
+    pub fn read(path: &Path) -> Result<Shard> {
+        use safetensors::tensor::Dtype;
+        let bytes = std::fs::read(path).map_err(|e| Error::io("reading", path, e))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| Error::format(path, format!("not a safetensors file: {e}")))?;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| Error::format(path, format!("not a safetensors file: {e}")))?;
+        let meta: ShardMeta = meta
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(SHARD_META_KEY))
+            .ok_or_else(|| Error::format(path, format!("metadata has no `{SHARD_META_KEY}`")))
+            .and_then(|text| {
+                serde_json::from_str(text)
+                    .map_err(|e| Error::format(path, format!("metadata `{SHARD_META_KEY}`: {e}")))
+            })?;
+        let extractor = meta.extractor;
+        let f = tensor_of(&st, path, "features", Dtype::F32)?;
+        let k = tensor_of(&st, path, "keys", Dtype::U8)?;
+        let (&[m, dim], &[km, 16]) = (f.shape(), k.shape()) else {
+            return Err(Error::format(
+                path,
+                format!(
+                    "tensors `features` {:?} and `keys` {:?}: expected [M, D] and [M, 16]",
+                    f.shape(),
+                    k.shape()
+                ),
+            ));
+        };
+        if m != km {
+            return Err(Error::format(
+                path,
+                format!("{m} feature rows but {km} keys"),
+            ));
         }
-    } else {
-        crate::io::write_json(&meta, &fp)?;
+        let want = meta.xxh3_64;
+        let got = content_checksum(&[f.data(), k.data()]);
+        if got != want {
+            return Err(Error::format(
+                path,
+                format!(
+                    "the content checksum is {got}, the file records {want}: the file is damaged"
+                ),
+            ));
+        }
+        let features = f32s(f.data());
+        if let Some((row, v)) = first_non_finite(&features, dim) {
+            return Err(Error::format(
+                path,
+                format!("row {row} of tensor `features` holds a non-finite value ({v})"),
+            ));
+        }
+        let keys = k
+            .data()
+            .chunks_exact(16)
+            .map(|c| {
+                let mut b = [0u8; 16];
+                b.copy_from_slice(c);
+                u128::from_le_bytes(b)
+            })
+            .collect();
+        Ok(Shard {
+            keys,
+            features,
+            dim,
+            extractor,
+        })
     }
-    Ok((dir, lock))
 }
 
-/// Locks a cache part for writing and removes the temporaries a killed writer left there.
-fn lock_part(dir: &Path, opts: &CacheOptions) -> Result<DirLock> {
-    let lock = DirLock::acquire(dir, "feature cache part", opts.wait_for_lock)?;
-    crate::io::remove_stale_temporaries(dir)?;
-    Ok(lock)
+/// The metadata key of a [`Shard`].
+const SHARD_META_KEY: &str = "shard";
+
+/// What a [`Shard`]'s metadata holds.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShardMeta {
+    extractor: Fingerprint,
+    xxh3_64: String,
 }
 
-fn shard_name(start: usize, end: usize) -> String {
-    format!("shard-{start:06}-{end:06}.safetensors")
+/// Tensor `name` of a safetensors file, which must have `dtype`.
+fn tensor_of<'a>(
+    st: &'a safetensors::SafeTensors<'a>,
+    path: &Path,
+    name: &str,
+    dtype: safetensors::tensor::Dtype,
+) -> Result<safetensors::tensor::TensorView<'a>> {
+    let t = st
+        .tensor(name)
+        .map_err(|_| Error::format(path, format!("missing tensor `{name}`")))?;
+    if t.dtype() != dtype {
+        return Err(Error::format(
+            path,
+            format!("tensor `{name}` is {:?}, expected {dtype:?}", t.dtype()),
+        ));
+    }
+    Ok(t)
 }
 
-/// A valid cached shard starting at `start` that covers at least `[start, end)`.
-fn find_shard(
-    dir: &Path,
-    start: usize,
-    end: usize,
-    extractor: &Extractor,
-    classes: &[String],
-    labels: &[u8],
-) -> Option<FeatureSet> {
-    let mut candidates = shard_ends(dir, start);
-    // Prefer the shortest shard that covers the range: the least to read.
-    candidates.sort_unstable();
-    candidates
-        .into_iter()
-        .filter(|&e| e >= end && e <= labels.len())
-        .find_map(|e| {
-            let set = FeatureSet::read(&dir.join(shard_name(start, e))).ok()?;
-            let valid = set.extractor == *extractor.fingerprint()
-                && set.classes == classes
-                && set.dim == FEATURE_DIM
-                && set.len() == e - start
-                && set.labels == labels[start..e]
-                && set.index.iter().copied().eq(start as u32..e as u32);
-            valid.then_some(set)
-        })
-}
-
-/// The `end`s of the shard files that start at `start`.
-fn shard_ends(dir: &Path, start: usize) -> Vec<usize> {
-    let prefix = format!("shard-{start:06}-");
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let name = e.file_name().into_string().ok()?;
-            name.strip_prefix(&prefix)?
-                .strip_suffix(".safetensors")?
-                .parse()
-                .ok()
-        })
+/// Little-endian f32s.
+fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect()
-}
-
-/// After writing `[start, end)`, removes the shorter shards at `start` it supersedes.
-fn remove_superseded(dir: &Path, start: usize, end: usize) -> Result<()> {
-    for e in shard_ends(dir, start).into_iter().filter(|&e| e < end) {
-        let p = dir.join(shard_name(start, e));
-        std::fs::remove_file(&p).map_err(|err| Error::io("removing", &p, err))?;
-    }
-    Ok(())
 }
 
 /// The metadata key of a feature file's content checksum.
@@ -631,12 +1078,12 @@ impl FeatureSet {
         ];
         let classes = serde_json::to_string(&self.classes)
             .map_err(|e| Error::format(path, format!("class names: {e}")))?;
-        let meta = std::collections::HashMap::from([
+        let meta = HashMap::from([
             ("extractor".to_string(), self.extractor.to_string()),
             ("classes".to_string(), classes),
             (
                 CHECKSUM_KEY.to_string(),
-                content_checksum(&feat_bytes, &self.labels, &index_bytes),
+                content_checksum(&[&feat_bytes, &self.labels, &index_bytes]),
             ),
         ]);
         let bytes = safetensors::serialize(views, Some(meta)).map_err(bad)?;
@@ -712,7 +1159,7 @@ impl FeatureSet {
             ));
         }
         if let Some(want) = meta.metadata().as_ref().and_then(|m| m.get(CHECKSUM_KEY)) {
-            let got = content_checksum(f.data(), l.data(), i.data());
+            let got = content_checksum(&[f.data(), l.data(), i.data()]);
             if got != *want {
                 return Err(Error::format(
                     path,

@@ -74,8 +74,23 @@ impl DirLock {
     /// holds it: waits for it when `wait`, else fails at once with [`Error::Locked`] naming
     /// the holder's process id.
     pub fn acquire(dir: &Path, what: &str, wait: bool) -> Result<DirLock> {
+        Self::acquire_file(dir, LOCK_FILE, what, wait, false)
+    }
+
+    /// Takes `<dir>/<file>` (created if missing), exclusively or `shared`: shared holders
+    /// coexist with each other but not with an exclusive one. This is how the workers of a
+    /// sharded extraction write into one cache part side by side (each shared on `.lock`
+    /// and exclusive on its own file) while a plain writer, exclusive on `.lock`, knows
+    /// it is alone. A refusal names the exclusive holder's process id when known.
+    pub fn acquire_file(
+        dir: &Path,
+        file: &str,
+        what: &str,
+        wait: bool,
+        shared: bool,
+    ) -> Result<DirLock> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io("creating directory", dir, e))?;
-        let path = dir.join(LOCK_FILE);
+        let path = dir.join(file);
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -83,10 +98,20 @@ impl DirLock {
             .truncate(false)
             .open(&path)
             .map_err(|e| Error::io("opening the lock file", &path, e))?;
-        match file.try_lock() {
+        let attempt = if shared {
+            file.try_lock_shared()
+        } else {
+            file.try_lock()
+        };
+        match attempt {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) if wait => {
-                file.lock().map_err(|e| Error::io("locking", &path, e))?;
+                let locked = if shared {
+                    file.lock_shared()
+                } else {
+                    file.lock()
+                };
+                locked.map_err(|e| Error::io("locking", &path, e))?;
             }
             Err(std::fs::TryLockError::WouldBlock) => {
                 let holder = std::fs::read_to_string(&path).unwrap_or_default();
@@ -101,7 +126,10 @@ impl DirLock {
             }
         }
         let mut lock = DirLock { file, path };
-        lock.record_holder()?;
+        // Shared holders leave the file alone: it names the last exclusive holder.
+        if !shared {
+            lock.record_holder()?;
+        }
         Ok(lock)
     }
 

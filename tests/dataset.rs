@@ -95,13 +95,13 @@ fn features_of_another_dataset_carry_its_classes_and_mixed_sizes() {
     let ex = Extractor::new(model, Preprocess::imagenet(32), "synthetic");
     let cache = tempfile::tempdir().unwrap();
     let opts = CacheOptions {
-        dir: cache.path().to_path_buf(),
         batch_size: 4,
         shard_size: 5,
-        wait_for_lock: false,
-        crash_after_shards: None,
+        ..CacheOptions::new(cache.path())
     };
-    let set = features::cached_part(&ex, &shapes, Part::Train, None, &opts, &mut |_| {}).unwrap();
+    let set = features::cached_part(&ex, &shapes, Part::Train, None, &opts, &mut |_| {})
+        .unwrap()
+        .set;
     assert_eq!(set.classes, shapes.classes);
     assert_eq!(set.labels, shapes.labels);
     assert_eq!(set.len(), 7);
@@ -118,7 +118,9 @@ fn features_of_another_dataset_carry_its_classes_and_mixed_sizes() {
         assert!(err < 1e-4, "image {i}: relative error {err}");
     }
     // Read back from the cache, classes included.
-    let again = features::cached_part(&ex, &shapes, Part::Train, None, &opts, &mut |_| {}).unwrap();
+    let again = features::cached_part(&ex, &shapes, Part::Train, None, &opts, &mut |_| {})
+        .unwrap()
+        .set;
     assert_eq!(again, set);
 }
 

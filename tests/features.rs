@@ -7,7 +7,7 @@ use cifar_finetune::backbone::resnet::ResNet50;
 use cifar_finetune::backbone::weights::{self, StateDict};
 use cifar_finetune::data::cifar::{Cifar10, Part};
 use cifar_finetune::data::transform::Preprocess;
-use cifar_finetune::features::{self, CacheOptions, Extractor, FeatureSet, Progress};
+use cifar_finetune::features::{self, CacheOptions, Extractor, FeatureSet, Progress, Shard};
 use cifar_finetune::io::DirLock;
 
 fn data_dir() -> PathBuf {
@@ -39,17 +39,16 @@ fn extract(
     shard_size: usize,
 ) -> (FeatureSet, Progress) {
     let opts = CacheOptions {
-        dir: cache.to_path_buf(),
         batch_size: 2,
         shard_size,
-        wait_for_lock: false,
-        crash_after_shards: None,
+        ..CacheOptions::new(cache)
     };
     let mut last = None;
     let set = features::cached_part(ex, &cifar10(), Part::Train, limit, &opts, &mut |p| {
         last = Some(p)
     })
-    .unwrap();
+    .unwrap()
+    .set;
     (set, last.unwrap())
 }
 
@@ -85,36 +84,34 @@ fn second_run_reads_everything_from_the_cache() {
 }
 
 #[test]
-fn limit_then_more_reuses_and_supersedes_shards() {
+fn limit_then_more_extracts_only_the_new_images() {
     let ex = extractor(Preprocess::imagenet(32));
     let cache = tempfile::tempdir().unwrap();
     let (small, p) = extract(&ex, cache.path(), Some(5), 4);
     assert_eq!((small.len(), p.cached), (5, 0));
+    // Shards by chunk of 4 rows: {0..4}, {4}.
+    assert_eq!(shard_files(cache.path()).len(), 2);
     let (full, p) = extract(&ex, cache.path(), None, 4);
-    // Shard [0, 4) is reused; [4, 5) is superseded by [4, 8).
-    assert_eq!(p.cached, 4);
-    assert!(full.features[..4 * 2048] == small.features[..4 * 2048]);
-    // Row 4 was computed in a batch of one, then in a batch of two: the same up to the
-    // summation order of the matrix products.
-    let err = full
-        .row(4)
+    // Rows 0..5 are reused as they are; the chunk [4, 8) computes only 5, 6 and 7.
+    assert_eq!(p.cached, 5);
+    assert!(full.features[..5 * 2048] == small.features[..]);
+    let shards: Vec<Shard> = shard_files(cache.path())
         .iter()
-        .zip(small.row(4))
-        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    assert!(err < 1e-4, "row 4 differs by {err}");
-    let names: Vec<String> = shard_files(cache.path())
-        .iter()
-        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .map(|p| Shard::read(p).unwrap())
         .collect();
-    assert!(
-        names.contains(&"shard-000004-000008.safetensors".to_string()),
-        "{names:?}"
-    );
-    assert!(
-        !names.contains(&"shard-000004-000005.safetensors".to_string()),
-        "{names:?}"
-    );
-    // A smaller limit afterwards reads a prefix of the longer shards.
+    let mut sizes: Vec<usize> = shards.iter().map(|s| s.keys.len()).collect();
+    sizes.sort_unstable();
+    let chunks_after = (full.len() - 8).div_ceil(4);
+    assert_eq!(sizes.len(), 3 + chunks_after, "{sizes:?}");
+    assert!(sizes.contains(&1) && sizes.contains(&3), "{sizes:?}");
+    // Every shard is named by its keys.
+    for (shard, path) in shards.iter().zip(shard_files(cache.path())) {
+        assert_eq!(
+            path.file_name().unwrap().to_string_lossy(),
+            shard.file_name()
+        );
+    }
+    // A smaller limit afterwards reads what is there.
     let (again, p) = extract(&ex, cache.path(), Some(6), 4);
     assert_eq!(p.cached, 6);
     assert!(again.features[..] == full.features[..6 * 2048]);
@@ -143,15 +140,21 @@ fn damaged_shards_are_recomputed_not_used() {
     let (good, _) = extract(&ex, cache.path(), Some(8), 4);
     let shards = shard_files(cache.path());
     assert_eq!(shards.len(), 2);
-    // A truncated shard, and a shard whose labels disagree with the dataset.
+    // A truncated shard, and a shard of another extractor (its metadata rewritten, the
+    // header keeping its length).
     let bytes = std::fs::read(&shards[0]).unwrap();
     std::fs::write(&shards[0], &bytes[..bytes.len() / 2]).unwrap();
-    let mut tampered = FeatureSet::read(&shards[1]).unwrap();
-    tampered.labels[0] = (tampered.labels[0] + 1) % 10;
-    tampered.write(&shards[1]).unwrap();
+    let mut shard = Shard::read(&shards[1]).unwrap();
+    shard.extractor.weights_sha256 = "0ther".into();
+    shard.write(&shards[1]).unwrap();
     let (again, p) = extract(&ex, cache.path(), Some(8), 4);
     assert_eq!(p.cached, 0);
     assert!(again == good);
+    // Both were rewritten, under their own names.
+    assert_eq!(shard_files(cache.path()), shards);
+    for p in &shards {
+        assert_eq!(Shard::read(p).unwrap().extractor, *ex.fingerprint());
+    }
 }
 
 #[test]
@@ -171,11 +174,9 @@ fn a_tampered_fingerprint_file_is_an_error() {
         .replace("synthetic", "other");
     std::fs::write(&fp, text).unwrap();
     let opts = CacheOptions {
-        dir: cache.path().to_path_buf(),
         batch_size: 2,
         shard_size: 4,
-        wait_for_lock: false,
-        crash_after_shards: None,
+        ..CacheOptions::new(cache.path())
     };
     let err = features::cached_part(&ex, &cifar10(), Part::Train, Some(2), &opts, &mut |_| {})
         .unwrap_err()
@@ -242,7 +243,7 @@ fn killed_extraction_resumes_to_identical_features() {
         .collect();
     // No temporary file is ever taken for a shard.
     for (p, _) in &before {
-        FeatureSet::read(p).unwrap();
+        Shard::read(p).unwrap();
     }
 
     let output = features_cmd(&weights, &cache, &out).output().unwrap();
@@ -389,7 +390,7 @@ fn corrupt_feature_values_are_caught_and_recomputed() {
             Some(v) => bytes[at..at + 4].copy_from_slice(&v.to_le_bytes()),
         }
         std::fs::write(&shard, &bytes).unwrap();
-        let err = FeatureSet::read(&shard).unwrap_err().to_string();
+        let err = Shard::read(&shard).unwrap_err().to_string();
         assert!(
             err.contains("checksum") && err.contains("damaged"),
             "{what}: {err}"
@@ -400,10 +401,10 @@ fn corrupt_feature_values_are_caught_and_recomputed() {
     }
     // A NaN under a matching checksum (a file rewritten by another tool) is refused too,
     // naming the row.
-    let mut set = FeatureSet::read(&shard).unwrap();
+    let mut set = Shard::read(&shard).unwrap();
     set.features[2048 + col] = f32::NAN;
     set.write(&shard).unwrap();
-    let err = FeatureSet::read(&shard).unwrap_err().to_string();
+    let err = Shard::read(&shard).unwrap_err().to_string();
     assert!(err.contains("row 1") && err.contains("NaN"), "{err}");
     let (again, p) = extract(&ex, cache.path(), Some(4), 4);
     assert!(p.cached == 0 && again == good);
@@ -479,14 +480,101 @@ fn batch_and_shard_sizes_beyond_the_data_are_bounded_by_it() {
     let ex = extractor(Preprocess::imagenet(32));
     let cache = tempfile::tempdir().unwrap();
     let opts = CacheOptions {
-        dir: cache.path().to_path_buf(),
         batch_size: usize::MAX,
         shard_size: usize::MAX,
-        wait_for_lock: false,
-        crash_after_shards: None,
+        ..CacheOptions::new(cache.path())
     };
-    let set =
-        features::cached_part(&ex, &cifar10(), Part::Train, Some(3), &opts, &mut |_| {}).unwrap();
+    let set = features::cached_part(&ex, &cifar10(), Part::Train, Some(3), &opts, &mut |_| {})
+        .unwrap()
+        .set;
     assert_eq!(set.len(), 3);
     assert_eq!(shard_files(cache.path()).len(), 1);
+}
+
+/// `features` as worker `index` of `count` (None: one plain run writing `out`).
+fn worker_cmd(weights: &Path, cache: &Path, shard: Option<(usize, usize)>) -> Command {
+    let mut cmd = features_on_cmd(&data_dir(), weights, cache, "all");
+    cmd.args(["--shard-size", "3", "--batch-size", "2"]);
+    if let Some((index, count)) = shard {
+        cmd.arg("--num-shards").arg(count.to_string());
+        // Worker 1 finds its index where a Kubernetes Indexed Job puts it.
+        if index == 1 {
+            cmd.env("JOB_COMPLETION_INDEX", "1");
+        } else {
+            cmd.arg("--shard-index").arg(index.to_string());
+        }
+    }
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd
+}
+
+/// Every file of a cache directory (locks excepted), by path relative to it, with the
+/// XXH3 of its bytes.
+fn cache_files(cache: &Path) -> Vec<(PathBuf, u64)> {
+    let mut files = Vec::new();
+    for part in std::fs::read_dir(cache).unwrap() {
+        let part = part.unwrap().path();
+        for f in std::fs::read_dir(&part).unwrap() {
+            let f = f.unwrap().path();
+            let name = f.file_name().unwrap().to_string_lossy().into_owned();
+            if !name.starts_with(".lock") {
+                let rel = f.strip_prefix(cache).unwrap().to_path_buf();
+                let bytes = std::fs::read(&f).unwrap();
+                files.push((rel, xxhash_rust::xxh3::xxh3_64(&bytes)));
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+#[test]
+fn three_workers_fill_the_cache_one_process_would() {
+    let tmp = tempfile::tempdir().unwrap();
+    let weights = write_weights(tmp.path());
+    let single = tmp.path().join("single");
+    let out = worker_cmd(&weights, &single, None).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Three workers at once, as three machines of a job array would run.
+    let shared = tmp.path().join("shared");
+    let children: Vec<_> = (0..3)
+        .map(|i| worker_cmd(&weights, &shared, Some((i, 3))).spawn().unwrap())
+        .collect();
+    for (i, child) in children.into_iter().enumerate() {
+        let out = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "worker {i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains(&format!("shard {i} of 3")), "{stdout}");
+    }
+    assert_eq!(
+        cache_files(&shared),
+        cache_files(&single),
+        "the workers' cache differs from one run's"
+    );
+    // The next command reads it whole, computing nothing.
+    let out = worker_cmd(&weights, &shared, None).output().unwrap();
+    assert!(out.status.success());
+    let a = FeatureSet::read(&single.with_extension("out.safetensors")).unwrap();
+    let b = FeatureSet::read(&shared.with_extension("out.safetensors")).unwrap();
+    assert!(a == b);
+    assert_eq!(cache_files(&shared), cache_files(&single));
+
+    // A worker index out of range is refused, naming the flag.
+    let out = worker_cmd(&weights, &shared, Some((3, 3)))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--shard-index"),
+        "{err}"
+    );
 }

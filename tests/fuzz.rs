@@ -19,7 +19,7 @@ use cifar_finetune::backbone::fast::Precision;
 use cifar_finetune::backbone::weights::StateDict;
 use cifar_finetune::backprop::Problem;
 use cifar_finetune::data::cifar::{self, Part, Split};
-use cifar_finetune::features::{FeatureSet, Fingerprint};
+use cifar_finetune::features::{FeatureSet, Fingerprint, Shard};
 use cifar_finetune::rundir;
 use cifar_finetune::rundir::TrainConfig;
 use cifar_finetune::train::{self, RunOptions};
@@ -280,9 +280,24 @@ fn our_files(dir: &Path) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
     let ck = checkpoint::load(&best).unwrap();
     let eval = evaluate::evaluate(&ck, &va, Split::Val).unwrap();
     let (_, predictions) = evaluate::write_outputs(&eval, dir).unwrap();
-    let shard = dir.join("shard.safetensors");
+    let shard = dir.join("features.safetensors");
     va.write(&shard).unwrap();
     (run.join("history.csv"), best, predictions, shard)
+}
+
+/// A feature-cache shard as the cache writes it.
+fn cache_shard(dir: &Path, set: &FeatureSet) -> PathBuf {
+    let shard = Shard {
+        keys: (0..set.len() as u128)
+            .map(|k| k * 0x9e37_79b9_7f4a_7c15)
+            .collect(),
+        features: set.features.clone(),
+        dim: set.dim,
+        extractor: set.extractor.clone(),
+    };
+    let path = dir.join(shard.file_name());
+    shard.write(&path).unwrap();
+    path
 }
 
 #[test]
@@ -310,12 +325,22 @@ fn our_own_files() {
         },
     );
     fuzz(
-        "feature shard",
-        &read_all(&[shard]),
+        "feature file",
+        &read_all(&[shard.clone()]),
         &work.join("s.safetensors"),
         300,
         |p| {
             let _ = FeatureSet::read(p);
+        },
+    );
+    let cached = cache_shard(tmp.path(), &FeatureSet::read(&shard).unwrap());
+    fuzz(
+        "feature cache shard",
+        &read_all(&[cached]),
+        &work.join("c.safetensors"),
+        300,
+        |p| {
+            let _ = Shard::read(p);
         },
     );
     // A checkpoint is a safetensors file whose header carries JSON metadata.

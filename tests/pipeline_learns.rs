@@ -74,14 +74,16 @@ fn run(dir: &Path, precision: Precision) -> Run {
     let ex = Extractor::new_fast(model, Preprocess::imagenet(32), "synthetic");
     assert_eq!(ex.fingerprint().precision, precision);
     let opts = CacheOptions {
-        dir: dir.join("cache"),
         batch_size: 16,
         shard_size: 64,
-        wait_for_lock: false,
-        crash_after_shards: None,
+        ..CacheOptions::new(dir.join("cache"))
     };
     let cifar = Cifar10::open(dir).unwrap();
-    let part = |p| features::cached_part(&ex, &cifar, p, None, &opts, &mut |_| {}).unwrap();
+    let part = |p| {
+        features::cached_part(&ex, &cifar, p, None, &opts, &mut |_| {})
+            .unwrap()
+            .set
+    };
     let whole = part(Part::Train);
     let test = part(Part::Test);
     let (tr, va) = cifar::split_indices(whole.len(), 20, 0).unwrap();

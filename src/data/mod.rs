@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 
 pub mod cifar;
 pub(crate) mod pickle;
+pub mod split;
 pub mod transform;
 
 /// One of a dataset's own sets of files.

@@ -1,9 +1,13 @@
 //! `cifar-finetune features`: extract (or read from the cache) backbone features and write
-//! them to one safetensors file, readable from Python.
+//! them to one safetensors file, readable from Python; or, as one worker of a job spread
+//! over machines (`--shard-index I --num-shards N`), fill its share of a shared cache.
 
 use std::path::PathBuf;
 
-use cifar_finetune::data::cifar::{Part, Split};
+use anyhow::Context;
+use cifar_finetune::data::Part;
+use cifar_finetune::data::cifar::Split;
+use cifar_finetune::features::{self, Work};
 
 use crate::source::{self, FeatureArgs};
 
@@ -14,15 +18,20 @@ pub enum Which {
     Train,
     /// The validation split.
     Val,
-    /// The test part.
+    /// The test split.
     Test,
-    /// Every image in dataset order: the training part, then the test part; `index` then
-    /// counts over all of them (the test images from 50,000, or from N with --limit N).
+    /// Every image in dataset order, part after part (train, val, test: those the dataset
+    /// has); `index` then counts over all of them (CIFAR-10's test images from 50,000, or
+    /// from N with --limit N).
     All,
 }
 
-/// Extract ResNet-50 features into a safetensors file (`features` f32 [N, 2048], `labels`
-/// u8 [N], `index` i64 [N]); fills the feature cache as it goes, and resumes from it.
+/// Environment variables that give a worker's index in the job schedulers people run:
+/// Slurm job arrays, Kubernetes Indexed Jobs.
+const INDEX_VARS: [&str; 2] = ["SLURM_ARRAY_TASK_ID", "JOB_COMPLETION_INDEX"];
+
+/// Extract backbone features into a safetensors file (`features` f32 [N, D], `labels` u8
+/// [N], `index` i64 [N]); fills the feature cache as it goes, and resumes from it.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     #[command(flatten)]
@@ -33,14 +42,25 @@ pub struct Args {
     /// Images per backbone forward pass (same as --extract-batch-size).
     #[arg(long)]
     pub batch_size: Option<usize>,
-    /// Output file.
+    /// Output file (not written by a worker of a sharded job).
     #[arg(long, default_value = "features.safetensors")]
     pub out: PathBuf,
+    /// Spread the extraction over N processes or machines sharing --cache-dir: this one
+    /// computes every N-th chunk of --shard-size images, into the same cache files one
+    /// process would write; the next train/run reads the cache whole.
+    #[arg(long, value_name = "N")]
+    pub num_shards: Option<usize>,
+    /// This worker's index, 0..N [default: $SLURM_ARRAY_TASK_ID or $JOB_COMPLETION_INDEX].
+    #[arg(long, value_name = "I", requires = "num_shards")]
+    pub shard_index: Option<usize>,
 }
 
 pub fn run(mut args: Args) -> anyhow::Result<()> {
     if let Some(b) = args.batch_size {
         args.source.extract_batch_size = b;
+    }
+    if let Some(count) = args.num_shards {
+        return run_worker(&args, count);
     }
     let src = &args.source;
     let set = match args.split {
@@ -49,14 +69,25 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
         Which::Test => source::load(src, Split::Test)?,
         Which::All => {
             let dataset = src.dataset(&[Part::Train, Part::Test])?;
+            // Every file is checked before the first image is extracted.
+            for &part in dataset.parts() {
+                dataset.labels(part)?;
+            }
             let extractor = src.extractor()?;
-            let mut all = source::load_part(src, &dataset, &extractor, Part::Train)?;
-            let offset = all.len() as u32;
-            let test = source::load_part(src, &dataset, &extractor, Part::Test)?;
-            all.features.extend(test.features);
-            all.labels.extend(test.labels);
-            all.index.extend(test.index.iter().map(|i| i + offset));
-            all
+            let mut all: Option<features::FeatureSet> = None;
+            for &part in dataset.parts() {
+                let set = source::load_part(src, dataset.as_ref(), &extractor, part)?.set;
+                match &mut all {
+                    None => all = Some(set),
+                    Some(all) => {
+                        let offset = all.index.iter().max().map_or(0, |&m| m + 1);
+                        all.features.extend(set.features);
+                        all.labels.extend(set.labels);
+                        all.index.extend(set.index.iter().map(|i| i + offset));
+                    }
+                }
+            }
+            all.context("the dataset has no parts")?
         }
     };
     set.write(&args.out)?;
@@ -66,6 +97,69 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
         set.len(),
         args.out.display(),
         set.extractor
+    );
+    Ok(())
+}
+
+/// One worker of a sharded extraction: fills its chunks of every part of the dataset.
+fn run_worker(args: &Args, count: usize) -> anyhow::Result<()> {
+    let index = match args.shard_index {
+        Some(i) => i,
+        None => INDEX_VARS
+            .iter()
+            .find_map(|v| std::env::var(v).ok().map(|value| (v, value)))
+            .map(|(var, value)| {
+                value
+                    .trim()
+                    .parse()
+                    .with_context(|| format!("${var}={value:?} is not a worker index"))
+            })
+            .transpose()?
+            .with_context(|| {
+                format!(
+                    "--num-shards {count} needs --shard-index, or ${} / ${} set by the scheduler",
+                    INDEX_VARS[0], INDEX_VARS[1]
+                )
+            })?,
+    };
+    let work = Work::new(index, count).map_err(|e| anyhow::anyhow!("--shard-index: {e}"))?;
+    if args.split != Which::All {
+        anyhow::bail!("--num-shards fills the cache of every part: leave --split at all");
+    }
+    let src = &args.source;
+    let dataset = src.dataset(&[Part::Train, Part::Test])?;
+    for &part in dataset.parts() {
+        dataset.labels(part)?;
+    }
+    let extractor = src.extractor()?;
+    let opts = source::cache_options(src, work)?;
+    for &part in dataset.parts() {
+        let (mut update, bar) =
+            source::progress_bar(format!("features ({part}, shard {index} of {count})"));
+        let summary = features::fill_part(
+            &extractor,
+            dataset.as_ref(),
+            part,
+            src.limit,
+            &opts,
+            &mut update,
+        );
+        bar.finish();
+        let summary = summary.with_context(|| format!("extracting the {part} part"))?;
+        println!(
+            "{part}: shard {index} of {count}: {} computed, {} already cached{}",
+            summary.computed,
+            summary.cached,
+            if summary.skipped.is_empty() {
+                String::new()
+            } else {
+                format!(", {} undecodable left out", summary.skipped.len())
+            }
+        );
+    }
+    println!(
+        "cache: {} (complete when all {count} shards have run)",
+        src.cache_dir().display()
     );
     Ok(())
 }

@@ -52,19 +52,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| default_run_dir("run"));
 
-    let sets = source::load_many(&features, &[Split::Train, Split::Val, Split::Test])?;
-    let [train_set, val_set, test_set] = <[_; 3]>::try_from(sets)
+    let loaded = source::load_many(&features, &[Split::Train, Split::Val, Split::Test])?;
+    let [train_set, val_set, test_set] = <[_; 3]>::try_from(loaded.sets)
         .map_err(|_| anyhow::anyhow!("expected the training, validation and test features"))?;
+    let sets = (&train_set, &val_set, loaded.skipped.as_slice());
 
-    let Some(summary) = train_sets(
-        &train_set,
-        &val_set,
-        lambdas,
-        &args.hyper,
-        &features,
-        &run_dir,
-    )?
-    else {
+    let Some(summary) = train_sets(sets, lambdas, &args.hyper, &features, &run_dir)? else {
         return Ok(());
     };
 
@@ -79,7 +72,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             args.repeats,
             hyper.seed
         );
-        if train_sets(&train_set, &val_set, lambdas, &hyper, &features, &dir)?.is_none() {
+        if train_sets(sets, lambdas, &hyper, &features, &dir)?.is_none() {
             return Ok(());
         }
         seed_histories.push(rundir::read_history(&dir.join("history.csv"))?);

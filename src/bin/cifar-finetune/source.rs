@@ -1,14 +1,15 @@
-//! Where features come from, shared by every subcommand that needs them: the data and
-//! weights (downloaded when missing), the preprocessing, and the feature cache.
+//! Where features come from, shared by every subcommand that needs them: the dataset and
+//! weights (downloaded when missing), the preprocessing, the splits and the feature cache.
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use cifar_finetune::backbone::fast::Precision;
-use cifar_finetune::data::Dataset;
-use cifar_finetune::data::cifar::{self, Cifar10, Part, Split};
+use cifar_finetune::data::cifar::{self, Cifar10, Split};
+use cifar_finetune::data::split::{self, Holdout, SplitPlan, SplitSpec};
 use cifar_finetune::data::transform::{DEFAULT_MAX_PIXELS, Preprocess};
-use cifar_finetune::features::{self, CacheOptions, Extractor, FeatureSet};
+use cifar_finetune::data::{Dataset, Part};
+use cifar_finetune::features::{self, CacheOptions, Extractor, FeatureSet, Skipped, Work};
 use cifar_finetune::fetch::{self, DownloadOptions};
 use cifar_finetune::isa::Avx512Bf16;
 
@@ -35,13 +36,47 @@ pub enum PrecisionArg {
     Bf16,
 }
 
+/// The datasets the tool reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DatasetKind {
+    /// CIFAR-10 (downloaded into --data when missing).
+    Cifar10,
+    /// CIFAR-100, fine or coarse labels (--labels; downloaded into --data when missing).
+    Cifar100,
+    /// Your own images, one folder per class (--folder), as torchvision's ImageFolder.
+    Folder,
+}
+
+/// CIFAR-100's two label sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LabelsArg {
+    /// The 100 classes.
+    Fine,
+    /// The 20 superclasses.
+    Coarse,
+}
+
 /// Options that say which features to use; flattened into every subcommand that needs them.
 #[derive(Debug, Clone, clap::Args)]
 pub struct FeatureArgs {
-    /// Data directory: holds (or receives) cifar-10-batches-bin/ (or the python version,
-    /// cifar-10-batches-py/) and the weights.
+    /// Data directory: holds (or receives) the CIFAR files (cifar-10-batches-bin/ or the
+    /// python version, cifar-100-binary/ …), the weights and the feature cache.
     #[arg(long, default_value = "data")]
     pub data: PathBuf,
+    /// The images: cifar10, cifar100, or folder (your own: --folder DIR)
+    /// [default: folder when --folder is given, else cifar10].
+    #[arg(long, value_enum)]
+    pub dataset: Option<DatasetKind>,
+    /// An image folder as torchvision's ImageFolder reads it: DIR/<class>/<images>, or
+    /// DIR/train/<class>/…, with val/ (or valid/) and test/ beside it when you have them.
+    /// Kept apart from --data so that no cache or weights file lands among the classes.
+    #[arg(long, value_name = "DIR")]
+    pub folder: Option<PathBuf>,
+    /// CIFAR-100's labels: the 100 fine classes or the 20 coarse superclasses.
+    #[arg(long, value_enum, default_value_t = LabelsArg::Fine)]
+    pub labels: LabelsArg,
     /// ResNet-50 weights, .pth (torch.save) or .safetensors with torchvision's key names.
     /// [default: <data>/resnet50-0676ba61.pth, torchvision's IMAGENET1K_V1, downloaded if
     /// missing]
@@ -50,9 +85,10 @@ pub struct FeatureArgs {
     /// Feature cache directory [default: <data>/features-cache].
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
-    /// Shorter image side after resizing (torchvision's Resize(size), bilinear).
-    #[arg(long, default_value_t = 224)]
-    pub image_size: usize,
+    /// Shorter image side after resizing (torchvision's Resize(size), bilinear)
+    /// [default: 224 for CIFAR, 256 for folders].
+    #[arg(long)]
+    pub image_size: Option<usize>,
     /// Refuse an image that resizing would make larger than this many pixels.
     #[arg(long, default_value_t = DEFAULT_MAX_PIXELS, value_name = "N")]
     pub max_pixels: usize,
@@ -73,16 +109,28 @@ pub struct FeatureArgs {
     /// what it computed) instead of stopping with an error.
     #[arg(long)]
     pub wait_lock: bool,
-    /// Use only the first N images of each CIFAR-10 part (a quick trial).
+    /// Use only the first N images of each part (a quick trial).
     #[arg(long)]
     pub limit: Option<usize>,
-    /// Validation images held out of the training part
-    /// [default: a tenth of the training images used, 5,000 of 50,000].
-    #[arg(long)]
+    /// Validation images drawn from the training part, a plain seeded draw
+    /// [default for CIFAR: a tenth of the training images used, 5,000 of 50,000].
+    #[arg(long, conflicts_with = "val_fraction")]
     pub val_count: Option<usize>,
-    /// Seed of the train/validation split.
+    /// Fraction of each class drawn from the training part for validation, stratified
+    /// [default for folders without val/: 0.1].
+    #[arg(long, value_name = "F")]
+    pub val_fraction: Option<f64>,
+    /// Fraction of each class drawn from the training part for testing, stratified, for a
+    /// folder without test/ [default: 0.1]; drawn before validation.
+    #[arg(long, value_name = "F")]
+    pub test_fraction: Option<f64>,
+    /// Seed of the drawn splits.
     #[arg(long, default_value_t = 0)]
     pub split_seed: u64,
+    /// Leave out images that cannot be decoded (listed in the run directory) instead of
+    /// stopping with the list of them.
+    #[arg(long)]
+    pub skip_bad: bool,
     /// Never download: fail if the data or weights are missing.
     #[arg(long)]
     pub offline: bool,
@@ -94,11 +142,36 @@ impl FeatureArgs {
         self.normalize.unwrap_or(Normalize::Imagenet)
     }
 
+    /// The dataset these options name.
+    pub fn dataset_kind(&self) -> anyhow::Result<DatasetKind> {
+        match (self.dataset, &self.folder) {
+            (None | Some(DatasetKind::Folder), Some(_)) => Ok(DatasetKind::Folder),
+            (Some(DatasetKind::Folder), None) => {
+                anyhow::bail!("--dataset folder needs --folder DIR, the root of the class folders")
+            }
+            (Some(kind), Some(dir)) => anyhow::bail!(
+                "--folder {} is for --dataset folder, not --dataset {kind:?}",
+                dir.display()
+            ),
+            (Some(kind), None) => Ok(kind),
+            (None, None) => Ok(DatasetKind::Cifar10),
+        }
+    }
+
+    /// The shorter side after resizing: `--image-size`, or the dataset's default.
+    pub fn resize(&self) -> usize {
+        self.image_size.unwrap_or(match self.dataset_kind() {
+            Ok(DatasetKind::Folder) => 256,
+            _ => 224,
+        })
+    }
+
     /// The preprocessing these options describe.
     pub fn preprocess(&self) -> Preprocess {
+        let size = self.resize();
         let preprocess = match self.normalization() {
-            Normalize::Imagenet => Preprocess::imagenet(self.image_size),
-            Normalize::Half => Preprocess::half(self.image_size),
+            Normalize::Imagenet => Preprocess::imagenet(size),
+            Normalize::Half => Preprocess::half(size),
         };
         Preprocess {
             max_pixels: self.max_pixels,
@@ -123,21 +196,59 @@ impl FeatureArgs {
         }
     }
 
-    /// The dataset with the files of `parts` in place (downloaded if missing and allowed),
-    /// every file of those parts read and validated: a bad file is reported before any
-    /// extraction starts.
-    pub fn dataset(&self, parts: &[Part]) -> anyhow::Result<Cifar10> {
-        if parts
-            .iter()
-            .any(|&p| cifar::part_files(&self.data, p).is_err())
+    /// The dataset these options name, opened: its class names read and checked (CIFAR
+    /// downloaded first when files of `parts` are missing and downloads are allowed).
+    pub fn dataset(&self, parts: &[Part]) -> anyhow::Result<Box<dyn Dataset>> {
+        match self.dataset_kind()? {
+            DatasetKind::Cifar10 => {
+                if parts
+                    .iter()
+                    .any(|&p| cifar::part_files(&self.data, p).is_err())
+                {
+                    self.downloading(|opts| fetch::ensure_cifar(&self.data, opts))?;
+                }
+                Ok(Box::new(Cifar10::open(&self.data)?))
+            }
+            DatasetKind::Cifar100 => anyhow::bail!("--dataset cifar100 is not wired yet"),
+            DatasetKind::Folder => anyhow::bail!("--dataset folder is not wired yet"),
+        }
+    }
+
+    /// How the splits the dataset lacks are drawn, from the flags and the dataset's
+    /// defaults; flags that ask to draw a split the dataset has are refused.
+    pub fn split_spec(&self, dataset: &dyn Dataset) -> anyhow::Result<SplitSpec> {
+        let parts = dataset.parts();
+        let name = dataset.name();
+        if parts.contains(&Part::Val) && (self.val_count.is_some() || self.val_fraction.is_some()) {
+            anyhow::bail!(
+                "{name} has its own validation images: --val-count / --val-fraction do not apply"
+            );
+        }
+        if parts.contains(&Part::Test) && self.test_fraction.is_some() {
+            anyhow::bail!("{name} has its own test images: --test-fraction does not apply");
+        }
+        let folder = self.dataset_kind()? == DatasetKind::Folder;
+        let val = match (self.val_count, self.val_fraction) {
+            (Some(n), _) => Holdout::Count(n),
+            (None, Some(f)) => Holdout::Fraction(f),
+            // CIFAR's historical default: a tenth of the training images, a plain draw.
+            (None, None) if !folder => Holdout::Count(usize::MAX),
+            (None, None) => Holdout::Fraction(0.1),
+        };
+        let test_fraction = self.test_fraction.unwrap_or(0.1);
+        if let Holdout::Fraction(v) = val
+            && !parts.contains(&Part::Test)
+            && v + test_fraction >= 1.0
         {
-            self.downloading(|opts| fetch::ensure_cifar(&self.data, opts))?;
+            anyhow::bail!(
+                "--val-fraction {v} and --test-fraction {test_fraction} leave no training images"
+            );
         }
-        let dataset = Cifar10::open(&self.data)?;
-        for &part in parts {
-            dataset.labels(part)?;
-        }
-        Ok(dataset)
+        Ok(SplitSpec {
+            val,
+            test_fraction,
+            seed: self.split_seed,
+        })
     }
 
     /// Runs a download step with the options of these flags and a progress display.
@@ -180,32 +291,69 @@ impl FeatureArgs {
     }
 }
 
+/// The cache options of these flags, for worker `work`.
+pub fn cache_options(args: &FeatureArgs, work: Work) -> anyhow::Result<CacheOptions> {
+    Ok(CacheOptions {
+        dir: args.cache_dir(),
+        batch_size: args.extract_batch_size,
+        shard_size: args.shard_size,
+        wait_for_lock: args.wait_lock,
+        work,
+        skip_bad: args.skip_bad,
+        crash_after_shards: crash_after_shards()?,
+    })
+}
+
+/// A progress callback drawing one bar, created on the first report.
+pub fn progress_bar(label: String) -> (impl FnMut(features::Progress), BarSlot) {
+    let slot = BarSlot(std::rc::Rc::new(std::cell::RefCell::new(None)));
+    let inner = slot.0.clone();
+    let update = move |p: features::Progress| {
+        let mut bar = inner.borrow_mut();
+        let bar = bar.get_or_insert_with(|| Progress::new(&label, "images", p.total as u64));
+        bar.update(p.done as u64, (p.done - p.cached) as u64);
+    };
+    (update, slot)
+}
+
+/// The bar of [`progress_bar`], finished when the work is done.
+pub struct BarSlot(std::rc::Rc<std::cell::RefCell<Option<Progress>>>);
+
+impl BarSlot {
+    /// Finishes the bar, if one was drawn.
+    pub fn finish(self) {
+        if let Some(bar) = self.0.borrow_mut().take() {
+            bar.finish();
+        }
+    }
+}
+
 /// The features of one part of `dataset`, from the cache, extracting what it lacks.
 pub fn load_part(
     args: &FeatureArgs,
     dataset: &dyn Dataset,
     extractor: &Extractor,
     part: Part,
-) -> anyhow::Result<FeatureSet> {
-    let opts = CacheOptions {
-        dir: args.cache_dir(),
-        batch_size: args.extract_batch_size,
-        shard_size: args.shard_size,
-        wait_for_lock: args.wait_lock,
-        crash_after_shards: crash_after_shards()?,
-    };
-    let mut bar: Option<Progress> = None;
-    let set = features::cached_part(extractor, dataset, part, args.limit, &opts, &mut |p| {
-        let bar = bar.get_or_insert_with(|| {
-            Progress::new(&format!("features ({part})"), "images", p.total as u64)
+) -> anyhow::Result<features::PartFeatures> {
+    let opts = cache_options(args, Work::ALL)?;
+    let (mut update, bar) = progress_bar(format!("features ({part})"));
+    let loaded = features::cached_part(extractor, dataset, part, args.limit, &opts, &mut update)
+        .with_context(|| {
+            format!(
+                "extracting features of the {part} part of {}",
+                dataset.name()
+            )
         });
-        bar.update(p.done as u64, (p.done - p.cached) as u64);
-    })
-    .with_context(|| format!("extracting features of the {part} part"))?;
-    if let Some(bar) = bar {
-        bar.finish();
+    bar.finish();
+    let loaded = loaded?;
+    if !loaded.skipped.is_empty() {
+        eprintln!(
+            "note: {} image(s) of the {part} part could not be decoded and were left out \
+             (--skip-bad)",
+            loaded.skipped.len()
+        );
     }
-    Ok(set)
+    Ok(loaded)
 }
 
 /// The crash-recovery tests' hook: `CIFAR_FINETUNE_CRASH_AFTER_SHARDS=N` makes an extraction
@@ -221,44 +369,96 @@ fn crash_after_shards() -> anyhow::Result<Option<usize>> {
         .transpose()
 }
 
-/// The rows of the training part that make up `split` (Train or Val).
-pub fn split_rows(args: &FeatureArgs, n: usize, split: Split) -> anyhow::Result<Vec<usize>> {
-    let val_count = args.val_count.unwrap_or(n / 10);
-    let (train, val) = cifar::split_indices(n, val_count, args.split_seed)?;
-    Ok(match split {
-        Split::Train => train,
-        Split::Val => val,
-        Split::Test => (0..n).collect(),
-    })
+/// The splits of `dataset` under these flags (`--limit` applied to the training part).
+pub fn plan(args: &FeatureArgs, dataset: &dyn Dataset) -> anyhow::Result<SplitPlan> {
+    let spec = args.split_spec(dataset)?;
+    let labels = || -> cifar_finetune::Result<&[u8]> {
+        let labels = dataset.labels(Part::Train)?;
+        Ok(&labels[..args.limit.map_or(labels.len(), |l| l.min(labels.len()))])
+    };
+    let spec = match spec.val {
+        // The CIFAR default: a tenth of the training images used.
+        Holdout::Count(usize::MAX) => SplitSpec {
+            val: Holdout::Count(labels()?.len() / 10),
+            ..spec
+        },
+        _ => spec,
+    };
+    Ok(split::plan(dataset.parts(), labels, &spec)?)
 }
 
-/// The features of each split asked for, in that order (the cache is read once per part).
-pub fn load_many(args: &FeatureArgs, splits: &[Split]) -> anyhow::Result<Vec<FeatureSet>> {
-    let mut parts: Vec<Part> = splits.iter().map(|s| s.part()).collect();
-    parts.dedup();
-    let dataset = args.dataset(&parts)?;
+/// Features of the splits asked for, and the images left out of them.
+pub struct Loaded {
+    /// One set per split asked for, in that order.
+    pub sets: Vec<FeatureSet>,
+    /// The images that could not be decoded (only with --skip-bad), over all parts read.
+    pub skipped: Vec<Skipped>,
+}
+
+/// The features of each split asked for, in that order (each part is read once; every file
+/// of the parts needed is validated before the first image is extracted).
+pub fn load_many(args: &FeatureArgs, splits: &[Split]) -> anyhow::Result<Loaded> {
+    // CIFAR's splits come from fixed parts: download only those.
+    let cifar_parts: Vec<Part> = splits.iter().map(|s| s.part()).collect();
+    let dataset = args.dataset(&cifar_parts)?;
+    let plan = plan(args, dataset.as_ref())?;
+    let parts = plan.parts(splits);
+    for &part in &parts {
+        dataset.labels(part)?;
+    }
     let extractor = args.extractor()?;
-    let mut train_part: Option<FeatureSet> = None;
-    let mut out = Vec::with_capacity(splits.len());
+    let mut loaded: Vec<(Part, FeatureSet)> = Vec::new();
+    let mut skipped = Vec::new();
+    for &part in &parts {
+        let p = load_part(args, dataset.as_ref(), &extractor, part)?;
+        skipped.extend(p.skipped);
+        loaded.push((part, p.set));
+    }
+    let mut sets = Vec::with_capacity(splits.len());
     for &split in splits {
-        let set = match split.part() {
-            part @ (Part::Val | Part::Test) => load_part(args, &dataset, &extractor, part)?,
-            Part::Train => {
-                if train_part.is_none() {
-                    train_part = Some(load_part(args, &dataset, &extractor, Part::Train)?);
-                }
-                let whole = train_part.as_ref().context("training part not loaded")?;
-                whole.select(&split_rows(args, whole.len(), split)?)
+        let selection = plan.get(split);
+        let whole = loaded
+            .iter()
+            .find(|(p, _)| *p == selection.part)
+            .map(|(_, set)| set)
+            .with_context(|| format!("the {} part was not loaded", selection.part))?;
+        let set = match &selection.indices {
+            None => whole.clone(),
+            Some(indices) => {
+                // Rows by image index: images left out (--skip-bad) have none.
+                let row_of: std::collections::HashMap<u32, usize> = whole
+                    .index
+                    .iter()
+                    .enumerate()
+                    .map(|(r, &i)| (i, r))
+                    .collect();
+                let rows: Vec<usize> = indices
+                    .iter()
+                    .filter_map(|&i| u32::try_from(i).ok().and_then(|i| row_of.get(&i)).copied())
+                    .collect();
+                whole.select(&rows)
             }
         };
-        out.push(set);
+        if set.is_empty() {
+            anyhow::bail!(
+                "the {split} split of {} has no images{}",
+                dataset.name(),
+                if split == Split::Test {
+                    " (pass --test-fraction to draw some from the training images)"
+                } else {
+                    ""
+                }
+            );
+        }
+        sets.push(set);
     }
-    Ok(out)
+    Ok(Loaded { sets, skipped })
 }
 
 /// The features of one split.
 pub fn load(args: &FeatureArgs, split: Split) -> anyhow::Result<FeatureSet> {
     load_many(args, &[split])?
+        .sets
         .pop()
         .context("no feature set returned")
 }

@@ -58,7 +58,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut features = args.features.clone();
     if features.normalize.is_none() {
         // The normalisation the head's features were made with, read from its fingerprint.
-        let half = Preprocess::half(features.image_size).fingerprint();
+        let half = Preprocess::half(features.resize()).fingerprint();
         features.normalize = Some(if ck.meta.extractor.preprocess == half {
             Normalize::Half
         } else {
@@ -68,7 +68,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let set = if args.split == Split::Val {
         // The validation rows must be the run's: compare the split with its config.json.
         let [train_set, val_set] =
-            <[_; 2]>::try_from(source::load_many(&features, &[Split::Train, Split::Val])?)
+            <[_; 2]>::try_from(source::load_many(&features, &[Split::Train, Split::Val])?.sets)
                 .map_err(|_| anyhow::anyhow!("expected the training and validation features"))?;
         let run_dir = evaluate::default_output_dir(&ck.path);
         if let Ok(cfg) = rundir::RunConfig::read(&run_dir)

@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use cifar_finetune::data::cifar::Split;
-use cifar_finetune::features::FeatureSet;
+use cifar_finetune::features::{FeatureSet, Skipped};
 use cifar_finetune::head::Activation;
 use cifar_finetune::rundir;
 use cifar_finetune::rundir::{Select, Summary, TrainConfig};
@@ -218,10 +218,11 @@ pub fn run_lambdas(
         .run_dir
         .clone()
         .unwrap_or_else(|| default_run_dir(kind));
-    let sets = source::load_many(features, &[Split::Train, Split::Val])?;
-    let [train_set, val_set] = <[_; 2]>::try_from(sets)
+    let loaded = source::load_many(features, &[Split::Train, Split::Val])?;
+    let [train_set, val_set] = <[_; 2]>::try_from(loaded.sets)
         .map_err(|_| anyhow::anyhow!("expected the training and validation features"))?;
-    if let Some(s) = train_sets(&train_set, &val_set, lambdas, hyper, features, &run_dir)? {
+    let sets = (&train_set, &val_set, loaded.skipped.as_slice());
+    if let Some(s) = train_sets(sets, lambdas, hyper, features, &run_dir)? {
         println!(
             "evaluate it: cifar-finetune test --checkpoint {}",
             run_dir.join(&s.chosen_checkpoint).display()
@@ -230,11 +231,11 @@ pub fn run_lambdas(
     Ok(())
 }
 
-/// Runs the sweep over `lambdas` on features already loaded, with a progress display, into
-/// `run_dir`; prints the per-λ table. `None` when the sweep was stopped before the end.
+/// Runs the sweep over `lambdas` on features already loaded (train, validation, and the
+/// images left out of them), with a progress display, into `run_dir`; prints the per-λ
+/// table. `None` when the sweep was stopped before the end.
 pub fn train_sets(
-    train_set: &FeatureSet,
-    val_set: &FeatureSet,
+    (train_set, val_set, skipped): (&FeatureSet, &FeatureSet, &[Skipped]),
     lambdas: &[f32],
     hyper: &TrainArgs,
     features: &FeatureArgs,
@@ -271,6 +272,15 @@ pub fn train_sets(
     display.finish();
     let outcome =
         outcome.with_context(|| format!("training into run directory {}", run_dir.display()))?;
+    if !skipped.is_empty() {
+        let path = run_dir.join(SKIPPED_FILE);
+        cifar_finetune::io::write_json(&path, &skipped)?;
+        println!(
+            "{} undecodable image(s) left out (--skip-bad), listed in {}",
+            skipped.len(),
+            path.display()
+        );
+    }
     match outcome {
         SweepOutcome::Stopped => {
             println!(
@@ -321,13 +331,22 @@ pub fn train_sets(
     }
 }
 
+/// The run directory's list of images left out with --skip-bad.
+pub const SKIPPED_FILE: &str = "skipped_images.json";
+
 /// What `config.json` records about where the features came from (the extractor
 /// fingerprint and the split digest are what identify them).
 fn describe_source(f: &FeatureArgs) -> serde_json::Value {
     serde_json::json!({
+        "dataset": f.dataset_kind().ok(),
+        "folder": f.folder,
+        "labels": f.labels,
         "data": f.data,
         "weights": f.weights,
-        "image_size": f.image_size,
+        "image_size": f.resize(),
+        "val_fraction": f.val_fraction,
+        "test_fraction": f.test_fraction,
+        "skip_bad": f.skip_bad,
         "normalize": format!("{:?}", f.normalization()).to_lowercase(),
         "limit": f.limit,
         "val_count": f.val_count,
