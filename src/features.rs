@@ -1,22 +1,30 @@
 //! Cached backbone features: the one stage that runs the ResNet.
 //!
-//! The backbone is frozen, so an image's 2048-d feature never changes: [`cached_part`]
-//! computes it once per (weights, preprocessing, precision, dataset files, image) and keeps it
-//! on disk. Everything downstream — training, the λ sweep, evaluation — reads the cache.
+//! The backbone is frozen, so an image's feature never changes: [`cached_part`] computes it
+//! once per (weights, preprocessing, precision, image content) and keeps it on disk.
+//! Everything downstream — training, the λ sweep, evaluation — reads the cache.
 //!
 //! ## The cache on disk
 //!
 //! ```text
-//! <cache_dir>/<part>-<key>/fingerprint.json          what the key stands for, in full
-//! <cache_dir>/<part>-<key>/shard-000000-000512.safetensors   rows [0, 512) of the part
+//! <cache_dir>/<part>-<key>/fingerprint.json                what the key stands for, in full
+//! <cache_dir>/<part>-<key>/shard-<xxh3 of its keys>.safetensors   features by content key
 //! ```
 //!
 //! `key` is a sha256 over the [`Extractor`] fingerprint (weights sha256, preprocessing,
-//! precision) and the sha256 of every dataset file of the part, so a cache made from other
-//! weights, preprocessing or data is never used. Shards are written atomically (temporary
-//! file + rename): an extraction killed at any point (Ctrl-C, `kill -9`) resumes from its last
-//! complete shard. Each shard is validated before use — its extractor, its rows, its labels
-//! against the dataset — and recomputed if it does not match.
+//! precision), the part and its source ([`Dataset::fingerprint`]: the sha256 of each
+//! CIFAR batch file; an image folder's path), so a cache made from other weights or
+//! preprocessing is never used. Inside, features are stored by each image's 128-bit
+//! content key ([`Dataset::image_keys`]: a hash of the file's bytes, or of the pixels), not
+//! by row: images added to a folder are the only ones extracted, a changed file is
+//! extracted again, and rows may move freely.
+//!
+//! The part's rows are cut into chunks of `shard_size`; each chunk's missing images are
+//! extracted and written as one shard, named by its keys, atomically (temporary file +
+//! rename), so an extraction killed at any point (Ctrl-C, `kill -9`) resumes from its last
+//! complete shard, and N workers that each take every N-th chunk ([`Work`]) write the very
+//! files one process would. Each shard is validated before use — its checksum, extractor
+//! and width, finite values — and recomputed if it fails.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};

@@ -213,3 +213,188 @@ fn three_classes_flow_through_training_checkpoints_and_evaluation() {
     .to_string();
     assert!(err.contains("hexagon"), "{err}");
 }
+
+/// A folder-like dataset whose images can be added, changed or made undecodable: image `i`
+/// is `(seed, label)`, its 24×24 pixels a function of the seed; `bad` images fail to decode.
+#[derive(Debug)]
+struct Files {
+    classes: Vec<String>,
+    images: Vec<(usize, u8)>,
+    labels: Vec<u8>,
+    bad: Vec<usize>,
+}
+
+impl Files {
+    fn new(images: Vec<(usize, u8)>, bad: Vec<usize>) -> Self {
+        Files {
+            classes: ["a", "b"].map(String::from).to_vec(),
+            labels: images.iter().map(|&(_, l)| l).collect(),
+            images,
+            bad,
+        }
+    }
+
+    fn path(index: usize) -> std::path::PathBuf {
+        format!("root/img-{index:03}.jpg").into()
+    }
+}
+
+impl Dataset for Files {
+    fn name(&self) -> &str {
+        "files"
+    }
+
+    fn parts(&self) -> &[Part] {
+        &[Part::Train]
+    }
+
+    fn classes(&self) -> &[String] {
+        &self.classes
+    }
+
+    fn fingerprint(&self, _part: Part) -> Result<Vec<(String, String)>> {
+        Ok(vec![("folder".into(), "root".into())])
+    }
+
+    fn labels(&self, _part: Part) -> Result<&[u8]> {
+        Ok(&self.labels)
+    }
+
+    /// As a dataset of files does: the key of the file's bytes, which exist even when they
+    /// do not decode.
+    fn image_keys(&self, _part: Part) -> Result<Vec<u128>> {
+        Ok(self
+            .images
+            .iter()
+            .map(|&(seed, _)| xxhash_rust::xxh3::xxh3_128(&seed.to_le_bytes()))
+            .collect())
+    }
+
+    fn image(&self, _part: Part, index: usize) -> Result<Image<'_>> {
+        if self.bad.contains(&index) {
+            return Err(Error::BadImage {
+                path: Files::path(index),
+                msg: "not a JPEG file: starts with 0x89 0x50".into(),
+            });
+        }
+        let seed = self.images[index].0;
+        Ok(Image {
+            pixels: Cow::Owned((0..3 * 24 * 24).map(|k| ((k * seed) % 253) as u8).collect()),
+            height: 24,
+            width: 24,
+        })
+    }
+}
+
+fn tiny_extractor() -> Extractor {
+    let sd = weights::synthetic_state_dict().unwrap();
+    let model = ResNet50::from_state_dict(StateDict::from_tensors("synthetic", sd)).unwrap();
+    Extractor::new(model, Preprocess::imagenet(24), "synthetic")
+}
+
+/// The features of `files` with shards of 3, and (computed, cached) as last reported.
+fn extract_files(
+    ex: &Extractor,
+    files: &Files,
+    cache: &std::path::Path,
+    skip_bad: bool,
+) -> (Result<features::PartFeatures>, (usize, usize)) {
+    let opts = CacheOptions {
+        batch_size: 2,
+        shard_size: 3,
+        skip_bad,
+        ..CacheOptions::new(cache)
+    };
+    let mut last = (0, 0);
+    let got = features::cached_part(ex, files, Part::Train, None, &opts, &mut |p| {
+        last = (p.done - p.cached, p.cached)
+    });
+    (got, last)
+}
+
+#[test]
+fn added_images_are_the_only_ones_extracted_and_a_changed_one_is_redone() {
+    let ex = tiny_extractor();
+    let cache = tempfile::tempdir().unwrap();
+    let first = Files::new((1..=6).map(|s| (s, (s % 2) as u8)).collect(), vec![]);
+    let (a, (computed, cached)) = extract_files(&ex, &first, cache.path(), false);
+    let a = a.unwrap().set;
+    assert_eq!((computed, cached), (6, 0));
+
+    // Two files added, one sorting between the old ones: rows shift, nothing is redone.
+    let mut images = first.images.clone();
+    images.insert(2, (40, 1));
+    images.push((41, 0));
+    let grown = Files::new(images, vec![]);
+    let (b, (computed, cached)) = extract_files(&ex, &grown, cache.path(), false);
+    let b = b.unwrap().set;
+    assert_eq!((computed, cached), (2, 6));
+    assert_eq!(b.len(), 8);
+    assert_eq!(b.row(0), a.row(0));
+    assert_eq!(b.row(3), a.row(2), "the old third image moved to row 3");
+    assert_eq!(b.labels, grown.labels);
+
+    // A file whose content changed is extracted again; the others are not.
+    let mut images = grown.images.clone();
+    images[5].0 = 77;
+    let changed = Files::new(images, vec![]);
+    let (c, (computed, cached)) = extract_files(&ex, &changed, cache.path(), false);
+    let c = c.unwrap().set;
+    assert_eq!((computed, cached), (1, 7));
+    assert_ne!(c.row(5), b.row(5));
+    assert_eq!(c.row(4), b.row(4));
+}
+
+#[test]
+fn undecodable_images_are_listed_or_skipped_never_dropped() {
+    let ex = tiny_extractor();
+    let cache = tempfile::tempdir().unwrap();
+    let files = Files::new((1..=7).map(|s| (s, (s % 2) as u8)).collect(), vec![1, 4]);
+
+    // By default: an error naming both files, after caching every good image.
+    let (got, _) = extract_files(&ex, &files, cache.path(), false);
+    let err = got.unwrap_err().to_string();
+    assert!(
+        err.contains("2 image(s)")
+            && err.contains("root/img-001.jpg")
+            && err.contains("root/img-004.jpg")
+            && err.contains("0x89")
+            && err.contains("--skip-bad"),
+        "{err}"
+    );
+
+    // --skip-bad: the good images (from the cache), the bad ones listed with their rows.
+    let (got, (computed, cached)) = extract_files(&ex, &files, cache.path(), true);
+    let got = got.unwrap();
+    // Nothing is extracted again: the 2 not from the cache are the bad ones, tried again.
+    assert_eq!((computed, cached), (2, 5));
+    assert_eq!(got.set.index, vec![0, 2, 3, 5, 6]);
+    assert_eq!(
+        got.set.labels,
+        [0, 2, 3, 5, 6].map(|i| files.labels[i]).to_vec()
+    );
+    let skipped: Vec<(usize, String)> = got
+        .skipped
+        .iter()
+        .map(|s| (s.index, s.path.display().to_string()))
+        .collect();
+    assert_eq!(
+        skipped,
+        vec![
+            (1, "root/img-001.jpg".into()),
+            (4, "root/img-004.jpg".into())
+        ]
+    );
+
+    // Many bad files: the first 20 by name, then a count.
+    let many = Files::new((101..=126).map(|s| (s, 0)).collect(), (0..25).collect());
+    let (got, _) = extract_files(&ex, &many, cache.path(), false);
+    let err = got.unwrap_err().to_string();
+    assert!(
+        err.contains("25 image(s)")
+            && err.contains("root/img-019.jpg")
+            && !err.contains("root/img-020.jpg")
+            && err.contains("and 5 more"),
+        "{err}"
+    );
+}
