@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Generates the tiny CIFAR-100 fixtures used by tests/cifar100.rs, in both real layouts.
+"""Generates the tiny CIFAR-100 fixtures used by tests/cifar100.rs, in both real layouts,
+and scikit-learn's metrics at 100 and 20 classes for tests/classes100.rs.
 
-Run by hand from the repository root (needs numpy, torch, torchvision; reuses the
-Python 2 pickler and the image maker of tools/gen_data_fixtures.py):
+Run by hand from the repository root (needs numpy, torch, torchvision, scikit-learn; reuses
+the Python 2 pickler and the image maker of tools/gen_data_fixtures.py):
 
     python3 tools/gen_cifar100_fixtures.py
 
@@ -19,6 +20,10 @@ Writes, under tests/fixtures/cifar100/:
                      dict with b'fine_label_names' and b'coarse_label_names'
   expected.json      per part: the fine and coarse labels and the sha256 of every image's
                      3,072 bytes, which the tests compare both readers with
+  metrics.json       for a fine (100-class) and a coarse (20-class) case: labels and
+                     predictions, scikit-learn's confusion matrix, precision, recall, F1,
+                     support, averages and classification_report text, and the ten most
+                     confused pairs (largest off-diagonal cells) computed with numpy
 
 The labels span both ranges (fine 0 and 99, coarse 0 and 19 occur) and every fine label
 sits in its real superclass. The python fixture is read back by torchvision's own CIFAR100
@@ -33,11 +38,18 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import sklearn
 import torchvision
 import torchvision.datasets.cifar as tv_cifar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gen_data_fixtures import make_image, py2_pickle  # noqa: E402
+from sklearn.metrics import (  # noqa: E402
+    accuracy_score,
+    classification_report,
+    confusion_matrix,
+    precision_recall_fscore_support,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "tests" / "fixtures" / "cifar100"
@@ -88,7 +100,59 @@ def coarse_of(fine_labels):
     return [SUPER_OF[FINE[f]] for f in fine_labels]
 
 
+def metrics_case(y_true, y_pred, names):
+    labels = list(range(len(names)))
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels,
+                                                 zero_division=0)
+    avg = {}
+    for a in ("macro", "weighted"):
+        ap, ar, af, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels,
+                                                        average=a, zero_division=0)
+        avg[a] = {"precision": ap, "recall": ar, "f1": af}
+    cm = confusion_matrix(y_true, y_pred, labels=labels)
+    # The most confused pairs: off-diagonal cells, most images first, ties by (true, pred).
+    cells = [(-int(cm[t, q]), t, q) for t in labels for q in labels if t != q and cm[t, q] > 0]
+    top = sorted(cells)[:10]
+    return {
+        "classes": names,
+        "y_true": [int(v) for v in y_true],
+        "y_pred": [int(v) for v in y_pred],
+        "confusion": cm.tolist(),
+        "precision": p.tolist(),
+        "recall": r.tolist(),
+        "f1": f.tolist(),
+        "support": s.tolist(),
+        "accuracy": accuracy_score(y_true, y_pred),
+        "macro": avg["macro"],
+        "weighted": avg["weighted"],
+        "report": classification_report(y_true, y_pred, labels=labels, target_names=names,
+                                        digits=2, zero_division=0),
+        "most_confused": [{"true": t, "predicted": q, "count": -c,
+                           "share": -c / int(cm[t].sum())} for c, t, q in top],
+    }
+
+
+def gen_metrics():
+    rng = np.random.default_rng(100)
+    cases = {}
+    for name, names in [("fine", FINE), ("coarse", COARSE)]:
+        k = len(names)
+        n = 600 if k == 100 else 300
+        # Class 1 never occurs and class 0 is never predicted, so that 0/0 appears; the
+        # accuracy rises with the class id; mistakes favour a neighbouring class.
+        y_true = rng.integers(2, k, n)
+        hit = rng.random(n) < np.linspace(0.1, 0.95, k)[y_true]
+        near = (y_true + rng.integers(1, 3, n)) % k
+        y_pred = np.where(hit, y_true, np.where(rng.random(n) < 0.6, near,
+                                                 rng.integers(0, k, n)))
+        y_pred = np.where(y_pred == 0, 2, y_pred)
+        cases[name] = metrics_case(y_true, y_pred, names)
+    cases["versions"] = {"numpy": np.__version__, "scikit-learn": sklearn.__version__}
+    write(OUT / "metrics.json", (json.dumps(cases) + "\n").encode())
+
+
 def main():
+    gen_metrics()
     rng = np.random.RandomState(20240613)
     parts = {
         "train": (b"training batch 1 of 1", TRAIN_FINE),
