@@ -301,6 +301,9 @@ table.kv td{text-align:left;word-break:break-word}
 code,pre{font-family:ui-monospace,"SFMono-Regular",Menlo,Consolas,"DejaVu Sans Mono",monospace;font-size:13px}
 pre{background:var(--soft);border:1px solid var(--line);border-radius:8px;padding:12px;overflow:auto}
 .scroll{overflow-x:auto}
+.tall{max-height:520px;overflow-y:auto}
+.tall thead th{position:sticky;top:0;background:var(--card)}
+#confused td:nth-child(2),#confused td:nth-child(3),#confused th:nth-child(3){text-align:left}
 .plots{display:grid;grid-template-columns:1fr;gap:18px}
 figure{margin:0 auto;width:100%;max-width:980px;border:1px solid var(--line);border-radius:10px;padding:8px;background:#fff}
 figure svg{display:block;width:100%;height:auto}
@@ -716,8 +719,14 @@ fn test_section(h: &mut String, t: &TestMetrics, figs: &[Figure]) {
             m.classes.len()
         );
     }
+    // Many rows scroll in a box of their own, so the figures below stay in reach.
+    h.push_str(if many {
+        "<div class=\"scroll tall\">"
+    } else {
+        "<div class=\"scroll\">"
+    });
     h.push_str(
-        "<div class=\"scroll\"><table id=\"per-class\"><thead><tr>\
+        "<table id=\"per-class\"><thead><tr>\
                 <th>class</th><th>precision</th><th>recall (accuracy)</th><th>F1</th>\
                 <th>support</th></tr></thead><tbody>",
     );

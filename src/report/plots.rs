@@ -775,7 +775,7 @@ impl HeatmapLayout {
         // Room for the row names, a gap of 10 and the rotated axis title.
         let left = (widest + 40).max(150);
         let vertical_columns = widest > 2 * cell - 8;
-        let bottom = if vertical_columns { widest + 60 } else { 116 };
+        let bottom = if vertical_columns { widest + 44 } else { 116 };
         let top = 64;
         let grid = cell * n;
         HeatmapLayout {
