@@ -185,7 +185,7 @@ impl Metrics {
             }
         }
         // Stable: equal counts keep their (true, predicted) order.
-        pairs.sort_by(|a, b| b.count.cmp(&a.count));
+        pairs.sort_by_key(|p| std::cmp::Reverse(p.count));
         pairs.truncate(k);
         pairs
     }
