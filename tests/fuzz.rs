@@ -19,7 +19,6 @@ use cifar_finetune::backbone::fast::Precision;
 use cifar_finetune::backbone::weights::StateDict;
 use cifar_finetune::backprop::Problem;
 use cifar_finetune::data::cifar::{self, Part, Split};
-use cifar_finetune::data::cifar100::{self, Cifar100, LabelKind};
 use cifar_finetune::features::{FeatureSet, Fingerprint};
 use cifar_finetune::rundir;
 use cifar_finetune::rundir::TrainConfig;
@@ -194,6 +193,8 @@ fn cifar_python_batches_and_the_pickle_reader() {
 
 #[test]
 fn cifar100_batches_and_class_names() {
+    use cifar_finetune::data::cifar100::{self, Cifar100, LabelKind};
+
     // The readers are CIFAR-10's; these reach their two-label paths and the name checks.
     for version in ["binary", "python"] {
         let tmp = tempfile::tempdir().unwrap();
