@@ -9,11 +9,12 @@
 //! * `metrics.json` ([`TestMetrics`]): the numbers (top-1 and, as scikit-learn's
 //!   `top_k_accuracy_score`, top-5 accuracy), the confusion matrix (rows true class, columns
 //!   predicted), the sklearn-format report, and which checkpoint/features they are for;
-//! * `predictions.csv`: `index,true,predicted,<class 0 name>,…,<class 9 name>` — the image's
-//!   index within its CIFAR-10 part, the true and predicted class ids, and the 10 softmax
-//!   probabilities, after a first line `# checkpoint sha256:<hex>` naming the checkpoint
-//!   file, as `metrics.json` does: [`check_pair`] refuses a pair from two evaluations.
-//!   [`read_predictions`] parses it back.
+//! * `predictions.csv`: `index,true,predicted,<class 0 name>,…,<class C−1 name>` — the
+//!   image's index within its dataset part, the true and predicted class ids, and the C
+//!   softmax probabilities (one column per class, whatever C is), after a first line
+//!   `# checkpoint sha256:<hex>` naming the checkpoint file, as `metrics.json` does:
+//!   [`check_pair`] refuses a pair from two evaluations. A class name holding a comma or a
+//!   quote is quoted as RFC 4180 does. [`read_predictions`] parses it back.
 
 use std::path::{Path, PathBuf};
 
@@ -33,7 +34,7 @@ pub const METRICS_FORMAT: &str = "cifar-finetune test metrics v1";
 pub struct Evaluation {
     /// What `metrics.json` holds.
     pub metrics: TestMetrics,
-    /// Each image's index within its CIFAR-10 part, `[N]`.
+    /// Each image's index within its dataset part, `[N]`.
     pub index: Vec<u32>,
     /// True classes, `[N]`.
     pub labels: Vec<u8>,
@@ -176,7 +177,7 @@ pub fn write_outputs(eval: &Evaluation, dir: &Path) -> Result<(PathBuf, PathBuf)
     text.push_str("index,true,predicted");
     for name in &eval.metrics.class_names {
         text.push(',');
-        text.push_str(name);
+        text.push_str(&csv_field(name));
     }
     text.push('\n');
     for (i, probs) in eval.probabilities.chunks(c).enumerate() {
@@ -239,7 +240,7 @@ pub fn read_predictions_digest(path: &Path) -> Result<Option<String>> {
 /// One row of `predictions.csv`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PredictionRow {
-    /// The image's index within its CIFAR-10 part.
+    /// The image's index within its dataset part.
     pub index: u32,
     /// True class id.
     pub true_class: u8,
@@ -259,14 +260,14 @@ pub fn read_predictions(path: &Path) -> Result<(Vec<String>, Vec<PredictionRow>)
     let header = lines
         .next()
         .ok_or_else(|| Error::format(path, "empty file"))?;
-    let cols: Vec<&str> = header.split(',').collect();
+    let cols = csv_split(header);
     if cols.len() < 4 || cols[..3] != ["index", "true", "predicted"] {
         return Err(Error::format(
             path,
             "the header is not `index,true,predicted,<class names>`",
         ));
     }
-    let names: Vec<String> = cols[3..].iter().map(|s| s.to_string()).collect();
+    let names: Vec<String> = cols[3..].to_vec();
     let mut rows = Vec::new();
     for (i, line) in lines.enumerate() {
         let bad = |what: &str| Error::format(path, format!("line {}: {what}", i + 2 + skipped));
@@ -301,6 +302,38 @@ pub fn read_predictions(path: &Path) -> Result<(Vec<String>, Vec<PredictionRow>)
     Ok((names, rows))
 }
 
+/// A CSV field as RFC 4180 writes it: in double quotes, inner quotes doubled, when it holds
+/// a comma, a quote or a line break; as it is otherwise.
+fn csv_field(field: &str) -> std::borrow::Cow<'_, str> {
+    if field.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", field.replace('"', "\"\"")).into()
+    } else {
+        field.into()
+    }
+}
+
+/// The fields of one CSV line written with [`csv_field`].
+fn csv_split(line: &str) -> Vec<String> {
+    let mut fields = Vec::new();
+    let mut field = String::new();
+    let mut quoted = false;
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (c, quoted) {
+            ('"', true) if chars.peek() == Some(&'"') => {
+                field.push('"');
+                chars.next();
+            }
+            ('"', true) => quoted = false,
+            ('"', false) if field.is_empty() => quoted = true,
+            (',', false) => fields.push(std::mem::take(&mut field)),
+            (c, _) => field.push(c),
+        }
+    }
+    fields.push(field);
+    fields
+}
+
 /// Where `test` writes by default: the run directory of a checkpoint inside
 /// `<run>/lambda_<λ>/`, i.e. its grandparent when that holds `config.json`, else the
 /// checkpoint's own directory.
@@ -312,5 +345,29 @@ pub fn default_output_dir(checkpoint: &Path) -> PathBuf {
     match dir.parent() {
         Some(run) if run.join("config.json").exists() => run.to_path_buf(),
         _ => dir.to_path_buf(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_fields_round_trip() {
+        let names = ["plain", "a,b", "say \"hi\"", "", "x\"", "\"lead"];
+        let line = names
+            .iter()
+            .map(|n| csv_field(n).into_owned())
+            .collect::<Vec<_>>()
+            .join(",");
+        assert_eq!(
+            line,
+            "plain,\"a,b\",\"say \"\"hi\"\"\",,\"x\"\"\",\"\"\"lead\""
+        );
+        assert_eq!(csv_split(&line), names);
+        assert_eq!(
+            csv_split("index,true,predicted"),
+            ["index", "true", "predicted"]
+        );
     }
 }

@@ -25,10 +25,11 @@
 //!    report (PNG/SVG plots, self-contained report.html)        backprop (error propagation, alone)
 //! ```
 //!
-//! 1. [`fetch`] downloads the CIFAR-10 archive and torchvision's weights, verifies their
-//!    checksums, resumes and extracts safely.
-//! 2. A [`data::Dataset`] — CIFAR-10 today ([`data::cifar::Cifar10`], binary or python
-//!    version) — hands out class names, labels, images and a fingerprint of its files;
+//! 1. [`fetch`] downloads the CIFAR-10 or CIFAR-100 archive and torchvision's weights,
+//!    verifies their checksums, resumes and extracts safely.
+//! 2. A [`data::Dataset`] — CIFAR-10 ([`data::cifar::Cifar10`]) or CIFAR-100 with its fine or
+//!    coarse labels ([`data::cifar100::Cifar100`]), binary or python version — hands out
+//!    class names, labels, images and a fingerprint of its files;
 //!    [`data::transform`] reproduces torchvision's `Resize` (Pillow's bilinear, bit for bit)
 //!    → `ToTensor` → `Normalize`. The class count flows from the dataset to every later stage.
 //! 3. [`backbone::weights`] loads torchvision's state dict strictly (the key list comes from

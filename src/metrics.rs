@@ -1,6 +1,7 @@
 //! Classification metrics from labels alone (no tensors): confusion matrix, per-class
-//! accuracy, precision, recall, F1 and support, their macro and weighted averages, and
-//! scikit-learn's `classification_report` text.
+//! accuracy, precision, recall, F1 and support, their macro and weighted averages,
+//! scikit-learn's `classification_report` text, and the most confused pairs of classes
+//! (what a reader of a 100-class confusion matrix looks for).
 //!
 //! Definitions follow scikit-learn 1.x (`precision_recall_fscore_support` with
 //! `zero_division="warn"`, i.e. 0/0 counts as 0): precision = tp / predicted,
@@ -56,6 +57,19 @@ pub struct Metrics {
     pub weighted_avg: Averages,
     /// Number of samples.
     pub total: u64,
+}
+
+/// One off-diagonal cell of a confusion matrix: images of one class predicted as another.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ConfusedPair {
+    /// The true class id.
+    pub true_class: usize,
+    /// The class predicted instead.
+    pub predicted: usize,
+    /// How many images of `true_class` were predicted as `predicted`.
+    pub count: u64,
+    /// `count` over the number of images of `true_class`.
+    pub share: f64,
 }
 
 /// The confusion matrix of `y_true` against `y_pred` over `classes` classes (rows true,
@@ -150,6 +164,38 @@ impl Metrics {
             weighted_avg,
             total,
         })
+    }
+
+    /// The `k` most confused pairs: the largest off-diagonal cells (true class → predicted
+    /// class), most images first, ties in (true, predicted) order; only cells with at least
+    /// one image.
+    pub fn most_confused(&self, k: usize) -> Vec<ConfusedPair> {
+        let mut pairs: Vec<ConfusedPair> = Vec::new();
+        for (t, row) in self.confusion.iter().enumerate() {
+            let total: u64 = row.iter().sum();
+            for (p, &count) in row.iter().enumerate() {
+                if p != t && count > 0 {
+                    pairs.push(ConfusedPair {
+                        true_class: t,
+                        predicted: p,
+                        count,
+                        share: count as f64 / total as f64,
+                    });
+                }
+            }
+        }
+        // Stable: equal counts keep their (true, predicted) order.
+        pairs.sort_by_key(|p| std::cmp::Reverse(p.count));
+        pairs.truncate(k);
+        pairs
+    }
+
+    /// Class ids ordered by recall (per-class accuracy), worst first; equal recalls in class
+    /// order.
+    pub fn classes_by_recall(&self) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.classes.len()).collect();
+        order.sort_by(|&a, &b| self.classes[a].recall.total_cmp(&self.classes[b].recall));
+        order
     }
 
     /// The report exactly as scikit-learn's `classification_report(y_true, y_pred,

@@ -2,7 +2,9 @@
 //! 127.0.0.1, serving small synthetic files under the real paths: a clean download, a
 //! checksum mismatch, a cut connection that the next run resumes, a server ignoring Range, a
 //! 404, a server that is down, archives with escaping entries, a truncated archive and
-//! offline mode. No test reaches the internet.
+//! offline mode; CIFAR-100's archive (the committed fixture files, packed in the real
+//! layout) downloads, verifies and unpacks, and a wrong md5 is refused. No test reaches the
+//! internet.
 //!
 //! The real checksums cannot match synthetic files, so the library tests describe the files
 //! with their own [`Asset`]s (the real constants with the digest replaced), and the CLI tests
@@ -16,16 +18,19 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cifar_finetune::Error;
+use cifar_finetune::data::Dataset;
 use cifar_finetune::data::cifar::{self, CLASSES, Part};
+use cifar_finetune::data::cifar100::{self, Cifar100, LabelKind};
 use cifar_finetune::error::DownloadFailure;
 use cifar_finetune::fetch::{
-    self, Asset, CIFAR10_BINARY, Checksum, DownloadOptions, RESNET50_V1, Stage,
+    self, Asset, CIFAR10_BINARY, CIFAR100_BINARY, Checksum, DownloadOptions, RESNET50_V1, Stage,
 };
 use common::http_server::{TestServer, closed_port_url};
 use md5::Md5;
 use sha2::{Digest, Sha256};
 
 const CIFAR_PATH: &str = "/~kriz/cifar-10-binary.tar.gz";
+const CIFAR100_PATH: &str = "/~kriz/cifar-100-binary.tar.gz";
 const WEIGHTS_PATH: &str = "/models/resnet50-0676ba61.pth";
 const RECORDS_PER_BATCH: usize = 3;
 
@@ -105,21 +110,30 @@ fn append_raw(
     b.append(&h, data).unwrap();
 }
 
-/// A `.tar.gz` in the real CIFAR-10 layout, optionally followed by extra entries.
-fn cifar_tarball_with(extra: impl FnOnce(&mut tar::Builder<Vec<u8>>)) -> Vec<u8> {
+/// A `.tar.gz` holding `dir/` and `files` in it, optionally followed by extra entries.
+fn tarball_with(
+    dir: &str,
+    files: Vec<(String, Vec<u8>)>,
+    extra: impl FnOnce(&mut tar::Builder<Vec<u8>>),
+) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
-    let mut dir = tar::Header::new_gnu();
-    dir.set_size(0);
-    dir.set_mode(0o755);
-    dir.set_mtime(0);
-    dir.set_entry_type(tar::EntryType::Directory);
-    b.append_data(&mut dir, "cifar-10-batches-bin/", std::io::empty())
+    let mut header = tar::Header::new_gnu();
+    header.set_size(0);
+    header.set_mode(0o755);
+    header.set_mtime(0);
+    header.set_entry_type(tar::EntryType::Directory);
+    b.append_data(&mut header, format!("{dir}/"), std::io::empty())
         .unwrap();
-    for (name, data) in cifar_files() {
-        append_file(&mut b, &format!("cifar-10-batches-bin/{name}"), &data);
+    for (name, data) in files {
+        append_file(&mut b, &format!("{dir}/{name}"), &data);
     }
     extra(&mut b);
     gzip(&b.into_inner().unwrap())
+}
+
+/// A `.tar.gz` in the real CIFAR-10 layout, optionally followed by extra entries.
+fn cifar_tarball_with(extra: impl FnOnce(&mut tar::Builder<Vec<u8>>)) -> Vec<u8> {
+    tarball_with("cifar-10-batches-bin", cifar_files(), extra)
 }
 
 fn cifar_tarball() -> Vec<u8> {
@@ -132,6 +146,30 @@ fn cifar_asset(archive: &[u8]) -> Asset {
         checksum: Some(Checksum::Md5(leak(md5_hex(archive)))),
         size: Some(archive.len() as u64),
         ..CIFAR10_BINARY
+    }
+}
+
+/// The files of `cifar-100-binary/`: the committed fixture (tools/gen_cifar100_fixtures.py).
+fn cifar100_files() -> Vec<(String, Vec<u8>)> {
+    let dir =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cifar100/cifar-100-binary");
+    fetch::CIFAR100_BIN_FILES
+        .iter()
+        .map(|name| (name.to_string(), std::fs::read(dir.join(name)).unwrap()))
+        .collect()
+}
+
+/// A `.tar.gz` in the real CIFAR-100 binary layout.
+fn cifar100_tarball() -> Vec<u8> {
+    tarball_with("cifar-100-binary", cifar100_files(), |_| {})
+}
+
+/// The real CIFAR-100 asset, with the digest and size of `archive`.
+fn cifar100_asset(archive: &[u8]) -> Asset {
+    Asset {
+        checksum: Some(Checksum::Md5(leak(md5_hex(archive)))),
+        size: Some(archive.len() as u64),
+        ..CIFAR100_BINARY
     }
 }
 
@@ -733,6 +771,103 @@ fn offline_mode_says_what_is_missing_and_uses_no_network() {
     assert!(server.requests().is_empty());
 }
 
+#[test]
+fn cifar100_downloads_verifies_and_unpacks_to_a_readable_dataset() {
+    let archive = cifar100_tarball();
+    let server = TestServer::start();
+    server.serve(CIFAR100_PATH, archive.clone());
+    let opts = options(&server.url());
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+
+    let bin = fetch::ensure_cifar100_with(&data, &cifar100_asset(&archive), &opts).unwrap();
+    assert_eq!(bin, data.join("cifar-100-binary"));
+    for (name, bytes) in cifar100_files() {
+        assert_eq!(std::fs::read(bin.join(&name)).unwrap(), bytes, "{name}");
+    }
+    let mut expected = vec![
+        "cifar-100-binary".to_string(),
+        "cifar-100-binary.tar.gz".to_string(),
+    ];
+    expected.extend(
+        fetch::CIFAR100_BIN_FILES
+            .iter()
+            .map(|n| format!("cifar-100-binary/{n}")),
+    );
+    expected.sort();
+    let mut got = names(&data);
+    got.sort();
+    assert_eq!(got, expected);
+
+    // What was unpacked is CIFAR-100 as the reader sees it, fine and coarse.
+    let fine = Cifar100::open(&data, LabelKind::Fine).unwrap();
+    assert_eq!(fine.classes().len(), 100);
+    assert_eq!(fine.labels(Part::Test).unwrap(), [1, 98, 85, 64]);
+    let coarse = cifar100::load_part(&data, Part::Train, LabelKind::Coarse, None).unwrap();
+    assert_eq!(coarse.len(), 6);
+
+    // Complete: no more requests, even with the real (unmatchable) digest.
+    fetch::ensure_cifar100(&data, &opts).unwrap();
+    assert_eq!(server.requests().len(), 1);
+}
+
+#[test]
+fn cifar100_with_a_wrong_md5_is_refused_and_nothing_unpacked() {
+    let archive = cifar100_tarball();
+    let server = TestServer::start();
+    server.serve(CIFAR100_PATH, archive.clone());
+    let tmp = tempfile::tempdir().unwrap();
+    let expected = md5_hex(b"another archive");
+    let asset = Asset {
+        checksum: Some(Checksum::Md5(leak(expected.clone()))),
+        ..cifar100_asset(&archive)
+    };
+    let msg = message_of(
+        DownloadFailure::Checksum,
+        fetch::ensure_cifar100_with(tmp.path(), &asset, &options(&server.url())).unwrap_err(),
+    );
+    assert_contains(
+        &msg,
+        &[
+            "checksum mismatch",
+            &md5_hex(&archive),
+            &expected,
+            &format!("{}{CIFAR100_PATH}", server.url()),
+            "md5sum cifar-100-binary.tar.gz",
+            "cifar-100-binary/train.bin",
+            "cifar-100-binary/fine_label_names.txt",
+        ],
+    );
+    assert_eq!(names(tmp.path()), ["cifar-100-binary.tar.gz.bad"]);
+
+    // The real asset names the published md5 and size in its manual steps.
+    let server = TestServer::start();
+    let msg = message_of(
+        DownloadFailure::Http(404),
+        fetch::ensure_cifar100(tmp.path(), &options(&server.url())).unwrap_err(),
+    );
+    assert_contains(
+        &msg,
+        &[
+            "HTTP 404",
+            "03b5dce01913d631647c71ecec9e9cb8",
+            "168513733 bytes",
+            "cifar-100-binary/coarse_label_names.txt",
+        ],
+    );
+
+    // An incomplete directory is left alone.
+    let dir = tmp.path().join("cifar-100-binary");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("train.bin"), b"x").unwrap();
+    let msg = message_of(
+        DownloadFailure::Conflict,
+        fetch::ensure_cifar100(tmp.path(), &options(&server.url())).unwrap_err(),
+    );
+    assert_contains(&msg, &["lacks test.bin", "download CIFAR-100 afresh"]);
+    assert_eq!(std::fs::read(dir.join("train.bin")).unwrap(), b"x");
+}
+
 fn cli() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_cifar-finetune"));
     for var in [
@@ -836,6 +971,77 @@ fn cli_download_with_everything_present_says_where_it_is() {
                 .join("resnet50-0676ba61.pth")
                 .display()
                 .to_string(),
+        ],
+    );
+    assert!(server.requests().is_empty());
+}
+
+#[test]
+fn cli_download_cifar100_fetches_cifar100_only() {
+    // The real size and md5 cannot match the synthetic archive: refused before any byte is
+    // stored, naming CIFAR-100's archive and layout; CIFAR-10 was not asked for.
+    let server = TestServer::start();
+    server.serve(CIFAR100_PATH, cifar100_tarball());
+    server.serve(CIFAR_PATH, cifar_tarball());
+    let tmp = tempfile::tempdir().unwrap();
+    let out = cli()
+        .args(["download", "cifar100", "--weights", "none", "--data"])
+        .arg(tmp.path())
+        .args(["--cifar-url", &server.url()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert_contains(
+        &stderr,
+        &[
+            &format!("{}{CIFAR100_PATH}", server.url()),
+            "168513733 were expected",
+            "03b5dce01913d631647c71ecec9e9cb8",
+            "cifar-100-binary/train.bin",
+        ],
+    );
+    assert!(!stderr.contains("cifar-10-binary"), "{stderr}");
+    let requests = server.requests();
+    assert_eq!(requests.len(), 1);
+    assert_eq!(requests[0].path, CIFAR100_PATH);
+
+    // Both datasets present: both reported, no request.
+    let server = TestServer::start();
+    place_everything(tmp.path());
+    let dir = tmp.path().join("cifar-100-binary");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, bytes) in cifar100_files() {
+        std::fs::write(dir.join(name), bytes).unwrap();
+    }
+    let out = cli()
+        .args([
+            "download",
+            "cifar10",
+            "cifar100",
+            "--weights",
+            "none",
+            "--data",
+        ])
+        .arg(tmp.path())
+        .args(["--cifar-url", &server.url()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_contains(
+        &stdout,
+        &[
+            &format!(
+                "CIFAR-10: {}",
+                tmp.path().join("cifar-10-batches-bin").display()
+            ),
+            &format!("CIFAR-100: {}", dir.display()),
+            "fine_label_names.txt",
         ],
     );
     assert!(server.requests().is_empty());

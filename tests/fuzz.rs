@@ -1,7 +1,7 @@
 //! Byte-mutation fuzzing of every reader of untrusted files, driven by proptest.
 //!
 //! Each target starts from real files — the committed fixtures for the formats others write
-//! (CIFAR-10 binary and python batches, torch.save `.pth`, `.safetensors`, backprop
+//! (CIFAR-10 and CIFAR-100 binary and python batches, torch.save `.pth`, `.safetensors`, backprop
 //! parameter files), and files our own writers produce for ours (feature shards,
 //! checkpoints, `history.csv`, `predictions.csv`) — and feeds the reader mutated copies:
 //! flipped bits, overwritten, inserted, deleted and duplicated bytes, truncations. A reader
@@ -189,6 +189,49 @@ fn cifar_python_batches_and_the_pickle_reader() {
             let _ = cifar::load_part(tmp.path(), Part::Test, None);
         },
     );
+}
+
+#[test]
+fn cifar100_batches_and_class_names() {
+    use cifar_finetune::data::cifar100::{self, Cifar100, LabelKind};
+
+    // The readers are CIFAR-10's; these reach their two-label paths and the name checks.
+    for version in ["binary", "python"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let name = format!("cifar-100-{version}");
+        let dir = tmp.path().join(&name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let src = fixtures().join("cifar100").join(&name);
+        for entry in std::fs::read_dir(&src).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+        }
+        let (batch, names) = match version {
+            "binary" => ("test.bin", "fine_label_names.txt"),
+            _ => ("test", "meta"),
+        };
+        let seeds = read_all(&[src.join(batch)]);
+        fuzz(
+            &format!("cifar-100 {version}"),
+            &seeds,
+            &dir.join(batch),
+            600,
+            |_| {
+                let _ = cifar100::load_part(tmp.path(), Part::Test, LabelKind::Fine, None);
+            },
+        );
+        std::fs::copy(src.join(batch), dir.join(batch)).unwrap();
+        let seeds = read_all(&[src.join(names)]);
+        fuzz(
+            &format!("cifar-100 {version} class names"),
+            &seeds,
+            &dir.join(names),
+            400,
+            |_| {
+                let _ = Cifar100::open(tmp.path(), LabelKind::Fine);
+            },
+        );
+    }
 }
 
 #[test]

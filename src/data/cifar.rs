@@ -17,6 +17,10 @@
 //! executes nothing: it knows the handful of opcodes and the few numpy constructors such
 //! files use, and rejects everything else with an error naming the file.
 //!
+//! The readers are shared with CIFAR-100 ([`crate::data::cifar100`]), whose files differ
+//! only in names and in carrying two labels per image: a `Spec` describes each dataset's
+//! files, and the readers take it as a parameter.
+//!
 //! The 50,000 training images are split into train and validation by [`split_indices`]
 //! (seeded Fisher–Yates over ChaCha8, identical on every platform); the test part is read
 //! only by evaluation.
@@ -72,6 +76,89 @@ pub const BIN_DIR: &str = "cifar-10-batches-bin";
 /// Directory name of the python version.
 pub const PY_DIR: &str = "cifar-10-batches-py";
 
+/// One CIFAR distribution's file names and record layout. The readers of this module are
+/// shared by CIFAR-10 ([`CIFAR10`]) and CIFAR-100 (`data::cifar100`), which differ only in
+/// what this describes.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Spec {
+    /// The dataset's name in messages, e.g. `CIFAR-10`.
+    pub(crate) name: &'static str,
+    /// Directory of the binary version.
+    pub(crate) bin_dir: &'static str,
+    /// Directory of the python version.
+    pub(crate) py_dir: &'static str,
+    /// Batch file stems of the training part, in dataset order (binary files add `.bin`).
+    pub(crate) train: &'static [&'static str],
+    /// Batch file stems of the test part.
+    pub(crate) test: &'static [&'static str],
+    /// The python version's pickle of class names.
+    pub(crate) py_meta: &'static str,
+    /// The labels of each image, in the order of a binary record's leading label bytes.
+    pub(crate) labels: &'static [LabelField],
+    /// The expected layout, spelled out for error messages.
+    pub(crate) layout_help: &'static str,
+}
+
+/// One label every image of a CIFAR distribution carries (CIFAR-100 has two: coarse, fine).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct LabelField {
+    /// The label in messages: `label`, `fine label`.
+    pub(crate) name: &'static str,
+    /// What a valid value is, in messages: `CIFAR-10 class id`.
+    pub(crate) what: &'static str,
+    /// The python batch's list of these labels.
+    pub(crate) key: &'static str,
+    /// The binary version's file of class names, one per line.
+    pub(crate) names_txt: &'static str,
+    /// The python meta pickle's list of class names.
+    pub(crate) names_key: &'static str,
+    /// Number of classes: valid labels are `0..classes`.
+    pub(crate) classes: usize,
+}
+
+impl Spec {
+    /// Bytes of one binary-version record: the label bytes, then the image.
+    pub(crate) fn record_bytes(&self) -> usize {
+        self.labels.len() + IMAGE_BYTES
+    }
+
+    /// Batch file stems of `part`, in dataset order; CIFAR has no validation files.
+    fn stems(&self, part: Part) -> &'static [&'static str] {
+        match part {
+            Part::Train => self.train,
+            Part::Val => &[],
+            Part::Test => self.test,
+        }
+    }
+}
+
+/// CIFAR-10's files: five training batches and a test batch, one label per image.
+pub(crate) static CIFAR10: Spec = Spec {
+    name: "CIFAR-10",
+    bin_dir: BIN_DIR,
+    py_dir: PY_DIR,
+    train: &[
+        "data_batch_1",
+        "data_batch_2",
+        "data_batch_3",
+        "data_batch_4",
+        "data_batch_5",
+    ],
+    test: &["test_batch"],
+    py_meta: "batches.meta",
+    labels: &[LabelField {
+        name: "label",
+        what: "CIFAR-10 class id",
+        key: "labels",
+        names_txt: "batches.meta.txt",
+        names_key: "label_names",
+        classes: CLASSES.len(),
+    }],
+    layout_help: "expected a directory containing cifar-10-batches-bin/ \
+        (data_batch_1.bin … data_batch_5.bin, test_batch.bin) or cifar-10-batches-py/ \
+        (data_batch_1 … data_batch_5, test_batch), or one of those directories itself",
+};
+
 /// What a user asks for: train and val are a seeded split of [`Part::Train`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -125,14 +212,23 @@ impl FromStr for Split {
     }
 }
 
-/// Which of the two CIFAR-10 distributions a directory holds.
+/// Which of the two distributions (binary or python version) a CIFAR directory holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
-    /// `cifar-10-batches-bin/`: raw 3,073-byte records.
+    /// `cifar-10-batches-bin/` (`cifar-100-binary/`): raw records, label bytes then pixels.
     Binary,
-    /// `cifar-10-batches-py/`: pickled dicts with numpy arrays.
+    /// `cifar-10-batches-py/` (`cifar-100-python/`): pickled dicts with numpy arrays.
     Python,
+}
+
+impl Format {
+    fn as_str(self) -> &'static str {
+        match self {
+            Format::Binary => "binary",
+            Format::Python => "python",
+        }
+    }
 }
 
 /// Where the batch files of a data directory are, and in which format.
@@ -142,12 +238,15 @@ pub struct Layout {
     pub dir: PathBuf,
     /// The format of those files.
     pub format: Format,
+    /// Which CIFAR these files are.
+    spec: &'static Spec,
 }
 
 impl Layout {
     /// The batch files of `part` in this layout, in dataset order (existence not checked).
     pub fn batch_paths(&self, part: Part) -> Vec<PathBuf> {
-        stems(part)
+        self.spec
+            .stems(part)
             .iter()
             .map(|stem| match self.format {
                 Format::Binary => self.dir.join(format!("{stem}.bin")),
@@ -156,79 +255,63 @@ impl Layout {
             .collect()
     }
 
-    /// The class-name file of this layout (`batches.meta.txt` or `batches.meta`).
+    /// The class-name file of this layout (CIFAR-10: `batches.meta.txt` or `batches.meta`).
     pub fn meta_path(&self) -> PathBuf {
+        self.names_path(&self.spec.labels[0])
+    }
+
+    /// The file holding the class names of `field`: the binary version's text file, or
+    /// the python version's meta pickle.
+    pub(crate) fn names_path(&self, field: &LabelField) -> PathBuf {
         match self.format {
-            Format::Binary => self.dir.join("batches.meta.txt"),
-            Format::Python => self.dir.join("batches.meta"),
+            Format::Binary => self.dir.join(field.names_txt),
+            Format::Python => self.dir.join(self.spec.py_meta),
         }
     }
 }
-
-/// Batch file stems of `part`, in dataset order (without the binary `.bin` suffix); CIFAR-10
-/// has no validation files, so `Val` has none.
-fn stems(part: Part) -> &'static [&'static str] {
-    match part {
-        Part::Train => &[
-            "data_batch_1",
-            "data_batch_2",
-            "data_batch_3",
-            "data_batch_4",
-            "data_batch_5",
-        ],
-        Part::Val => &[],
-        Part::Test => &["test_batch"],
-    }
-}
-
-/// The expected layout, spelled out for error messages.
-const LAYOUT_HELP: &str = "expected a directory containing cifar-10-batches-bin/ \
-    (data_batch_1.bin … data_batch_5.bin, test_batch.bin) or cifar-10-batches-py/ \
-    (data_batch_1 … data_batch_5, test_batch), or one of those directories itself";
 
 /// Finds the CIFAR-10 files under `data_dir`.
 ///
 /// `data_dir` may contain `cifar-10-batches-bin/` or `cifar-10-batches-py/` (the binary
 /// version is preferred when both exist), or be one of those directories itself.
 pub fn locate(data_dir: &Path) -> Result<Layout> {
+    locate_spec(data_dir, &CIFAR10)
+}
+
+/// [`locate`] for any CIFAR distribution.
+pub(crate) fn locate_spec(data_dir: &Path, spec: &'static Spec) -> Result<Layout> {
+    let layout = |dir: PathBuf, format| Layout { dir, format, spec };
     if !data_dir.is_dir() {
         return Err(Error::format(
             data_dir,
-            format!("CIFAR-10 data directory does not exist or is not a directory; {LAYOUT_HELP}"),
+            format!(
+                "{} data directory does not exist or is not a directory; {}",
+                spec.name, spec.layout_help
+            ),
         ));
     }
-    let bin = data_dir.join(BIN_DIR);
+    let bin = data_dir.join(spec.bin_dir);
     if bin.is_dir() {
-        return Ok(Layout {
-            dir: bin,
-            format: Format::Binary,
-        });
+        return Ok(layout(bin, Format::Binary));
     }
-    let py = data_dir.join(PY_DIR);
+    let py = data_dir.join(spec.py_dir);
     if py.is_dir() {
-        return Ok(Layout {
-            dir: py,
-            format: Format::Python,
-        });
+        return Ok(layout(py, Format::Python));
     }
-    // The directory itself may be one of the two: recognise it by name or by content.
+    // The directory itself may be one of the two: recognise it by name or by content (the
+    // first training and the test batch, the python meta file).
     let name = data_dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
     let has = |f: &str| data_dir.join(f).is_file();
-    if name == BIN_DIR || has("data_batch_1.bin") || has("test_batch.bin") {
-        return Ok(Layout {
-            dir: data_dir.to_path_buf(),
-            format: Format::Binary,
-        });
+    let firsts = [spec.train[0], spec.test[0]];
+    if name == spec.bin_dir || firsts.iter().any(|s| has(&format!("{s}.bin"))) {
+        return Ok(layout(data_dir.to_path_buf(), Format::Binary));
     }
-    if name == PY_DIR || has("data_batch_1") || has("test_batch") || has("batches.meta") {
-        return Ok(Layout {
-            dir: data_dir.to_path_buf(),
-            format: Format::Python,
-        });
+    if name == spec.py_dir || firsts.iter().any(|s| has(s)) || has(spec.py_meta) {
+        return Ok(layout(data_dir.to_path_buf(), Format::Python));
     }
     Err(Error::format(
         data_dir,
-        format!("no CIFAR-10 data found; {LAYOUT_HELP}"),
+        format!("no {} data found; {}", spec.name, spec.layout_help),
     ))
 }
 
@@ -236,10 +319,19 @@ pub fn locate(data_dir: &Path) -> Result<Layout> {
 ///
 /// Errors name the first missing file and the expected layout.
 pub fn part_files(data_dir: &Path, part: Part) -> Result<Vec<PathBuf>> {
-    if stems(part).is_empty() {
-        return Err(no_such_part(part));
+    part_files_spec(data_dir, &CIFAR10, part)
+}
+
+/// [`part_files`] for any CIFAR distribution.
+pub(crate) fn part_files_spec(
+    data_dir: &Path,
+    spec: &'static Spec,
+    part: Part,
+) -> Result<Vec<PathBuf>> {
+    if spec.stems(part).is_empty() {
+        return Err(no_such_part(spec, part));
     }
-    let layout = locate(data_dir)?;
+    let layout = locate_spec(data_dir, spec)?;
     let paths = layout.batch_paths(part);
     for p in &paths {
         if !p.is_file() {
@@ -250,12 +342,10 @@ pub fn part_files(data_dir: &Path, part: Part) -> Result<Vec<PathBuf>> {
             return Err(Error::format(
                 p,
                 format!(
-                    "CIFAR-10 batch file is missing: the {} part of the {} version needs {} in {}",
+                    "{} batch file is missing: the {} part of the {} version needs {} in {}",
+                    spec.name,
                     part,
-                    match layout.format {
-                        Format::Binary => "binary",
-                        Format::Python => "python",
-                    },
+                    layout.format.as_str(),
                     names.join(", "),
                     layout.dir.display()
                 ),
@@ -265,70 +355,59 @@ pub fn part_files(data_dir: &Path, part: Part) -> Result<Vec<PathBuf>> {
     Ok(paths)
 }
 
-/// CIFAR-10 under a data directory, as a [`Dataset`]: each part is read on first use — all
-/// of its batch files, every label checked — and kept in memory (150 MB for the training
-/// part), so that images are handed out without copying.
-#[derive(Debug)]
-pub struct Cifar10 {
-    data_dir: PathBuf,
-    classes: Vec<String>,
-    /// The training and the test part, once read.
-    parts: [OnceLock<CifarPart>; 2],
-}
-
-impl Cifar10 {
-    /// CIFAR-10 in `data_dir` (laid out as [`locate`] accepts). The class-name file is
-    /// checked now; the batch files of a part when it is first used.
-    pub fn open(data_dir: &Path) -> Result<Self> {
-        check_meta(&locate(data_dir)?)?;
-        Ok(Self {
-            data_dir: data_dir.to_path_buf(),
-            classes: class_names(),
-            parts: Default::default(),
-        })
-    }
-
-    /// The whole of `part`, read on first use.
-    pub fn part(&self, part: Part) -> Result<&CifarPart> {
-        let slot = match part {
-            Part::Train => &self.parts[0],
-            Part::Test => &self.parts[1],
-            Part::Val => return Err(no_such_part(part)),
-        };
-        if let Some(p) = slot.get() {
-            return Ok(p);
-        }
-        let loaded = load_part(&self.data_dir, part, None)?;
-        Ok(slot.get_or_init(|| loaded))
-    }
-}
-
-/// The error for a part CIFAR-10 does not have (its validation images are drawn from the
-/// training part).
-fn no_such_part(part: Part) -> Error {
+/// The error for a part a CIFAR dataset does not have (its validation images are drawn
+/// from the training part).
+fn no_such_part(spec: &Spec, part: Part) -> Error {
     Error::invalid(
         "part",
         format!(
-            "CIFAR-10 has no {part} files: only train and test (validation images are drawn from train)"
+            "{} has no {part} files: only train and test (validation images are drawn from train)",
+            spec.name
         ),
     )
 }
 
-impl Dataset for Cifar10 {
-    fn name(&self) -> &str {
-        "cifar10"
+/// The training and test parts of a CIFAR directory, each read on first use — all of its
+/// batch files, every label checked — and kept in memory (150 MB for a training part), so
+/// that images are handed out without copying. [`Cifar10`] and `Cifar100` are this plus
+/// their class names.
+#[derive(Debug)]
+pub(crate) struct Parts {
+    data_dir: PathBuf,
+    spec: &'static Spec,
+    /// The label kept: an index into `spec.labels`.
+    field: usize,
+    /// The training and the test part, once read.
+    parts: [OnceLock<CifarPart>; 2],
+}
+
+impl Parts {
+    pub(crate) fn new(data_dir: &Path, spec: &'static Spec, field: usize) -> Self {
+        Self {
+            data_dir: data_dir.to_path_buf(),
+            spec,
+            field,
+            parts: Default::default(),
+        }
     }
 
-    fn parts(&self) -> &[Part] {
-        &[Part::Train, Part::Test]
+    /// The whole of `part`, read on first use.
+    pub(crate) fn part(&self, part: Part) -> Result<&CifarPart> {
+        let slot = match part {
+            Part::Train => &self.parts[0],
+            Part::Test => &self.parts[1],
+            Part::Val => return Err(no_such_part(self.spec, part)),
+        };
+        if let Some(p) = slot.get() {
+            return Ok(p);
+        }
+        let loaded = load_part_spec(&self.data_dir, self.spec, part, self.field, None)?;
+        Ok(slot.get_or_init(|| loaded))
     }
 
-    fn classes(&self) -> &[String] {
-        &self.classes
-    }
-
-    fn fingerprint(&self, part: Part) -> Result<Vec<(String, String)>> {
-        part_files(&self.data_dir, part)?
+    /// [`Dataset::fingerprint`]: the name and sha256 of each batch file of `part`.
+    pub(crate) fn fingerprint(&self, part: Part) -> Result<Vec<(String, String)>> {
+        part_files_spec(&self.data_dir, self.spec, part)?
             .iter()
             .map(|f| {
                 let name = f
@@ -340,11 +419,8 @@ impl Dataset for Cifar10 {
             .collect()
     }
 
-    fn labels(&self, part: Part) -> Result<&[u8]> {
-        Ok(&self.part(part)?.labels)
-    }
-
-    fn image(&self, part: Part, index: usize) -> Result<Image<'_>> {
+    /// [`Dataset::image`]: image `index` of `part`, borrowed.
+    pub(crate) fn image(&self, part: Part, index: usize) -> Result<Image<'_>> {
         let p = self.part(part)?;
         if index >= p.len() {
             return Err(Error::invalid(
@@ -363,12 +439,65 @@ impl Dataset for Cifar10 {
     }
 }
 
-/// Images and labels of (a prefix of) one CIFAR-10 part, in dataset order.
+/// CIFAR-10 under a data directory, as a [`Dataset`]: each part is read on first use — all
+/// of its batch files, every label checked — and kept in memory (150 MB for the training
+/// part), so that images are handed out without copying.
+#[derive(Debug)]
+pub struct Cifar10 {
+    classes: Vec<String>,
+    parts: Parts,
+}
+
+impl Cifar10 {
+    /// CIFAR-10 in `data_dir` (laid out as [`locate`] accepts). The class-name file is
+    /// checked now; the batch files of a part when it is first used.
+    pub fn open(data_dir: &Path) -> Result<Self> {
+        check_meta(&locate(data_dir)?)?;
+        Ok(Self {
+            classes: class_names(),
+            parts: Parts::new(data_dir, &CIFAR10, 0),
+        })
+    }
+
+    /// The whole of `part`, read on first use.
+    pub fn part(&self, part: Part) -> Result<&CifarPart> {
+        self.parts.part(part)
+    }
+}
+
+impl Dataset for Cifar10 {
+    fn name(&self) -> &str {
+        "cifar10"
+    }
+
+    fn parts(&self) -> &[Part] {
+        &[Part::Train, Part::Test]
+    }
+
+    fn classes(&self) -> &[String] {
+        &self.classes
+    }
+
+    fn fingerprint(&self, part: Part) -> Result<Vec<(String, String)>> {
+        self.parts.fingerprint(part)
+    }
+
+    fn labels(&self, part: Part) -> Result<&[u8]> {
+        Ok(&self.part(part)?.labels)
+    }
+
+    fn image(&self, part: Part, index: usize) -> Result<Image<'_>> {
+        self.parts.image(part, index)
+    }
+}
+
+/// Images and labels of (a prefix of) one CIFAR part, in dataset order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CifarPart {
     /// `[n, 3, 32, 32]`: per image the R, G and B planes, each row-major.
     pub images: Vec<u8>,
-    /// `[n]`, class ids 0..=9 (see [`CLASSES`]).
+    /// `[n]`, class ids (CIFAR-10: 0..=9, see [`CLASSES`]; CIFAR-100: the fine or coarse
+    /// label chosen).
     pub labels: Vec<u8>,
     /// The batch files read, in order.
     pub files: Vec<PathBuf>,
@@ -419,9 +548,21 @@ impl CifarPart {
 /// Only the batch files needed for `limit` images are opened. The class-name file
 /// (`batches.meta.txt` / `batches.meta`) is checked when present.
 pub fn load_part(data_dir: &Path, part: Part, limit: Option<usize>) -> Result<CifarPart> {
-    let layout = locate(data_dir)?;
-    let paths = part_files(data_dir, part)?;
-    check_meta(&layout)?;
+    check_meta(&locate(data_dir)?)?;
+    load_part_spec(data_dir, &CIFAR10, part, 0, limit)
+}
+
+/// [`load_part`] for any CIFAR distribution, keeping label `field` (an index into
+/// `spec.labels`; every label of every record read is checked). Class names are not read.
+pub(crate) fn load_part_spec(
+    data_dir: &Path,
+    spec: &'static Spec,
+    part: Part,
+    field: usize,
+    limit: Option<usize>,
+) -> Result<CifarPart> {
+    let layout = locate_spec(data_dir, spec)?;
+    let paths = part_files_spec(data_dir, spec, part)?;
     let mut out = CifarPart {
         images: Vec::new(),
         labels: Vec::new(),
@@ -434,16 +575,23 @@ pub fn load_part(data_dir: &Path, part: Part, limit: Option<usize>) -> Result<Ci
             None => None,
         };
         match layout.format {
-            Format::Binary => read_binary_batch(&path, remaining, &mut out)?,
-            Format::Python => read_python_batch(&path, remaining, &mut out)?,
+            Format::Binary => read_binary_batch(&path, spec, field, remaining, &mut out)?,
+            Format::Python => read_python_batch(&path, spec, field, remaining, &mut out)?,
         }
         out.files.push(path);
     }
     Ok(out)
 }
 
-/// Appends up to `max` records of a binary batch file to `out`.
-fn read_binary_batch(path: &Path, max: Option<usize>, out: &mut CifarPart) -> Result<()> {
+/// Appends up to `max` records of a binary batch file to `out`, keeping label `field`.
+fn read_binary_batch(
+    path: &Path,
+    spec: &Spec,
+    field: usize,
+    max: Option<usize>,
+    out: &mut CifarPart,
+) -> Result<()> {
+    let record_bytes = spec.record_bytes();
     let file = std::fs::File::open(path).map_err(|e| Error::io("opening", path, e))?;
     let len = file
         .metadata()
@@ -452,59 +600,84 @@ fn read_binary_batch(path: &Path, max: Option<usize>, out: &mut CifarPart) -> Re
     if len == 0 {
         return Err(Error::format(
             path,
-            "CIFAR-10 binary batch file is empty (expected 3073-byte records)",
-        ));
-    }
-    let rem = len % RECORD_BYTES as u64;
-    if rem != 0 {
-        return Err(Error::format(
-            path,
             format!(
-                "CIFAR-10 binary batch file is truncated or not a batch file: its length {len} \
-                 bytes is not a multiple of the {RECORD_BYTES}-byte record (1 label byte + \
-                 {IMAGE_BYTES} pixel bytes): {} whole records and {rem} bytes left over",
-                len / RECORD_BYTES as u64
+                "{} binary batch file is empty (expected {record_bytes}-byte records)",
+                spec.name
             ),
         ));
     }
-    let count = usize::try_from(len / RECORD_BYTES as u64)
+    let rem = len % record_bytes as u64;
+    if rem != 0 {
+        let label_bytes = match spec.labels.len() {
+            1 => "1 label byte".to_string(),
+            n => format!("{n} label bytes"),
+        };
+        return Err(Error::format(
+            path,
+            format!(
+                "{} binary batch file is truncated or not a batch file: its length {len} \
+                 bytes is not a multiple of the {record_bytes}-byte record ({label_bytes} + \
+                 {IMAGE_BYTES} pixel bytes): {} whole records and {rem} bytes left over",
+                spec.name,
+                len / record_bytes as u64
+            ),
+        ));
+    }
+    let count = usize::try_from(len / record_bytes as u64)
         .map_err(|_| Error::format(path, format!("file of {len} bytes is too large")))?;
     let take = max.map_or(count, |m| m.min(count));
-    let mut buf = vec![0u8; take * RECORD_BYTES];
+    let mut buf = vec![0u8; take * record_bytes];
     (&file)
-        .take((take * RECORD_BYTES) as u64)
+        .take((take * record_bytes) as u64)
         .read_exact(&mut buf)
         .map_err(|e| Error::io("reading", path, e))?;
     out.images.reserve(take * IMAGE_BYTES);
     out.labels.reserve(take);
-    for (i, record) in buf.chunks_exact(RECORD_BYTES).enumerate() {
-        let label = record[0];
-        check_label(path, i, i64::from(label))?;
-        out.labels.push(label);
-        out.images.extend_from_slice(&record[1..]);
+    let n_labels = spec.labels.len();
+    for (i, record) in buf.chunks_exact(record_bytes).enumerate() {
+        for (f, &label) in spec.labels.iter().zip(&record[..n_labels]) {
+            check_label(path, f, i, i64::from(label))?;
+        }
+        out.labels.push(record[field]);
+        out.images.extend_from_slice(&record[n_labels..]);
     }
     Ok(())
 }
 
-/// Errors unless `label` is a class id, naming the file and the record.
-fn check_label(path: &Path, record: usize, label: i64) -> Result<()> {
-    if (0..CLASSES.len() as i64).contains(&label) {
+/// Errors unless `label` is a class id of `field`, naming the file and the record.
+fn check_label(path: &Path, field: &LabelField, record: usize, label: i64) -> Result<()> {
+    if (0..field.classes as i64).contains(&label) {
         Ok(())
     } else {
         Err(Error::format(
             path,
-            format!("record {record}: label {label} is not a CIFAR-10 class id (expected 0..=9)"),
+            format!(
+                "record {record}: {} {label} is not a {} (expected 0..={})",
+                field.name,
+                field.what,
+                field.classes - 1
+            ),
         ))
     }
 }
 
-/// Appends up to `max` images of a python-version batch file to `out`.
-fn read_python_batch(path: &Path, max: Option<usize>, out: &mut CifarPart) -> Result<()> {
+/// Appends up to `max` images of a python-version batch file to `out`, keeping label
+/// `field`.
+fn read_python_batch(
+    path: &Path,
+    spec: &Spec,
+    field: usize,
+    max: Option<usize>,
+    out: &mut CifarPart,
+) -> Result<()> {
     let bytes = std::fs::read(path).map_err(|e| Error::io("reading", path, e))?;
     let bad = |msg: String| {
         Error::format(
             path,
-            format!("not a valid CIFAR-10 python batch (pickled dict): {msg}"),
+            format!(
+                "not a valid {} python batch (pickled dict): {msg}",
+                spec.name
+            ),
         )
     };
     let root = pickle::parse(&bytes).map_err(bad)?;
@@ -520,34 +693,45 @@ fn read_python_batch(path: &Path, max: Option<usize>, out: &mut CifarPart) -> Re
             "`data` has shape {shape:?}, expected [N, {IMAGE_BYTES}]"
         )));
     }
-    let labels = root
-        .dict_get("labels")
-        .map_err(bad)?
-        .ok_or_else(|| bad("the dict has no `labels` entry".into()))?
-        .as_int_list()
-        .map_err(|m| bad(format!("`labels`: {m}")))?;
-    if labels.len() != shape[0] {
-        return Err(bad(format!(
-            "`data` has {} images but `labels` has {} entries",
-            shape[0],
-            labels.len()
-        )));
+    let take = max.map_or(shape[0], |m| m.min(shape[0]));
+    let mut kept = Vec::new();
+    for (f, label_field) in spec.labels.iter().enumerate() {
+        let key = label_field.key;
+        let labels = root
+            .dict_get(key)
+            .map_err(bad)?
+            .ok_or_else(|| bad(format!("the dict has no `{key}` entry")))?
+            .as_int_list()
+            .map_err(|m| bad(format!("`{key}`: {m}")))?;
+        if labels.len() != shape[0] {
+            return Err(bad(format!(
+                "`data` has {} images but `{key}` has {} entries",
+                shape[0],
+                labels.len()
+            )));
+        }
+        for (i, &label) in labels[..take].iter().enumerate() {
+            check_label(path, label_field, i, label)?;
+        }
+        if f == field {
+            kept = labels;
+        }
     }
-    let take = max.map_or(labels.len(), |m| m.min(labels.len()));
-    for (i, &label) in labels[..take].iter().enumerate() {
-        check_label(path, i, label)?;
-        // In range 0..=9 after the check, so the narrowing is exact.
-        out.labels.push(label as u8);
-    }
+    // In range 0..classes (≤ 256) after the checks, so the narrowing is exact.
+    out.labels.extend(kept[..take].iter().map(|&l| l as u8));
     out.images.extend_from_slice(&pixels[..take * IMAGE_BYTES]);
     Ok(())
 }
 
-/// Checks the class names in the layout's meta file, when there is one.
-fn check_meta(layout: &Layout) -> Result<()> {
-    let path = layout.meta_path();
+/// The class names of label `field` in the layout's names file, with that file; `None`
+/// when the file does not exist.
+pub(crate) fn read_class_names(
+    layout: &Layout,
+    field: &LabelField,
+) -> Result<Option<(PathBuf, Vec<String>)>> {
+    let path = layout.names_path(field);
     if !path.is_file() {
-        return Ok(());
+        return Ok(None);
     }
     let names: Vec<String> = match layout.format {
         Format::Binary => {
@@ -561,26 +745,39 @@ fn check_meta(layout: &Layout) -> Result<()> {
         }
         Format::Python => {
             let bytes = std::fs::read(&path).map_err(|e| Error::io("reading", &path, e))?;
+            let file = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             let bad = |msg: String| {
                 Error::format(
                     &path,
-                    format!("not a valid CIFAR-10 batches.meta pickle: {msg}"),
+                    format!("not a valid {} {file} pickle: {msg}", layout.spec.name),
                 )
             };
             let root = pickle::parse(&bytes).map_err(bad)?;
-            root.dict_get("label_names")
+            let key = field.names_key;
+            root.dict_get(key)
                 .map_err(bad)?
-                .ok_or_else(|| bad("the dict has no `label_names` entry".into()))?
+                .ok_or_else(|| bad(format!("the dict has no `{key}` entry")))?
                 .as_text_list()
-                .map_err(|m| bad(format!("`label_names`: {m}")))?
+                .map_err(|m| bad(format!("`{key}`: {m}")))?
         }
+    };
+    Ok(Some((path, names)))
+}
+
+/// Checks the class names in a CIFAR-10 layout's meta file, when there is one.
+fn check_meta(layout: &Layout) -> Result<()> {
+    let Some((path, names)) = read_class_names(layout, &CIFAR10.labels[0])? else {
+        return Ok(());
     };
     if names != CLASSES {
         return Err(Error::format(
             &path,
             format!(
                 "class names {names:?} differ from CIFAR-10's {CLASSES:?}; this is not \
-                 CIFAR-10 (CIFAR-100 and other datasets are not supported)"
+                 CIFAR-10 (CIFAR-100 belongs in cifar-100-binary/ or cifar-100-python/)"
             ),
         ));
     }

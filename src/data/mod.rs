@@ -1,5 +1,5 @@
-//! Getting images into tensors: the [`Dataset`] seam, the CIFAR-10 readers, the seeded split
-//! and the preprocessing (downloading is [`crate::fetch`]).
+//! Getting images into tensors: the [`Dataset`] seam, the CIFAR-10 and CIFAR-100 readers,
+//! the seeded split and the preprocessing (downloading is [`crate::fetch`]).
 //!
 //! Everything downstream of this module asks a [`Dataset`] for what it needs — the class
 //! names, a part's labels and images, and a fingerprint of the part's files — and never
@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 pub mod cifar;
+pub mod cifar100;
 pub(crate) mod pickle;
 pub mod split;
 pub mod transform;
@@ -26,11 +27,11 @@ pub mod transform;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Part {
-    /// The training images (CIFAR-10: `data_batch_1` … `data_batch_5`).
+    /// The training images (CIFAR-10: `data_batch_1` … `data_batch_5`; CIFAR-100: `train`).
     Train,
     /// Validation images kept apart by the dataset itself (an image folder's `val/`).
     Val,
-    /// The test images (CIFAR-10: `test_batch`).
+    /// The test images (CIFAR-10: `test_batch`; CIFAR-100: `test`).
     Test,
 }
 

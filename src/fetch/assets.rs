@@ -17,6 +17,17 @@ pub const CIFAR10_BIN_FILES: [&str; 7] = [
     "batches.meta.txt",
 ];
 
+/// Directory that the CIFAR-100 binary archive unpacks to, inside the data directory.
+pub const CIFAR100_BIN_DIR: &str = "cifar-100-binary";
+
+/// The files that a complete `cifar-100-binary/` holds.
+pub const CIFAR100_BIN_FILES: [&str; 4] = [
+    "train.bin",
+    "test.bin",
+    "coarse_label_names.txt",
+    "fine_label_names.txt",
+];
+
 /// Environment variable overriding [`DownloadOptions::cifar_base_url`].
 pub const ENV_CIFAR_URL: &str = "CIFAR_FINETUNE_CIFAR_URL";
 /// Environment variable overriding [`DownloadOptions::weights_base_url`].
@@ -24,7 +35,8 @@ pub const ENV_WEIGHTS_URL: &str = "CIFAR_FINETUNE_WEIGHTS_URL";
 /// Environment variable overriding [`DownloadOptions::hf_base_url`].
 pub const ENV_HF_URL: &str = "CIFAR_FINETUNE_HF_URL";
 
-/// Default host of the CIFAR-10 archive (Alex Krizhevsky's page at the University of Toronto).
+/// Default host of the CIFAR-10 and CIFAR-100 archives (Alex Krizhevsky's page at the
+/// University of Toronto).
 pub const DEFAULT_CIFAR_BASE_URL: &str = "https://www.cs.toronto.edu";
 /// Default host of torchvision's pretrained weights.
 pub const DEFAULT_WEIGHTS_BASE_URL: &str = "https://download.pytorch.org";
@@ -45,7 +57,7 @@ pub enum Source {
 /// An expected digest, as lowercase hex.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Checksum {
-    /// MD5, the digest the CIFAR-10 authors publish.
+    /// MD5, the digest the CIFAR authors publish.
     Md5(&'static str),
     /// SHA-256; torchvision's file names embed its first 8 hex digits.
     Sha256(&'static str),
@@ -114,6 +126,22 @@ pub const CIFAR10_BINARY: Asset = Asset {
     source: Source::Cifar,
     checksum: Some(Checksum::Md5("c32a1d4ab5d03f1284b67883e8d87530")),
     size: Some(170_052_171),
+};
+
+/// CIFAR-100, binary version (the format `data::cifar100` reads).
+///
+/// The md5 is the one the dataset page lists for "CIFAR-100 binary version (suitable for C
+/// programs)" (<https://www.cs.toronto.edu/~kriz/cifar.html>, whose md5 for the python
+/// version, eb9058c3a382ffc7106e4002c42a8d85, is also torchvision's `CIFAR100.tgz_md5`);
+/// the size, 168,513,733 bytes, is the "161 MB" of that page to the byte, as other
+/// downloaders of this archive pin it.
+pub const CIFAR100_BINARY: Asset = Asset {
+    name: "CIFAR-100 (binary version)",
+    file_name: "cifar-100-binary.tar.gz",
+    url_path: "/~kriz/cifar-100-binary.tar.gz",
+    source: Source::Cifar,
+    checksum: Some(Checksum::Md5("03b5dce01913d631647c71ecec9e9cb8")),
+    size: Some(168_513_733),
 };
 
 /// torchvision's ResNet-50 `IMAGENET1K_V1` weights: the original script's `pretrained=True`

@@ -1,4 +1,4 @@
-//! Unpacking the CIFAR-10 tarball safely: into a staging directory inside the target, every
+//! Unpacking a CIFAR tarball safely: into a staging directory inside the target, every
 //! entry checked to stay inside it, no links, and moved into place by one rename.
 
 use super::http::ProgressReader;

@@ -1,4 +1,5 @@
-//! Fetching CIFAR-10 and torchvision's ResNet-50 weights: download, verify, resume, extract.
+//! Fetching CIFAR-10, CIFAR-100 and torchvision's ResNet-50 weights: download, verify,
+//! resume, extract.
 //!
 //! The original PyTorch script gets its inputs from `CIFAR10(download=True)` and
 //! `resnet50(pretrained=True)`. This module does the same job with more care:
@@ -6,13 +7,14 @@
 //! - **Streaming with resume.** Bytes go to `<file>.part` as they arrive; a later run sends
 //!   `Range: bytes=<len>-` and continues. A server that ignores the range (answers `200`
 //!   instead of `206`) makes us start the file again from zero, cleanly.
-//! - **Verified before use.** The md5 (CIFAR-10, as published by its authors) or sha256
-//!   (torchvision, whose file names embed the hash prefix) is computed while streaming; the
-//!   final file appears only by an atomic rename once it matches. A mismatching download is
-//!   set aside as `<file>.bad`; nothing the user already had is touched.
+//! - **Verified before use.** The md5 (CIFAR-10 and CIFAR-100, as published by their
+//!   authors) or sha256 (torchvision, whose file names embed the hash prefix) is computed
+//!   while streaming; the final file appears only by an atomic rename once it matches. A
+//!   mismatching download is set aside as `<file>.bad`; nothing the user already had is
+//!   touched.
 //! - **Safe extraction.** The tarball is unpacked into a temporary directory inside the data
 //!   directory and moved into place by one rename. Entries with absolute paths or `..`
-//!   components are refused, and so are all symbolic and hard links (the CIFAR-10 archive has
+//!   components are refused, and so are all symbolic and hard links (the CIFAR archives have
 //!   none, so refusing them outright is simpler and safer than judging where they point).
 //! - **Helpful failures.** Every network, HTTP, checksum or archive failure is an
 //!   [`Error::Download`] that says what failed and gives the manual steps: the URL, the
@@ -71,7 +73,8 @@ pub type ProgressFn = Box<dyn Fn(&Progress<'_>) + Send + Sync>;
 
 /// Where to download from and how.
 pub struct DownloadOptions {
-    /// Base URL of the CIFAR-10 archive (scheme and host, optionally a path prefix).
+    /// Base URL of the CIFAR-10 and CIFAR-100 archives (scheme and host, optionally a path
+    /// prefix).
     pub cifar_base_url: String,
     /// Base URL of torchvision's weights.
     pub weights_base_url: String,
@@ -151,6 +154,37 @@ impl DownloadOptions {
     }
 }
 
+/// A dataset archive: the directory it unpacks to and the files that make that directory
+/// complete.
+struct Archive {
+    /// The dataset's name in messages.
+    dataset: &'static str,
+    /// The directory the archive unpacks to, inside the data directory.
+    dir: &'static str,
+    /// The files a complete `dir` holds.
+    files: &'static [&'static str],
+    /// The layout as the manual steps show it, one line per entry under `dir/`.
+    manual: &'static [&'static str],
+}
+
+const CIFAR10_ARCHIVE: Archive = Archive {
+    dataset: "CIFAR-10",
+    dir: CIFAR10_BIN_DIR,
+    files: &CIFAR10_BIN_FILES,
+    manual: &[
+        "data_batch_1.bin ... data_batch_5.bin",
+        "test_batch.bin",
+        "batches.meta.txt",
+    ],
+};
+
+const CIFAR100_ARCHIVE: Archive = Archive {
+    dataset: "CIFAR-100",
+    dir: CIFAR100_BIN_DIR,
+    files: &CIFAR100_BIN_FILES,
+    manual: &CIFAR100_BIN_FILES,
+};
+
 /// Makes sure `data_dir/cifar-10-batches-bin/` holds CIFAR-10 and returns its path.
 ///
 /// If the directory is already complete nothing happens (and no network is used). Otherwise
@@ -170,12 +204,42 @@ pub fn ensure_cifar_with(
     asset: &Asset,
     opts: &DownloadOptions,
 ) -> Result<PathBuf> {
-    let target = data_dir.join(CIFAR10_BIN_DIR);
+    ensure_archive(data_dir, &CIFAR10_ARCHIVE, asset, opts)
+}
+
+/// Makes sure `data_dir/cifar-100-binary/` holds CIFAR-100 and returns its path, as
+/// [`ensure_cifar`] does for CIFAR-10: downloaded (or an archive already there re-verified),
+/// md5-checked, unpacked aside and moved into place; an incomplete directory is an error
+/// and is left untouched.
+pub fn ensure_cifar100(data_dir: &Path, opts: &DownloadOptions) -> Result<PathBuf> {
+    ensure_cifar100_with(data_dir, &CIFAR100_BINARY, opts)
+}
+
+/// [`ensure_cifar100`] for another description of the archive (a mirror, a test archive).
+/// `asset` must unpack to `cifar-100-binary/` holding [`CIFAR100_BIN_FILES`].
+pub fn ensure_cifar100_with(
+    data_dir: &Path,
+    asset: &Asset,
+    opts: &DownloadOptions,
+) -> Result<PathBuf> {
+    ensure_archive(data_dir, &CIFAR100_ARCHIVE, asset, opts)
+}
+
+/// Makes sure `data_dir/<archive.dir>` is complete, downloading, verifying and unpacking
+/// `asset` when it is absent.
+fn ensure_archive(
+    data_dir: &Path,
+    archive_of: &Archive,
+    asset: &Asset,
+    opts: &DownloadOptions,
+) -> Result<PathBuf> {
+    let dir_name = archive_of.dir;
+    let target = data_dir.join(dir_name);
     let url = asset.url(opts);
-    let manual = manual_cifar(asset, &url, data_dir);
+    let manual = manual_archive(archive_of, asset, &url, data_dir);
 
     if target.exists() {
-        let missing = missing_cifar_files(&target);
+        let missing = missing_files(archive_of, &target);
         if missing.is_empty() {
             return Ok(target);
         }
@@ -183,9 +247,10 @@ pub fn ensure_cifar_with(
             DownloadFailure::Conflict,
             format!(
                 "{} exists but lacks {}; it was left untouched. Complete it, or move it away \
-                 and run again to download CIFAR-10 afresh.",
+                 and run again to download {} afresh.",
                 target.display(),
-                missing.join(", ")
+                missing.join(", "),
+                archive_of.dataset
             ),
             &manual,
         ));
@@ -236,13 +301,13 @@ pub fn ensure_cifar_with(
             &manual,
         )
     })?;
-    let staged = staging.path().join(CIFAR10_BIN_DIR);
-    let missing = missing_cifar_files(&staged);
+    let staged = staging.path().join(dir_name);
+    let missing = missing_files(archive_of, &staged);
     if !missing.is_empty() {
         return Err(download_error(
             DownloadFailure::Archive,
             format!(
-                "{} does not hold {CIFAR10_BIN_DIR}/{}; nothing was moved into {}.",
+                "{} does not hold {dir_name}/{}; nothing was moved into {}.",
                 archive.display(),
                 missing.join(", "),
                 data_dir.display()
@@ -306,9 +371,10 @@ pub fn fetch(
     )
 }
 
-/// The names in [`CIFAR10_BIN_FILES`] that are not files under `dir`.
-fn missing_cifar_files(dir: &Path) -> Vec<&'static str> {
-    CIFAR10_BIN_FILES
+/// The files of `archive` that are not files under `dir`.
+fn missing_files(archive: &Archive, dir: &Path) -> Vec<&'static str> {
+    archive
+        .files
         .iter()
         .copied()
         .filter(|name| !dir.join(name).is_file())
@@ -324,19 +390,21 @@ fn download_error(kind: DownloadFailure, what: String, manual: &str) -> Error {
     }
 }
 
-/// Manual steps for the CIFAR-10 archive: download, check, unpack, expected layout.
-fn manual_cifar(asset: &Asset, url: &str, data_dir: &Path) -> String {
+/// Manual steps for a dataset archive: download, check, unpack, expected layout.
+fn manual_archive(archive: &Archive, asset: &Asset, url: &str, data_dir: &Path) -> String {
     let dir = data_dir.display();
     let size = asset
         .size
         .map(|n| format!(" ({n} bytes)"))
         .unwrap_or_default();
+    let layout: String = archive
+        .manual
+        .iter()
+        .map(|entry| format!("\n       {dir}/{}/{entry}", archive.dir))
+        .collect();
     format!(
         "To do it by hand:\n  1. download {url}{size}\n  2. {}\n  3. unpack it into {dir}: \
-         tar -xzf {} -C {dir}\n     which must give\n       \
-         {dir}/{CIFAR10_BIN_DIR}/data_batch_1.bin ... data_batch_5.bin\n       \
-         {dir}/{CIFAR10_BIN_DIR}/test_batch.bin\n       \
-         {dir}/{CIFAR10_BIN_DIR}/batches.meta.txt",
+         tar -xzf {} -C {dir}\n     which must give{layout}",
         check_step(asset.checksum.as_ref(), asset.file_name),
         asset.file_name,
     )
@@ -436,6 +504,10 @@ mod tests {
         assert_eq!(
             CIFAR10_BINARY.url(&DownloadOptions::default()),
             "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
+        );
+        assert_eq!(
+            CIFAR100_BINARY.url(&DownloadOptions::default()),
+            "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz"
         );
     }
 

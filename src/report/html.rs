@@ -9,18 +9,24 @@
 //! Sections: a red warning box when the training went wrong (a λ diverged, a head predicts a
 //! single class, a loss that never fell — `summary.json`'s `warnings`); headline numbers; the
 //! chosen λ with every λ's best epoch and status; the run configuration and fingerprints; the
-//! training plots; the test metrics (top-1 and top-5 accuracy, classification report,
-//! confusion matrix, per-class accuracy); the validation split's when `test --split val` has
-//! scored it; a gallery of test images, misclassified first, each with its
-//! true and predicted class and a bar per class probability (as the course's own report did).
+//! training plots; the test metrics (top-1 and top-5 accuracy, classification report, the
+//! most confused pairs of classes, confusion matrix, per-class accuracy); the validation
+//! split's when `test --split val` has scored it; a gallery of test images, misclassified
+//! first, each with its true and predicted class and a bar per class probability (as the
+//! course's own report did).
+//!
+//! Any number of classes reads: beyond [`MANY_CLASSES`] the classification report is sorted
+//! by recall, worst first, the heat map carries no numbers and is shown at its own (larger)
+//! size, scrolling sideways, and the confusion matrix is not repeated as a table (it is in
+//! `metrics.json`); the most confused pairs say what the heat map shows.
 
 use std::fmt::Write as _;
 
 use base64::prelude::{BASE64_STANDARD, Engine as _};
 
 use super::fmt_lambda;
-use super::plots::Figure;
-use crate::data::cifar::{CifarPart, SIDE};
+use super::plots::{Figure, MANY_CLASSES};
+use crate::data::{Dataset, Image, Part};
 use crate::error::{Error, Result};
 use crate::evaluate::{PredictionRow, TestMetrics};
 use crate::head::Activation;
@@ -29,7 +35,7 @@ use crate::rundir::{RunConfig, Summary};
 /// One test image of the gallery with its prediction.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GalleryItem {
-    /// The image's index in the CIFAR-10 test part.
+    /// The image's index in the dataset's test part.
     pub index: u32,
     /// True class id.
     pub true_class: u8,
@@ -37,7 +43,7 @@ pub struct GalleryItem {
     pub predicted: u8,
     /// Probability of every class.
     pub probabilities: Vec<f32>,
-    /// The 32×32 image as PNG bytes.
+    /// The image as PNG bytes.
     pub png: Vec<u8>,
 }
 
@@ -94,15 +100,15 @@ pub fn select_gallery(predictions: &[PredictionRow], limit: usize) -> Vec<usize>
     wrong
 }
 
-/// The gallery items for rows `rows` of `predictions`, with the images taken from `images`
-/// (the CIFAR-10 test part, or a prefix of it long enough for every index). Errors when an
-/// index is out of range or an image's label differs from the true class in `predictions`
-/// (then the images are not the ones that were evaluated).
+/// The gallery items for rows `rows` of `predictions`, with the images taken from the test
+/// part of `dataset`. Errors when an index is out of range or an image's label differs from
+/// the true class in `predictions` (then the images are not the ones that were evaluated).
 pub fn gallery_items(
     predictions: &[PredictionRow],
     rows: &[usize],
-    images: &CifarPart,
+    dataset: &dyn Dataset,
 ) -> Result<Vec<GalleryItem>> {
+    let labels = dataset.labels(Part::Test)?;
     let mut items = Vec::with_capacity(rows.len());
     for &r in rows {
         let p = predictions.get(r).ok_or_else(|| {
@@ -112,22 +118,22 @@ pub fn gallery_items(
             )
         })?;
         let i = p.index as usize;
-        if i >= images.len() {
+        if i >= labels.len() {
             return Err(Error::invalid(
                 "gallery",
                 format!(
                     "test image {i} is beyond the {} images available",
-                    images.len()
+                    labels.len()
                 ),
             ));
         }
-        if images.labels[i] != p.true_class {
+        if labels[i] != p.true_class {
             return Err(Error::invalid(
                 "gallery",
                 format!(
                     "test image {i} is labelled {} in the data but {} in predictions.csv: \
                      these are not the images that were evaluated",
-                    images.labels[i], p.true_class
+                    labels[i], p.true_class
                 ),
             ));
         }
@@ -136,33 +142,38 @@ pub fn gallery_items(
             true_class: p.true_class,
             predicted: p.predicted,
             probabilities: p.probabilities.clone(),
-            png: thumbnail_png(images.image(i))?,
+            png: thumbnail_png(&dataset.image(Part::Test, i)?)?,
         });
     }
     Ok(items)
 }
 
-/// PNG bytes of one CIFAR image (`[3, 32, 32]` planar).
-pub fn thumbnail_png(chw: &[u8]) -> Result<Vec<u8>> {
-    let plane = SIDE * SIDE;
+/// PNG bytes of one image (`[3, height, width]` planar).
+pub fn thumbnail_png(image: &Image<'_>) -> Result<Vec<u8>> {
+    let (h, w) = (image.height, image.width);
+    let plane = h * w;
+    let chw = &image.pixels;
     if chw.len() != 3 * plane {
         return Err(Error::invalid(
             "thumbnail",
             format!(
-                "expected {} bytes ([3, 32, 32]), got {}",
+                "expected {} bytes ([3, {h}, {w}]), got {}",
                 3 * plane,
                 chw.len()
             ),
         ));
     }
-    // [32, 32, 3] interleaved
+    // [h, w, 3] interleaved
     let mut rgb = vec![0u8; 3 * plane];
     for i in 0..plane {
         rgb[3 * i] = chw[i];
         rgb[3 * i + 1] = chw[plane + i];
         rgb[3 * i + 2] = chw[2 * plane + i];
     }
-    super::plots::encode_png(&rgb, SIDE as u32, SIDE as u32).map_err(|msg| Error::Plot {
+    let side = |n: usize| {
+        u32::try_from(n).map_err(|_| Error::invalid("thumbnail", format!("{n} pixels across")))
+    };
+    super::plots::encode_png(&rgb, side(w)?, side(h)?).map_err(|msg| Error::Plot {
         plot: "gallery thumbnail".to_string(),
         msg,
     })
@@ -290,6 +301,9 @@ table.kv td{text-align:left;word-break:break-word}
 code,pre{font-family:ui-monospace,"SFMono-Regular",Menlo,Consolas,"DejaVu Sans Mono",monospace;font-size:13px}
 pre{background:var(--soft);border:1px solid var(--line);border-radius:8px;padding:12px;overflow:auto}
 .scroll{overflow-x:auto}
+.tall{max-height:520px;overflow-y:auto}
+.tall thead th{position:sticky;top:0;background:var(--card)}
+#confused td:nth-child(2),#confused td:nth-child(3),#confused th:nth-child(3){text-align:left}
 .plots{display:grid;grid-template-columns:1fr;gap:18px}
 figure{margin:0 auto;width:100%;max-width:980px;border:1px solid var(--line);border-radius:10px;padding:8px;background:#fff}
 figure svg{display:block;width:100%;height:auto}
@@ -342,8 +356,9 @@ pub fn render(page: &Page) -> String {
     let _ = writeln!(h, "<style>{CSS}</style>\n</head>\n<body>");
     let _ = writeln!(
         h,
-        "<header><div class=\"wrap\"><h1>CIFAR-10 on frozen ResNet-50 features</h1>\
+        "<header><div class=\"wrap\"><h1>{} on frozen ResNet-50 features</h1>\
          <p>Run report · <code>{}</code> · {} training and {} validation images</p></div></header>",
+        escape(&dataset_title(cfg)),
         escape(page.run_name),
         thousands(cfg.n_train),
         thousands(cfg.n_val)
@@ -371,6 +386,24 @@ pub fn render(page: &Page) -> String {
                 it loads nothing from anywhere.</footer>\n</body>\n</html>\n",
     );
     h
+}
+
+/// What the page's title calls the data: `source.dataset` when the run records it, CIFAR-10
+/// for its class names, else the number of classes.
+fn dataset_title(cfg: &RunConfig) -> String {
+    if let Some(name) = cfg.source.get("dataset").and_then(|v| v.as_str()) {
+        return match name {
+            "cifar10" => "CIFAR-10".to_string(),
+            "cifar100" => "CIFAR-100".to_string(),
+            "cifar100-coarse" => "CIFAR-100 superclasses".to_string(),
+            other => other.to_string(),
+        };
+    }
+    if cfg.class_names == crate::data::cifar::class_names() {
+        "CIFAR-10".to_string()
+    } else {
+        format!("{} classes", cfg.class_names.len())
+    }
 }
 
 /// The training problems of `summary.json`, first thing on the page, impossible to miss.
@@ -409,6 +442,7 @@ fn val_section(h: &mut String, v: &TestMetrics) {
         "<details><summary>Classification report</summary><pre>{}</pre></details>",
         escape(&v.report)
     );
+    confused_pairs(h, &v.metrics, &v.class_names);
     confusion_table(h, &v.metrics.confusion, &v.class_names);
     h.push_str("</section>\n");
 }
@@ -614,16 +648,33 @@ fn configuration(h: &mut String, cfg: &RunConfig) {
     h.push_str("</tbody></table></section>\n");
 }
 
+/// Widest figure shown scaled to the page; wider ones keep their own size and scroll.
+const FIGURE_WIDTH: u32 = 980;
+
 fn figures(h: &mut String, figs: &[Figure]) {
     h.push_str("<div class=\"plots\">");
     for f in figs {
+        // A large figure (the heat map of many classes) scaled down to the page would make
+        // its labels too small to read: it keeps its size, in a box that scrolls sideways.
+        let wide = f.width > FIGURE_WIDTH;
+        if wide {
+            h.push_str("<div class=\"scroll\">");
+        }
+        let style = if wide {
+            format!(" style=\"max-width:none;width:{}px\"", f.width + 18)
+        } else {
+            String::new()
+        };
         let _ = write!(
             h,
-            "<figure>{}<figcaption>{} · <code>plots/{}.png</code>, <code>.svg</code></figcaption></figure>",
+            "<figure{style}>{}<figcaption>{} · <code>plots/{}.png</code>, <code>.svg</code></figcaption></figure>",
             inline_svg(&f.svg),
             escape(&f.title),
             escape(&f.name)
         );
+        if wide {
+            h.push_str("</div>");
+        }
     }
     h.push_str("</div>\n");
 }
@@ -658,12 +709,33 @@ fn test_section(h: &mut String, t: &TestMetrics, figs: &[Figure]) {
         t.top5_accuracy.map_or("n/a".to_string(), pct),
         t.loss
     );
+    let many = m.classes.len() > MANY_CLASSES;
+    h.push_str("<h3>Classification report</h3>");
+    if many {
+        let _ = write!(
+            h,
+            "<p class=\"lead\">{} classes, sorted by recall (the accuracy on the class's \
+             images), worst first.</p>",
+            m.classes.len()
+        );
+    }
+    // Many rows scroll in a box of their own, so the figures below stay in reach.
+    h.push_str(if many {
+        "<div class=\"scroll tall\">"
+    } else {
+        "<div class=\"scroll\">"
+    });
     h.push_str(
-        "<h3>Classification report</h3><div class=\"scroll\"><table><thead><tr>\
+        "<table id=\"per-class\"><thead><tr>\
                 <th>class</th><th>precision</th><th>recall (accuracy)</th><th>F1</th>\
                 <th>support</th></tr></thead><tbody>",
     );
-    for c in &m.classes {
+    let order: Vec<usize> = if many {
+        m.classes_by_recall()
+    } else {
+        (0..m.classes.len()).collect()
+    };
+    for c in order.iter().map(|&i| &m.classes[i]) {
         let _ = write!(
             h,
             "<tr><td>{}</td><td>{:.3}</td><td>{:.3}</td><td>{:.3}</td><td>{}</td></tr>",
@@ -695,14 +767,64 @@ fn test_section(h: &mut String, t: &TestMetrics, figs: &[Figure]) {
         "<details><summary>As scikit-learn prints it</summary><pre>{}</pre></details>",
         escape(&t.report)
     );
+    confused_pairs(h, m, &t.class_names);
     h.push_str("<h3>Confusion matrix and per-class accuracy</h3>");
     figures(h, figs);
     confusion_table(h, &m.confusion, &t.class_names);
     h.push_str("</section>\n");
 }
 
-/// The confusion matrix as an HTML table, each cell shaded by its share of the row.
+/// How many pairs [`confused_pairs`] lists.
+const CONFUSED_PAIRS: usize = 10;
+
+/// The most confused pairs of classes: true class → predicted class, images, share of the
+/// true class's images.
+fn confused_pairs(h: &mut String, m: &crate::metrics::Metrics, names: &[String]) {
+    let pairs = m.most_confused(CONFUSED_PAIRS);
+    let name = |c: usize| names.get(c).map_or("?", String::as_str);
+    h.push_str("<h3>Most confused classes</h3>");
+    if pairs.is_empty() {
+        h.push_str("<p class=\"lead\">No image was misclassified.</p>");
+        return;
+    }
+    let _ = write!(
+        h,
+        "<p class=\"lead\">The {} largest cells off the diagonal of the confusion matrix: \
+         images of the true class predicted as another.</p>",
+        pairs.len()
+    );
+    h.push_str(
+        "<div class=\"scroll\"><table id=\"confused\"><thead><tr><th>true class</th><th></th>\
+         <th>predicted class</th><th>images</th><th>share of the true class</th></tr></thead>\
+         <tbody>",
+    );
+    for p in &pairs {
+        let _ = write!(
+            h,
+            "<tr><td>{}</td><td>→</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            escape(name(p.true_class)),
+            escape(name(p.predicted)),
+            p.count,
+            pct(p.share)
+        );
+    }
+    h.push_str("</tbody></table></div>");
+}
+
+/// The confusion matrix as an HTML table, each cell shaded by its share of the row; beyond
+/// [`MANY_CLASSES`] classes a pointer to `metrics.json` instead (a 100×100 table reads no
+/// better than the heat map and weighs more than the rest of the page).
 fn confusion_table(h: &mut String, confusion: &[Vec<u64>], names: &[String]) {
+    if names.len() > MANY_CLASSES {
+        let _ = write!(
+            h,
+            "<p class=\"lead\">With {} classes the counts are left out of the heat map; \
+             every count is in <code>metrics.json</code> (<code>metrics.confusion</code>, rows \
+             true class, columns predicted).</p>",
+            names.len()
+        );
+        return;
+    }
     h.push_str(
         "<details><summary>Confusion matrix as a table (rows: true class, columns: \
          predicted)</summary><div class=\"scroll\"><table class=\"cm\"><thead><tr><th></th>",

@@ -7,13 +7,20 @@
 //! * [`html`] writes `report.html`: inline CSS and SVG, images as `data:` URIs, no network
 //!   resource of any kind, so the file can be mailed, archived or opened offline.
 //! * [`write_run_report`] (re)builds both from a run directory.
+//!
+//! Any number of classes: the class names come from the run's files, and beyond
+//! [`plots::MANY_CLASSES`] the heat map drops its numbers, the per-class views are sorted
+//! worst first and the most confused pairs are listed (see [`html`]).
 
 pub mod html;
 pub mod plots;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use crate::data::cifar::{self, Part};
+use crate::data::cifar::{self, Cifar10};
+use crate::data::cifar100::{self, Cifar100, LabelKind};
+use crate::data::{Dataset, Part};
 use crate::error::Result;
 use crate::evaluate::TestMetrics;
 use crate::rundir::HistoryRow;
@@ -28,10 +35,14 @@ pub const DEFAULT_GALLERY_SIZE: usize = 100;
 pub const PLOTS_DIR: &str = "plots";
 
 /// What [`write_run_report`] should use besides the run directory itself.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct ReportOptions {
-    /// Data directory holding CIFAR-10, for the gallery's images. When `None`, the `data`
-    /// (or `data_dir`) entry of `config.json`'s `source` is used if present.
+    /// The dataset whose test part `predictions.csv` indexes, for the gallery's images.
+    /// When `None`, it is looked for in the data directory: CIFAR-10 or CIFAR-100 (fine or
+    /// coarse), whichever has the run's class names.
+    pub dataset: Option<Arc<dyn Dataset>>,
+    /// Data directory holding the dataset, for the gallery's images. When `None`, the
+    /// `data` (or `data_dir`) entry of `config.json`'s `source` is used if present.
     pub data_dir: Option<PathBuf>,
     /// Test images in the gallery (0: no gallery).
     pub gallery_size: usize,
@@ -43,6 +54,7 @@ pub struct ReportOptions {
 impl Default for ReportOptions {
     fn default() -> Self {
         ReportOptions {
+            dataset: None,
             data_dir: None,
             gallery_size: DEFAULT_GALLERY_SIZE,
             seed_histories: Vec::new(),
@@ -173,32 +185,77 @@ fn gallery_for_run(
     let (_, rows) = crate::evaluate::read_predictions(&predictions_path)?;
     let wrong = rows.iter().filter(|r| r.predicted != r.true_class).count();
     let counts = Some((wrong, rows.len()));
-    let from_config = ["data", "data_dir"]
-        .iter()
-        .find_map(|k| config.source.get(k).and_then(|v| v.as_str()))
-        .map(PathBuf::from);
-    let Some(data_dir) = opts.data_dir.clone().or(from_config) else {
-        notes.push(
-            "No data directory given or recorded in config.json: no gallery of test images.".into(),
-        );
-        return Ok((Vec::new(), counts));
+    let dataset = match &opts.dataset {
+        Some(d) => Arc::clone(d),
+        None => {
+            let from_config = ["data", "data_dir"]
+                .iter()
+                .find_map(|k| config.source.get(k).and_then(|v| v.as_str()))
+                .map(PathBuf::from);
+            let Some(data_dir) = opts.data_dir.clone().or(from_config) else {
+                notes.push(
+                    "No data directory given or recorded in config.json: no gallery of test \
+                     images."
+                        .into(),
+                );
+                return Ok((Vec::new(), counts));
+            };
+            match find_dataset(&data_dir, &config.class_names) {
+                Ok(d) => d,
+                Err(note) => {
+                    notes.push(note);
+                    return Ok((Vec::new(), counts));
+                }
+            }
+        }
     };
-    if cifar::part_files(&data_dir, Part::Test).is_err() {
-        notes.push(format!(
-            "The CIFAR-10 test images are not in {}: no gallery (pass the data directory).",
-            data_dir.display()
-        ));
-        return Ok((Vec::new(), counts));
-    }
     let selected = html::select_gallery(&rows, opts.gallery_size);
-    let needed = selected
-        .iter()
-        .map(|&i| rows[i].index as usize + 1)
-        .max()
-        .unwrap_or(0);
-    let images = cifar::load_part(&data_dir, Part::Test, Some(needed))?;
-    let items = html::gallery_items(&rows, &selected, &images)?;
+    let items = html::gallery_items(&rows, &selected, dataset.as_ref())?;
     Ok((items, counts))
+}
+
+/// The dataset in `data_dir` with the class names `classes` — CIFAR-10, or CIFAR-100 with
+/// the fine or coarse labels — whose test files are there; else a note saying why there is
+/// no gallery.
+fn find_dataset(
+    data_dir: &Path,
+    classes: &[String],
+) -> std::result::Result<Arc<dyn Dataset>, String> {
+    let missing = |name: &str| {
+        format!(
+            "The {name} test images are not in {}: no gallery (pass the data directory).",
+            data_dir.display()
+        )
+    };
+    if classes == cifar::class_names() {
+        if cifar::part_files(data_dir, Part::Test).is_err() {
+            return Err(missing("CIFAR-10"));
+        }
+        return Cifar10::open(data_dir)
+            .map(|d| Arc::new(d) as Arc<dyn Dataset>)
+            .map_err(|e| format!("No gallery: {e}"));
+    }
+    let kind = [LabelKind::Fine, LabelKind::Coarse]
+        .into_iter()
+        .find(|k| k.classes() == classes.len());
+    if let Some(kind) = kind {
+        if cifar100::part_files(data_dir, Part::Test).is_err() {
+            return Err(missing("CIFAR-100"));
+        }
+        return match Cifar100::open(data_dir, kind) {
+            Ok(d) if d.classes() == classes => Ok(Arc::new(d)),
+            Ok(_) => Err(format!(
+                "The CIFAR-100 {kind} class names in {} are not the run's: no gallery.",
+                data_dir.display()
+            )),
+            Err(e) => Err(format!("No gallery: {e}")),
+        };
+    }
+    Err(format!(
+        "No gallery: the run's {} classes are neither CIFAR-10's nor CIFAR-100's, and no \
+         dataset was given for its test images.",
+        classes.len()
+    ))
 }
 
 /// The final validation accuracies of one λ across K seeds (one run per seed).

@@ -60,6 +60,10 @@ pub struct Figure {
     pub png: Vec<u8>,
     /// The SVG document.
     pub svg: String,
+    /// Width of the drawing, in pixels (the PNG's, and the SVG's before scaling).
+    pub width: u32,
+    /// Height of the drawing, in pixels.
+    pub height: u32,
 }
 
 impl Figure {
@@ -205,9 +209,17 @@ pub fn accuracy_spread(runs: &[LambdaAccuracies]) -> Result<Figure> {
     render("accuracy_spread", &title, (960, 600), &plot)
 }
 
+/// Largest class count for which the heat map writes each cell's count and the per-class
+/// plot keeps class order; beyond it the cells are colour only (a 100×100 grid of numbers
+/// is unreadable) and the per-class bars are sorted, worst first.
+pub const MANY_CLASSES: usize = 20;
+
 /// The confusion matrix (rows: true class, columns: predicted class) as a heat map with the
-/// count in every cell; the colour is the cell's share of its row, so classes of different
-/// sizes compare. `classes` names the rows and columns in order.
+/// count in every cell (up to [`MANY_CLASSES`] classes; colour only beyond); the colour is
+/// the cell's share of its row, so classes of different sizes compare. `classes` names the
+/// rows and columns in order. The figure grows with the class count and the length of the
+/// names, so that every name stays legible (column names turn vertical when they do not fit
+/// across two columns).
 pub fn confusion_heatmap(confusion: &[Vec<u64>], classes: &[String]) -> Result<Figure> {
     check_square(confusion, classes)?;
     let total: u64 = confusion.iter().flatten().sum();
@@ -216,12 +228,16 @@ pub fn confusion_heatmap(confusion: &[Vec<u64>], classes: &[String]) -> Result<F
         title: title.clone(),
         confusion: confusion.to_vec(),
         classes: classes.to_vec(),
+        layout: HeatmapLayout::new(classes),
     };
-    render("confusion_matrix", &title, (900, 820), &plot)
+    let size = (plot.layout.width as u32, plot.layout.height as u32);
+    render("confusion_matrix", &title, size, &plot)
 }
 
 /// Per-class accuracy (recall: the diagonal over the row sum) as horizontal bars, with the
-/// overall accuracy as a dashed line.
+/// overall accuracy as a dashed line. Classes keep their order up to [`MANY_CLASSES`];
+/// beyond, they are sorted worst first (classes without test images last), and the figure
+/// grows to keep a legible row per class.
 pub fn per_class_accuracy(confusion: &[Vec<u64>], classes: &[String]) -> Result<Figure> {
     check_square(confusion, classes)?;
     let mut values = Vec::with_capacity(classes.len());
@@ -233,14 +249,48 @@ pub fn per_class_accuracy(confusion: &[Vec<u64>], classes: &[String]) -> Result<
         values.push((n > 0).then(|| row[i] as f64 / n as f64));
     }
     let overall = (total > 0).then(|| correct as f64 / total as f64);
-    let title = "Accuracy per class (test set)".to_string();
+    let n = classes.len();
+    let mut order: Vec<usize> = (0..n).collect();
+    let sorted = n > MANY_CLASSES;
+    if sorted {
+        // Worst first; a class without test images has no accuracy and goes last.
+        order.sort_by(|&a, &b| {
+            let key = |i: usize| values[i].unwrap_or(f64::INFINITY);
+            key(a).total_cmp(&key(b))
+        });
+    }
+    let title = if sorted {
+        "Accuracy per class (test set), worst first".to_string()
+    } else {
+        "Accuracy per class (test set)".to_string()
+    };
+    let (label_size, value_size) = if n > MANY_CLASSES { (12, 11) } else { (15, 14) };
+    let height = match n {
+        0..=10 => 560,
+        11..=MANY_CLASSES => 140 + 22 * n as u32,
+        _ => 140 + 16 * n as u32,
+    };
+    let widest = classes
+        .iter()
+        .map(|c| text_width(c, label_size))
+        .max()
+        .unwrap_or(0);
     let plot = Bars {
         title: title.clone(),
-        classes: classes.to_vec(),
-        values,
+        classes: order.iter().map(|&i| classes[i].clone()).collect(),
+        values: order.iter().map(|&i| values[i]).collect(),
         overall,
+        label_size,
+        value_size,
+        label_area: (widest + 16).max(120) as u32,
     };
-    render("per_class_accuracy", &title, (900, 560), &plot)
+    render("per_class_accuracy", &title, (900, height), &plot)
+}
+
+/// A generous estimate of the width of `text` in pixels at `size` px of DejaVu Sans (its
+/// lowercase letters average about 0.55 em), for laying out labels before drawing them.
+fn text_width(text: &str, size: u32) -> i32 {
+    (text.chars().count() as f64 * f64::from(size) * 0.62).ceil() as i32
 }
 
 fn check_square(confusion: &[Vec<u64>], classes: &[String]) -> Result<()> {
@@ -311,6 +361,8 @@ fn render<P: Draw>(name: &str, title: &str, size: (u32, u32), plot: &P) -> Resul
         title: title.to_string(),
         png,
         svg,
+        width: size.0,
+        height: size.1,
     })
 }
 
@@ -688,11 +740,63 @@ fn blues(t: f64) -> RGBColor {
     RGBColor(mix(a.0, b.0), mix(a.1, b.1), mix(a.2, b.2))
 }
 
+/// Where the parts of a heat map go, in pixels, for a given list of classes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct HeatmapLayout {
+    /// Side of one cell.
+    cell: i32,
+    /// Left edge of the grid (class names and the axis title to its left).
+    left: i32,
+    /// Top edge of the grid.
+    top: i32,
+    /// Font size of the class names.
+    label_size: u32,
+    /// Column names drawn vertically (else horizontally, staggered on two lines).
+    vertical_columns: bool,
+    /// Counts written in the cells.
+    counts: bool,
+    /// The whole figure.
+    width: i32,
+    height: i32,
+}
+
+impl HeatmapLayout {
+    fn new(classes: &[String]) -> Self {
+        let n = classes.len().max(1) as i32;
+        let counts = classes.len() <= MANY_CLASSES;
+        // Up to MANY_CLASSES the grid is 640 px wide (64 px cells for CIFAR-10); beyond,
+        // cells of 14 px keep an 11 px name legible beside every row.
+        let (cell, label_size) = if counts { (640 / n, 15) } else { (14, 11) };
+        let widest = classes
+            .iter()
+            .map(|c| text_width(c, label_size))
+            .max()
+            .unwrap_or(0);
+        // Room for the row names, a gap of 10 and the rotated axis title.
+        let left = (widest + 40).max(150);
+        let vertical_columns = widest > 2 * cell - 8;
+        let bottom = if vertical_columns { widest + 44 } else { 116 };
+        let top = 64;
+        let grid = cell * n;
+        HeatmapLayout {
+            cell,
+            left,
+            top,
+            label_size,
+            vertical_columns,
+            counts,
+            width: left + grid + 110,
+            height: top + grid + bottom,
+        }
+    }
+}
+
 /// The confusion-matrix heat map, drawn directly in pixels.
 struct Heatmap {
     title: String,
     confusion: Vec<Vec<u64>>,
     classes: Vec<String>,
+    layout: HeatmapLayout,
 }
 
 impl Draw for Heatmap {
@@ -700,21 +804,25 @@ impl Draw for Heatmap {
     where
         DB::ErrorType: 'static,
     {
-        let (w, h) = root.dim_in_pixel();
-        let (w, h) = (w as i32, h as i32);
+        let (w, _) = root.dim_in_pixel();
+        let w = w as i32;
         let n = self.classes.len() as i32;
+        let l = self.layout;
         let centre = Pos::new(HPos::Center, VPos::Center);
         root.draw(&Text::new(
             self.title.as_str(),
             (w / 2, 28),
             title_style().pos(centre),
         ))?;
-        // Grid area: room on the left for class names, below for staggered labels, on the
-        // right for the colour bar.
-        let (left, top, right, bottom) = (150, 64, w - 110, h - 100);
-        let cell = ((right - left) / n).min((bottom - top) / n).max(1);
+        let (left, top, cell) = (l.left, l.top, l.cell);
         let (gw, gh) = (cell * n, cell * n);
         let count_size = if cell >= 50 { 16 } else { 12 };
+        // The colour of an empty cell under the whole grid, then only the cells with images:
+        // most cells of a 100-class matrix are empty, and the SVG stays small.
+        root.draw(&Rectangle::new(
+            [(left, top), (left + gw, top + gh)],
+            blues(0.0).filled(),
+        ))?;
         for (i, row) in self.confusion.iter().enumerate() {
             let total: u64 = row.iter().sum();
             for (j, &c) in row.iter().enumerate() {
@@ -725,35 +833,40 @@ impl Draw for Heatmap {
                 };
                 let x0 = left + j as i32 * cell;
                 let y0 = top + i as i32 * cell;
-                root.draw(&Rectangle::new(
-                    [(x0, y0), (x0 + cell, y0 + cell)],
-                    blues(share).filled(),
-                ))?;
-                let text_color = if share > 0.5 { WHITE } else { INK };
-                root.draw(&Text::new(
-                    c.to_string(),
-                    (x0 + cell / 2, y0 + cell / 2),
-                    (FAMILY, count_size)
-                        .into_font()
-                        .color(&text_color)
-                        .pos(centre),
-                ))?;
+                if c > 0 {
+                    root.draw(&Rectangle::new(
+                        [(x0, y0), (x0 + cell, y0 + cell)],
+                        blues(share).filled(),
+                    ))?;
+                }
+                if l.counts {
+                    let text_color = if share > 0.5 { WHITE } else { INK };
+                    root.draw(&Text::new(
+                        c.to_string(),
+                        (x0 + cell / 2, y0 + cell / 2),
+                        (FAMILY, count_size)
+                            .into_font()
+                            .color(&text_color)
+                            .pos(centre),
+                    ))?;
+                }
             }
         }
         // Outline of the diagonal (the correct predictions) and of the whole grid.
+        let diagonal = if l.counts { 2 } else { 1 };
         for i in 0..n {
             let p = left + i * cell;
             let q = top + i * cell;
             root.draw(&Rectangle::new(
                 [(p, q), (p + cell, q + cell)],
-                INK.mix(0.7).stroke_width(2),
+                INK.mix(0.7).stroke_width(diagonal),
             ))?;
         }
         root.draw(&Rectangle::new(
             [(left, top), (left + gw, top + gh)],
             INK.mix(0.5),
         ))?;
-        let label = font(15);
+        let label = font(l.label_size);
         for (i, name) in self.classes.iter().enumerate() {
             let i = i as i32;
             root.draw(&Text::new(
@@ -761,17 +874,30 @@ impl Draw for Heatmap {
                 (left - 10, top + i * cell + cell / 2),
                 label.pos(Pos::new(HPos::Right, VPos::Center)),
             ))?;
-            // Staggered on two lines so long names ("automobile") never collide.
-            let y = top + gh + 16 + (i % 2) * 20;
-            root.draw(&Text::new(
-                name.as_str(),
-                (left + i * cell + cell / 2, y),
-                label.pos(centre),
-            ))?;
+            let x = left + i * cell + cell / 2;
+            if l.vertical_columns {
+                // Read downwards from just below the grid, one name per column.
+                root.draw(&Text::new(
+                    name.as_str(),
+                    (x, top + gh + 8),
+                    label
+                        .transform(FontTransform::Rotate90)
+                        .pos(Pos::new(HPos::Left, VPos::Center)),
+                ))?;
+            } else {
+                // Staggered on two lines so long names ("automobile") never collide.
+                let y = top + gh + 16 + (i % 2) * 20;
+                root.draw(&Text::new(name.as_str(), (x, y), label.pos(centre)))?;
+            }
         }
+        let axis_y = if l.vertical_columns {
+            l.height - 22
+        } else {
+            top + gh + 72
+        };
         root.draw(&Text::new(
             "predicted class",
-            (left + gw / 2, top + gh + 72),
+            (left + gw / 2, axis_y),
             font(17).pos(centre),
         ))?;
         root.draw(&Text::new(
@@ -812,13 +938,18 @@ impl Draw for Heatmap {
     }
 }
 
-/// Horizontal bars, one per class.
+/// Horizontal bars, one per class, top to bottom in the order given.
 struct Bars {
     title: String,
     classes: Vec<String>,
     /// Accuracy per class; `None` for a class without test images.
     values: Vec<Option<f64>>,
     overall: Option<f64>,
+    /// Font size of the class names and of the values on the bars.
+    label_size: u32,
+    value_size: u32,
+    /// Width of the class names' area.
+    label_area: u32,
 }
 
 impl Draw for Bars {
@@ -836,7 +967,7 @@ impl Draw for Bars {
             .margin(20)
             .margin_right(40)
             .x_label_area_size(56)
-            .y_label_area_size(120)
+            .y_label_area_size(self.label_area)
             .build_cartesian_2d(0f64..1f64, Ticked::new(0.0, nf + 0.7, centres))?;
         let classes = &self.classes;
         chart
@@ -844,6 +975,7 @@ impl Draw for Bars {
             .disable_y_mesh()
             .x_desc("accuracy (recall): correct / images of the class")
             .x_labels(11)
+            .y_labels(n)
             .x_label_formatter(&|x| format!("{:.0}%", x * 100.0))
             .y_label_formatter(&|y| {
                 let i = (nf - y).floor();
@@ -853,7 +985,8 @@ impl Draw for Bars {
                     String::new()
                 }
             })
-            .label_style(font(15))
+            .y_label_style(font(self.label_size))
+            .x_label_style(font(15))
             .axis_desc_style(font(17))
             .axis_style(INK.mix(0.6))
             .bold_line_style(INK.mix(0.12))
@@ -877,7 +1010,7 @@ impl Draw for Bars {
                     chart.draw_series([Text::new(
                         format!("{:.1}%", v * 100.0),
                         (x, mid),
-                        (FAMILY, 14)
+                        (FAMILY, self.value_size)
                             .into_font()
                             .color(&ink)
                             .pos(Pos::new(HPos::Left, VPos::Center)),
@@ -887,7 +1020,7 @@ impl Draw for Bars {
                     chart.draw_series([Text::new(
                         "no test images",
                         (0.01, mid),
-                        font(14).pos(Pos::new(HPos::Left, VPos::Center)),
+                        font(self.value_size).pos(Pos::new(HPos::Left, VPos::Center)),
                     )])?;
                 }
             }

@@ -1,5 +1,6 @@
-//! `cifar-finetune download`: fetch CIFAR-10 and the pretrained ResNet-50 weights into the
-//! data directory, verified, with a progress bar.
+//! `cifar-finetune download [cifar10] [cifar100]`: fetch CIFAR-10 (the default), CIFAR-100
+//! and the pretrained ResNet-50 weights into the data directory, verified, with a progress
+//! bar.
 //!
 //! The work is done by `cifar_finetune::fetch`; this file only maps flags onto
 //! [`DownloadOptions`], draws progress (an indicatif bar on a terminal, plain log lines
@@ -11,15 +12,19 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use cifar_finetune::fetch::{
-    self, Asset, CIFAR10_BIN_DIR, DownloadOptions, Progress, ProgressFn, Stage,
-};
+use cifar_finetune::fetch::{self, Asset, DownloadOptions, Progress, ProgressFn, Stage};
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 
-/// Download CIFAR-10 (binary version) and torchvision's ResNet-50 weights, verified.
+/// Download CIFAR-10 or CIFAR-100 (binary versions) and torchvision's ResNet-50 weights,
+/// verified.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Data directory: CIFAR-10 goes to DIR/cifar-10-batches-bin, the weights to DIR/<file>.
+    /// The datasets to fetch [default: cifar10].
+    #[arg(value_enum, value_name = "DATASET")]
+    pub datasets: Vec<DatasetChoice>,
+
+    /// Data directory: CIFAR-10 goes to DIR/cifar-10-batches-bin, CIFAR-100 to
+    /// DIR/cifar-100-binary, the weights to DIR/<file>.
     #[arg(long, value_name = "DIR", default_value = "data")]
     pub data: PathBuf,
 
@@ -27,12 +32,12 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = WeightsChoice::V1)]
     pub weights: WeightsChoice,
 
-    /// Do not fetch CIFAR-10.
-    #[arg(long)]
+    /// Fetch no dataset, only the weights.
+    #[arg(long, conflicts_with = "datasets")]
     pub no_cifar: bool,
 
-    /// Base URL serving /~kriz/cifar-10-binary.tar.gz (default https://www.cs.toronto.edu,
-    /// or $CIFAR_FINETUNE_CIFAR_URL).
+    /// Base URL serving /~kriz/cifar-10-binary.tar.gz and /~kriz/cifar-100-binary.tar.gz
+    /// (default https://www.cs.toronto.edu, or $CIFAR_FINETUNE_CIFAR_URL).
     #[arg(long, value_name = "URL")]
     pub cifar_url: Option<String>,
 
@@ -49,6 +54,48 @@ pub struct Args {
     /// Never use the network: only check that the files are present, and say what is missing.
     #[arg(long)]
     pub offline: bool,
+}
+
+/// A dataset `download` can fetch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DatasetChoice {
+    /// CIFAR-10, binary version: cifar-10-binary.tar.gz → cifar-10-batches-bin/.
+    Cifar10,
+    /// CIFAR-100, binary version: cifar-100-binary.tar.gz → cifar-100-binary/ (fine and
+    /// coarse labels).
+    Cifar100,
+}
+
+impl DatasetChoice {
+    /// Downloads (or checks) this dataset into `data`; returns its directory.
+    fn ensure(self, data: &Path, opts: &DownloadOptions) -> cifar_finetune::Result<PathBuf> {
+        match self {
+            DatasetChoice::Cifar10 => fetch::ensure_cifar(data, opts),
+            DatasetChoice::Cifar100 => fetch::ensure_cifar100(data, opts),
+        }
+    }
+
+    /// The archive this dataset comes in.
+    fn asset(self) -> &'static Asset {
+        match self {
+            DatasetChoice::Cifar10 => &fetch::CIFAR10_BINARY,
+            DatasetChoice::Cifar100 => &fetch::CIFAR100_BINARY,
+        }
+    }
+
+    /// How the summary line names the dataset and its files.
+    fn describe(self) -> (&'static str, &'static str) {
+        match self {
+            DatasetChoice::Cifar10 => (
+                "CIFAR-10:",
+                "data_batch_1..5.bin, test_batch.bin, batches.meta.txt",
+            ),
+            DatasetChoice::Cifar100 => (
+                "CIFAR-100:",
+                "train.bin, test.bin, coarse_label_names.txt, fine_label_names.txt",
+            ),
+        }
+    }
 }
 
 /// The pretrained weights to fetch.
@@ -95,12 +142,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // Try every requested file even when one fails, so that one run lists all that is missing.
     let mut failures = Vec::new();
     let mut found = Vec::new();
-    if !args.no_cifar {
-        match fetch::ensure_cifar(&args.data, &opts) {
-            Ok(dir) => found.push(format!(
-                "CIFAR-10: {} (data_batch_1..5.bin, test_batch.bin, batches.meta.txt)",
-                dir.display()
-            )),
+    let mut datasets: Vec<DatasetChoice> = Vec::new();
+    for &d in &args.datasets {
+        if !datasets.contains(&d) {
+            datasets.push(d);
+        }
+    }
+    if datasets.is_empty() && !args.no_cifar {
+        datasets.push(DatasetChoice::Cifar10);
+    }
+    let mut archives = Vec::new();
+    for &dataset in &datasets {
+        match dataset.ensure(&args.data, &opts) {
+            Ok(dir) => {
+                let (name, files) = dataset.describe();
+                found.push(format!("{name} {} ({files})", dir.display()));
+                archives.push(args.data.join(dataset.asset().file_name));
+            }
             Err(e) => failures.push(e.to_string()),
         }
         reporter.finish();
@@ -127,8 +185,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     for line in &found {
         println!("{line}");
     }
-    let archive = args.data.join(fetch::CIFAR10_BINARY.file_name);
-    if !args.no_cifar && archive.is_file() && args.data.join(CIFAR10_BIN_DIR).is_dir() {
+    for archive in archives.iter().filter(|a| a.is_file()) {
         println!(
             "(the archive {} is no longer needed and may be deleted)",
             archive.display()

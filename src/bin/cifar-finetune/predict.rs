@@ -134,6 +134,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     let names = &ck.meta.classes;
     let k = args.top.min(names.len());
+    // 12 columns as ever, more for a longer name (`large_man-made_outdoor_things`).
+    let width = names
+        .iter()
+        .map(|n| n.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(12);
     for (path, (chw, h, w)) in args.images.iter().zip(&images) {
         let features = extractor
             .extract(&[chw.as_slice()], *h, *w)
@@ -152,7 +159,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("{} ({w}×{h})", path.display());
         for (rank, (class, p)) in top_k(&probabilities, k).into_iter().enumerate() {
             println!(
-                "  {}. {:<12} {:>6.2}%",
+                "  {}. {:<width$} {:>6.2}%",
                 rank + 1,
                 names[class],
                 f64::from(p) * 100.0

@@ -47,6 +47,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         seed_histories.push(history);
     }
     let opts = ReportOptions {
+        dataset: None,
         data_dir: args.data,
         gallery_size: args.gallery,
         seed_histories,

@@ -100,6 +100,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let out = report::write_run_report(
         &run_dir,
         &ReportOptions {
+            dataset: None,
             data_dir: Some(features.data.clone()),
             gallery_size: args.gallery,
             seed_histories,

@@ -10,6 +10,7 @@ use cifar_finetune::data::cifar::Split;
 use cifar_finetune::data::transform::Preprocess;
 use cifar_finetune::evaluate::{self, Evaluation};
 use cifar_finetune::io::DirLock;
+use cifar_finetune::report::plots::MANY_CLASSES;
 use cifar_finetune::rundir;
 use cifar_finetune::train;
 
@@ -120,11 +121,21 @@ fn print_table(eval: &Evaluation) {
         .max()
         .unwrap_or(5)
         .max(5);
+    let many = m.class_names.len() > MANY_CLASSES;
     println!(
-        "{:<width$}  {:>9}  {:>15}",
-        "class", "accuracy", "correct / total"
+        "{:<width$}  {:>9}  {:>15}{}",
+        "class",
+        "accuracy",
+        "correct / total",
+        if many { "  (worst first)" } else { "" }
     );
-    for (c, name) in m.class_names.iter().enumerate() {
+    let order: Vec<usize> = if many {
+        m.metrics.classes_by_recall()
+    } else {
+        (0..m.class_names.len()).collect()
+    };
+    for c in order {
+        let name = &m.class_names[c];
         let row = &m.metrics.confusion[c];
         let total: u64 = row.iter().sum();
         println!(
@@ -135,23 +146,37 @@ fn print_table(eval: &Evaluation) {
         );
     }
     println!();
-    println!("confusion matrix (rows: true class, columns: predicted class)");
-    let short: Vec<String> = m
-        .class_names
-        .iter()
-        .map(|n| n.chars().take(5).collect())
-        .collect();
-    let mut header = format!("{:<width$}", "");
-    for s in &short {
-        header.push_str(&format!(" {s:>5}"));
-    }
-    println!("{header}");
-    for (c, name) in m.class_names.iter().enumerate() {
-        let mut line = format!("{name:<width$}");
-        for v in &m.metrics.confusion[c] {
-            line.push_str(&format!(" {v:>5}"));
+    if many {
+        // A 100-column matrix does not fit a terminal: what it would show, in a list.
+        println!("most confused classes (the whole confusion matrix is in metrics.json)");
+        for p in m.metrics.most_confused(10) {
+            println!(
+                "{:>width$} → {:<width$}  {:>5} images  {:>6.2} % of the class",
+                m.class_names[p.true_class],
+                m.class_names[p.predicted],
+                p.count,
+                100.0 * p.share
+            );
         }
-        println!("{line}");
+    } else {
+        println!("confusion matrix (rows: true class, columns: predicted class)");
+        let short: Vec<String> = m
+            .class_names
+            .iter()
+            .map(|n| n.chars().take(5).collect())
+            .collect();
+        let mut header = format!("{:<width$}", "");
+        for s in &short {
+            header.push_str(&format!(" {s:>5}"));
+        }
+        println!("{header}");
+        for (c, name) in m.class_names.iter().enumerate() {
+            let mut line = format!("{name:<width$}");
+            for v in &m.metrics.confusion[c] {
+                line.push_str(&format!(" {v:>5}"));
+            }
+            println!("{line}");
+        }
     }
     println!();
     println!("classification report");
