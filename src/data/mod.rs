@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 pub mod cifar;
+pub mod decode;
 pub(crate) mod pickle;
 pub mod transform;
 
