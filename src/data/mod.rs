@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 
 pub mod cifar;
 pub mod decode;
+pub mod folder;
 pub(crate) mod pickle;
 pub mod transform;
 
