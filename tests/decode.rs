@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use cifar_finetune::Error;
-use cifar_finetune::data::decode;
+use cifar_finetune::data::decode::{self, DecodeLimits};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -111,4 +111,58 @@ fn every_fixture_decodes_as_pillow_does() {
         }
     }
     assert!(report.is_empty(), "{}", report.join("\n"));
+}
+
+#[test]
+fn absurd_sizes_are_refused_before_decoding() {
+    for (file, dims) in [
+        ("jpeg_bomb.jpg", "60000×60000"),
+        ("png_bomb.png", "100000×100000"),
+    ] {
+        let e = decode::load(&dir().join(file)).unwrap_err().to_string();
+        assert!(
+            e.contains(file) && e.contains(dims) && e.contains("refused before decoding"),
+            "{e}"
+        );
+    }
+    // The limit is a setting: a 23×31 JPEG passes 713 pixels, not 712.
+    let path = dir().join("jpeg_420.jpg");
+    let bytes = std::fs::read(&path).unwrap();
+    assert!(decode::decode(&bytes, &path, DecodeLimits { max_pixels: 713 }).is_ok());
+    let e = decode::decode(&bytes, &path, DecodeLimits { max_pixels: 712 }).unwrap_err();
+    assert!(e.to_string().contains("713 pixels"), "{e}");
+    let path = dir().join("png_rgb16.png");
+    let bytes = std::fs::read(&path).unwrap();
+    assert!(decode::decode(&bytes, &path, DecodeLimits { max_pixels: 246 }).is_err());
+    assert!(decode::decode(&bytes, &path, DecodeLimits { max_pixels: 247 }).is_ok());
+}
+
+#[test]
+fn truncated_and_garbage_files_are_bad_images_with_reasons() {
+    for (file, words) in [
+        ("jpeg_truncated.jpg", "truncated"),
+        ("jpeg_no_eoi.jpg", "truncated"),
+        ("garbage.jpg", "not a JPEG, PNG"),
+        ("empty.png", "empty"),
+        ("png_truncated.png", "cannot decode as PNG"),
+        ("ppm_truncated.ppm", "truncated"),
+    ] {
+        match decode::load(&dir().join(file)) {
+            Err(e @ Error::BadImage { .. }) => {
+                let msg = e.to_string();
+                assert!(msg.contains(file) && msg.contains(words), "{msg}");
+            }
+            other => panic!("{file}: {other:?}"),
+        }
+    }
+    let e = decode::load(&dir().join("no-such-file.png")).unwrap_err();
+    assert!(matches!(e, Error::BadImage { .. }) && e.to_string().contains("no-such-file.png"));
+}
+
+#[test]
+fn the_format_comes_from_the_content_not_the_name() {
+    // A PNG named .jpg decodes as the PNG it is.
+    let png = decode::load(&dir().join("png_named.jpg")).unwrap();
+    assert_eq!((png.height, png.width), (13, 19));
+    assert!(decode::has_image_extension(b"photo.JPG") && !decode::has_image_extension(b"a.gif"));
 }
