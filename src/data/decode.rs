@@ -276,24 +276,16 @@ fn decode_jpeg(bytes: &[u8], path: &Path, limits: DecodeLimits) -> Result<Image<
         }
         Err(e) => return Err(jpeg_err(e)),
     }
-    let mut planar = vec![0u8; 3 * n];
-    let (r, rest) = planar.split_at_mut(n);
-    let (g, b) = rest.split_at_mut(n);
-    if cmyk {
+    let planar = if cmyk {
         // Pillow reads libjpeg's CMYK as `CMYK;I` (inverted, Adobe's convention) and converts
         // with R = MULDIV255(255 − C', 255 − K') = MULDIV255(C, K) on libjpeg's values.
-        for (i, px) in pixels.chunks_exact(4).enumerate() {
-            r[i] = muldiv255(px[0], px[3]);
-            g[i] = muldiv255(px[1], px[3]);
-            b[i] = muldiv255(px[2], px[3]);
-        }
+        planar_from(n, |i| {
+            let k = pixels[4 * i + 3];
+            [0, 1, 2].map(|c| muldiv255(pixels[4 * i + c], k))
+        })
     } else {
-        for (i, px) in pixels.chunks_exact(3).enumerate() {
-            r[i] = px[0];
-            g[i] = px[1];
-            b[i] = px[2];
-        }
-    }
+        planar_from(n, |i| [pixels[3 * i], pixels[3 * i + 1], pixels[3 * i + 2]])
+    };
     Ok(Image {
         pixels: Cow::Owned(planar),
         height: h,
@@ -399,37 +391,41 @@ fn decode_with_image(
 /// The decoder's interleaved pixels → planar RGB by Pillow's `convert("RGB")` of the mode
 /// Pillow would have opened the file in. `None` for pixel types we do not convert.
 fn to_planar_rgb(native: &[u8], n: usize, color: ColorType) -> Option<Vec<u8>> {
-    let u16_at = |i: usize| u16::from_ne_bytes([native[2 * i], native[2 * i + 1]]);
-    // Per pixel index → (r, g, b).
-    let pixel: Box<dyn Fn(usize) -> [u8; 3]> = match color {
-        ColorType::L8 => Box::new(|i| [native[i]; 3]),
-        ColorType::La8 => Box::new(|i| [native[2 * i]; 3]),
-        ColorType::Rgb8 => Box::new(|i| [native[3 * i], native[3 * i + 1], native[3 * i + 2]]),
-        ColorType::Rgba8 => Box::new(|i| [native[4 * i], native[4 * i + 1], native[4 * i + 2]]),
-        // 16-bit grey: Pillow's `I;16` (PNG, TIFF), which converts to RGB by clipping at 255,
-        // not by scaling.
-        ColorType::L16 => Box::new(move |i| [u16_at(i).min(255) as u8; 3]),
-        // 16-bit grey + alpha opens as RGBA (`LA;16B`) and 16-bit RGB(A) as RGB(A): the high
-        // byte of each sample.
-        ColorType::La16 => Box::new(move |i| [(u16_at(2 * i) >> 8) as u8; 3]),
-        ColorType::Rgb16 => Box::new(move |i| [0, 1, 2].map(|c| (u16_at(3 * i + c) >> 8) as u8)),
-        ColorType::Rgba16 => Box::new(move |i| [0, 1, 2].map(|c| (u16_at(4 * i + c) >> 8) as u8)),
-        _ => return None,
-    };
-    let per = color.bytes_per_pixel() as usize;
-    if native.len() < n * per {
+    if native.len() < n * color.bytes_per_pixel() as usize {
         return None;
     }
+    let u16_at = |i: usize| u16::from_ne_bytes([native[2 * i], native[2 * i + 1]]);
+    let high = |i: usize| (u16_at(i) >> 8) as u8;
+    Some(match color {
+        ColorType::L8 => planar_from(n, |i| [native[i]; 3]),
+        ColorType::La8 => planar_from(n, |i| [native[2 * i]; 3]),
+        ColorType::Rgb8 => {
+            planar_from(n, |i| [native[3 * i], native[3 * i + 1], native[3 * i + 2]])
+        }
+        ColorType::Rgba8 => {
+            planar_from(n, |i| [native[4 * i], native[4 * i + 1], native[4 * i + 2]])
+        }
+        // 16-bit grey: Pillow's `I;16` (PNG, TIFF), which converts to RGB by clipping at 255,
+        // not by scaling.
+        ColorType::L16 => planar_from(n, |i| [u16_at(i).min(255) as u8; 3]),
+        // 16-bit grey + alpha opens as RGBA (`LA;16B`) and 16-bit RGB(A) as RGB(A): the high
+        // byte of each sample.
+        ColorType::La16 => planar_from(n, |i| [high(2 * i); 3]),
+        ColorType::Rgb16 => planar_from(n, |i| [high(3 * i), high(3 * i + 1), high(3 * i + 2)]),
+        ColorType::Rgba16 => planar_from(n, |i| [high(4 * i), high(4 * i + 1), high(4 * i + 2)]),
+        _ => return None,
+    })
+}
+
+/// `[3, n]` planar bytes from each pixel's `[r, g, b]`.
+fn planar_from(n: usize, pixel: impl Fn(usize) -> [u8; 3]) -> Vec<u8> {
     let mut planar = vec![0u8; 3 * n];
     let (r, rest) = planar.split_at_mut(n);
     let (g, b) = rest.split_at_mut(n);
     for i in 0..n {
-        let [pr, pg, pb] = pixel(i);
-        r[i] = pr;
-        g[i] = pg;
-        b[i] = pb;
+        [r[i], g[i], b[i]] = pixel(i);
     }
-    Some(planar)
+    planar
 }
 
 #[cfg(test)]

@@ -261,7 +261,7 @@ impl CenterCrop {
             };
             // round((padded - crop) / 2.0), ties to even.
             let d = padded - crop;
-            let offset = if d % 2 == 0 || (d / 2) % 2 == 0 {
+            let offset = if d.is_multiple_of(2) || (d / 2).is_multiple_of(2) {
                 d / 2
             } else {
                 d / 2 + 1
