@@ -6,8 +6,9 @@
 //! ## The pipeline, stage by stage
 //!
 //! ```text
-//!  fetch ──► data::Dataset (data::cifar: binary / python batches) ──► data::transform
-//!            (class names, labels, images, file fingerprints)           (Resize, ToTensor, Normalize)
+//!  fetch ──► data::Dataset (data::cifar: binary / python batches;   ──► data::transform
+//!            data::folder: ImageFolder, files via data::decode)          (Resize, CenterCrop,
+//!            (class names, labels, images, fingerprints, content keys)    ToTensor, Normalize)
 //!                                                                              │
 //!  backbone::weights (.pth / .safetensors, strict keys from backbone::arch) ──► backbone::fast
 //!  (BN folded, frozen; NHWC GEMM kernels chosen by an isa token) ──► features (cached shards)
@@ -27,11 +28,14 @@
 //!
 //! 1. [`fetch`] downloads the CIFAR-10 or CIFAR-100 archive and torchvision's weights,
 //!    verifies their checksums, resumes and extracts safely.
-//! 2. A [`data::Dataset`] — CIFAR-10 ([`data::cifar::Cifar10`]) or CIFAR-100 with its fine or
-//!    coarse labels ([`data::cifar100::Cifar100`]), binary or python version — hands out
-//!    class names, labels, images and a fingerprint of its files;
-//!    [`data::transform`] reproduces torchvision's `Resize` (Pillow's bilinear, bit for bit)
-//!    → `ToTensor` → `Normalize`. The class count flows from the dataset to every later stage.
+//! 2. A [`data::Dataset`] — CIFAR-10 ([`data::cifar::Cifar10`]), CIFAR-100 with its fine or
+//!    coarse labels ([`data::cifar100::Cifar100`]), binary or python version, or a folder of
+//!    your own images ([`data::folder::ImageFolder`], torchvision's `ImageFolder`, files
+//!    decoded to Pillow's pixels by [`data::decode`]) — hands out class names, labels,
+//!    images, fingerprints and content keys; [`data::split`] draws the splits a dataset
+//!    lacks; [`data::transform`] reproduces torchvision's `Resize` (Pillow's bilinear, bit for
+//!    bit) → `CenterCrop` → `ToTensor` → `Normalize`. The class count flows from the dataset
+//!    to every later stage.
 //! 3. [`backbone::weights`] loads torchvision's state dict strictly (the key list comes from
 //!    [`backbone::arch::Arch`]) and folds batch norm into the convolutions;
 //!    [`backbone::fast`] runs the network up to the global average pool — channels-last,

@@ -1,8 +1,9 @@
 //! Byte-mutation fuzzing of every reader of untrusted files, driven by proptest.
 //!
 //! Each target starts from real files — the committed fixtures for the formats others write
-//! (CIFAR-10 and CIFAR-100 binary and python batches, torch.save `.pth`, `.safetensors`, backprop
-//! parameter files), and files our own writers produce for ours (feature shards,
+//! (CIFAR-10 and CIFAR-100 binary and python batches, torch.save `.pth`, `.safetensors`,
+//! backprop parameter files, image files of every format an image folder may hold), and files
+//! our own writers produce for ours (feature shards,
 //! checkpoints, `history.csv`, `predictions.csv`) — and feeds the reader mutated copies:
 //! flipped bits, overwritten, inserted, deleted and duplicated bytes, truncations. A reader
 //! may accept or refuse a mutated file, but must never panic, hang or abort.
@@ -19,6 +20,7 @@ use cifar_finetune::backbone::fast::Precision;
 use cifar_finetune::backbone::weights::StateDict;
 use cifar_finetune::backprop::Problem;
 use cifar_finetune::data::cifar::{self, Part, Split};
+use cifar_finetune::data::decode::{self, DecodeLimits};
 use cifar_finetune::features::{FeatureSet, Fingerprint, Shard};
 use cifar_finetune::rundir;
 use cifar_finetune::rundir::TrainConfig;
@@ -131,6 +133,39 @@ fn fuzz(name: &str, seeds: &[Vec<u8>], path: &Path, default_cases: u32, read: im
 
 fn read_all(paths: &[PathBuf]) -> Vec<Vec<u8>> {
     paths.iter().map(|p| std::fs::read(p).unwrap()).collect()
+}
+
+#[test]
+fn image_files() {
+    let dir = fixtures().join("folder/decode");
+    let mut names: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_string_lossy();
+            !name.ends_with(".rgb") && !name.ends_with(".json") && !name.contains("bomb")
+        })
+        .collect();
+    names.sort();
+    let seeds = read_all(&names);
+    assert!(seeds.len() >= 50);
+    let tmp = tempfile::tempdir().unwrap();
+    // A mutated size field must not make a case allocate hundreds of megabytes.
+    let limits = DecodeLimits {
+        max_pixels: 1 << 20,
+    };
+    fuzz(
+        "image files",
+        &seeds,
+        &tmp.path().join("image"),
+        3000,
+        |p| {
+            let bytes = std::fs::read(p).unwrap();
+            if let Ok(img) = decode::decode(&bytes, p, limits) {
+                assert_eq!(img.pixels.len(), 3 * img.height * img.width);
+            }
+        },
+    );
 }
 
 #[test]

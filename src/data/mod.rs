@@ -1,5 +1,6 @@
 //! Getting images into tensors: the [`Dataset`] seam, the CIFAR-10 and CIFAR-100 readers,
-//! the seeded split and the preprocessing (downloading is [`crate::fetch`]).
+//! image folders ([`folder`], decoding files as Pillow does in [`decode`]), the splits
+//! ([`split`]) and the preprocessing (downloading is [`crate::fetch`]).
 //!
 //! Everything downstream of this module asks a [`Dataset`] for what it needs — the class
 //! names, a part's labels and images, and a fingerprint of the part's files — and never
@@ -16,6 +17,8 @@ use crate::error::{Error, Result};
 
 pub mod cifar;
 pub mod cifar100;
+pub mod decode;
+pub mod folder;
 pub(crate) mod pickle;
 pub mod split;
 pub mod transform;
@@ -96,7 +99,9 @@ pub trait Dataset: std::fmt::Debug + Send + Sync {
     fn classes(&self) -> &[String];
 
     /// What identifies the content of `part`: (file name, sha256) of each of its files, in
-    /// dataset order. A cache of the part's features is keyed by it.
+    /// dataset order. A cache of the part's features is keyed by it. A dataset whose
+    /// features are cached by [`Dataset::image_keys`] may name its source instead (an image
+    /// folder: `("folder", <its directory>)`), so that adding files keeps the cache.
     fn fingerprint(&self, part: Part) -> Result<Vec<(String, String)>>;
 
     /// The label of every image of `part`, in dataset order; its length is the part's size.

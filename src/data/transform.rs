@@ -1,4 +1,5 @@
-//! torchvision's `Resize(size)` → `ToTensor()` → `Normalize(mean, std)`, bit for bit.
+//! torchvision's `Resize(size)` → optional `CenterCrop(crop)` → `ToTensor()` →
+//! `Normalize(mean, std)`, bit for bit.
 //!
 //! The original PyTorch script feeds CIFAR-10's 32×32 PIL images through
 //! `transforms.Resize(224)`, which on a PIL image calls Pillow's `Image.resize` with the
@@ -14,6 +15,12 @@
 //!
 //! Images are planar `[3, h, w]` bytes (R, G, B planes, row-major), as CIFAR-10 stores them;
 //! Pillow resamples each channel independently, so planar order changes nothing.
+//!
+//! Images of other sizes (an image folder's photos) take torchvision's evaluation transform,
+//! `Resize(256)` then `CenterCrop(224)` ([`Preprocess::with_center_crop`]): the crop's offsets
+//! are `round((h − crop) / 2)` with Python's round-half-to-even, and a crop larger than the
+//! resized image pads it with zeros first, `(crop − h) // 2` above and the rest below
+//! (torchvision 0.29's `F.center_crop` on a PIL image).
 
 use std::path::Path;
 
@@ -24,12 +31,17 @@ use crate::error::{Error, Result};
 /// Fractional bits of Pillow's fixed-point filter weights (`PRECISION_BITS = 32 - 8 - 2`).
 const PRECISION_BITS: u32 = 32 - 8 - 2;
 
-/// The preprocessing of one image: resize the shorter side to `size`, scale to `[0, 1]`,
-/// normalise per channel.
+/// The preprocessing of one image: resize the shorter side to `size`, optionally crop the
+/// centre, scale to `[0, 1]`, normalise per channel.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Preprocess {
     /// Target length of the shorter side (torchvision's `Resize(size)` with an int).
     pub size: usize,
+    /// The side of the square centre crop taken after resizing (torchvision's
+    /// `CenterCrop(crop)`), or none. Absent from the fingerprint when `None`, so CIFAR's
+    /// cache keys do not change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crop: Option<usize>,
     /// Per-channel mean subtracted after scaling to `[0, 1]` (R, G, B).
     pub mean: [f32; 3],
     /// Per-channel standard deviation divided by after subtracting the mean (R, G, B).
@@ -60,6 +72,7 @@ impl Preprocess {
     pub fn imagenet(size: usize) -> Self {
         Preprocess {
             size,
+            crop: None,
             mean: Self::IMAGENET_MEAN,
             std: Self::IMAGENET_STD,
             max_pixels: DEFAULT_MAX_PIXELS,
@@ -70,15 +83,34 @@ impl Preprocess {
     pub fn half(size: usize) -> Self {
         Preprocess {
             size,
+            crop: None,
             mean: [0.5; 3],
             std: [0.5; 3],
             max_pixels: DEFAULT_MAX_PIXELS,
         }
     }
 
-    /// Output `(height, width)` for an `h`×`w` input, as torchvision's `Resize(int)`:
-    /// the shorter side becomes `size`, the longer `int(size * long / short)`.
+    /// The same with a square centre crop of side `crop` after the resize: torchvision's
+    /// evaluation transform is `Preprocess::imagenet(256).with_center_crop(224)`.
+    pub fn with_center_crop(self, crop: usize) -> Self {
+        Preprocess {
+            crop: Some(crop),
+            ..self
+        }
+    }
+
+    /// Output `(height, width)` for an `h`×`w` input: the crop's when there is one, else
+    /// [`Preprocess::resized_hw`].
     pub fn output_hw(&self, h: usize, w: usize) -> (usize, usize) {
+        match self.crop {
+            Some(c) if h > 0 && w > 0 => (c, c),
+            _ => self.resized_hw(h, w),
+        }
+    }
+
+    /// `(height, width)` after the resize, as torchvision's `Resize(int)`: the shorter side
+    /// becomes `size`, the longer `int(size * long / short)`.
+    pub fn resized_hw(&self, h: usize, w: usize) -> (usize, usize) {
         let (short, long) = if w <= h { (w, h) } else { (h, w) };
         if short == 0 {
             return (0, 0);
@@ -93,11 +125,26 @@ impl Preprocess {
         }
     }
 
-    /// Checks that the settings can be applied: a positive size, finite means and positive,
-    /// finite standard deviations.
+    /// Checks that the settings can be applied: a positive size and crop, finite means and
+    /// positive, finite standard deviations.
     pub fn validate(&self) -> Result<()> {
         if self.size == 0 {
             return Err(Error::invalid("image size", "must be at least 1"));
+        }
+        if let Some(crop) = self.crop {
+            if crop == 0 {
+                return Err(Error::invalid("crop", "must be at least 1"));
+            }
+            if crop.saturating_mul(crop) > self.max_pixels {
+                return Err(Error::invalid(
+                    "crop",
+                    format!(
+                        "{crop} makes every image {crop}×{crop} pixels, more than the limit of {} \
+                         pixels",
+                        self.max_pixels
+                    ),
+                ));
+            }
         }
         if self.size.saturating_mul(self.size) > self.max_pixels {
             return Err(Error::invalid(
@@ -136,7 +183,7 @@ impl Preprocess {
                 format!("cannot preprocess an empty {h}×{w} image"),
             ));
         }
-        let (oh, ow) = self.output_hw(h, w);
+        let (oh, ow) = self.resized_hw(h, w);
         if oh.saturating_mul(ow) > self.max_pixels {
             return Err(Error::invalid(
                 "image",
@@ -159,30 +206,133 @@ impl Preprocess {
                 *out = (v as f32 / 255.0 - self.mean[c]) / self.std[c];
             }
         }
-        Ok(Prepared { resizer, table })
+        let crop = self.crop.map(|c| CenterCrop::new(oh, ow, c, c));
+        Ok(Prepared {
+            resizer,
+            crop,
+            table,
+        })
     }
 
-    /// `[3, h, w]` bytes → `[3, oh, ow]` floats (Resize → ToTensor → Normalize), where
-    /// `(oh, ow) = self.output_hw(h, w)`. Errors on wrong buffer lengths.
+    /// `[3, h, w]` bytes → `[3, oh, ow]` floats (Resize → CenterCrop → ToTensor →
+    /// Normalize), where `(oh, ow) = self.output_hw(h, w)`. Errors on wrong buffer lengths.
     pub fn apply(&self, chw: &[u8], h: usize, w: usize, out: &mut [f32]) -> Result<()> {
         self.prepare(h, w)?.apply(chw, out)
     }
 
     /// Stable text naming everything that determines the output: resize rule,
-    /// interpolation, size, mean and std. Used in cache keys.
+    /// interpolation, size, crop, mean and std. Used in cache keys. Without a crop the text is
+    /// the one written before crops existed.
     pub fn fingerprint(&self) -> String {
+        let crop = match self.crop {
+            Some(c) => format!("crop=center(torchvision.CenterCrop(int),pad-zero);crop_size={c};"),
+            None => String::new(),
+        };
         format!(
             "resize=shorter-side(torchvision.Resize(int));interp=pil-bilinear-antialias-fixed22;\
-             size={};to_tensor=div255-f32;mean={:?};std={:?}",
+             size={};{crop}to_tensor=div255-f32;mean={:?};std={:?}",
             self.size, self.mean, self.std
         )
     }
+}
+
+/// torchvision's `CenterCrop` of an `h`×`w` image to `ch`×`cw`, as the window's top-left
+/// corner in the image (negative where the image is padded).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CenterCrop {
+    h: usize,
+    w: usize,
+    ch: usize,
+    cw: usize,
+    top: isize,
+    left: isize,
+}
+
+impl CenterCrop {
+    /// The crop of `ch`×`cw` out of an `h`×`w` image, as torchvision 0.29's `center_crop`:
+    /// pad with zeros when the crop is larger — `(c − h) // 2` before, `(c − h + 1) // 2`
+    /// after — then cut at `int(round((h' − c) / 2.0))`, Python rounding halves to even.
+    pub fn new(h: usize, w: usize, ch: usize, cw: usize) -> CenterCrop {
+        let axis = |size: usize, crop: usize| -> isize {
+            let (pad_before, padded) = if crop > size {
+                ((crop - size) / 2, crop)
+            } else {
+                (0, size)
+            };
+            // round((padded - crop) / 2.0), ties to even.
+            let d = padded - crop;
+            let offset = if d.is_multiple_of(2) || (d / 2).is_multiple_of(2) {
+                d / 2
+            } else {
+                d / 2 + 1
+            };
+            offset as isize - pad_before as isize
+        };
+        CenterCrop {
+            h,
+            w,
+            ch,
+            cw,
+            top: axis(h, ch),
+            left: axis(w, cw),
+        }
+    }
+
+    /// The window's top-left corner in the image: `(top, left)`, negative where padded.
+    pub fn offsets(&self) -> (isize, isize) {
+        (self.top, self.left)
+    }
+
+    /// `[3, h, w]` → `[3, ch, cw]`, zeros where the window leaves the image. Errors on wrong
+    /// lengths.
+    pub fn apply(&self, src: &[u8], dst: &mut [u8]) -> Result<()> {
+        let (h, w, ch, cw) = (self.h, self.w, self.ch, self.cw);
+        if src.len() != 3 * h * w || dst.len() != 3 * ch * cw {
+            return Err(Error::invalid(
+                "crop buffers",
+                format!(
+                    "expected 3×{h}×{w} → 3×{ch}×{cw} bytes, got {} → {}",
+                    src.len(),
+                    dst.len()
+                ),
+            ));
+        }
+        // The columns of each output row that fall inside the image.
+        let x0 = (-self.left).clamp(0, cw as isize) as usize;
+        let x1 = (w as isize - self.left).clamp(0, cw as isize) as usize;
+        for c in 0..3 {
+            for y in 0..ch {
+                let out = &mut dst[(c * ch + y) * cw..(c * ch + y + 1) * cw];
+                let sy = y as isize + self.top;
+                if sy < 0 || sy >= h as isize || x0 >= x1 {
+                    out.fill(0);
+                    continue;
+                }
+                let row = (c * h + sy as usize) * w;
+                let sx0 = (x0 as isize + self.left) as usize;
+                out[..x0].fill(0);
+                out[x0..x1].copy_from_slice(&src[row + sx0..row + sx0 + (x1 - x0)]);
+                out[x1..].fill(0);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `[3, h, w]` → `[3, crop, crop]`: torchvision's `CenterCrop(crop)` on the RGB image (see
+/// [`CenterCrop::new`]). Errors when `src.len() != 3 * h * w`.
+pub fn center_crop(src: &[u8], h: usize, w: usize, crop: usize) -> Result<Vec<u8>> {
+    let mut dst = vec![0u8; 3 * crop * crop];
+    CenterCrop::new(h, w, crop, crop).apply(src, &mut dst)?;
+    Ok(dst)
 }
 
 /// A [`Preprocess`] made ready for one input size (see [`Preprocess::prepare`]).
 #[derive(Clone, Debug)]
 pub struct Prepared {
     resizer: Resizer,
+    /// The centre crop after the resize, if any.
+    crop: Option<CenterCrop>,
     /// `[3][256]`: the normalised float of each byte value, per channel.
     table: [[f32; 256]; 3],
 }
@@ -193,34 +343,43 @@ impl Prepared {
         (self.resizer.h, self.resizer.w)
     }
 
-    /// Output `(height, width)`.
+    /// Output `(height, width)`: the crop's, or the resized image's.
     pub fn output_hw(&self) -> (usize, usize) {
-        (self.resizer.oh, self.resizer.ow)
+        match &self.crop {
+            Some(c) => (c.ch, c.cw),
+            None => (self.resizer.oh, self.resizer.ow),
+        }
     }
 
     /// Floats per output image: `3 * oh * ow`.
     pub fn output_len(&self) -> usize {
-        3 * self.resizer.oh * self.resizer.ow
+        let (oh, ow) = self.output_hw();
+        3 * oh * ow
     }
 
     /// `[3, h, w]` bytes → `[3, oh, ow]` floats. Errors on wrong buffer lengths.
     pub fn apply(&self, chw: &[u8], out: &mut [f32]) -> Result<()> {
+        let (oh, ow) = self.output_hw();
         if out.len() != self.output_len() {
             return Err(Error::invalid(
                 "preprocess output buffer",
                 format!(
-                    "expected 3×{}×{} = {} floats, got {}",
-                    self.resizer.oh,
-                    self.resizer.ow,
+                    "expected 3×{oh}×{ow} = {} floats, got {}",
                     self.output_len(),
                     out.len()
                 ),
             ));
         }
-        // [3, oh, ow]
-        let mut resized = vec![0u8; self.output_len()];
+        // [3, resized h, resized w]
+        let mut resized = vec![0u8; 3 * self.resizer.oh * self.resizer.ow];
         self.resizer.resize_into(chw, &mut resized)?;
-        let plane = self.resizer.oh * self.resizer.ow;
+        if let Some(crop) = &self.crop {
+            // [3, oh, ow]
+            let mut cropped = vec![0u8; self.output_len()];
+            crop.apply(&resized, &mut cropped)?;
+            resized = cropped;
+        }
+        let plane = oh * ow;
         for c in 0..3 {
             let table = &self.table[c];
             let src = &resized[c * plane..(c + 1) * plane];
@@ -460,33 +619,12 @@ pub fn resize_bilinear(src: &[u8], h: usize, w: usize, oh: usize, ow: usize) -> 
     Ok(dst)
 }
 
-/// Reads a PNG or JPEG of any size as RGB: `([3, h, w] bytes, h, w)`.
-///
-/// Grey and palette images are expanded and alpha is dropped, as PIL's `convert("RGB")`
-/// does. JPEG decoders may differ from libjpeg (PIL's) by a unit in some pixels.
+/// Reads an image file of any size as RGB: `([3, h, w] bytes, h, w)`, exactly the pixels of
+/// Pillow's `Image.open(f).convert("RGB")` (see [`super::decode`]: JPEG, PNG, BMP, PPM/PGM,
+/// TIFF, WebP). A file that cannot be read or decoded is an [`Error::BadImage`] naming it.
 pub fn load_image(path: &Path) -> Result<(Vec<u8>, usize, usize)> {
-    let reader = image::ImageReader::open(path)
-        .map_err(|e| Error::io("opening image", path, e))?
-        .with_guessed_format()
-        .map_err(|e| Error::io("reading image", path, e))?;
-    let img = reader
-        .decode()
-        .map_err(|e| Error::format(path, format!("cannot decode as a PNG or JPEG image: {e}")))?;
-    // [h, w, 3], interleaved
-    let rgb = img.to_rgb8();
-    let (w, h) = (rgb.width() as usize, rgb.height() as usize);
-    if h == 0 || w == 0 {
-        return Err(Error::format(path, "image has no pixels"));
-    }
-    let plane = h * w;
-    // [3, h, w], planar
-    let mut chw = vec![0u8; 3 * plane];
-    for (i, px) in rgb.as_raw().chunks_exact(3).enumerate() {
-        chw[i] = px[0];
-        chw[plane + i] = px[1];
-        chw[2 * plane + i] = px[2];
-    }
-    Ok((chw, h, w))
+    let img = super::decode::load(path)?;
+    Ok((img.pixels.into_owned(), img.height, img.width))
 }
 
 #[cfg(test)]
@@ -548,6 +686,83 @@ mod tests {
         );
         assert_ne!(a, Preprocess::half(224).fingerprint());
         assert_ne!(a, Preprocess::imagenet(160).fingerprint());
+    }
+
+    #[test]
+    fn fingerprint_without_a_crop_is_unchanged_and_a_crop_changes_it() {
+        // The text CIFAR feature caches were keyed with before crops existed.
+        assert_eq!(
+            Preprocess::imagenet(224).fingerprint(),
+            "resize=shorter-side(torchvision.Resize(int));interp=pil-bilinear-antialias-fixed22;\
+             size=224;to_tensor=div255-f32;mean=[0.485, 0.456, 0.406];std=[0.229, 0.224, 0.225]"
+        );
+        let cropped = Preprocess::imagenet(256)
+            .with_center_crop(224)
+            .fingerprint();
+        assert!(
+            cropped.contains("crop_size=224") && cropped.contains("size=256"),
+            "{cropped}"
+        );
+        assert_ne!(cropped, Preprocess::imagenet(256).fingerprint());
+        assert_ne!(
+            cropped,
+            Preprocess::imagenet(256)
+                .with_center_crop(225)
+                .fingerprint()
+        );
+        // Serialised configurations without a crop keep their old form.
+        let json = serde_json::to_string(&Preprocess::imagenet(224)).unwrap();
+        assert!(!json.contains("crop"), "{json}");
+        let back: Preprocess = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, Preprocess::imagenet(224));
+    }
+
+    #[test]
+    fn center_crop_offsets_round_half_to_even_and_pad() {
+        // (h, w, crop) → (top, left), from torchvision's formulas by hand.
+        for ((h, w, c), want) in [
+            ((10, 10, 4), (3, 3)),
+            // (11 − 4) / 2 = 3.5 → 4; (9 − 4) / 2 = 2.5 → 2.
+            ((11, 9, 4), (4, 2)),
+            // 0.5 → 0; 1.5 → 2.
+            ((5, 7, 4), (0, 2)),
+            // Larger crop: pad (6 − 3) // 2 = 1 before, 2 after; no cut.
+            ((3, 8, 6), (-1, 1)),
+            ((8, 2, 5), (2, -1)),
+            ((4, 4, 4), (0, 0)),
+        ] {
+            assert_eq!(CenterCrop::new(h, w, c, c).offsets(), want, "{h}×{w} → {c}");
+        }
+        // A 2×3 image cropped to 4: one row of zeros above and one below ((4 − 2) // 2 and
+        // (4 − 2 + 1) // 2), no column before and one after ((4 − 3) // 2 = 0, then 1).
+        let src: Vec<u8> = (1..=18).collect();
+        let out = center_crop(&src, 2, 3, 4).unwrap();
+        assert_eq!(
+            &out[..16],
+            &[0, 0, 0, 0, 1, 2, 3, 0, 4, 5, 6, 0, 0, 0, 0, 0]
+        );
+        assert_eq!(&out[16..24], &[0, 0, 0, 0, 7, 8, 9, 0]);
+        assert!(center_crop(&src[1..], 2, 3, 4).is_err());
+    }
+
+    #[test]
+    fn crop_sets_the_output_size_and_is_validated() {
+        let p = Preprocess::imagenet(16).with_center_crop(12);
+        assert_eq!(p.output_hw(20, 40), (12, 12));
+        assert_eq!(p.resized_hw(20, 40), (16, 32));
+        let prepared = p.prepare(20, 40).unwrap();
+        assert_eq!(prepared.output_hw(), (12, 12));
+        assert_eq!(prepared.output_len(), 3 * 12 * 12);
+        let e = Preprocess::imagenet(16)
+            .with_center_crop(0)
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("crop"), "{e}");
+        let e = Preprocess::imagenet(16)
+            .with_center_crop(5000)
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("5000"), "{e}");
     }
 
     #[test]

@@ -100,15 +100,16 @@ pub fn select_gallery(predictions: &[PredictionRow], limit: usize) -> Vec<usize>
     wrong
 }
 
-/// The gallery items for rows `rows` of `predictions`, with the images taken from the test
-/// part of `dataset`. Errors when an index is out of range or an image's label differs from
+/// The gallery items for rows `rows` of `predictions`, with the images taken from `part` of
+/// `dataset` (the part the test split was drawn from). Errors when an index is out of range or an image's label differs from
 /// the true class in `predictions` (then the images are not the ones that were evaluated).
 pub fn gallery_items(
     predictions: &[PredictionRow],
     rows: &[usize],
     dataset: &dyn Dataset,
+    part: Part,
 ) -> Result<Vec<GalleryItem>> {
-    let labels = dataset.labels(Part::Test)?;
+    let labels = dataset.labels(part)?;
     let mut items = Vec::with_capacity(rows.len());
     for &r in rows {
         let p = predictions.get(r).ok_or_else(|| {
@@ -142,7 +143,7 @@ pub fn gallery_items(
             true_class: p.true_class,
             predicted: p.predicted,
             probabilities: p.probabilities.clone(),
-            png: thumbnail_png(&dataset.image(Part::Test, i)?)?,
+            png: thumbnail_png(&dataset.image(part, i)?)?,
         });
     }
     Ok(items)
@@ -152,17 +153,30 @@ pub fn gallery_items(
 pub fn thumbnail_png(image: &Image<'_>) -> Result<Vec<u8>> {
     let (h, w) = (image.height, image.width);
     let plane = h * w;
-    let chw = &image.pixels;
-    if chw.len() != 3 * plane {
+    if image.pixels.len() != 3 * plane {
         return Err(Error::invalid(
             "thumbnail",
             format!(
                 "expected {} bytes ([3, {h}, {w}]), got {}",
                 3 * plane,
-                chw.len()
+                image.pixels.len()
             ),
         ));
     }
+    // Photos are shrunk (Pillow's bilinear) so that the longer side is THUMBNAIL_SIDE: the
+    // page stays small whatever the images.
+    let (chw, h, w) = if h.max(w) > THUMBNAIL_SIDE {
+        let (th, tw) = if h >= w {
+            (THUMBNAIL_SIDE, (w * THUMBNAIL_SIDE / h).max(1))
+        } else {
+            ((h * THUMBNAIL_SIDE / w).max(1), THUMBNAIL_SIDE)
+        };
+        let small = crate::data::transform::resize_bilinear(&image.pixels, h, w, th, tw)?;
+        (std::borrow::Cow::Owned(small), th, tw)
+    } else {
+        (std::borrow::Cow::Borrowed(image.pixels.as_ref()), h, w)
+    };
+    let plane = h * w;
     // [h, w, 3] interleaved
     let mut rgb = vec![0u8; 3 * plane];
     for i in 0..plane {
@@ -178,6 +192,10 @@ pub fn thumbnail_png(image: &Image<'_>) -> Result<Vec<u8>> {
         msg,
     })
 }
+
+/// The longest side of a gallery thumbnail; smaller images (CIFAR's 32×32) are kept as they
+/// are.
+pub const THUMBNAIL_SIDE: usize = 128;
 
 /// Escapes text for HTML content and attribute values.
 pub fn escape(text: &str) -> String {
@@ -396,6 +414,10 @@ fn dataset_title(cfg: &RunConfig) -> String {
             "cifar10" => "CIFAR-10".to_string(),
             "cifar100" => "CIFAR-100".to_string(),
             "cifar100-coarse" => "CIFAR-100 superclasses".to_string(),
+            "folder" => match cfg.source.get("folder").and_then(|v| v.as_str()) {
+                Some(root) => format!("Images in {root}"),
+                None => "An image folder".to_string(),
+            },
             other => other.to_string(),
         };
     }

@@ -20,6 +20,7 @@ use std::sync::Arc;
 
 use crate::data::cifar::{self, Cifar10};
 use crate::data::cifar100::{self, Cifar100, LabelKind};
+use crate::data::folder::ImageFolder;
 use crate::data::{Dataset, Part};
 use crate::error::Result;
 use crate::evaluate::TestMetrics;
@@ -187,6 +188,19 @@ fn gallery_for_run(
     let counts = Some((wrong, rows.len()));
     let dataset = match &opts.dataset {
         Some(d) => Arc::clone(d),
+        None if config.source.get("dataset").and_then(|v| v.as_str()) == Some("folder") => {
+            let Some(root) = config.source.get("folder").and_then(|v| v.as_str()) else {
+                notes.push("config.json names no image folder: no gallery of test images.".into());
+                return Ok((Vec::new(), counts));
+            };
+            match ImageFolder::open(Path::new(root)) {
+                Ok(d) => Arc::new(d),
+                Err(e) => {
+                    notes.push(format!("No gallery: {e}"));
+                    return Ok((Vec::new(), counts));
+                }
+            }
+        }
         None => {
             let from_config = ["data", "data_dir"]
                 .iter()
@@ -210,7 +224,14 @@ fn gallery_for_run(
         }
     };
     let selected = html::select_gallery(&rows, opts.gallery_size);
-    let items = html::gallery_items(&rows, &selected, dataset.as_ref())?;
+    // A dataset without test files had its test split drawn from its training part, which
+    // the rows of predictions.csv then index.
+    let part = if dataset.parts().contains(&Part::Test) {
+        Part::Test
+    } else {
+        Part::Train
+    };
+    let items = html::gallery_items(&rows, &selected, dataset.as_ref(), part)?;
     Ok((items, counts))
 }
 

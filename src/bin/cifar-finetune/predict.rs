@@ -53,7 +53,8 @@ pub struct Args {
 }
 
 /// The preprocessing whose fingerprint appears in the checkpoint's `extractor`: the size
-/// written there (or `--image-size`) with each normalisation allowed by `--normalize`.
+/// and centre crop written there (or `--image-size`) with each normalisation allowed by
+/// `--normalize`.
 fn preprocess_for(extractor: &Fingerprint, args: &Args) -> anyhow::Result<Preprocess> {
     let recorded_size = extractor
         .preprocess
@@ -61,11 +62,24 @@ fn preprocess_for(extractor: &Fingerprint, args: &Args) -> anyhow::Result<Prepro
         .find_map(|part| part.trim().strip_prefix("size="))
         .and_then(|s| s.parse::<usize>().ok());
     let size = args.image_size.or(recorded_size).unwrap_or(224);
+    // A centre crop (image folders) is part of the recorded preprocessing too.
+    let crop = extractor
+        .preprocess
+        .split(';')
+        .find_map(|part| part.trim().strip_prefix("crop_size="))
+        .and_then(|s| s.parse::<usize>().ok());
+    let with_crop = |p: Preprocess| match crop {
+        Some(c) => p.with_center_crop(c),
+        None => p,
+    };
     let candidates: Vec<Preprocess> = match args.normalize {
         Some(Normalize::Imagenet) => vec![Preprocess::imagenet(size)],
         Some(Normalize::Half) => vec![Preprocess::half(size)],
         None => vec![Preprocess::imagenet(size), Preprocess::half(size)],
-    };
+    }
+    .into_iter()
+    .map(with_crop)
+    .collect();
     for p in &candidates {
         if extractor.preprocess == p.fingerprint() {
             return Ok(p.clone());

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use cifar_finetune::backbone::fast::Precision;
 use cifar_finetune::data::cifar::{self, Cifar10, Split};
+use cifar_finetune::data::cifar100::{self, Cifar100, LabelKind};
+use cifar_finetune::data::folder::ImageFolder;
 use cifar_finetune::data::split::{self, Holdout, SplitPlan, SplitSpec};
 use cifar_finetune::data::transform::{DEFAULT_MAX_PIXELS, Preprocess};
 use cifar_finetune::data::{Dataset, Part};
@@ -89,6 +91,10 @@ pub struct FeatureArgs {
     /// [default: 224 for CIFAR, 256 for folders].
     #[arg(long)]
     pub image_size: Option<usize>,
+    /// Side of the centre crop after resizing (torchvision's CenterCrop), 0 for none
+    /// [default: none for CIFAR, 224 for folders].
+    #[arg(long, value_name = "N")]
+    pub crop: Option<usize>,
     /// Refuse an image that resizing would make larger than this many pixels.
     #[arg(long, default_value_t = DEFAULT_MAX_PIXELS, value_name = "N")]
     pub max_pixels: usize,
@@ -158,6 +164,17 @@ impl FeatureArgs {
         }
     }
 
+    /// The dataset's name as the run records it: `cifar10`, `cifar100`, `cifar100-coarse`
+    /// or `folder`.
+    pub fn dataset_name(&self) -> anyhow::Result<&'static str> {
+        Ok(match (self.dataset_kind()?, self.labels) {
+            (DatasetKind::Cifar10, _) => "cifar10",
+            (DatasetKind::Cifar100, LabelsArg::Fine) => "cifar100",
+            (DatasetKind::Cifar100, LabelsArg::Coarse) => "cifar100-coarse",
+            (DatasetKind::Folder, _) => "folder",
+        })
+    }
+
     /// The shorter side after resizing: `--image-size`, or the dataset's default.
     pub fn resize(&self) -> usize {
         self.image_size.unwrap_or(match self.dataset_kind() {
@@ -166,13 +183,25 @@ impl FeatureArgs {
         })
     }
 
+    /// The centre crop after resizing: `--crop` (0: none), or the dataset's default.
+    pub fn center_crop(&self) -> Option<usize> {
+        match self.crop {
+            Some(0) => None,
+            Some(n) => Some(n),
+            None => matches!(self.dataset_kind(), Ok(DatasetKind::Folder)).then_some(224),
+        }
+    }
+
     /// The preprocessing these options describe.
     pub fn preprocess(&self) -> Preprocess {
         let size = self.resize();
-        let preprocess = match self.normalization() {
+        let mut preprocess = match self.normalization() {
             Normalize::Imagenet => Preprocess::imagenet(size),
             Normalize::Half => Preprocess::half(size),
         };
+        if let Some(crop) = self.center_crop() {
+            preprocess = preprocess.with_center_crop(crop);
+        }
         Preprocess {
             max_pixels: self.max_pixels,
             ..preprocess
@@ -209,8 +238,29 @@ impl FeatureArgs {
                 }
                 Ok(Box::new(Cifar10::open(&self.data)?))
             }
-            DatasetKind::Cifar100 => anyhow::bail!("--dataset cifar100 is not wired yet"),
-            DatasetKind::Folder => anyhow::bail!("--dataset folder is not wired yet"),
+            DatasetKind::Cifar100 => {
+                if parts
+                    .iter()
+                    .any(|&p| cifar100::part_files(&self.data, p).is_err())
+                {
+                    self.downloading(|opts| fetch::ensure_cifar100(&self.data, opts))?;
+                }
+                let labels = match self.labels {
+                    LabelsArg::Fine => LabelKind::Fine,
+                    LabelsArg::Coarse => LabelKind::Coarse,
+                };
+                Ok(Box::new(Cifar100::open(&self.data, labels)?))
+            }
+            DatasetKind::Folder => {
+                let root = self
+                    .folder
+                    .as_deref()
+                    .context("--dataset folder needs --folder")?;
+                Ok(Box::new(
+                    ImageFolder::open(root)
+                        .with_context(|| format!("--folder {}", root.display()))?,
+                ))
+            }
         }
     }
 

@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use anyhow::Context;
 use cifar_finetune::checkpoint;
 use cifar_finetune::data::cifar::Split;
-use cifar_finetune::data::transform::Preprocess;
 use cifar_finetune::evaluate::{self, Evaluation};
 use cifar_finetune::io::DirLock;
 use cifar_finetune::report::plots::MANY_CLASSES;
@@ -59,7 +58,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut features = args.features.clone();
     if features.normalize.is_none() {
         // The normalisation the head's features were made with, read from its fingerprint.
-        let half = Preprocess::half(features.resize()).fingerprint();
+        let half = FeatureArgs {
+            normalize: Some(Normalize::Half),
+            ..features.clone()
+        }
+        .preprocess()
+        .fingerprint();
         features.normalize = Some(if ck.meta.extractor.preprocess == half {
             Normalize::Half
         } else {

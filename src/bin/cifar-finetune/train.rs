@@ -338,12 +338,12 @@ pub const SKIPPED_FILE: &str = "skipped_images.json";
 /// fingerprint and the split digest are what identify them).
 fn describe_source(f: &FeatureArgs) -> serde_json::Value {
     serde_json::json!({
-        "dataset": f.dataset_kind().ok(),
+        "dataset": f.dataset_name().ok(),
         "folder": f.folder,
-        "labels": f.labels,
         "data": f.data,
         "weights": f.weights,
         "image_size": f.resize(),
+        "crop": f.center_crop(),
         "val_fraction": f.val_fraction,
         "test_fraction": f.test_fraction,
         "skip_bad": f.skip_bad,
