@@ -195,6 +195,62 @@ impl Arch {
         convs
     }
 
+    /// The architecture a state dict holds, from its key names and shapes alone: the blocks
+    /// per stage (the largest `layer<s>.<b>.` index of each), the block kind (a `conv3` in
+    /// `layer1.0` means bottlenecks) and the width of `layer1.0.conv1` (128 for the wide
+    /// ResNets). `None` when the keys describe none of [`Arch::ALL`] (not a torchvision
+    /// ResNet, or a damaged one: strict loading then names what is wrong).
+    pub fn infer<'a>(keys: impl IntoIterator<Item = (&'a str, &'a [usize])>) -> Option<Arch> {
+        let mut depths = [0usize; 4];
+        let mut bottleneck = false;
+        let mut width = None;
+        for (key, shape) in keys {
+            let Some(rest) = key.strip_prefix("layer") else {
+                continue;
+            };
+            let mut parts = rest.splitn(3, '.');
+            let (Some(stage), Some(block)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            let (Ok(stage), Ok(block)) = (stage.parse::<usize>(), block.parse::<usize>()) else {
+                continue;
+            };
+            if !(1..=4).contains(&stage) {
+                continue;
+            }
+            depths[stage - 1] = depths[stage - 1].max(block.saturating_add(1));
+            match key {
+                "layer1.0.conv3.weight" => bottleneck = true,
+                "layer1.0.conv1.weight" => width = shape.first().copied(),
+                _ => {}
+            }
+        }
+        let block = if bottleneck {
+            BlockKind::Bottleneck
+        } else {
+            BlockKind::Basic
+        };
+        // A bottleneck's inner width is planes · width_per_group / 64, with planes = 64 in
+        // layer1: the width per group itself. A basic block has none (64).
+        let width_per_group = match block {
+            BlockKind::Bottleneck => width?,
+            BlockKind::Basic => 64,
+        };
+        Arch::ALL.into_iter().find(|a| {
+            a.block == block && a.depths == depths && a.width_per_group == width_per_group
+        })
+    }
+
+    /// A short description for messages, e.g. `bottleneck blocks [3, 4, 23, 3]`.
+    pub fn describe(&self) -> String {
+        let kind = match self.block {
+            BlockKind::Basic => "basic",
+            BlockKind::Bottleneck if self.width_per_group != 64 => "wide bottleneck",
+            BlockKind::Bottleneck => "bottleneck",
+        };
+        format!("{kind} blocks {:?}", self.depths)
+    }
+
     /// Every tensor the backbone needs, with its shape, in torchvision's state-dict order:
     /// the list strict loading checks a weights file against. The classifier `fc.*` and the
     /// `num_batches_tracked` counters are not listed: they are ignored on purpose.
@@ -257,6 +313,38 @@ mod tests {
         assert_eq!(Arch::RESNET50.keys().len(), 53 * 5);
         assert_eq!(Arch::default().feature_dim(), 2048);
         assert_eq!(Arch::RESNET18.feature_dim(), 512);
+    }
+
+    #[test]
+    fn every_architecture_is_recognised_from_its_keys() {
+        for arch in Arch::ALL {
+            let mut keys = arch.keys();
+            keys.push(("fc.weight".into(), vec![1000, arch.feature_dim()]));
+            keys.push(("layer2.0.bn1.num_batches_tracked".into(), vec![]));
+            let found = Arch::infer(keys.iter().map(|(k, s)| (k.as_str(), s.as_slice())));
+            assert_eq!(found, Some(arch), "{arch}");
+        }
+        // ResNet-50 and its wide variant differ only in widths.
+        let narrow = [("layer1.0.conv1.weight", &[64usize, 64, 1, 1][..])];
+        let mut keys = Arch::WIDE_RESNET50_2.keys();
+        keys.retain(|(k, _)| k != narrow[0].0);
+        let as_50 = keys
+            .iter()
+            .map(|(k, s)| (k.as_str(), s.as_slice()))
+            .chain(narrow);
+        assert_eq!(Arch::infer(as_50), Some(Arch::RESNET50));
+        // A stage with a block more than any ResNet has, or no keys at all: nothing.
+        let mut keys = Arch::RESNET18.keys();
+        keys.push(("layer3.2.conv1.weight".into(), vec![256, 256, 3, 3]));
+        assert_eq!(
+            Arch::infer(keys.iter().map(|(k, s)| (k.as_str(), s.as_slice()))),
+            None
+        );
+        assert_eq!(Arch::infer([]), None);
+        assert_eq!(
+            Arch::RESNET101.describe(),
+            "bottleneck blocks [3, 4, 23, 3]"
+        );
     }
 
     #[test]
