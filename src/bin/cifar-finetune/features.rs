@@ -21,8 +21,9 @@ pub enum Which {
     All,
 }
 
-/// Extract ResNet-50 features into a safetensors file (`features` f32 [N, 2048], `labels`
-/// u8 [N], `index` i64 [N]); fills the feature cache as it goes, and resumes from it.
+/// Extract backbone features into a safetensors file (`features` f32 [N, D] with D = 2048,
+/// or 512 for resnet18/34, `labels` u8 [N], `index` i64 [N]); fills the feature cache as it
+/// goes, and resumes from it.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     #[command(flatten)]

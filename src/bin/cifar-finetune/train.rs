@@ -326,7 +326,8 @@ pub fn train_sets(
 fn describe_source(f: &FeatureArgs) -> serde_json::Value {
     serde_json::json!({
         "data": f.data,
-        "weights": f.weights,
+        "backbone": f.arch().name,
+        "weights": f.weights.as_ref().map(|w| w.to_string()),
         "image_size": f.image_size,
         "normalize": format!("{:?}", f.normalization()).to_lowercase(),
         "limit": f.limit,
