@@ -23,6 +23,10 @@ It writes, under tests/fixtures/backbone/:
                        weights in memory.
 * tiny_f16.pth      -- tiny.pth's float tensors stored as float16 (HalfStorage), as in
                        torchvision's IMAGENET1K_V1 wide_resnet*_2 files.
+* resnet101_shapes.pth -- every float tensor name and shape of torchvision's resnet101, all
+                       zero-stride views of one shared 1-element storage: what reading a real
+                       file's pickle shows of it (the architecture is inferred from names and
+                       shapes alone) in 50 KB instead of 170 MB. Its data cannot be loaded.
 * tiny.pth          -- a few tensors under real torchvision names, written by torch.save
                        (zip format), an int64 `num_batches_tracked` among them.
 * tiny.safetensors  -- the same tensors as safetensors (without num_batches_tracked).
@@ -158,6 +162,10 @@ def main() -> None:
     save_file({k: v for k, v in tiny.items() if v.dtype == torch.float32}, os.path.join(OUT, "tiny.safetensors"))
     half = {k: (v.half() if v.dtype == torch.float32 else v) for k, v in tiny.items()}
     torch.save(half, os.path.join(OUT, "tiny_f16.pth"))
+
+    base = torch.zeros(1)
+    shapes = {k: base.expand(v.shape) for k, v in torchvision.models.resnet101(weights=None).state_dict().items() if v.dim()}
+    torch.save(shapes, os.path.join(OUT, "resnet101_shapes.pth"))
 
     for f in sorted(os.listdir(OUT)):
         with open(os.path.join(OUT, f), "rb") as fh:
