@@ -61,6 +61,8 @@ pub struct BlockSpec {
 pub struct Arch {
     /// torchvision's builder name, e.g. `resnet50`.
     pub name: &'static str,
+    /// The name people write, e.g. `ResNet-50`, `Wide ResNet-50-2`.
+    pub title: &'static str,
     /// The block every stage is made of.
     pub block: BlockKind,
     /// Blocks per stage.
@@ -75,21 +77,47 @@ const PLANES: [usize; 4] = [64, 128, 256, 512];
 
 impl Arch {
     /// ResNet-18.
-    pub const RESNET18: Arch = Arch::new("resnet18", BlockKind::Basic, [2, 2, 2, 2], 64);
+    pub const RESNET18: Arch =
+        Arch::new("resnet18", "ResNet-18", BlockKind::Basic, [2, 2, 2, 2], 64);
     /// ResNet-34.
-    pub const RESNET34: Arch = Arch::new("resnet34", BlockKind::Basic, [3, 4, 6, 3], 64);
+    pub const RESNET34: Arch =
+        Arch::new("resnet34", "ResNet-34", BlockKind::Basic, [3, 4, 6, 3], 64);
     /// ResNet-50, the default backbone.
-    pub const RESNET50: Arch = Arch::new("resnet50", BlockKind::Bottleneck, [3, 4, 6, 3], 64);
+    pub const RESNET50: Arch = Arch::new(
+        "resnet50",
+        "ResNet-50",
+        BlockKind::Bottleneck,
+        [3, 4, 6, 3],
+        64,
+    );
     /// ResNet-101.
-    pub const RESNET101: Arch = Arch::new("resnet101", BlockKind::Bottleneck, [3, 4, 23, 3], 64);
+    pub const RESNET101: Arch = Arch::new(
+        "resnet101",
+        "ResNet-101",
+        BlockKind::Bottleneck,
+        [3, 4, 23, 3],
+        64,
+    );
     /// ResNet-152.
-    pub const RESNET152: Arch = Arch::new("resnet152", BlockKind::Bottleneck, [3, 8, 36, 3], 64);
+    pub const RESNET152: Arch = Arch::new(
+        "resnet152",
+        "ResNet-152",
+        BlockKind::Bottleneck,
+        [3, 8, 36, 3],
+        64,
+    );
     /// Wide ResNet-50-2.
-    pub const WIDE_RESNET50_2: Arch =
-        Arch::new("wide_resnet50_2", BlockKind::Bottleneck, [3, 4, 6, 3], 128);
+    pub const WIDE_RESNET50_2: Arch = Arch::new(
+        "wide_resnet50_2",
+        "Wide ResNet-50-2",
+        BlockKind::Bottleneck,
+        [3, 4, 6, 3],
+        128,
+    );
     /// Wide ResNet-101-2.
     pub const WIDE_RESNET101_2: Arch = Arch::new(
         "wide_resnet101_2",
+        "Wide ResNet-101-2",
         BlockKind::Bottleneck,
         [3, 4, 23, 3],
         128,
@@ -108,12 +136,14 @@ impl Arch {
 
     const fn new(
         name: &'static str,
+        title: &'static str,
         block: BlockKind,
         depths: [usize; 4],
         width_per_group: usize,
     ) -> Arch {
         Arch {
             name,
+            title,
             block,
             depths,
             width_per_group,
