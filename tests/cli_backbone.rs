@@ -247,3 +247,47 @@ fn predict_uses_the_checkpoints_backbone_and_refuses_another() {
     let out = predict(&[]);
     fails_with(&out, &["resnet18-f37072fd.pth", "offline"]);
 }
+
+/// Without `--weights`, `predict` and `test` take torchvision's file that the checkpoint's
+/// fingerprint names by its sha256 — here resnet101's V2, `resnet101-cd907fc2.pth` — which
+/// offline mode then reports missing (no 170 MB file in a test).
+#[test]
+fn the_checkpoints_weights_are_found_by_their_sha256() {
+    let s = setup();
+    let mut ck = checkpoint::load(&s.checkpoint).unwrap();
+    ck.meta.extractor.backbone = "resnet101".into();
+    ck.meta.extractor.weights_sha256 = format!("cd907fc2{}", "0".repeat(56));
+    let head = cifar_finetune::head::Head::init(2048, 32, 10, 3).unwrap();
+    ck.meta.dims = head.dims;
+    let path = s.root.join("r101-v2.safetensors");
+    checkpoint::save(&path, &head, None, &ck.meta).unwrap();
+    let img = s.root.join("tiny.png");
+    image::RgbImage::from_fn(8, 8, |x, y| image::Rgb([(x * 30) as u8, (y * 30) as u8, 7]))
+        .save(&img)
+        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cifar-finetune"))
+        .current_dir(&s.root)
+        .args([
+            "predict",
+            "--offline",
+            "--checkpoint",
+            "r101-v2.safetensors",
+        ])
+        .arg(&img)
+        .output()
+        .unwrap();
+    fails_with(&out, &["resnet101-cd907fc2.pth", "offline"]);
+    let test = |weights: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cifar-finetune"));
+        cmd.current_dir(&s.root)
+            .args(["test", "--checkpoint", "r101-v2.safetensors", "--out", "y"])
+            .args(["--data", "data", "--image-size", "32", "--offline"]);
+        if let Some(w) = weights {
+            cmd.args(["--weights", w]);
+        }
+        cmd.output().unwrap()
+    };
+    fails_with(&test(None), &["resnet101-cd907fc2.pth", "offline"]);
+    // --weights given wins over the checkpoint's file.
+    fails_with(&test(Some("v1")), &["resnet101-63fe2227.pth", "offline"]);
+}

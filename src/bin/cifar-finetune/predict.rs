@@ -36,9 +36,9 @@ pub struct Args {
     /// The backbone [default: the checkpoint's]; another than the checkpoint's is refused.
     #[arg(long, value_parser = backbone_parser(), value_name = "NAME")]
     pub backbone: Option<Arch>,
-    /// The backbone's weights: the very ones the head's features came from. `v1` (the
-    /// default) or `v2`: torchvision's IMAGENET1K_V1/_V2 of the checkpoint's backbone; or a
-    /// file, .pth or .safetensors.
+    /// The backbone's weights: the very ones the head's features came from. `v1` or `v2`:
+    /// torchvision's IMAGENET1K_V1/_V2 of the checkpoint's backbone; or a file, .pth or
+    /// .safetensors [default: torchvision's file the checkpoint names by its sha256, else v1].
     #[arg(long, value_name = "v1|v2|FILE")]
     pub weights: Option<WeightsArg>,
     /// Shorter image side after resizing [default: the checkpoint's].
@@ -116,7 +116,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .with_context(|| format!("{} (--max-pixels {})", path.display(), args.max_pixels))?;
     }
     let arch = source::checkpoint_backbone(&ck, args.backbone, args.weights.as_ref())?;
-    let weights = source::resolve_weights(&args.data, &arch, args.weights.as_ref(), args.offline)?;
+    // Without --weights: torchvision's file the checkpoint's fingerprint names (v1 or v2),
+    // else v1.
+    let given = args
+        .weights
+        .clone()
+        .or_else(|| source::checkpoint_weights(&ck));
+    let weights = source::resolve_weights(&args.data, &arch, given.as_ref(), args.offline)?;
     // The checkpoint's precision too: bf16 features differ from f32 ones (slightly).
     let precision = ck.meta.extractor.precision;
     let extractor = Extractor::load_arch(&weights, &arch, preprocess, precision)?;

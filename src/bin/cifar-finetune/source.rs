@@ -155,6 +155,23 @@ pub fn checkpoint_backbone(
     Ok(trained)
 }
 
+/// torchvision's weights a checkpoint's features came from, recognised by the sha256 in its
+/// fingerprint (the whole digest, or the 8-digit prefix torchvision names its files by):
+/// what `test` and `predict` use when `--weights` is not given, so that a head trained on V2
+/// features finds the V2 file. `None` when they are none of torchvision's `.pth` files.
+pub fn checkpoint_weights(ck: &Checkpoint) -> Option<WeightsArg> {
+    let sha = ck.meta.extractor.weights_sha256.to_ascii_lowercase();
+    fetch::PRETRAINED
+        .iter()
+        .filter(|w| w.backbone == ck.meta.backbone() && w.format == WeightsFormat::Pth)
+        .find(|w| {
+            w.asset
+                .checksum
+                .is_some_and(|c| sha.starts_with(&c.expected().to_ascii_lowercase()))
+        })
+        .map(|w| WeightsArg::Pretrained(w.version))
+}
+
 /// Options that say which features to use; flattened into every subcommand that needs them.
 #[derive(Debug, Clone, clap::Args)]
 pub struct FeatureArgs {
@@ -167,11 +184,11 @@ pub struct FeatureArgs {
     /// [default: resnet50; for `test`, the checkpoint's].
     #[arg(long, value_parser = backbone_parser(), value_name = "NAME")]
     pub backbone: Option<Arch>,
-    /// The backbone's weights: `v1` (torchvision's IMAGENET1K_V1, the default) or `v2`
-    /// (IMAGENET1K_V2: resnet50/101/152 and the wide ones), downloaded into <data> when
-    /// missing; or a file, .pth (torch.save) or .safetensors with torchvision's key names
-    /// (e.g. Hugging Face timm/<backbone>.tv_in1k). A file of another architecture than
-    /// --backbone is refused.
+    /// The backbone's weights: `v1` (torchvision's IMAGENET1K_V1, the default; for `test`,
+    /// the torchvision file the checkpoint names by its sha256) or `v2` (IMAGENET1K_V2:
+    /// resnet50/101/152 and the wide ones), downloaded into <data> when missing; or a file,
+    /// .pth (torch.save) or .safetensors with torchvision's key names (e.g. Hugging Face
+    /// timm/<backbone>.tv_in1k). A file of another architecture than --backbone is refused.
     #[arg(long, value_name = "v1|v2|FILE")]
     pub weights: Option<WeightsArg>,
     /// Feature cache directory [default: <data>/features-cache].

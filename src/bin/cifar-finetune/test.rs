@@ -61,6 +61,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let _lock = DirLock::acquire(&out, "run directory", args.features.wait_lock)?;
     let mut features = args.features.clone();
     features.backbone = Some(backbone);
+    if features.weights.is_none() {
+        features.weights = source::checkpoint_weights(&ck);
+    }
     if features.normalize.is_none() {
         // The normalisation the head's features were made with, read from its fingerprint.
         let half = Preprocess::half(features.image_size).fingerprint();
