@@ -14,9 +14,10 @@
 //!
 //! The metadata (λ, epoch, metrics, configuration and the features' `extractor` fingerprint,
 //! which names the backbone: `resnet18-avgpool; …`; every checkpoint so far says `resnet50`
-//! there, the only backbone before `--backbone`) is stored twice: inside the safetensors header (key `cifar_finetune`, authoritative, so the
-//! one atomically written file is self-contained) and as `<name>.json` beside it for people
-//! and report tools. A head is only ever applied to features with the same fingerprint.
+//! there, the only backbone before `--backbone`) is stored twice: inside the safetensors
+//! header (key `cifar_finetune`, authoritative, so the one atomically written file is
+//! self-contained) and as `<name>.json` beside it for people and report tools. A head is only
+//! ever applied to features with the same fingerprint.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -2,7 +2,8 @@
 //!
 //! The backbone is frozen, so an image's feature (2048-d for ResNet-50, the default; 512-d
 //! for ResNet-18/34) never changes: [`cached_part`] computes it once per (backbone, weights,
-//! preprocessing, precision, dataset files, image) and keeps it on disk. Everything downstream — training, the λ sweep, evaluation — reads the cache.
+//! preprocessing, precision, dataset files, image) and keeps it on disk. Everything
+//! downstream — training, the λ sweep, evaluation — reads the cache.
 //!
 //! ## The cache on disk
 //!
@@ -12,8 +13,8 @@
 //! ```
 //!
 //! `key` is a sha256 over the [`Extractor`] fingerprint (backbone, weights sha256,
-//! preprocessing, precision) and the sha256 of every dataset file of the part, so a cache made from other
-//! weights, preprocessing or data is never used. Shards are written atomically (temporary
+//! preprocessing, precision) and the sha256 of every dataset file of the part, so a cache
+//! made from another backbone, weights, preprocessing or data is never used. Shards are written atomically (temporary
 //! file + rename): an extraction killed at any point (Ctrl-C, `kill -9`) resumes from its last
 //! complete shard. Each shard is validated before use — its extractor, its rows, its labels
 //! against the dataset — and recomputed if it does not match.

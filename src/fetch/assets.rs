@@ -227,7 +227,8 @@ pub enum WeightsFormat {
 /// One downloadable set of pretrained backbone weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PretrainedWeights {
-    /// The architecture's torchvision name, e.g. `resnet18` ([`crate::backbone::arch::Arch::name`]).
+    /// The architecture's torchvision name, e.g. `resnet18`
+    /// ([`crate::backbone::arch::Arch::name`]).
     pub backbone: &'static str,
     /// V1 or V2.
     pub version: WeightsVersion,

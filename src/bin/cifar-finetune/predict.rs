@@ -3,8 +3,8 @@
 //! Each image goes through exactly the pipeline the head was trained on — the same backbone,
 //! the same weights file (by sha256) and the same preprocessing (resize of the shorter side,
 //! normalisation), all read from the checkpoint's features fingerprint — then the frozen
-//! backbone and the head. A checkpoint whose fingerprint cannot be reproduced is refused rather than applied to
-//! features it was not trained on.
+//! backbone and the head. A checkpoint whose fingerprint cannot be reproduced is refused
+//! rather than applied to features it was not trained on.
 
 use std::path::PathBuf;
 

@@ -179,9 +179,10 @@ pub struct FeatureArgs {
     /// cifar-10-batches-py/) and the weights.
     #[arg(long, default_value = "data")]
     pub data: PathBuf,
-    /// The frozen backbone, a torchvision ResNet: resnet18/34 extract about 4× faster than
-    /// resnet50 (512-d features), the deeper and wider ones are more accurate (2048-d)
-    /// [default: resnet50; for `test`, the checkpoint's].
+    /// The frozen backbone, a torchvision ResNet: resnet18 extracts about 2.4× faster than
+    /// resnet50 and resnet34 1.3× (512-d features); resnet101/152 and the wide ones are more
+    /// accurate on ImageNet and 2.5-4× slower (2048-d) [default: resnet50; for `test`, the
+    /// checkpoint's].
     #[arg(long, value_parser = backbone_parser(), value_name = "NAME")]
     pub backbone: Option<Arch>,
     /// The backbone's weights: `v1` (torchvision's IMAGENET1K_V1, the default; for `test`,
