@@ -1,10 +1,14 @@
 #!/usr/bin/env python3
-"""ResNet-50 backbone throughput: ours against PyTorch, on the same images, in one session.
+"""Backbone throughput (ResNet-50 by default): ours against PyTorch, on the same images, in
+one session.
 
 Run from the repository root after building our side:
 
     cargo build --release --example bench_backbone
-    python3 bench/backbone.py                      # batch 16, 224 px, 2 threads, 5 rounds
+    python3 bench/backbone.py                      # resnet50, batch 16, 224 px, 2 threads, 5 rounds
+    python3 bench/backbone.py --backbone resnet18  # any torchvision ResNet: resnet18, resnet34,
+                                                   # resnet50, resnet101, resnet152,
+                                                   # wide_resnet50_2, wide_resnet101_2
 
 What it does:
 
@@ -12,7 +16,7 @@ What it does:
 2. starts our benchmark binary (``target/release/examples/bench_backbone --serve``) once per
    contender -- fast f32, fast bf16, and with ``--candle`` the candle reference -- all on that
    file, each holding its network and buffers warm;
-3. builds torchvision's resnet50 with the same synthetic weights
+3. builds torchvision's ``--backbone`` with the same synthetic weights
    (``tools/gen_backbone_fixtures.py``), up to the average pool, in three modes: fp32 NCHW
    (what the original script does), fp32 channels_last, bf16 autocast channels_last;
 4. times one forward pass of each contender per round, rotating the order every round, so that
@@ -41,19 +45,14 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 
-def torch_backbone():
-    """torchvision's resnet50 with the synthetic weights, up to the global average pool."""
-    import torch
-    import torchvision
-    from gen_backbone_fixtures import synthetic
+ARCHS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2"]
 
-    model = torchvision.models.resnet50(weights=None)
-    sd = {}
-    for k, v in model.state_dict().items():
-        sd[k] = v if k.endswith("num_batches_tracked") else torch.from_numpy(synthetic(k, tuple(v.shape)))
-    model.load_state_dict(sd)
-    model.eval()
-    return torch.nn.Sequential(*list(model.children())[:-1])
+
+def torch_backbone(arch):
+    """torchvision's `arch` with the synthetic weights, up to the global average pool."""
+    from gen_backbone_fixtures import synthetic_backbone
+
+    return synthetic_backbone(arch)
 
 
 class Ours:
@@ -66,6 +65,9 @@ class Ours:
             binary, "--serve", "--images", images, "--batch", str(args.batch), "--size", str(args.size),
             "--threads", str(args.threads), "--features-out", self.features,
         ] + extra
+        if args.backbone != "resnet50":
+            # Only then: a --baseline built before --backbone existed still runs resnet50.
+            cmd += ["--backbone", args.backbone]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.ready = self._read()
         self.peak_rss_mib = None
@@ -93,6 +95,7 @@ class Ours:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backbone", default="resnet50", choices=ARCHS, help="the torchvision ResNet to time")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--threads", type=int, default=2)
@@ -136,7 +139,7 @@ def main():
             print("torch is not installed: timing ours only")
     if have_torch:
         torch.set_num_threads(args.threads)
-        net = torch_backbone()
+        net = torch_backbone(args.backbone)
         x = torch.from_numpy(x_np)
         with torch.inference_mode():
             torch_features = net(x).flatten(1).numpy()
@@ -154,7 +157,7 @@ def main():
             return run
 
         # channels_last converts the module in place: rebuild the NCHW one.
-        net_nchw = torch_backbone()
+        net_nchw = torch_backbone(args.backbone)
         contenders["torch fp32 NCHW"] = torch_pass(net_nchw, x, False)
         contenders["torch fp32 channels_last"] = torch_pass(net_cl, x_cl, False)
         contenders["torch bf16 autocast channels_last"] = torch_pass(net_cl, x_cl, True)
@@ -171,7 +174,7 @@ def main():
               flush=True)
 
     ips = {n: args.batch / statistics.median(times[n]) for n in names}
-    print(f"\nimages/s, batch {args.batch}, {args.size}x{args.size}, {args.threads} threads, "
+    print(f"\n{args.backbone} images/s, batch {args.batch}, {args.size}x{args.size}, {args.threads} threads, "
           f"median of {args.rounds} interleaved rounds (min-max):")
     for n in names:
         lo, hi = args.batch / max(times[n]), args.batch / min(times[n])

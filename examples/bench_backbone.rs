@@ -1,4 +1,5 @@
-//! Times the ResNet-50 backbone on a fixed batch, for `bench/backbone.py`.
+//! Times a ResNet backbone (ResNet-50 by default, `--backbone NAME` for the others) on a
+//! fixed batch, for `bench/backbone.py`.
 //!
 //! Weights are the synthetic ones of `backbone::weights::synthetic_state_dict` (speed does
 //! not depend on their values, and PyTorch can rebuild them bit for bit to check our
@@ -21,19 +22,24 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use candle_core::{Device, Tensor};
+use cifar_finetune::backbone::arch::Arch;
 use cifar_finetune::backbone::fast::{FastResNet, LayerKind, Precision, Profile};
 use cifar_finetune::backbone::resnet::ResNet;
 use cifar_finetune::backbone::weights::{self, StateDict};
 use cifar_finetune::isa::{Isa, IsaKind};
 use clap::Parser;
 
-/// Benchmark of our ResNet-50 backbone.
+/// Benchmark of our ResNet backbone.
 #[derive(Debug, Parser)]
 struct Args {
+    /// The torchvision ResNet: resnet18, resnet34, resnet50, resnet101, resnet152,
+    /// wide_resnet50_2 or wide_resnet101_2.
+    #[arg(long, default_value = "resnet50")]
+    backbone: String,
     /// Raw f32 images `[batch, 3, size, size]` (little-endian, NCHW); random when absent.
     #[arg(long)]
     images: Option<PathBuf>,
-    /// A torchvision ResNet-50 weights file (`.pth` or `.safetensors`) [default: the
+    /// A torchvision weights file of the backbone (`.pth` or `.safetensors`) [default: the
     /// synthetic weights].
     #[arg(long)]
     weights: Option<PathBuf>,
@@ -172,24 +178,27 @@ fn main() -> anyhow::Result<()> {
             .collect(),
     };
 
+    let arch = Arch::by_name(&args.backbone)
+        .with_context(|| format!("--backbone {}: not a torchvision ResNet", args.backbone))?;
     let build = Instant::now();
     let sd = match &args.weights {
         Some(path) => StateDict::read(path)?,
-        None => StateDict::from_tensors("synthetic", weights::synthetic_state_dict()?),
+        None => StateDict::from_tensors("synthetic", weights::synthetic_state_dict_of(&arch)?),
     };
     let net = match args.implementation.as_str() {
         "fast" => {
             let precision: Precision = args.precision.parse()?;
-            let mut m = match &args.isa {
-                Some(name) => FastResNet::with_isa(sd, precision, parse_isa(name)?)?,
-                None => FastResNet::from_state_dict(sd, precision)?,
+            let isa = match &args.isa {
+                Some(name) => parse_isa(name)?,
+                None => Isa::detect(),
             };
+            let mut m = FastResNet::with_arch(sd, &arch, precision, isa)?;
             if let Some(t) = args.threads {
                 m.set_threads(t)?;
             }
             Net::Fast(Box::new(m))
         }
-        "candle" => Net::Candle(ResNet::from_state_dict(sd)?),
+        "candle" => Net::Candle(ResNet::with_arch(sd, &arch)?),
         other => bail!("--implementation {other}: expected fast or candle"),
     };
     let build_s = build.elapsed().as_secs_f64();
@@ -208,6 +217,7 @@ fn main() -> anyhow::Result<()> {
     let mut out = stdout.lock();
     let ready = serde_json::json!({
         "ready": true,
+        "backbone": arch.name,
         "implementation": net.describe(),
         "build_seconds": build_s,
         "peak_rss_mib_after_build": rss_after_build,
@@ -262,6 +272,7 @@ fn main() -> anyhow::Result<()> {
         out,
         "{}",
         serde_json::json!({
+            "backbone": arch.name,
             "implementation": net.describe(),
             "batch": args.batch,
             "size": args.size,

@@ -1,9 +1,10 @@
 //! Head checkpoints: the weights as safetensors plus a JSON sidecar, both written atomically.
 //!
 //! `best.safetensors` holds the head under the state-dict names of
-//! `model.fc = nn.Sequential(nn.Linear(2048, 32), <activation>, nn.Linear(32, 10))` —
-//! `fc.0.weight` `[32, 2048]`, `fc.0.bias`, `fc.2.weight` `[10, 32]`, `fc.2.bias` — so Python
-//! can load it with `safetensors.torch.load_file` into a torchvision ResNet-50 with that `fc`
+//! `model.fc = nn.Sequential(nn.Linear(D, 32), <activation>, nn.Linear(32, 10))` —
+//! `fc.0.weight` `[32, D]`, `fc.0.bias`, `fc.2.weight` `[10, 32]`, `fc.2.bias`, with D the
+//! backbone's feature size (2048 for ResNet-50, 512 for ResNet-18/34) — so Python can load it
+//! with `safetensors.torch.load_file` into the torchvision ResNet with that `fc`
 //! (`nn.ReLU()` or, for `activation: none`, `nn.Identity()`, which has no parameters either;
 //! the course script's own `fc1`/`fc2` are the same tensors under other names). The activation
 //! is `config.activation` in the metadata; a checkpoint written before it existed has none and
@@ -11,10 +12,12 @@
 //! checkpoint also holds the SGD momentum buffers (`momentum.fc.0.weight`, …) and the training
 //! state, which is what makes `--resume` exact.
 //!
-//! The metadata (λ, epoch, metrics, configuration and the features' `extractor` fingerprint)
-//! is stored twice: inside the safetensors header (key `cifar_finetune`, authoritative, so the
-//! one atomically written file is self-contained) and as `<name>.json` beside it for people
-//! and report tools. A head is only ever applied to features with the same fingerprint.
+//! The metadata (λ, epoch, metrics, configuration and the features' `extractor` fingerprint,
+//! which names the backbone: `resnet18-avgpool; …`; every checkpoint so far says `resnet50`
+//! there, the only backbone before `--backbone`) is stored twice: inside the safetensors
+//! header (key `cifar_finetune`, authoritative, so the one atomically written file is
+//! self-contained) and as `<name>.json` beside it for people and report tools. A head is only
+//! ever applied to features with the same fingerprint.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -63,7 +66,8 @@ pub struct CheckpointMeta {
     pub epoch: usize,
     /// Layer widths.
     pub dims: HeadDims,
-    /// Fingerprint of the features the head was trained on.
+    /// Fingerprint of the features the head was trained on; its `backbone` is the network
+    /// they came from ([`CheckpointMeta::backbone`]).
     pub extractor: Fingerprint,
     /// The class names in label order, one per output (checkpoints written before this
     /// field existed are CIFAR-10's).
@@ -76,6 +80,13 @@ pub struct CheckpointMeta {
     /// Only in `last` checkpoints: the state `--resume` continues from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<TrainState>,
+}
+
+impl CheckpointMeta {
+    /// The backbone the head's features came from, e.g. `resnet50` (torchvision's name).
+    pub fn backbone(&self) -> &str {
+        &self.extractor.backbone
+    }
 }
 
 /// A loaded checkpoint.
@@ -304,9 +315,22 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
 }
 
 impl Checkpoint {
-    /// Refuses features made by another extractor (weights, preprocessing, precision) or of
-    /// another width than the head was trained on.
+    /// Refuses features made by another extractor (backbone, weights, preprocessing,
+    /// precision) or of another width than the head was trained on; another backbone is
+    /// named as such.
     pub fn check_features(&self, features: &FeatureSet) -> Result<()> {
+        if features.extractor.backbone != self.meta.extractor.backbone {
+            return Err(Error::Fingerprint {
+                path: self.path.clone(),
+                msg: format!(
+                    "the head was trained on {} features but these come from {}; extract \
+                     with the {} weights it was trained with",
+                    self.meta.backbone(),
+                    features.extractor.backbone,
+                    self.meta.backbone()
+                ),
+            });
+        }
         if features.extractor != self.meta.extractor {
             return Err(Error::Fingerprint {
                 path: self.path.clone(),

@@ -1,8 +1,9 @@
 //! Cached backbone features: the one stage that runs the ResNet.
 //!
-//! The backbone is frozen, so an image's feature never changes: [`cached_part`] computes it
-//! once per (weights, preprocessing, precision, image content) and keeps it on disk.
-//! Everything downstream — training, the λ sweep, evaluation — reads the cache.
+//! The backbone is frozen, so an image's feature (2048-d for ResNet-50, the default; 512-d
+//! for ResNet-18/34) never changes: [`cached_part`] computes it once per (backbone, weights,
+//! preprocessing, precision, image content) and keeps it on disk. Everything downstream —
+//! training, the λ sweep, evaluation — reads the cache.
 //!
 //! ## The cache on disk
 //!
@@ -11,8 +12,8 @@
 //! <cache_dir>/<part>-<key>/shard-<xxh3 of its keys>.safetensors   features by content key
 //! ```
 //!
-//! `key` is a sha256 over the [`Extractor`] fingerprint (weights sha256, preprocessing,
-//! precision), the part and its source ([`Dataset::fingerprint`]: the sha256 of each
+//! `key` is a sha256 over the [`Extractor`] fingerprint (backbone, weights sha256,
+//! preprocessing, precision), the part and its source ([`Dataset::fingerprint`]: the sha256 of each
 //! CIFAR batch file; an image folder's path), so a cache made from other weights or
 //! preprocessing is never used. Inside, features are stored by each image's 128-bit
 //! content key ([`Dataset::image_keys`]: a hash of the file's bytes, or of the pixels), not
@@ -32,14 +33,16 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use sha2::{Digest, Sha256};
 
-use crate::backbone::fast::{FastResNet50, Precision};
-use crate::backbone::resnet::ResNet50;
+use crate::backbone::arch::Arch;
+use crate::backbone::fast::{FastResNet, Precision};
+use crate::backbone::resnet::ResNet;
 use crate::data::transform::Preprocess;
 use crate::data::{Dataset, Image, Part};
 use crate::error::{CandleContext, Error, Result};
 use crate::io::DirLock;
 
-/// Feature width of ResNet-50 at its global average pool.
+/// Feature width of ResNet-50, the default backbone, at its global average pool; an
+/// extractor reports its own with [`Extractor::feature_dim`].
 pub const FEATURE_DIM: usize = crate::backbone::resnet::FEATURE_DIM;
 
 /// What produced a set of features: the backbone and where it is cut, the weights' sha256,
@@ -52,8 +55,9 @@ pub const FEATURE_DIM: usize = crate::backbone::resnet::FEATURE_DIM;
 /// resnet50-avgpool; weights sha256:<64 hex>; <preprocessing>; precision f32
 /// ```
 ///
-/// where `<preprocessing>` is [`Preprocess::fingerprint`]. A head is only ever applied to
-/// features with the same fingerprint.
+/// where `<preprocessing>` is [`Preprocess::fingerprint`] and `resnet50` is the backbone's
+/// torchvision name (`resnet18`, …, `wide_resnet101_2`: [`Arch::name`]). A head is only ever
+/// applied to features with the same fingerprint.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(into = "String", try_from = "String")]
 pub struct Fingerprint {
@@ -119,6 +123,13 @@ impl std::str::FromStr for Fingerprint {
     }
 }
 
+impl Fingerprint {
+    /// The backbone's architecture; `None` for a name this version does not know.
+    pub fn arch(&self) -> Option<Arch> {
+        Arch::by_name(&self.backbone)
+    }
+}
+
 impl From<Fingerprint> for String {
     fn from(fp: Fingerprint) -> String {
         fp.to_string()
@@ -137,21 +148,23 @@ impl TryFrom<String> for Fingerprint {
 #[derive(Debug)]
 enum Backbone {
     /// The candle reference implementation (f32, NCHW).
-    Candle(ResNet50),
+    Candle(ResNet),
     /// The fast NHWC path ([`crate::backbone::fast`]), f32 or bf16 (boxed: it holds its
     /// workspace inline).
-    Fast(Box<FastResNet50>),
+    Fast(Box<FastResNet>),
 }
 
 /// The frozen backbone with its preprocessing: CIFAR images in, features out.
 ///
 /// The network itself is built on first use: when every feature is cached already, only
-/// the weights' checksum is needed. [`Extractor::load`] runs the fast path
-/// ([`FastResNet50`]); [`Extractor::new`] wraps the candle reference network. Both f32
-/// paths agree with torchvision to 1e-4 relative and share the fingerprint `precision f32`.
+/// the weights' checksum is needed. [`Extractor::load_arch`] runs the fast path
+/// ([`FastResNet`]) of any torchvision ResNet ([`Extractor::load`]: ResNet-50);
+/// [`Extractor::new`] wraps the candle reference network. Both f32 paths agree with
+/// torchvision to 1e-4 relative and share the fingerprint `precision f32`.
 #[derive(Debug)]
 pub struct Extractor {
     weights: Option<PathBuf>,
+    arch: Arch,
     precision: Precision,
     model: std::sync::OnceLock<Backbone>,
     preprocess: Preprocess,
@@ -159,8 +172,8 @@ pub struct Extractor {
 }
 
 impl Extractor {
-    /// Hashes the weights file for the fingerprint; the network (the fast path, f32) is
-    /// loaded (strictly) on first use.
+    /// ResNet-50 weights: hashes the file for the fingerprint; the network (the fast path,
+    /// f32) is loaded (strictly) on first use.
     pub fn load(weights: &Path, preprocess: Preprocess) -> Result<Self> {
         Self::load_with_precision(weights, preprocess, Precision::F32)
     }
@@ -172,16 +185,35 @@ impl Extractor {
         preprocess: Preprocess,
         precision: Precision,
     ) -> Result<Self> {
+        Self::load_arch(weights, &Arch::default(), preprocess, precision)
+    }
+
+    /// The torchvision ResNet `arch` from `weights`, with the matrix products in
+    /// `precision`. The file's tensor names and shapes are read at once (not its data): a
+    /// file of another architecture is refused naming both. Then the file is hashed for
+    /// the fingerprint, which names the backbone; the network is loaded (strictly) on first
+    /// use.
+    pub fn load_arch(
+        weights: &Path,
+        arch: &Arch,
+        preprocess: Preprocess,
+        precision: Precision,
+    ) -> Result<Self> {
+        crate::backbone::weights::check_arch(
+            weights,
+            crate::backbone::weights::read_arch(weights)?,
+            arch,
+        )?;
         let sha = crate::io::sha256_file(weights)?;
-        let mut ex = Self::with_fingerprint(preprocess, &sha, precision);
+        let mut ex = Self::with_fingerprint(arch, preprocess, &sha, precision);
         ex.weights = Some(weights.to_path_buf());
         Ok(ex)
     }
 
     /// Wraps an already-built candle backbone whose weights file has sha256
     /// `weights_sha256`.
-    pub fn new(model: ResNet50, preprocess: Preprocess, weights_sha256: &str) -> Self {
-        let ex = Self::with_fingerprint(preprocess, weights_sha256, Precision::F32);
+    pub fn new(model: ResNet, preprocess: Preprocess, weights_sha256: &str) -> Self {
+        let ex = Self::with_fingerprint(model.arch(), preprocess, weights_sha256, Precision::F32);
         // A fresh OnceLock is empty, so this cannot fail.
         let _ = ex.model.set(Backbone::Candle(model));
         ex
@@ -189,26 +221,31 @@ impl Extractor {
 
     /// Wraps an already-built fast backbone whose weights file has sha256
     /// `weights_sha256`; the fingerprint takes the model's precision.
-    pub fn new_fast(model: FastResNet50, preprocess: Preprocess, weights_sha256: &str) -> Self {
-        let ex = Self::with_fingerprint(preprocess, weights_sha256, model.precision());
+    pub fn new_fast(model: FastResNet, preprocess: Preprocess, weights_sha256: &str) -> Self {
+        let ex =
+            Self::with_fingerprint(model.arch(), preprocess, weights_sha256, model.precision());
         // A fresh OnceLock is empty, so this cannot fail.
         let _ = ex.model.set(Backbone::Fast(Box::new(model)));
         ex
     }
 
     fn with_fingerprint(
+        arch: &Arch,
         preprocess: Preprocess,
         weights_sha256: &str,
         precision: Precision,
     ) -> Self {
         let fingerprint = Fingerprint {
-            backbone: "resnet50".to_string(),
+            // "resnet50" for the default: the keys of caches made before other backbones
+            // existed are unchanged.
+            backbone: arch.name.to_string(),
             weights_sha256: weights_sha256.to_string(),
             preprocess: preprocess.fingerprint(),
             precision,
         };
         Self {
             weights: None,
+            arch: *arch,
             precision,
             model: std::sync::OnceLock::new(),
             preprocess,
@@ -225,7 +262,11 @@ impl Extractor {
             .weights
             .as_deref()
             .ok_or_else(|| Error::invalid("extractor", "no weights to load"))?;
-        let model = Backbone::Fast(Box::new(FastResNet50::load(path, self.precision)?));
+        let model = Backbone::Fast(Box::new(FastResNet::load_arch(
+            path,
+            &self.arch,
+            self.precision,
+        )?));
         Ok(self.model.get_or_init(|| model))
     }
 
@@ -234,8 +275,18 @@ impl Extractor {
         self.precision
     }
 
-    /// What produces these features: the weights' sha256, the preprocessing and the
-    /// precision. Stored with every feature file and checkpoint.
+    /// The backbone's architecture.
+    pub fn arch(&self) -> &Arch {
+        &self.arch
+    }
+
+    /// Width of the features: 512 for ResNet-18/34, 2048 for the others.
+    pub fn feature_dim(&self) -> usize {
+        self.arch.feature_dim()
+    }
+
+    /// What produces these features: the backbone, the weights' sha256, the preprocessing
+    /// and the precision. Stored with every feature file and checkpoint.
     pub fn fingerprint(&self) -> &Fingerprint {
         &self.fingerprint
     }
@@ -245,12 +296,7 @@ impl Extractor {
         &self.preprocess
     }
 
-    /// Width of a feature row.
-    pub fn feature_dim(&self) -> usize {
-        FEATURE_DIM
-    }
-
-    /// Features of a batch of images of one size, each `[3, h, w]` u8 (R, G, B planes).
+    /// Features of a batch of images, each `[3, h, w]` u8 (R, G, B planes).
     /// Returns `[images.len(), feature_dim]` row-major.
     pub fn extract(&self, images: &[&[u8]], h: usize, w: usize) -> Result<Vec<f32>> {
         let images: Vec<Image<'_>> = images

@@ -1,5 +1,6 @@
 //! The ResNet-50 backbone against torchvision (fixtures from tools/gen_backbone_fixtures.py),
-//! and strict weight loading from both real formats.
+//! strict weight loading from both real formats, and the architecture a file holds
+//! (another ResNet than the one asked for is refused naming both).
 
 #[path = "common/fixtures.rs"]
 mod fixtures;
@@ -7,6 +8,7 @@ mod fixtures;
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
+use cifar_finetune::backbone::arch::Arch;
 use cifar_finetune::backbone::fast::{FastResNet, Precision};
 use cifar_finetune::backbone::resnet::ResNet;
 use cifar_finetune::backbone::weights::{self, StateDict};
@@ -285,4 +287,134 @@ fn pth_tensors_that_cannot_be_read_are_named() {
         err.contains("`conv1.weight`") && err.contains("IntStorage"),
         "{err}"
     );
+}
+
+/// A state dict of another torchvision ResNet than the one asked for is refused naming both
+/// — in memory on both paths, and from a file's names and shapes alone before the extractor
+/// hashes it (`resnet101_shapes.pth`: resnet101's keys and shapes without its data).
+#[test]
+fn another_resnet_is_refused_naming_both() {
+    let sd = || {
+        StateDict::from_tensors(
+            "resnet101.pth",
+            weights::synthetic_state_dict_of(&Arch::RESNET101).unwrap(),
+        )
+    };
+    assert_eq!(sd().infer_arch(), Some(Arch::RESNET101));
+    let candle = ResNet::from_state_dict(sd()).unwrap_err().to_string();
+    let fast = FastResNet::from_state_dict(sd(), Precision::F32)
+        .unwrap_err()
+        .to_string();
+    for err in [candle, fast] {
+        assert!(
+            err.contains("resnet101.pth")
+                && err.contains("holds a torchvision resnet101 state dict")
+                && err.contains("not the resnet50 asked for")
+                && err.contains("--backbone resnet101"),
+            "{err}"
+        );
+    }
+
+    let file = fixture("resnet101_shapes.pth");
+    assert_eq!(weights::read_arch(&file).unwrap(), Some(Arch::RESNET101));
+    let err = Extractor::load(&file, Preprocess::imagenet(32))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("resnet101_shapes.pth")
+            && err.contains("resnet101")
+            && err.contains("not the resnet50"),
+        "{err}"
+    );
+    Extractor::load_arch(
+        &file,
+        &Arch::RESNET101,
+        Preprocess::imagenet(32),
+        Precision::F32,
+    )
+    .unwrap();
+    // Not a whole ResNet: no architecture, strict loading says what is missing.
+    assert_eq!(weights::read_arch(&fixture("tiny.pth")).unwrap(), None);
+    assert_eq!(
+        weights::read_arch(&fixture("tiny.safetensors")).unwrap(),
+        None
+    );
+}
+
+/// timm's safetensors (`timm/resnet18.tv_in1k`: torchvision's names, no
+/// `num_batches_tracked`) are recognised from their header and give torchvision's features;
+/// the fingerprint names the backbone, and ResNet-50's is what it always was.
+#[test]
+fn timm_safetensors_of_another_resnet_load_by_architecture() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.safetensors");
+    let mut sd = weights::synthetic_state_dict_of(&Arch::RESNET18).unwrap();
+    sd.retain(|k, _| !k.ends_with("num_batches_tracked"));
+    weights::write_safetensors(&sd, &path).unwrap();
+    assert_eq!(weights::read_arch(&path).unwrap(), Some(Arch::RESNET18));
+
+    let pre = Preprocess::half(64);
+    let ex = Extractor::load_arch(&path, &Arch::RESNET18, pre.clone(), Precision::F32).unwrap();
+    assert_eq!(ex.feature_dim(), 512);
+    assert_eq!(ex.arch(), &Arch::RESNET18);
+    let sha = cifar_finetune::io::sha256_file(&path).unwrap();
+    assert_eq!(
+        ex.fingerprint().to_string(),
+        format!(
+            "resnet18-avgpool; weights sha256:{sha}; {}; precision f32",
+            pre.fingerprint()
+        )
+    );
+    assert_eq!(ex.fingerprint().arch(), Some(Arch::RESNET18));
+    let images = std::fs::read(fixture("images.u8")).unwrap();
+    let imgs: Vec<&[u8]> = images.chunks_exact(3 * 32 * 32).collect();
+    let got = ex.extract(&imgs, 32, 32).unwrap();
+    let err = max_rel_err(&got, &read_f32("features_resnet18_64_half.f32"));
+    assert!(
+        err < 1e-4,
+        "resnet18 from safetensors: relative error {err}"
+    );
+
+    // Given as the default ResNet-50, it is refused at once, naming both.
+    let err = Extractor::load(&path, pre.clone()).unwrap_err().to_string();
+    assert!(
+        err.contains("holds a torchvision resnet18") && err.contains("not the resnet50"),
+        "{err}"
+    );
+
+    // ResNet-50's fingerprint, and so every cache key made before --backbone, is unchanged.
+    let r50 = dir.path().join("resnet50.safetensors");
+    weights::write_safetensors(&weights::synthetic_state_dict().unwrap(), &r50).unwrap();
+    let a = Extractor::load(&r50, pre.clone()).unwrap();
+    let b = Extractor::load_arch(&r50, &Arch::RESNET50, pre.clone(), Precision::F32).unwrap();
+    assert_eq!(a.fingerprint(), b.fingerprint());
+    let sha = cifar_finetune::io::sha256_file(&r50).unwrap();
+    assert_eq!(
+        a.fingerprint().to_string(),
+        format!(
+            "resnet50-avgpool; weights sha256:{sha}; {}; precision f32",
+            pre.fingerprint()
+        )
+    );
+    assert_eq!(a.feature_dim(), 2048);
+}
+
+/// torchvision's IMAGENET1K_V1 wide ResNet files hold float16 tensors (HalfStorage): they
+/// are read and widened to f32 exactly.
+#[test]
+fn reads_float16_pth() {
+    let mut sd = StateDict::read(&fixture("tiny_f16.pth")).unwrap();
+    let w = sd.take("conv1.weight", &[2, 3, 2, 3]).unwrap();
+    let want: Vec<f32> = tiny_expected()
+        .into_iter()
+        .map(|v| half::f16::from_f32(v).to_f32())
+        .collect();
+    assert_eq!(w.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want);
+    let mean = sd.take("bn1.running_mean", &[5]).unwrap();
+    let want: Vec<f32> = weights::synthetic_values("bn1.running_mean", &[5])
+        .into_iter()
+        .map(|v| half::f16::from_f32(v).to_f32())
+        .collect();
+    assert_eq!(mean.to_vec1::<f32>().unwrap(), want);
+    sd.finish().unwrap();
 }

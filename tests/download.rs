@@ -24,6 +24,7 @@ use cifar_finetune::data::cifar100::{self, Cifar100, LabelKind};
 use cifar_finetune::error::DownloadFailure;
 use cifar_finetune::fetch::{
     self, Asset, CIFAR10_BINARY, CIFAR100_BINARY, Checksum, DownloadOptions, RESNET50_V1, Stage,
+    WeightsFormat, WeightsVersion,
 };
 use common::http_server::{TestServer, closed_port_url};
 use md5::Md5;
@@ -1045,4 +1046,104 @@ fn cli_download_cifar100_fetches_cifar100_only() {
         ],
     );
     assert!(server.requests().is_empty());
+}
+
+/// torchvision's weights other than ResNet-50's are verified by the sha256 prefix their
+/// names carry: a file whose digest starts so is accepted, any other is set aside, with the
+/// prefix in the message and the manual steps.
+#[test]
+fn a_sha256_prefix_is_verified() {
+    let real = fetch::pretrained("resnet18", WeightsVersion::V1, WeightsFormat::Pth).unwrap();
+    assert_eq!(real.file_name, "resnet18-f37072fd.pth");
+    let path = real.url_path;
+    let weights = weights_bytes();
+    let server = TestServer::start();
+    server.serve(path, weights.clone());
+    let opts = options(&server.url());
+    let tmp = tempfile::tempdir().unwrap();
+
+    // The prefix of these bytes' digest in place of torchvision's.
+    let prefix = leak(sha256_hex(&weights)[..8].to_string());
+    let good = Asset {
+        checksum: Some(Checksum::Sha256Prefix(prefix)),
+        ..*real
+    };
+    let got = fetch::ensure_weights(tmp.path(), &good, &opts).unwrap();
+    assert_eq!(std::fs::read(&got).unwrap(), weights);
+    std::fs::remove_file(&got).unwrap();
+
+    // The real prefix cannot match these bytes.
+    let msg = message_of(
+        DownloadFailure::Checksum,
+        fetch::ensure_weights(tmp.path(), real, &opts).unwrap_err(),
+    );
+    assert_contains(
+        &msg,
+        &[
+            "checksum mismatch",
+            &sha256_hex(&weights),
+            "expected one starting with f37072fd",
+            "`sha256sum resnet18-f37072fd.pth` prints one starting with f37072fd",
+            "resnet18-f37072fd.pth.bad",
+        ],
+    );
+    assert_eq!(names(tmp.path()), ["resnet18-f37072fd.pth.bad"]);
+}
+
+/// `download --backbone` fetches that backbone's file, verified by its prefix; a version
+/// torchvision does not have is refused before any request.
+#[test]
+fn cli_download_of_another_backbone_checks_its_prefix() {
+    let server = TestServer::start();
+    server.serve("/models/resnet101-cd907fc2.pth", weights_bytes());
+    let tmp = tempfile::tempdir().unwrap();
+    let out = cli()
+        .args(["download", "--no-cifar", "--backbone", "resnet101"])
+        .args(["--weights", "v2", "--data"])
+        .arg(tmp.path())
+        .args(["--weights-url", &server.url()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert_contains(
+        &stderr,
+        &[
+            &format!("{}/models/resnet101-cd907fc2.pth", server.url()),
+            "checksum mismatch",
+            "expected one starting with cd907fc2",
+        ],
+    );
+    assert_eq!(names(tmp.path()), ["resnet101-cd907fc2.pth.bad"]);
+
+    let out = cli()
+        .args(["download", "--no-cifar", "--backbone", "resnet34"])
+        .args(["--weights", "v2", "--data"])
+        .arg(tmp.path())
+        .args(["--weights-url", &server.url()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert_contains(
+        &stderr,
+        &["no IMAGENET1K_V2 weights for resnet34", "resnet101"],
+    );
+    assert_eq!(server.requests().len(), 1);
+}
+
+#[test]
+fn cli_download_help_says_what_is_verified_how() {
+    let out = cli().args(["download", "--help"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert_contains(
+        &stdout,
+        &[
+            "resnet50's v1 and v2 against their whole digest",
+            "first 8 hex digits of its sha256",
+            "are not verified",
+            "wide_resnet101_2",
+        ],
+    );
 }

@@ -17,7 +17,7 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use cifar_finetune::backbone::fast::Precision;
-use cifar_finetune::backbone::weights::StateDict;
+use cifar_finetune::backbone::weights::{self, StateDict};
 use cifar_finetune::backprop::Problem;
 use cifar_finetune::data::cifar::{self, Part, Split};
 use cifar_finetune::data::decode::{self, DecodeLimits};
@@ -272,10 +272,26 @@ fn cifar100_batches_and_class_names() {
 #[test]
 fn weights_pth_and_safetensors() {
     let tmp = tempfile::tempdir().unwrap();
-    let pth = read_all(&[fixtures().join("backbone/tiny.pth")]);
+    let pth = read_all(&[
+        fixtures().join("backbone/tiny.pth"),
+        fixtures().join("backbone/tiny_f16.pth"),
+    ]);
     fuzz("weights .pth", &pth, &tmp.path().join("w.pth"), 1500, |p| {
+        let _ = weights::read_arch(p);
         let _ = StateDict::read(p);
     });
+    // A whole ResNet's names and shapes (no data): the architecture reader only, which reads
+    // the pickle and never a tensor's data.
+    let shapes = read_all(&[fixtures().join("backbone/resnet101_shapes.pth")]);
+    fuzz(
+        "weights .pth names and shapes",
+        &shapes,
+        &tmp.path().join("shapes.pth"),
+        300,
+        |p| {
+            let _ = weights::read_arch(p);
+        },
+    );
     let st = read_all(&[fixtures().join("backbone/tiny.safetensors")]);
     fuzz(
         "weights .safetensors",
@@ -283,6 +299,7 @@ fn weights_pth_and_safetensors() {
         &tmp.path().join("w.safetensors"),
         300,
         |p| {
+            let _ = weights::read_arch(p);
             let _ = StateDict::read(p);
         },
     );
@@ -404,7 +421,7 @@ fn our_own_files() {
     );
     fuzz(
         "feature file",
-        &read_all(&[shard.clone()]),
+        &read_all(std::slice::from_ref(&shard)),
         &work.join("s.safetensors"),
         300,
         |p| {
@@ -452,5 +469,8 @@ mod regressions {
             err.contains("bad.pth") && err.contains("malformed"),
             "{err}"
         );
+        // Reading only the names and shapes goes through the same pickle.
+        let err = weights::read_arch(&path).unwrap_err().to_string();
+        assert!(err.contains("bad.pth"), "{err}");
     }
 }

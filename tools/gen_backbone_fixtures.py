@@ -15,6 +15,18 @@ It writes, under tests/fixtures/backbone/:
 * features_64_half.f32 -- the same with Resize(64) and mean = std = 0.5; [3, 2048].
 * features_resnet18_64_half.f32 -- torchvision's resnet18 (basic blocks) with the same kind of
                        synthetic weights, on the Resize(64), mean = std = 0.5 images; [3, 512].
+* arch_<name>_32x40.f32 -- for every ResNet torchvision ships (resnet18/34/50/101/152,
+                       wide_resnet50_2/101_2), with the synthetic weights, on the two 32x40
+                       inputs of `arch_inputs()` (already normalised, fed to the network as
+                       they are); [2, feature_dim]. The largest network is 500 MB of weights:
+                       only these few KB of features are committed, and the test rebuilds the
+                       weights in memory.
+* tiny_f16.pth      -- tiny.pth's float tensors stored as float16 (HalfStorage), as in
+                       torchvision's IMAGENET1K_V1 wide_resnet*_2 files.
+* resnet101_shapes.pth -- every float tensor name and shape of torchvision's resnet101, all
+                       zero-stride views of one shared 1-element storage: what reading a real
+                       file's pickle shows of it (the architecture is inferred from names and
+                       shapes alone) in 50 KB instead of 170 MB. Its data cannot be loaded.
 * tiny.pth          -- a few tensors under real torchvision names, written by torch.save
                        (zip format), an int64 `num_batches_tracked` among them.
 * tiny.safetensors  -- the same tensors as safetensors (without num_batches_tracked).
@@ -83,6 +95,17 @@ def images() -> np.ndarray:
     return v.astype(np.uint8)
 
 
+ARCHS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "wide_resnet101_2"]
+
+
+def arch_inputs() -> np.ndarray:
+    """[2, 3, 32, 40] float32, asymmetric in x/y and per channel, multiples of 1/32 in [-1, 1)
+    (exact in float32; tests/arch_parity.rs computes the same formula)."""
+    n, c, y, x = np.meshgrid(np.arange(2), np.arange(3), np.arange(32), np.arange(40), indexing="ij")
+    v = (n * 71 + c * 37 + y * 7 + x * 3 + (x * y) % 11 + (y * y) % 13) % 64
+    return v.astype(np.float32) / np.float32(32.0) - np.float32(1.0)
+
+
 def synthetic_backbone(arch: str) -> torch.nn.Module:
     """torchvision's `arch` with the synthetic weights, eval mode, up to the average pool."""
     model = getattr(torchvision.models, arch)(weights=None)
@@ -118,6 +141,16 @@ def main() -> None:
         print(name, tuple(f.shape), "mean", float(f.mean()), "std", float(f.std()), "max", float(f.max()))
         f.numpy().astype("<f4").tofile(os.path.join(OUT, name))
 
+    # Every architecture on the small asymmetric inputs, eval mode, fp32.
+    x = torch.from_numpy(arch_inputs())
+    for arch in ARCHS:
+        net = synthetic_backbone(arch)
+        with torch.no_grad():
+            f = net(x).flatten(1)
+        print(arch, tuple(f.shape), "mean", float(f.mean()), "max", float(f.abs().max()))
+        f.numpy().astype("<f4").tofile(os.path.join(OUT, f"arch_{arch}_32x40.f32"))
+        del net
+
     # A tiny state dict in the real .pth zip format, with real torchvision names.
     tiny = {
         "conv1.weight": torch.from_numpy(synthetic("conv1.weight", (64, 3, 7, 7))[:2, :, :2, :3].copy()),
@@ -127,6 +160,12 @@ def main() -> None:
     }
     torch.save(tiny, os.path.join(OUT, "tiny.pth"))
     save_file({k: v for k, v in tiny.items() if v.dtype == torch.float32}, os.path.join(OUT, "tiny.safetensors"))
+    half = {k: (v.half() if v.dtype == torch.float32 else v) for k, v in tiny.items()}
+    torch.save(half, os.path.join(OUT, "tiny_f16.pth"))
+
+    base = torch.zeros(1)
+    shapes = {k: base.expand(v.shape) for k, v in torchvision.models.resnet101(weights=None).state_dict().items() if v.dim()}
+    torch.save(shapes, os.path.join(OUT, "resnet101_shapes.pth"))
 
     for f in sorted(os.listdir(OUT)):
         with open(os.path.join(OUT, f), "rb") as fh:

@@ -61,6 +61,8 @@ pub struct BlockSpec {
 pub struct Arch {
     /// torchvision's builder name, e.g. `resnet50`.
     pub name: &'static str,
+    /// The name people write, e.g. `ResNet-50`, `Wide ResNet-50-2`.
+    pub title: &'static str,
     /// The block every stage is made of.
     pub block: BlockKind,
     /// Blocks per stage.
@@ -75,21 +77,47 @@ const PLANES: [usize; 4] = [64, 128, 256, 512];
 
 impl Arch {
     /// ResNet-18.
-    pub const RESNET18: Arch = Arch::new("resnet18", BlockKind::Basic, [2, 2, 2, 2], 64);
+    pub const RESNET18: Arch =
+        Arch::new("resnet18", "ResNet-18", BlockKind::Basic, [2, 2, 2, 2], 64);
     /// ResNet-34.
-    pub const RESNET34: Arch = Arch::new("resnet34", BlockKind::Basic, [3, 4, 6, 3], 64);
+    pub const RESNET34: Arch =
+        Arch::new("resnet34", "ResNet-34", BlockKind::Basic, [3, 4, 6, 3], 64);
     /// ResNet-50, the default backbone.
-    pub const RESNET50: Arch = Arch::new("resnet50", BlockKind::Bottleneck, [3, 4, 6, 3], 64);
+    pub const RESNET50: Arch = Arch::new(
+        "resnet50",
+        "ResNet-50",
+        BlockKind::Bottleneck,
+        [3, 4, 6, 3],
+        64,
+    );
     /// ResNet-101.
-    pub const RESNET101: Arch = Arch::new("resnet101", BlockKind::Bottleneck, [3, 4, 23, 3], 64);
+    pub const RESNET101: Arch = Arch::new(
+        "resnet101",
+        "ResNet-101",
+        BlockKind::Bottleneck,
+        [3, 4, 23, 3],
+        64,
+    );
     /// ResNet-152.
-    pub const RESNET152: Arch = Arch::new("resnet152", BlockKind::Bottleneck, [3, 8, 36, 3], 64);
+    pub const RESNET152: Arch = Arch::new(
+        "resnet152",
+        "ResNet-152",
+        BlockKind::Bottleneck,
+        [3, 8, 36, 3],
+        64,
+    );
     /// Wide ResNet-50-2.
-    pub const WIDE_RESNET50_2: Arch =
-        Arch::new("wide_resnet50_2", BlockKind::Bottleneck, [3, 4, 6, 3], 128);
+    pub const WIDE_RESNET50_2: Arch = Arch::new(
+        "wide_resnet50_2",
+        "Wide ResNet-50-2",
+        BlockKind::Bottleneck,
+        [3, 4, 6, 3],
+        128,
+    );
     /// Wide ResNet-101-2.
     pub const WIDE_RESNET101_2: Arch = Arch::new(
         "wide_resnet101_2",
+        "Wide ResNet-101-2",
         BlockKind::Bottleneck,
         [3, 4, 23, 3],
         128,
@@ -108,12 +136,14 @@ impl Arch {
 
     const fn new(
         name: &'static str,
+        title: &'static str,
         block: BlockKind,
         depths: [usize; 4],
         width_per_group: usize,
     ) -> Arch {
         Arch {
             name,
+            title,
             block,
             depths,
             width_per_group,
@@ -195,6 +225,62 @@ impl Arch {
         convs
     }
 
+    /// The architecture a state dict holds, from its key names and shapes alone: the blocks
+    /// per stage (the largest `layer<s>.<b>.` index of each), the block kind (a `conv3` in
+    /// `layer1.0` means bottlenecks) and the width of `layer1.0.conv1` (128 for the wide
+    /// ResNets). `None` when the keys describe none of [`Arch::ALL`] (not a torchvision
+    /// ResNet, or a damaged one: strict loading then names what is wrong).
+    pub fn infer<'a>(keys: impl IntoIterator<Item = (&'a str, &'a [usize])>) -> Option<Arch> {
+        let mut depths = [0usize; 4];
+        let mut bottleneck = false;
+        let mut width = None;
+        for (key, shape) in keys {
+            let Some(rest) = key.strip_prefix("layer") else {
+                continue;
+            };
+            let mut parts = rest.splitn(3, '.');
+            let (Some(stage), Some(block)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            let (Ok(stage), Ok(block)) = (stage.parse::<usize>(), block.parse::<usize>()) else {
+                continue;
+            };
+            if !(1..=4).contains(&stage) {
+                continue;
+            }
+            depths[stage - 1] = depths[stage - 1].max(block.saturating_add(1));
+            match key {
+                "layer1.0.conv3.weight" => bottleneck = true,
+                "layer1.0.conv1.weight" => width = shape.first().copied(),
+                _ => {}
+            }
+        }
+        let block = if bottleneck {
+            BlockKind::Bottleneck
+        } else {
+            BlockKind::Basic
+        };
+        // A bottleneck's inner width is planes · width_per_group / 64, with planes = 64 in
+        // layer1: the width per group itself. A basic block has none (64).
+        let width_per_group = match block {
+            BlockKind::Bottleneck => width?,
+            BlockKind::Basic => 64,
+        };
+        Arch::ALL.into_iter().find(|a| {
+            a.block == block && a.depths == depths && a.width_per_group == width_per_group
+        })
+    }
+
+    /// A short description for messages, e.g. `bottleneck blocks [3, 4, 23, 3]`.
+    pub fn describe(&self) -> String {
+        let kind = match self.block {
+            BlockKind::Basic => "basic",
+            BlockKind::Bottleneck if self.width_per_group != 64 => "wide bottleneck",
+            BlockKind::Bottleneck => "bottleneck",
+        };
+        format!("{kind} blocks {:?}", self.depths)
+    }
+
     /// Every tensor the backbone needs, with its shape, in torchvision's state-dict order:
     /// the list strict loading checks a weights file against. The classifier `fc.*` and the
     /// `num_batches_tracked` counters are not listed: they are ignored on purpose.
@@ -257,6 +343,38 @@ mod tests {
         assert_eq!(Arch::RESNET50.keys().len(), 53 * 5);
         assert_eq!(Arch::default().feature_dim(), 2048);
         assert_eq!(Arch::RESNET18.feature_dim(), 512);
+    }
+
+    #[test]
+    fn every_architecture_is_recognised_from_its_keys() {
+        for arch in Arch::ALL {
+            let mut keys = arch.keys();
+            keys.push(("fc.weight".into(), vec![1000, arch.feature_dim()]));
+            keys.push(("layer2.0.bn1.num_batches_tracked".into(), vec![]));
+            let found = Arch::infer(keys.iter().map(|(k, s)| (k.as_str(), s.as_slice())));
+            assert_eq!(found, Some(arch), "{arch}");
+        }
+        // ResNet-50 and its wide variant differ only in widths.
+        let narrow = [("layer1.0.conv1.weight", &[64usize, 64, 1, 1][..])];
+        let mut keys = Arch::WIDE_RESNET50_2.keys();
+        keys.retain(|(k, _)| k != narrow[0].0);
+        let as_50 = keys
+            .iter()
+            .map(|(k, s)| (k.as_str(), s.as_slice()))
+            .chain(narrow);
+        assert_eq!(Arch::infer(as_50), Some(Arch::RESNET50));
+        // A stage with a block more than any ResNet has, or no keys at all: nothing.
+        let mut keys = Arch::RESNET18.keys();
+        keys.push(("layer3.2.conv1.weight".into(), vec![256, 256, 3, 3]));
+        assert_eq!(
+            Arch::infer(keys.iter().map(|(k, s)| (k.as_str(), s.as_slice()))),
+            None
+        );
+        assert_eq!(Arch::infer([]), None);
+        assert_eq!(
+            Arch::RESNET101.describe(),
+            "bottleneck blocks [3, 4, 23, 3]"
+        );
     }
 
     #[test]

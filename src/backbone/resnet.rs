@@ -105,9 +105,16 @@ impl ResNet {
         Self::with_arch(sd, &Arch::default())
     }
 
-    /// Builds `arch` from a state dict, strictly (as [`ResNet::from_state_dict`]).
+    /// Reads a torchvision `arch` state dict (`.pth` or `.safetensors`) and builds the
+    /// network; a file of another architecture is refused naming both.
+    pub fn load_arch(path: &Path, arch: &Arch) -> Result<Self> {
+        Self::with_arch(StateDict::read(path)?, arch)
+    }
+
+    /// Builds `arch` from a state dict, strictly (as [`ResNet::from_state_dict`]); tensors
+    /// of another torchvision ResNet are refused naming both architectures.
     pub fn with_arch(mut sd: StateDict, arch: &Arch) -> Result<Self> {
-        sd.expect_arch(arch);
+        sd.expect_arch(arch)?;
         let stem = ConvBn::load(&mut sd, &arch.stem())?;
         let blocks = arch
             .blocks()

@@ -133,47 +133,22 @@ pub struct StateDict {
 impl StateDict {
     /// Reads a `.pth` (zip format) or `.safetensors` file, recognised by its content.
     pub fn read(path: &Path) -> Result<Self> {
-        let mut magic = [0u8; 9];
-        {
-            use std::io::Read;
-            let mut f = std::fs::File::open(path).map_err(|e| Error::io("opening", path, e))?;
-            let mut got = 0;
-            while got < magic.len() {
-                let n = f
-                    .read(&mut magic[got..])
-                    .map_err(|e| Error::io("reading", path, e))?;
-                if n == 0 {
-                    break;
-                }
-                got += n;
-            }
-            if got < magic.len() {
-                return Err(weights_err(path, "file is too short to hold any weights"));
-            }
-        }
-        let tensors: Vec<(String, Tensor)> = if magic.starts_with(b"PK\x03\x04") {
+        let tensors: Vec<(String, Tensor)> = match format_of(path)? {
             // candle's pickle reader can panic on malformed input (found by tests/fuzz.rs: a
             // LONG1 of more than 8 bytes overflows a shift); a bad file must be an error.
-            std::panic::catch_unwind(|| read_pth(path)).map_err(|_| {
+            Format::Pth => std::panic::catch_unwind(|| read_pth(path)).map_err(|_| {
                 weights_err(
                     path,
                     "cannot read as a torch.save zip (.pth): its pickle is malformed",
                 )
-            })??
-        } else if magic[8] == b'{' {
-            candle_core::safetensors::load(path, &Device::Cpu)
+            })??,
+            Format::Safetensors => candle_core::safetensors::load(path, &Device::Cpu)
                 .map_err(|e| {
                     let e = without_backtrace(e);
                     weights_err(path, format!("cannot read as safetensors: {e}"))
                 })?
                 .into_iter()
-                .collect()
-        } else {
-            return Err(weights_err(
-                path,
-                "neither a zip-format .pth (torch.save) nor a .safetensors file; \
-                 a legacy .pth can be re-saved with torch.save(torch.load(f), f2)",
-            ));
+                .collect(),
         };
         if tensors.is_empty() {
             return Err(weights_err(path, "holds no tensors"));
@@ -190,10 +165,18 @@ impl StateDict {
         }
     }
 
-    /// Names `arch` as the architecture these tensors should hold, in error messages
-    /// (ResNet-50 unless set).
-    pub fn expect_arch(&mut self, arch: &Arch) {
+    /// Names `arch` as the architecture these tensors should hold (ResNet-50 unless set),
+    /// for error messages; an error naming both when the keys and shapes describe another
+    /// torchvision ResNet ([`Arch::infer`]). Keys that describe none are left to strict
+    /// loading, which names the first key that is wrong.
+    pub fn expect_arch(&mut self, arch: &Arch) -> Result<()> {
         self.arch = *arch;
+        check_arch(&self.path, self.infer_arch(), arch)
+    }
+
+    /// The architecture the tensors describe, if they describe one ([`Arch::infer`]).
+    pub fn infer_arch(&self) -> Option<Arch> {
+        Arch::infer(self.tensors.iter().map(|(k, t)| (k.as_str(), t.dims())))
     }
 
     /// The file the tensors came from.
@@ -322,6 +305,135 @@ impl StateDict {
             }
         }
         Ok((w, b))
+    }
+}
+
+/// The two file formats weights come in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    /// A torch.save zip.
+    Pth,
+    /// safetensors: an 8-byte header length, then the JSON header.
+    Safetensors,
+}
+
+/// The format of a weights file, from its first bytes.
+fn format_of(path: &Path) -> Result<Format> {
+    use std::io::Read;
+    let mut magic = [0u8; 9];
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io("opening", path, e))?;
+    let mut got = 0;
+    while got < magic.len() {
+        let n = f
+            .read(&mut magic[got..])
+            .map_err(|e| Error::io("reading", path, e))?;
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    if got < magic.len() {
+        return Err(weights_err(path, "file is too short to hold any weights"));
+    }
+    if magic.starts_with(b"PK\x03\x04") {
+        Ok(Format::Pth)
+    } else if magic[8] == b'{' {
+        Ok(Format::Safetensors)
+    } else {
+        Err(weights_err(
+            path,
+            "neither a zip-format .pth (torch.save) nor a .safetensors file; \
+             a legacy .pth can be re-saved with torch.save(torch.load(f), f2)",
+        ))
+    }
+}
+
+/// The largest safetensors header [`read_arch`] reads (the format's own limit is 100 MB;
+/// a ResNet's is a few tens of KB).
+const MAX_HEADER: u64 = 100_000_000;
+
+/// The architecture of a weights file, from its tensor names and shapes only — the
+/// safetensors header or the `.pth` pickle, not the hundreds of megabytes of data — so that
+/// a file of the wrong model is refused at once. `None` when the keys describe no
+/// torchvision ResNet; an error when the file cannot be read as either format.
+pub fn read_arch(path: &Path) -> Result<Option<Arch>> {
+    let shapes: Vec<(String, Vec<usize>)> = match format_of(path)? {
+        Format::Pth => {
+            let infos = std::panic::catch_unwind(|| {
+                candle_core::pickle::read_pth_tensor_info(path, false, None)
+            })
+            .map_err(|_| {
+                weights_err(
+                    path,
+                    "cannot read as a torch.save zip (.pth): its pickle is malformed",
+                )
+            })?
+            .map_err(|e| {
+                let e = without_backtrace(e);
+                weights_err(path, format!("cannot read as a torch.save zip (.pth): {e}"))
+            })?;
+            infos
+                .into_iter()
+                .map(|i| (i.name, i.layout.shape().dims().to_vec()))
+                .collect()
+        }
+        Format::Safetensors => safetensors_shapes(path)?,
+    };
+    Ok(Arch::infer(
+        shapes.iter().map(|(k, s)| (k.as_str(), s.as_slice())),
+    ))
+}
+
+/// Tensor names and shapes from a safetensors header.
+fn safetensors_shapes(path: &Path) -> Result<Vec<(String, Vec<usize>)>> {
+    use std::io::Read;
+    let bad = |why: String| weights_err(path, format!("cannot read as safetensors: {why}"));
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io("opening", path, e))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)
+        .map_err(|e| Error::io("reading", path, e))?;
+    let len = u64::from_le_bytes(len);
+    if len > MAX_HEADER {
+        return Err(bad(format!("a header of {len} bytes")));
+    }
+    let mut header = Vec::new();
+    f.take(len)
+        .read_to_end(&mut header)
+        .map_err(|e| Error::io("reading", path, e))?;
+    if header.len() as u64 != len {
+        return Err(bad(format!("the file ends within its {len}-byte header")));
+    }
+    let json: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
+    Ok(json
+        .into_iter()
+        .filter(|(k, _)| k != "__metadata__")
+        .filter_map(|(k, v)| {
+            let shape = v
+                .get("shape")?
+                .as_array()?
+                .iter()
+                .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
+                .collect::<Option<Vec<usize>>>()?;
+            Some((k, shape))
+        })
+        .collect())
+}
+
+/// An error naming both architectures when `found` (inferred from a file) is not `want`.
+pub fn check_arch(path: &Path, found: Option<Arch>, want: &Arch) -> Result<()> {
+    match found {
+        Some(found) if found != *want => Err(weights_err(
+            path,
+            format!(
+                "holds a torchvision {found} state dict ({}), not the {want} asked for ({}); \
+                 choose the backbone that matches the file (--backbone {found}) or the {want} \
+                 weights",
+                found.describe(),
+                want.describe()
+            ),
+        )),
+        _ => Ok(()),
     }
 }
 

@@ -59,8 +59,12 @@ pub enum Source {
 pub enum Checksum {
     /// MD5, the digest the CIFAR authors publish.
     Md5(&'static str),
-    /// SHA-256; torchvision's file names embed its first 8 hex digits.
+    /// SHA-256, the whole digest.
     Sha256(&'static str),
+    /// The start of a SHA-256 digest: the 8 hex digits torchvision puts in its weight files'
+    /// names (`resnet18-f37072fd.pth`), all that its `check_hash` verifies, where we know
+    /// no more of the digest. 32 bits: it catches a damaged or wrong file, not a forged one.
+    Sha256Prefix(&'static str),
 }
 
 impl Checksum {
@@ -68,14 +72,27 @@ impl Checksum {
     pub fn algorithm(&self) -> &'static str {
         match self {
             Checksum::Md5(_) => "md5",
-            Checksum::Sha256(_) => "sha256",
+            Checksum::Sha256(_) | Checksum::Sha256Prefix(_) => "sha256",
         }
     }
 
-    /// The expected digest in hex.
+    /// The expected digest in hex (only its start for [`Checksum::Sha256Prefix`]).
     pub fn expected(&self) -> &'static str {
         match self {
-            Checksum::Md5(h) | Checksum::Sha256(h) => h,
+            Checksum::Md5(h) | Checksum::Sha256(h) | Checksum::Sha256Prefix(h) => h,
+        }
+    }
+
+    /// True when the whole digest is known, not only its start.
+    pub fn is_full(&self) -> bool {
+        !matches!(self, Checksum::Sha256Prefix(_))
+    }
+
+    /// What the digest must be, for messages: the hex, or "one starting with <hex>".
+    pub fn expectation(&self) -> String {
+        match self {
+            Checksum::Sha256Prefix(h) => format!("one starting with {h}"),
+            _ => self.expected().to_string(),
         }
     }
 
@@ -83,12 +100,21 @@ impl Checksum {
     pub(super) fn tool(&self) -> &'static str {
         match self {
             Checksum::Md5(_) => "md5sum",
-            Checksum::Sha256(_) => "sha256sum",
+            Checksum::Sha256(_) | Checksum::Sha256Prefix(_) => "sha256sum",
         }
     }
 
     pub(super) fn matches(&self, got: &str) -> bool {
-        self.expected().eq_ignore_ascii_case(got)
+        match self {
+            Checksum::Sha256Prefix(prefix) => {
+                // An empty prefix would verify nothing: it never matches.
+                !prefix.is_empty()
+                    && got
+                        .get(..prefix.len())
+                        .is_some_and(|start| start.eq_ignore_ascii_case(prefix))
+            }
+            _ => self.expected().eq_ignore_ascii_case(got),
+        }
     }
 }
 
@@ -180,3 +206,316 @@ pub const RESNET50_V1_SAFETENSORS: Asset = Asset {
     checksum: None,
     size: None,
 };
+
+/// Which of torchvision's pretrained weights of an architecture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WeightsVersion {
+    /// `IMAGENET1K_V1`: the original training recipe (the course script's
+    /// `pretrained=True`); every architecture has it.
+    V1,
+    /// `IMAGENET1K_V2`: torchvision's improved recipe; ResNet-50/101/152 and the wide
+    /// ResNets only.
+    V2,
+}
+
+impl WeightsVersion {
+    /// `"v1"` or `"v2"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WeightsVersion::V1 => "v1",
+            WeightsVersion::V2 => "v2",
+        }
+    }
+
+    /// torchvision's name, `IMAGENET1K_V1` or `IMAGENET1K_V2`.
+    pub fn torchvision_name(self) -> &'static str {
+        match self {
+            WeightsVersion::V1 => "IMAGENET1K_V1",
+            WeightsVersion::V2 => "IMAGENET1K_V2",
+        }
+    }
+}
+
+impl std::fmt::Display for WeightsVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The file format of downloadable weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WeightsFormat {
+    /// torchvision's own `.pth`, from download.pytorch.org, checksummed.
+    Pth,
+    /// The same weights as `.safetensors` from Hugging Face's `timm/<arch>.tv_in1k` (V1) or
+    /// `timm/<arch>.tv2_in1k` (V2), same tensor names; no digest pinned, not verified.
+    Safetensors,
+}
+
+/// One downloadable set of pretrained backbone weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PretrainedWeights {
+    /// The architecture's torchvision name, e.g. `resnet18`
+    /// ([`crate::backbone::arch::Arch::name`]).
+    pub backbone: &'static str,
+    /// V1 or V2.
+    pub version: WeightsVersion,
+    /// `.pth` or `.safetensors`.
+    pub format: WeightsFormat,
+    /// Where it comes from and how it is verified.
+    pub asset: Asset,
+}
+
+/// A torchvision `.pth` of `backbone`, `file` under `/models/`.
+const fn torchvision(
+    backbone: &'static str,
+    version: WeightsVersion,
+    name: &'static str,
+    file: &'static str,
+    url_path: &'static str,
+    checksum: Checksum,
+) -> PretrainedWeights {
+    PretrainedWeights {
+        backbone,
+        version,
+        format: WeightsFormat::Pth,
+        asset: Asset {
+            name,
+            file_name: file,
+            url_path,
+            source: Source::Weights,
+            checksum: Some(checksum),
+            size: None,
+        },
+    }
+}
+
+/// timm's safetensors copy of a torchvision weights file, from Hugging Face.
+const fn timm(
+    backbone: &'static str,
+    version: WeightsVersion,
+    name: &'static str,
+    file: &'static str,
+    url_path: &'static str,
+) -> PretrainedWeights {
+    PretrainedWeights {
+        backbone,
+        version,
+        format: WeightsFormat::Safetensors,
+        asset: Asset {
+            name,
+            file_name: file,
+            url_path,
+            source: Source::HuggingFace,
+            checksum: None,
+            size: None,
+        },
+    }
+}
+
+use WeightsVersion::{V1, V2};
+
+/// Every pretrained ResNet this tool can download: torchvision's `IMAGENET1K_V1` and
+/// `IMAGENET1K_V2` `.pth` files (the list in torchvision's `models/resnet.py`) and timm's
+/// safetensors copies of them. The `.pth` files of ResNet-50 are checked against their whole
+/// sha256; the others against the sha256 prefix in their names ([`Checksum::Sha256Prefix`],
+/// what torchvision itself verifies), as their whole digests are not published.
+pub const PRETRAINED: [PretrainedWeights; 24] = [
+    torchvision(
+        "resnet18",
+        V1,
+        "ResNet-18 IMAGENET1K_V1 weights (torchvision)",
+        "resnet18-f37072fd.pth",
+        "/models/resnet18-f37072fd.pth",
+        Checksum::Sha256Prefix("f37072fd"),
+    ),
+    torchvision(
+        "resnet34",
+        V1,
+        "ResNet-34 IMAGENET1K_V1 weights (torchvision)",
+        "resnet34-b627a593.pth",
+        "/models/resnet34-b627a593.pth",
+        Checksum::Sha256Prefix("b627a593"),
+    ),
+    PretrainedWeights {
+        backbone: "resnet50",
+        version: V1,
+        format: WeightsFormat::Pth,
+        asset: RESNET50_V1,
+    },
+    PretrainedWeights {
+        backbone: "resnet50",
+        version: V2,
+        format: WeightsFormat::Pth,
+        asset: RESNET50_V2,
+    },
+    torchvision(
+        "resnet101",
+        V1,
+        "ResNet-101 IMAGENET1K_V1 weights (torchvision)",
+        "resnet101-63fe2227.pth",
+        "/models/resnet101-63fe2227.pth",
+        Checksum::Sha256Prefix("63fe2227"),
+    ),
+    torchvision(
+        "resnet101",
+        V2,
+        "ResNet-101 IMAGENET1K_V2 weights (torchvision)",
+        "resnet101-cd907fc2.pth",
+        "/models/resnet101-cd907fc2.pth",
+        Checksum::Sha256Prefix("cd907fc2"),
+    ),
+    torchvision(
+        "resnet152",
+        V1,
+        "ResNet-152 IMAGENET1K_V1 weights (torchvision)",
+        "resnet152-394f9c45.pth",
+        "/models/resnet152-394f9c45.pth",
+        Checksum::Sha256Prefix("394f9c45"),
+    ),
+    torchvision(
+        "resnet152",
+        V2,
+        "ResNet-152 IMAGENET1K_V2 weights (torchvision)",
+        "resnet152-f82ba261.pth",
+        "/models/resnet152-f82ba261.pth",
+        Checksum::Sha256Prefix("f82ba261"),
+    ),
+    torchvision(
+        "wide_resnet50_2",
+        V1,
+        "Wide ResNet-50-2 IMAGENET1K_V1 weights (torchvision; stored as float16)",
+        "wide_resnet50_2-95faca4d.pth",
+        "/models/wide_resnet50_2-95faca4d.pth",
+        Checksum::Sha256Prefix("95faca4d"),
+    ),
+    torchvision(
+        "wide_resnet50_2",
+        V2,
+        "Wide ResNet-50-2 IMAGENET1K_V2 weights (torchvision)",
+        "wide_resnet50_2-9ba9bcbe.pth",
+        "/models/wide_resnet50_2-9ba9bcbe.pth",
+        Checksum::Sha256Prefix("9ba9bcbe"),
+    ),
+    torchvision(
+        "wide_resnet101_2",
+        V1,
+        "Wide ResNet-101-2 IMAGENET1K_V1 weights (torchvision; stored as float16)",
+        "wide_resnet101_2-32ee1156.pth",
+        "/models/wide_resnet101_2-32ee1156.pth",
+        Checksum::Sha256Prefix("32ee1156"),
+    ),
+    torchvision(
+        "wide_resnet101_2",
+        V2,
+        "Wide ResNet-101-2 IMAGENET1K_V2 weights (torchvision)",
+        "wide_resnet101_2-d733dc28.pth",
+        "/models/wide_resnet101_2-d733dc28.pth",
+        Checksum::Sha256Prefix("d733dc28"),
+    ),
+    timm(
+        "resnet18",
+        V1,
+        "ResNet-18 IMAGENET1K_V1 weights as safetensors (timm/resnet18.tv_in1k)",
+        "resnet18.tv_in1k.safetensors",
+        "/timm/resnet18.tv_in1k/resolve/main/model.safetensors",
+    ),
+    timm(
+        "resnet34",
+        V1,
+        "ResNet-34 IMAGENET1K_V1 weights as safetensors (timm/resnet34.tv_in1k)",
+        "resnet34.tv_in1k.safetensors",
+        "/timm/resnet34.tv_in1k/resolve/main/model.safetensors",
+    ),
+    PretrainedWeights {
+        backbone: "resnet50",
+        version: V1,
+        format: WeightsFormat::Safetensors,
+        asset: RESNET50_V1_SAFETENSORS,
+    },
+    timm(
+        "resnet50",
+        V2,
+        "ResNet-50 IMAGENET1K_V2 weights as safetensors (timm/resnet50.tv2_in1k)",
+        "resnet50.tv2_in1k.safetensors",
+        "/timm/resnet50.tv2_in1k/resolve/main/model.safetensors",
+    ),
+    timm(
+        "resnet101",
+        V1,
+        "ResNet-101 IMAGENET1K_V1 weights as safetensors (timm/resnet101.tv_in1k)",
+        "resnet101.tv_in1k.safetensors",
+        "/timm/resnet101.tv_in1k/resolve/main/model.safetensors",
+    ),
+    timm(
+        "resnet101",
+        V2,
+        "ResNet-101 IMAGENET1K_V2 weights as safetensors (timm/resnet101.tv2_in1k)",
+        "resnet101.tv2_in1k.safetensors",
+        "/timm/resnet101.tv2_in1k/resolve/main/model.safetensors",
+    ),
+    timm(
+        "resnet152",
+        V1,
+        "ResNet-152 IMAGENET1K_V1 weights as safetensors (timm/resnet152.tv_in1k)",
+        "resnet152.tv_in1k.safetensors",
+        "/timm/resnet152.tv_in1k/resolve/main/model.safetensors",
+    ),
+    timm(
+        "resnet152",
+        V2,
+        "ResNet-152 IMAGENET1K_V2 weights as safetensors (timm/resnet152.tv2_in1k)",
+        "resnet152.tv2_in1k.safetensors",
+        "/timm/resnet152.tv2_in1k/resolve/main/model.safetensors",
+    ),
+    timm(
+        "wide_resnet50_2",
+        V1,
+        "Wide ResNet-50-2 IMAGENET1K_V1 weights as safetensors (timm/wide_resnet50_2.tv_in1k)",
+        "wide_resnet50_2.tv_in1k.safetensors",
+        "/timm/wide_resnet50_2.tv_in1k/resolve/main/model.safetensors",
+    ),
+    timm(
+        "wide_resnet50_2",
+        V2,
+        "Wide ResNet-50-2 IMAGENET1K_V2 weights as safetensors (timm/wide_resnet50_2.tv2_in1k)",
+        "wide_resnet50_2.tv2_in1k.safetensors",
+        "/timm/wide_resnet50_2.tv2_in1k/resolve/main/model.safetensors",
+    ),
+    timm(
+        "wide_resnet101_2",
+        V1,
+        "Wide ResNet-101-2 IMAGENET1K_V1 weights as safetensors (timm/wide_resnet101_2.tv_in1k)",
+        "wide_resnet101_2.tv_in1k.safetensors",
+        "/timm/wide_resnet101_2.tv_in1k/resolve/main/model.safetensors",
+    ),
+    timm(
+        "wide_resnet101_2",
+        V2,
+        "Wide ResNet-101-2 IMAGENET1K_V2 weights as safetensors (timm/wide_resnet101_2.tv2_in1k)",
+        "wide_resnet101_2.tv2_in1k.safetensors",
+        "/timm/wide_resnet101_2.tv2_in1k/resolve/main/model.safetensors",
+    ),
+];
+
+/// The downloadable weights of `backbone` (torchvision's name) in `version` and `format`;
+/// `None` where torchvision has none (ResNet-18/34 have no V2).
+pub fn pretrained(
+    backbone: &str,
+    version: WeightsVersion,
+    format: WeightsFormat,
+) -> Option<&'static Asset> {
+    PRETRAINED
+        .iter()
+        .find(|w| w.backbone == backbone && w.version == version && w.format == format)
+        .map(|w| &w.asset)
+}
+
+/// The architectures that have weights of `version` (all for V1).
+pub fn backbones_with(version: WeightsVersion) -> Vec<&'static str> {
+    PRETRAINED
+        .iter()
+        .filter(|w| w.version == version && w.format == WeightsFormat::Pth)
+        .map(|w| w.backbone)
+        .collect()
+}

@@ -55,7 +55,7 @@ pub(super) fn fetch_target(t: &Target<'_>, opts: &DownloadOptions) -> Result<()>
                  aside as {} (delete it at will){}.",
                 t.url,
                 checksum.algorithm(),
-                checksum.expected(),
+                checksum.expectation(),
                 bad.display(),
                 if t.dest.exists() {
                     format!("; the existing {} was not touched", t.dest.display())
@@ -315,7 +315,7 @@ impl Hasher {
     pub(super) fn new(checksum: &Checksum) -> Self {
         match checksum {
             Checksum::Md5(_) => Hasher::Md5(Md5::new()),
-            Checksum::Sha256(_) => Hasher::Sha256(Sha256::new()),
+            Checksum::Sha256(_) | Checksum::Sha256Prefix(_) => Hasher::Sha256(Sha256::new()),
         }
     }
 

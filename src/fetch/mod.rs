@@ -270,7 +270,7 @@ fn ensure_archive(
                          untouched. Delete it and run again to download it afresh.",
                         archive.display(),
                         checksum.algorithm(),
-                        checksum.expected()
+                        checksum.expectation()
                     ),
                     &manual,
                 ));
@@ -428,7 +428,7 @@ fn check_step(checksum: Option<&Checksum>, file_name: &str) -> String {
         Some(c) => format!(
             "check that `{} {file_name}` prints {} ({})",
             c.tool(),
-            c.expected(),
+            c.expectation(),
             c.algorithm()
         ),
         None => format!(
@@ -520,6 +520,48 @@ mod tests {
             Checksum::Sha256("BA7816BF8F01CFEA414140DE5DAE2223B00361A396177A9CB410FF61F20015AD");
         let mut h = Hasher::new(&sha);
         h.update(b"abc");
-        assert!(sha.matches(&h.finish()));
+        let got = h.finish();
+        assert!(sha.matches(&got));
+        // torchvision's 8-digit prefixes: the start of the digest, any case; nothing else.
+        assert!(Checksum::Sha256Prefix("ba7816bf").matches(&got));
+        assert!(Checksum::Sha256Prefix("BA7816BF").matches(&got));
+        assert!(!Checksum::Sha256Prefix("a7816bf8").matches(&got));
+        assert!(!Checksum::Sha256Prefix("").matches(&got));
+        assert!(!Checksum::Sha256Prefix("ba7816bf").matches("ba78"));
+        assert_eq!(
+            Checksum::Sha256Prefix("ba7816bf").expectation(),
+            "one starting with ba7816bf"
+        );
+    }
+
+    #[test]
+    fn every_architecture_has_its_pretrained_weights() {
+        use crate::backbone::arch::Arch;
+        for arch in Arch::ALL {
+            let v1 = pretrained(arch.name, WeightsVersion::V1, WeightsFormat::Pth).unwrap();
+            // torchvision's file names: <arch>-<first 8 hex digits of the sha256>.pth.
+            let stem = v1.file_name.strip_suffix(".pth").unwrap();
+            let (name, prefix) = stem.rsplit_once('-').unwrap();
+            assert_eq!(name, arch.name);
+            assert_eq!(prefix.len(), 8);
+            let checksum = v1.checksum.unwrap();
+            assert!(checksum.expected().starts_with(prefix), "{arch}");
+            assert_eq!(v1.url_path, format!("/models/{}", v1.file_name));
+            assert!(
+                pretrained(arch.name, WeightsVersion::V1, WeightsFormat::Safetensors).is_some()
+            );
+            let has_v2 = arch.block == crate::backbone::arch::BlockKind::Bottleneck;
+            assert_eq!(
+                pretrained(arch.name, WeightsVersion::V2, WeightsFormat::Pth).is_some(),
+                has_v2,
+                "{arch}"
+            );
+        }
+        // The whole digest where it is known, the prefix elsewhere.
+        assert!(RESNET50_V1.checksum.unwrap().is_full());
+        assert!(RESNET50_V2.checksum.unwrap().is_full());
+        let r18 = pretrained("resnet18", WeightsVersion::V1, WeightsFormat::Pth).unwrap();
+        assert_eq!(r18.checksum, Some(Checksum::Sha256Prefix("f37072fd")));
+        assert_eq!(backbones_with(WeightsVersion::V2).len(), 5);
     }
 }

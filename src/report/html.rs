@@ -374,9 +374,15 @@ pub fn render(page: &Page) -> String {
     let _ = writeln!(h, "<style>{CSS}</style>\n</head>\n<body>");
     let _ = writeln!(
         h,
-        "<header><div class=\"wrap\"><h1>{} on frozen ResNet-50 features</h1>\
+        "<header><div class=\"wrap\"><h1>{} on frozen {} features</h1>\
          <p>Run report · <code>{}</code> · {} training and {} validation images</p></div></header>",
         escape(&dataset_title(cfg)),
+        // The backbone's title (ResNet-18, Wide ResNet-50-2, …), or its name if unknown.
+        escape(
+            cfg.extractor
+                .arch()
+                .map_or(cfg.extractor.backbone.as_str(), |a| a.title)
+        ),
         escape(page.run_name),
         thousands(cfg.n_train),
         thousands(cfg.n_val)

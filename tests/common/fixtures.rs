@@ -1,6 +1,7 @@
 //! The backbone fixtures of `tools/gen_backbone_fixtures.py` and how they are compared, shared
-//! by the backbone tests (`tests/backbone.rs`, `tests/fast_backbone.rs`), which include this
-//! file on its own (`#[path]`) so the other test crates do not compile it.
+//! by the backbone tests (`tests/backbone.rs`, `tests/fast_backbone.rs`,
+//! `tests/arch_parity.rs`), which include this file on its own (`#[path]`) so the other test
+//! crates do not compile it.
 
 use std::path::{Path, PathBuf};
 

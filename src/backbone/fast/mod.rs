@@ -259,6 +259,13 @@ impl FastResNet {
         Self::from_state_dict(StateDict::read(path)?, precision)
     }
 
+    /// Reads a torchvision `arch` state dict (`.pth` or `.safetensors`) and builds the
+    /// network for `precision` with the best kernels of this CPU; a file of another
+    /// architecture is refused naming both.
+    pub fn load_arch(path: &Path, arch: &Arch, precision: Precision) -> Result<Self> {
+        Self::with_arch(StateDict::read(path)?, arch, precision, Isa::detect())
+    }
+
     /// Builds ResNet-50 from a state dict, strictly (as [`super::resnet::ResNet`]), for
     /// `precision` with the best kernels of this CPU ([`Isa::detect`]).
     pub fn from_state_dict(sd: StateDict, precision: Precision) -> Result<Self> {
@@ -271,14 +278,15 @@ impl FastResNet {
         Self::with_arch(sd, &Arch::default(), precision, isa)
     }
 
-    /// Builds `arch` from a state dict, strictly, for `precision` with the kernels of `isa`.
+    /// Builds `arch` from a state dict, strictly, for `precision` with the kernels of `isa`;
+    /// tensors of another torchvision ResNet are refused naming both architectures.
     pub fn with_arch(
         mut sd: StateDict,
         arch: &Arch,
         precision: Precision,
         isa: Isa,
     ) -> Result<Self> {
-        sd.expect_arch(arch);
+        sd.expect_arch(arch)?;
         let tiling = Tiling::new(isa, precision == Precision::Bf16);
         let t = &tiling;
         let stem = Conv::load(&mut sd, &arch.stem(), t)?;

@@ -1,6 +1,6 @@
 //! `cifar-finetune download [cifar10] [cifar100]`: fetch CIFAR-10 (the default), CIFAR-100
-//! and the pretrained ResNet-50 weights into the data directory, verified, with a progress
-//! bar.
+//! and a backbone's pretrained weights (ResNet-50's by default) into the data directory,
+//! verified, with a progress bar.
 //!
 //! The work is done by `cifar_finetune::fetch`; this file only maps flags onto
 //! [`DownloadOptions`], draws progress (an indicatif bar on a terminal, plain log lines
@@ -11,12 +11,18 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
-use cifar_finetune::fetch::{self, Asset, DownloadOptions, Progress, ProgressFn, Stage};
+use anyhow::{Context, bail};
+use cifar_finetune::backbone::arch::Arch;
+use cifar_finetune::fetch::{
+    self, Asset, Checksum, DownloadOptions, Progress, ProgressFn, Stage, WeightsFormat,
+    WeightsVersion,
+};
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 
-/// Download CIFAR-10 or CIFAR-100 (binary versions) and torchvision's ResNet-50 weights,
-/// verified.
+use crate::source::backbone_parser;
+
+/// Download CIFAR-10 or CIFAR-100 (binary versions) and a torchvision ResNet's pretrained
+/// weights, verified (how: the `Download` command's help in main.rs).
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// The datasets to fetch [default: cifar10].
@@ -27,6 +33,10 @@ pub struct Args {
     /// DIR/cifar-100-binary, the weights to DIR/<file>.
     #[arg(long, value_name = "DIR", default_value = "data")]
     pub data: PathBuf,
+
+    /// The backbone whose weights to fetch.
+    #[arg(long, value_parser = backbone_parser(), value_name = "NAME", default_value = "resnet50")]
+    pub backbone: Arch,
 
     /// Which pretrained weights to fetch (v1 is the original script's `pretrained=True`).
     #[arg(long, value_enum, default_value_t = WeightsChoice::V1)]
@@ -41,13 +51,13 @@ pub struct Args {
     #[arg(long, value_name = "URL")]
     pub cifar_url: Option<String>,
 
-    /// Base URL serving /models/resnet50-*.pth (default https://download.pytorch.org, or
+    /// Base URL serving /models/<backbone>-*.pth (default https://download.pytorch.org, or
     /// $CIFAR_FINETUNE_WEIGHTS_URL).
     #[arg(long, value_name = "URL")]
     pub weights_url: Option<String>,
 
-    /// Base URL of Hugging Face, for --weights v1-safetensors (default https://huggingface.co,
-    /// or $CIFAR_FINETUNE_HF_URL).
+    /// Base URL of Hugging Face, for --weights v1-safetensors and v2-safetensors (default
+    /// https://huggingface.co, or $CIFAR_FINETUNE_HF_URL).
     #[arg(long, value_name = "URL")]
     pub hf_url: Option<String>,
 
@@ -101,30 +111,71 @@ impl DatasetChoice {
 /// The pretrained weights to fetch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum WeightsChoice {
-    /// torchvision IMAGENET1K_V1, resnet50-0676ba61.pth (the default).
+    /// torchvision IMAGENET1K_V1 (the default), e.g. resnet50-0676ba61.pth (whole sha256
+    /// checked), resnet18-f37072fd.pth (sha256 prefix checked).
     V1,
-    /// torchvision IMAGENET1K_V2, resnet50-11ad3fa6.pth.
+    /// torchvision IMAGENET1K_V2 (resnet50, resnet101, resnet152 and the wide ones only),
+    /// e.g. resnet50-11ad3fa6.pth (whole sha256 checked), resnet101-cd907fc2.pth (sha256
+    /// prefix checked).
     V2,
-    /// The V1 weights as safetensors from Hugging Face (timm/resnet50.tv_in1k; unverified).
+    /// The V1 weights as safetensors from Hugging Face (timm/<backbone>.tv_in1k; unverified).
     V1Safetensors,
+    /// The V2 weights as safetensors from Hugging Face (timm/<backbone>.tv2_in1k;
+    /// unverified).
+    V2Safetensors,
     /// No weights.
     None,
 }
 
 impl WeightsChoice {
-    /// The asset to fetch, if any.
-    pub fn asset(self) -> Option<&'static Asset> {
+    /// The asset to fetch for `arch`: `None` for no weights, an error where torchvision has
+    /// none of that version.
+    pub fn asset(self, arch: &Arch) -> anyhow::Result<Option<&'static Asset>> {
+        let (version, format) = match self {
+            WeightsChoice::V1 => (WeightsVersion::V1, WeightsFormat::Pth),
+            WeightsChoice::V2 => (WeightsVersion::V2, WeightsFormat::Pth),
+            WeightsChoice::V1Safetensors => (WeightsVersion::V1, WeightsFormat::Safetensors),
+            WeightsChoice::V2Safetensors => (WeightsVersion::V2, WeightsFormat::Safetensors),
+            WeightsChoice::None => return Ok(None),
+        };
+        fetch::pretrained(arch.name, version, format)
+            .with_context(|| {
+                format!(
+                    "--weights {}: torchvision has no {} weights for {arch} (only for {})",
+                    self.name(),
+                    version.torchvision_name(),
+                    fetch::backbones_with(version).join(", ")
+                )
+            })
+            .map(Some)
+    }
+
+    fn name(self) -> &'static str {
         match self {
-            WeightsChoice::V1 => Some(&fetch::RESNET50_V1),
-            WeightsChoice::V2 => Some(&fetch::RESNET50_V2),
-            WeightsChoice::V1Safetensors => Some(&fetch::RESNET50_V1_SAFETENSORS),
-            WeightsChoice::None => None,
+            WeightsChoice::V1 => "v1",
+            WeightsChoice::V2 => "v2",
+            WeightsChoice::V1Safetensors => "v1-safetensors",
+            WeightsChoice::V2Safetensors => "v2-safetensors",
+            WeightsChoice::None => "none",
         }
+    }
+}
+
+/// How a downloaded weights file was verified, for the summary line.
+fn verification(asset: &Asset) -> &'static str {
+    match asset.checksum {
+        None => " (no checksum pinned: not verified)",
+        Some(Checksum::Sha256Prefix(_)) => {
+            " (sha256 prefix verified: torchvision publishes no whole digest)"
+        }
+        Some(_) => "",
     }
 }
 
 /// Runs `cifar-finetune download`.
 pub fn run(args: Args) -> anyhow::Result<()> {
+    // An impossible choice (v2 of resnet18) fails before any download.
+    let weights = args.weights.asset(&args.backbone)?;
     let mut opts = DownloadOptions::from_env();
     if let Some(url) = args.cifar_url {
         opts.cifar_base_url = url;
@@ -163,18 +214,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         reporter.finish();
     }
-    if let Some(asset) = args.weights.asset() {
+    if let Some(asset) = weights {
         match fetch::ensure_weights(&args.data, asset, &opts) {
             Ok(path) => {
-                let note = if asset.checksum.is_none() {
-                    " (no checksum pinned: not verified)"
-                } else {
-                    ""
-                };
                 found.push(format!(
-                    "weights:  {} — {}{note}",
+                    "weights:  {} — {}{}",
                     path.display(),
-                    asset.name
+                    asset.name,
+                    verification(asset)
                 ));
             }
             Err(e) => failures.push(e.to_string()),

@@ -30,8 +30,9 @@ pub enum Which {
 /// Slurm job arrays, Kubernetes Indexed Jobs.
 const INDEX_VARS: [&str; 2] = ["SLURM_ARRAY_TASK_ID", "JOB_COMPLETION_INDEX"];
 
-/// Extract backbone features into a safetensors file (`features` f32 [N, D], `labels` u8
-/// [N], `index` i64 [N]); fills the feature cache as it goes, and resumes from it.
+/// Extract backbone features into a safetensors file (`features` f32 [N, D] with D = 2048,
+/// or 512 for resnet18/34, `labels` u8 [N], `index` i64 [N]); fills the feature cache as it
+/// goes, and resumes from it.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     #[command(flatten)]

@@ -19,7 +19,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-/// Transfer learning on CIFAR-10 with a frozen, cached ResNet-50 backbone.
+/// Transfer learning on CIFAR-10 with a frozen, cached ResNet backbone (ResNet-50 by default).
 #[derive(Debug, Parser)]
 #[command(name = "cifar-finetune", version, about, long_about = None)]
 struct Cli {
@@ -31,9 +31,17 @@ struct Cli {
 enum Command {
     /// Everything in one command: download, features, λ sweep, test evaluation, report.html.
     Run(run::Args),
-    /// Download CIFAR-10 and the pretrained ResNet-50 weights, verified, into the data directory.
+    /// Download CIFAR-10 and a backbone's pretrained weights, verified, into the data directory.
+    ///
+    /// Every file is verified before it is moved into place: CIFAR-10 by its published md5;
+    /// torchvision's .pth weights by sha256 — resnet50's v1 and v2 against their whole
+    /// digest, every other one against the first 8 hex digits of its sha256, which its file
+    /// name carries (e.g. resnet18-f37072fd.pth) and which is all torchvision itself checks
+    /// (the whole digests are not published). The safetensors copies from Hugging Face have
+    /// no digest pinned and are not verified; strict loading still checks every tensor name
+    /// and shape.
     Download(download::Args),
-    /// Extract (or read from the cache) ResNet-50 features into a safetensors file.
+    /// Extract (or read from the cache) backbone features into a safetensors file.
     Features(features::Args),
     /// Train the head at one L2 strength λ on cached features (writes a run directory).
     Train(train::Args),

@@ -1,20 +1,20 @@
 //! `cifar-finetune predict`: classify your own PNG or JPEG images with a trained head.
 //!
-//! Each image goes through exactly the pipeline the head was trained on — the same weights
-//! file (by sha256) and the same preprocessing (resize of the shorter side, normalisation),
-//! both read from the checkpoint's features fingerprint — then the frozen backbone and the
-//! head. A checkpoint whose fingerprint cannot be reproduced is refused rather than applied to
-//! features it was not trained on.
+//! Each image goes through exactly the pipeline the head was trained on — the same backbone,
+//! the same weights file (by sha256) and the same preprocessing (resize of the shorter side,
+//! normalisation), all read from the checkpoint's features fingerprint — then the frozen
+//! backbone and the head. A checkpoint whose fingerprint cannot be reproduced is refused
+//! rather than applied to features it was not trained on.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
+use cifar_finetune::backbone::arch::Arch;
 use cifar_finetune::checkpoint;
 use cifar_finetune::data::transform::{DEFAULT_MAX_PIXELS, Preprocess, load_image};
-use cifar_finetune::features::{Extractor, FEATURE_DIM, FeatureSet, Fingerprint};
-use cifar_finetune::fetch::{self, DownloadOptions};
+use cifar_finetune::features::{Extractor, FeatureSet, Fingerprint};
 
-use crate::source::Normalize;
+use crate::source::{self, Normalize, WeightsArg, backbone_parser};
 
 /// Classify PNG or JPEG images of any size with a trained head; prints the most probable
 /// classes of each. The backbone weights and preprocessing must be those the head was trained
@@ -30,13 +30,17 @@ pub struct Args {
     /// Print the K most probable classes of each image.
     #[arg(long, default_value_t = 3, value_name = "K")]
     pub top: usize,
-    /// Data directory holding the default weights (downloaded there when missing).
+    /// Data directory holding torchvision's weights (downloaded there when missing).
     #[arg(long, default_value = "data")]
     pub data: PathBuf,
-    /// ResNet-50 weights, .pth or .safetensors: the very file the head's features came from
-    /// [default: <data>/resnet50-0676ba61.pth, torchvision's IMAGENET1K_V1].
-    #[arg(long)]
-    pub weights: Option<PathBuf>,
+    /// The backbone [default: the checkpoint's]; another than the checkpoint's is refused.
+    #[arg(long, value_parser = backbone_parser(), value_name = "NAME")]
+    pub backbone: Option<Arch>,
+    /// The backbone's weights: the very ones the head's features came from. `v1` or `v2`:
+    /// torchvision's IMAGENET1K_V1/_V2 of the checkpoint's backbone; or a file, .pth or
+    /// .safetensors [default: torchvision's file the checkpoint names by its sha256, else v1].
+    #[arg(long, value_name = "v1|v2|FILE")]
+    pub weights: Option<WeightsArg>,
     /// Shorter image side after resizing [default: the checkpoint's].
     #[arg(long)]
     pub image_size: Option<usize>,
@@ -125,16 +129,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .prepare(*h, *w)
             .with_context(|| format!("{} (--max-pixels {})", path.display(), args.max_pixels))?;
     }
-    let weights = match &args.weights {
-        Some(p) if p.is_file() => p.clone(),
-        Some(p) => bail!("--weights {}: no such file", p.display()),
-        None => {
-            let mut opts = DownloadOptions::from_env();
-            opts.offline = args.offline;
-            fetch::ensure_weights(&args.data, &fetch::RESNET50_V1, &opts)?
-        }
-    };
-    let extractor = Extractor::load(&weights, preprocess)?;
+    let arch = source::checkpoint_backbone(&ck, args.backbone, args.weights.as_ref())?;
+    // Without --weights: torchvision's file the checkpoint's fingerprint names (v1 or v2),
+    // else v1.
+    let given = args
+        .weights
+        .clone()
+        .or_else(|| source::checkpoint_weights(&ck));
+    let weights = source::resolve_weights(&args.data, &arch, given.as_ref(), args.offline)?;
+    // The checkpoint's precision too: bf16 features differ from f32 ones (slightly).
+    let precision = ck.meta.extractor.precision;
+    let extractor = Extractor::load_arch(&weights, &arch, preprocess, precision)?;
     if *extractor.fingerprint() != ck.meta.extractor {
         bail!(
             "{}: the head was trained on features from `{}`, but {} with this preprocessing \
@@ -163,7 +168,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             features,
             labels: vec![0],
             index: vec![0],
-            dim: FEATURE_DIM,
+            dim: extractor.feature_dim(),
             extractor: extractor.fingerprint().clone(),
             classes: names.clone(),
         };

@@ -1,10 +1,16 @@
-//! Where features come from, shared by every subcommand that needs them: the dataset and
-//! weights (downloaded when missing), the preprocessing, the splits and the feature cache.
+//! Where features come from, shared by every subcommand that needs them: the dataset, the
+//! backbone and its weights (downloaded when missing), the preprocessing, the splits and the
+//! feature cache.
 
-use std::path::PathBuf;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
+use cifar_finetune::backbone::arch::Arch;
 use cifar_finetune::backbone::fast::Precision;
+use cifar_finetune::backbone::weights;
+use cifar_finetune::checkpoint::Checkpoint;
 use cifar_finetune::data::cifar::{self, Cifar10, Split};
 use cifar_finetune::data::cifar100::{self, Cifar100, LabelKind};
 use cifar_finetune::data::folder::ImageFolder;
@@ -12,8 +18,9 @@ use cifar_finetune::data::split::{self, Holdout, SplitPlan, SplitSpec};
 use cifar_finetune::data::transform::{DEFAULT_MAX_PIXELS, Preprocess};
 use cifar_finetune::data::{Dataset, Part};
 use cifar_finetune::features::{self, CacheOptions, Extractor, FeatureSet, Skipped, Work};
-use cifar_finetune::fetch::{self, DownloadOptions};
+use cifar_finetune::fetch::{self, Asset, DownloadOptions, WeightsFormat, WeightsVersion};
 use cifar_finetune::isa::Avx512Bf16;
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 
 use crate::progress::Progress;
 
@@ -60,6 +67,136 @@ pub enum LabelsArg {
     Coarse,
 }
 
+/// `--backbone`: one of torchvision's ResNets by its torchvision name, listed in `--help`.
+pub fn backbone_parser() -> impl TypedValueParser<Value = Arch> {
+    PossibleValuesParser::new(Arch::ALL.map(|a| {
+        PossibleValue::new(a.name).help(format!("{}, {}-d features", a.describe(), a.feature_dim()))
+    }))
+    .try_map(|name| Arch::by_name(&name).ok_or_else(|| format!("unknown backbone `{name}`")))
+}
+
+/// `--weights`: torchvision's pretrained weights of the backbone, or a file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WeightsArg {
+    /// `v1` or `v2`: torchvision's `IMAGENET1K_V1`/`_V2` `.pth` of the chosen backbone,
+    /// downloaded into the data directory when missing.
+    Pretrained(WeightsVersion),
+    /// Any other value: a weights file (`./v1` for a file of that name).
+    File(PathBuf),
+}
+
+impl FromStr for WeightsArg {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "v1" => WeightsArg::Pretrained(WeightsVersion::V1),
+            "v2" => WeightsArg::Pretrained(WeightsVersion::V2),
+            path => WeightsArg::File(PathBuf::from(path)),
+        })
+    }
+}
+
+impl fmt::Display for WeightsArg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WeightsArg::Pretrained(v) => f.write_str(v.as_str()),
+            WeightsArg::File(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+/// torchvision's `.pth` of `arch` in `version`, or an error saying which backbones have it.
+pub fn pretrained_asset(arch: &Arch, version: WeightsVersion) -> anyhow::Result<&'static Asset> {
+    fetch::pretrained(arch.name, version, WeightsFormat::Pth).with_context(|| {
+        format!(
+            "--weights {version}: torchvision has no {} weights for {arch} (only for {}); \
+             use --weights v1 or a weights file",
+            version.torchvision_name(),
+            fetch::backbones_with(version).join(", ")
+        )
+    })
+}
+
+/// The weights file `weights` names for `arch` (default: v1), downloaded into `data` when
+/// it is torchvision's and missing.
+pub fn resolve_weights(
+    data: &Path,
+    arch: &Arch,
+    weights: Option<&WeightsArg>,
+    offline: bool,
+) -> anyhow::Result<PathBuf> {
+    let version = match weights {
+        Some(WeightsArg::File(p)) if p.is_file() => return Ok(p.clone()),
+        Some(WeightsArg::File(p)) => bail!("--weights {}: no such file", p.display()),
+        Some(WeightsArg::Pretrained(v)) => *v,
+        None => WeightsVersion::V1,
+    };
+    let asset = pretrained_asset(arch, version)?;
+    let (reporter, progress) = crate::download::progress_reporter();
+    let mut opts = DownloadOptions::from_env();
+    opts.offline = offline;
+    opts.progress = Some(progress);
+    let result = fetch::ensure_weights(data, asset, &opts);
+    reporter.finish();
+    Ok(result?)
+}
+
+/// The backbone a checkpoint's head was trained on, checked against `--backbone` and against
+/// the architecture of a weights file given with `--weights`: a mismatch is an error naming
+/// both, before anything is extracted.
+pub fn checkpoint_backbone(
+    ck: &Checkpoint,
+    backbone: Option<Arch>,
+    weights: Option<&WeightsArg>,
+) -> anyhow::Result<Arch> {
+    let path = ck.path.display();
+    let trained = ck.meta.extractor.arch().with_context(|| {
+        format!(
+            "{path}: the head was trained on features of `{}`, a backbone this version does \
+             not know",
+            ck.meta.backbone()
+        )
+    })?;
+    if let Some(given) = backbone
+        && given != trained
+    {
+        bail!(
+            "{path}: the head was trained on {trained} features, but --backbone is {given}; \
+             drop --backbone or pass --backbone {trained}"
+        );
+    }
+    if let Some(WeightsArg::File(file)) = weights
+        && file.is_file()
+        && let Some(found) = weights::read_arch(file)?
+        && found != trained
+    {
+        bail!(
+            "{path}: the head was trained on {trained} features, but {} holds {found} \
+             weights; pass the {trained} weights it was trained with (--weights)",
+            file.display()
+        );
+    }
+    Ok(trained)
+}
+
+/// torchvision's weights a checkpoint's features came from, recognised by the sha256 in its
+/// fingerprint (the whole digest, or the 8-digit prefix torchvision names its files by):
+/// what `test` and `predict` use when `--weights` is not given, so that a head trained on V2
+/// features finds the V2 file. `None` when they are none of torchvision's `.pth` files.
+pub fn checkpoint_weights(ck: &Checkpoint) -> Option<WeightsArg> {
+    let sha = ck.meta.extractor.weights_sha256.to_ascii_lowercase();
+    fetch::PRETRAINED
+        .iter()
+        .filter(|w| w.backbone == ck.meta.backbone() && w.format == WeightsFormat::Pth)
+        .find(|w| {
+            w.asset
+                .checksum
+                .is_some_and(|c| sha.starts_with(&c.expected().to_ascii_lowercase()))
+        })
+        .map(|w| WeightsArg::Pretrained(w.version))
+}
+
 /// Options that say which features to use; flattened into every subcommand that needs them.
 #[derive(Debug, Clone, clap::Args)]
 pub struct FeatureArgs {
@@ -79,11 +216,19 @@ pub struct FeatureArgs {
     /// CIFAR-100's labels: the 100 fine classes or the 20 coarse superclasses.
     #[arg(long, value_enum, default_value_t = LabelsArg::Fine)]
     pub labels: LabelsArg,
-    /// ResNet-50 weights, .pth (torch.save) or .safetensors with torchvision's key names.
-    /// [default: <data>/resnet50-0676ba61.pth, torchvision's IMAGENET1K_V1, downloaded if
-    /// missing]
-    #[arg(long)]
-    pub weights: Option<PathBuf>,
+    /// The frozen backbone, a torchvision ResNet: resnet18 extracts about 2.4× faster than
+    /// resnet50 and resnet34 1.3× (512-d features); resnet101/152 and the wide ones are more
+    /// accurate on ImageNet and 2.5-4× slower (2048-d) [default: resnet50; for `test`, the
+    /// checkpoint's].
+    #[arg(long, value_parser = backbone_parser(), value_name = "NAME")]
+    pub backbone: Option<Arch>,
+    /// The backbone's weights: `v1` (torchvision's IMAGENET1K_V1, the default; for `test`,
+    /// the torchvision file the checkpoint names by its sha256) or `v2` (IMAGENET1K_V2:
+    /// resnet50/101/152 and the wide ones), downloaded into <data> when missing; or a file,
+    /// .pth (torch.save) or .safetensors with torchvision's key names (e.g. Hugging Face
+    /// timm/<backbone>.tv_in1k). A file of another architecture than --backbone is refused.
+    #[arg(long, value_name = "v1|v2|FILE")]
+    pub weights: Option<WeightsArg>,
     /// Feature cache directory [default: <data>/features-cache].
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
@@ -215,14 +360,19 @@ impl FeatureArgs {
             .unwrap_or_else(|| self.data.join("features-cache"))
     }
 
-    /// The weights file, downloaded first when it is the default one and missing.
+    /// The backbone in use: `--backbone`, or ResNet-50.
+    pub fn arch(&self) -> Arch {
+        self.backbone.unwrap_or_default()
+    }
+
+    /// The weights file, downloaded first when it is torchvision's and missing.
     pub fn weights_path(&self) -> anyhow::Result<PathBuf> {
-        match &self.weights {
-            Some(p) if p.exists() => Ok(p.clone()),
-            Some(p) => anyhow::bail!("--weights {}: no such file", p.display()),
-            None => self
-                .downloading(|opts| fetch::ensure_weights(&self.data, &fetch::RESNET50_V1, opts)),
-        }
+        resolve_weights(
+            &self.data,
+            &self.arch(),
+            self.weights.as_ref(),
+            self.offline,
+        )
     }
 
     /// The dataset these options name, opened: its class names read and checked (CIFAR
@@ -333,8 +483,9 @@ impl FeatureArgs {
                  summation order) at f32 speed"
             );
         }
-        Ok(Extractor::load_with_precision(
+        Ok(Extractor::load_arch(
             &weights,
+            &self.arch(),
             self.preprocess(),
             precision,
         )?)

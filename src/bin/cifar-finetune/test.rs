@@ -48,6 +48,10 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     // Read the checkpoint before extracting anything: a wrong path fails at once.
     let ck = checkpoint::load(&args.checkpoint)?;
+    // The head's backbone, unless --backbone or the --weights file says otherwise: then it
+    // is refused at once, naming both, rather than after extracting every feature.
+    let backbone =
+        source::checkpoint_backbone(&ck, args.features.backbone, args.features.weights.as_ref())?;
     let out = args
         .out
         .clone()
@@ -56,6 +60,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // files with ours; taken before the (possibly long) extraction, so a refusal is at once.
     let _lock = DirLock::acquire(&out, "run directory", args.features.wait_lock)?;
     let mut features = args.features.clone();
+    features.backbone = Some(backbone);
+    if features.weights.is_none() {
+        features.weights = source::checkpoint_weights(&ck);
+    }
     if features.normalize.is_none() {
         // The normalisation the head's features were made with, read from its fingerprint.
         let half = FeatureArgs {
