@@ -125,7 +125,7 @@ const TRAIN_PER_CLASS: usize = 24;
 const VAL_PER_CLASS: usize = 5;
 const TEST_PER_CLASS: usize = 10;
 const EXTRACTOR: &str =
-    "synthetic-100-avgpool; weights sha256:0a0b0c0d; synthetic features; precision f32";
+    "resnet50-avgpool; weights sha256:0a0b0c0d; synthetic features; precision f32";
 
 fn h32(mut x: u32) -> u32 {
     x ^= x >> 16;
