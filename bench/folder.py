@@ -3,7 +3,7 @@
 
 Run from the repository root after building our side:
 
-    cargo build --release --bin cifar-finetune --example bench_backbone
+    cargo build --release --bin cifar-finetune
     python3 bench/folder.py                    # 1,000 JPEGs of 500x375, 2 threads
 
 What it does:
@@ -20,9 +20,9 @@ What it does:
      up to the pool, in ``--torch-mode`` (default: fp32 channels_last, PyTorch's best fp32
      mode; ``bf16`` autocast is best on CPUs with AMX), features saved with ``np.save``;
 3. prints the median seconds and images/s of each, the ratio, each side's peak memory
-   (resident set of the process and its children), and our share of time outside the
-   backbone: 1 - (backbone time for the same images, measured by ``bench_backbone`` at the
-   same batch size) / (our whole job).
+   (resident set of the process and of its DataLoader workers), and our share of time
+   outside the backbone: 1 - (the backbone's seconds, which ``features`` reports on its last
+   line from its own clock) / (our whole job, process start to exit).
 
 Both sides use ``--threads`` threads for the network. The folder is generated with Pillow, so
 that both sides decode the same bytes.
@@ -30,7 +30,7 @@ that both sides decode the same bytes.
 
 import argparse
 import os
-import resource
+import re
 import statistics
 import subprocess
 import sys
@@ -108,40 +108,31 @@ def write_weights(path):
 
 
 def timed(cmd, env=None):
-    """(seconds, peak RSS MiB of the process tree) of one command run to completion."""
+    """(seconds, peak RSS MiB, stdout) of one command run to completion. The peak is the
+    largest resident set of the process and of the children it waited for (a DataLoader's
+    workers), as Linux reports it through wait4."""
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    out, err = proc.communicate()
     seconds = time.perf_counter() - t
-    err = proc.stderr.read().decode(errors="replace")
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"{cmd[0]} failed:\n{err}")
-    # ru_maxrss of the waited process; its DataLoader workers are counted by the children
-    # total, which only grows: report the larger.
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return seconds, max(usage.ru_maxrss, children) / 1024
+    if proc.returncode != 0:
+        sys.exit(f"{cmd[0]} failed:\n{err.decode(errors='replace')}")
+    return seconds, proc.peak_rss / 1024, out.decode(errors="replace")
 
 
-def backbone_seconds(binary, threads, images, work):
-    """Our backbone alone on `images` images: bench_backbone's median batch time at 16."""
-    batch = os.path.join(work, "batch.f32")
-    np.random.default_rng(0).standard_normal((16, 3, 224, 224), dtype=np.float32).tofile(batch)
-    proc = subprocess.Popen(
-        [binary, "--serve", "--images", batch, "--batch", "16", "--size", "224", "--threads",
-         str(threads), "--features-out", batch + ".out", "--precision", "f32"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    import json
+class Popen(subprocess.Popen):
+    """subprocess.Popen that keeps the child's rusage from wait4."""
 
-    proc.stdout.readline()
-    times = []
-    for _ in range(3):
-        proc.stdin.write("run\n")
-        proc.stdin.flush()
-        times.append(json.loads(proc.stdout.readline())["seconds"])
-    proc.stdin.write("quit\n")
-    proc.stdin.flush()
-    proc.wait()
-    return statistics.median(times) * images / 16
+    peak_rss = 0
+
+    def _try_wait(self, wait_flags):
+        pid, status, usage = os.wait4(self.pid, wait_flags)
+        if pid:
+            self.peak_rss = usage.ru_maxrss
+        return (pid, status)
+
+
+subprocess.Popen = Popen
 
 
 def main():
@@ -153,11 +144,9 @@ def main():
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "bench-folder"))
     ap.add_argument("--binary", default=os.path.join(ROOT, "target", "release", "cifar-finetune"))
-    ap.add_argument("--bench-binary", default=os.path.join(ROOT, "target", "release", "examples", "bench_backbone"))
     args = ap.parse_args()
-    for b in (args.binary, args.bench_binary):
-        if not os.path.exists(b):
-            sys.exit(f"{b} not found: cargo build --release --bin cifar-finetune --example bench_backbone")
+    if not os.path.exists(args.binary):
+        sys.exit(f"{args.binary} not found: cargo build --release --bin cifar-finetune")
 
     folder = os.path.join(args.work, f"jpegs-{args.images}")
     make_folder(folder, args.images)
@@ -168,6 +157,7 @@ def main():
 
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
     runs = {"ours": [], "torch": []}
+    inside = []  # our backbone's seconds within each of our jobs, as the binary reports them
     rss = {}
     for r in range(args.rounds):
         sides = ["ours", "torch"] if r % 2 == 0 else ["torch", "ours"]
@@ -182,7 +172,10 @@ def main():
                 else:
                     cmd = [sys.executable, "-c", TORCH_JOB, folder, weights, os.path.join(tmp, "f.npy"),
                            str(args.threads), args.torch_mode]
-                seconds, peak = timed(cmd, env)
+                seconds, peak, stdout = timed(cmd, env)
+                if side == "ours":
+                    m = re.search(r"of which the backbone ([0-9.]+) s", stdout)
+                    inside.append(float(m.group(1)) if m else float("nan"))
             runs[side].append(seconds)
             rss[side] = max(rss.get(side, 0), peak)
             print(f"round {r + 1}: {side} {seconds:.1f} s ({args.images / seconds:.2f} images/s), "
@@ -194,10 +187,10 @@ def main():
         print(f"  {s:<6} {t:7.1f} s  {args.images / t:6.2f} images/s  peak {rss[s]:.0f} MiB")
     if "torch" in med:
         print(f"  ours / torch ({args.torch_mode}): {med['torch'] / med['ours']:.2f}x faster")
-    backbone = backbone_seconds(args.bench_binary, args.threads, args.images, args.work)
-    print(f"  our backbone alone on {args.images} images: {backbone:.1f} s -> "
+    backbone = statistics.median(inside)
+    print(f"  our backbone within our job: {backbone:.1f} s (its own clock) -> "
           f"{100 * (1 - backbone / med['ours']):.1f} % of our whole job outside the backbone "
-          f"(decode, resize, weights, cache)")
+          f"(process start, weights, hashing, decoding, resizing, cache writes)")
     print(f"load after: {os.getloadavg()}")
 
 

@@ -31,6 +31,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
+use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
 use crate::backbone::arch::Arch;
@@ -169,6 +170,9 @@ pub struct Extractor {
     model: std::sync::OnceLock<Backbone>,
     preprocess: Preprocess,
     fingerprint: Fingerprint,
+    /// Nanoseconds spent in the network's forward passes, loading included: what the
+    /// command line reports against the whole job's time.
+    backbone_nanos: std::sync::atomic::AtomicU64,
 }
 
 impl Extractor {
@@ -250,7 +254,16 @@ impl Extractor {
             model: std::sync::OnceLock::new(),
             preprocess,
             fingerprint,
+            backbone_nanos: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// Seconds spent in the backbone so far (loading the network and its forward passes),
+    /// over every call of this extractor.
+    pub fn backbone_seconds(&self) -> f64 {
+        self.backbone_nanos
+            .load(std::sync::atomic::Ordering::Relaxed) as f64
+            * 1e-9
     }
 
     /// The network, loaded from the weights file on first call.
@@ -318,19 +331,33 @@ impl Extractor {
         if images.is_empty() {
             return Ok(Vec::new());
         }
+        let started = std::time::Instant::now();
         let model = self.model()?;
+        let mut spent = started.elapsed();
         let mut out = Vec::with_capacity(images.len() * self.feature_dim());
-        // The resize filters are computed once per run of images of one input size.
-        let mut inputs: Vec<(Vec<f32>, (usize, usize))> = Vec::with_capacity(images.len());
-        for run in images.chunk_by(|a, b| (a.height, a.width) == (b.height, b.width)) {
-            let prepared = self.preprocess.prepare(run[0].height, run[0].width)?;
-            for image in run {
-                // [3, oh, ow]
-                let mut input = vec![0f32; prepared.output_len()];
-                prepared.apply(&image.pixels, &mut input)?;
-                inputs.push((input, prepared.output_hw()));
-            }
-        }
+        // The resize filters are computed once per run of images of one input size; the
+        // images are preprocessed in parallel (photos of any size cost milliseconds each).
+        let runs: Vec<&[Image<'_>]> = images
+            .chunk_by(|a, b| (a.height, a.width) == (b.height, b.width))
+            .collect();
+        // Per image: its input `[3, oh, ow]` and (oh, ow).
+        type Input = (Vec<f32>, (usize, usize));
+        let inputs: Vec<Vec<Input>> = runs
+            .par_iter()
+            .map(|run| {
+                let prepared = self.preprocess.prepare(run[0].height, run[0].width)?;
+                run.par_iter()
+                    .map(|image| {
+                        // [3, oh, ow]
+                        let mut input = vec![0f32; prepared.output_len()];
+                        prepared.apply(&image.pixels, &mut input)?;
+                        Ok((input, prepared.output_hw()))
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<_>>()?;
+        let inputs: Vec<Input> = inputs.into_iter().flatten().collect();
+        let forward = std::time::Instant::now();
         for run in inputs.chunk_by(|a, b| a.1 == b.1) {
             let (oh, ow) = run[0].1;
             // [b, 3, oh, ow]
@@ -351,6 +378,10 @@ impl Extractor {
                 }
             }
         }
+        spent += forward.elapsed();
+        let nanos = u64::try_from(spent.as_nanos()).unwrap_or(u64::MAX);
+        self.backbone_nanos
+            .fetch_add(nanos, std::sync::atomic::Ordering::Relaxed);
         Ok(out)
     }
 }
@@ -702,6 +733,8 @@ impl<'a> PartCache<'a> {
                 missing = self.missing(rows.clone());
             }
             summary.cached += rows.len() - missing.len();
+            // Rows of this chunk available (cached) or tried (extracted or skipped).
+            let mut chunk_done = rows.len() - missing.len();
             let mut keys = Vec::with_capacity(missing.len());
             let mut features = Vec::with_capacity(missing.len() * self.extractor.feature_dim());
             for batch in missing.chunks(self.opts.batch_size) {
@@ -722,8 +755,9 @@ impl<'a> PartCache<'a> {
                 keys.extend(good.iter().map(|&(i, _)| self.keys[i]));
                 features.extend(f);
                 summary.computed += good.len();
+                chunk_done += batch.len();
                 progress(Progress {
-                    done: done + (rows.len() - missing.len()) + summary.computed,
+                    done: done + chunk_done,
                     total,
                     cached: summary.cached,
                 });
@@ -761,7 +795,6 @@ impl<'a> PartCache<'a> {
     /// ones that cannot be decoded.
     #[allow(clippy::type_complexity)]
     fn decode(&self, rows: &[usize]) -> Result<(Vec<(usize, Image<'a>)>, Vec<Skipped>)> {
-        use rayon::prelude::*;
         let decoded: Vec<(usize, Result<Image<'a>>)> = rows
             .par_iter()
             .map(|&i| (i, self.dataset.image(self.part, i)))
@@ -1177,18 +1210,7 @@ impl FeatureSet {
         }
         let st = safetensors::SafeTensors::deserialize(&bytes)
             .map_err(|e| Error::format(path, format!("not a safetensors file: {e}")))?;
-        let get = |name: &str, dtype: Dtype| {
-            let t = st
-                .tensor(name)
-                .map_err(|_| Error::format(path, format!("missing tensor `{name}`")))?;
-            if t.dtype() != dtype {
-                return Err(Error::format(
-                    path,
-                    format!("tensor `{name}` is {:?}, expected {dtype:?}", t.dtype()),
-                ));
-            }
-            Ok(t)
-        };
+        let get = |name: &str, dtype: Dtype| tensor_of(&st, path, name, dtype);
         let f = get("features", Dtype::F32)?;
         let l = get("labels", Dtype::U8)?;
         let i = get("index", Dtype::I64)?;

@@ -1,12 +1,12 @@
 //! # cifar-finetune
 //!
-//! Transfer learning on CIFAR-10 with a frozen, ImageNet-pretrained ResNet (ResNet-50 by
-//! default), in Rust.
+//! Transfer learning on CIFAR-10, CIFAR-100 or your own image folders with a frozen,
+//! ImageNet-pretrained torchvision ResNet (ResNet-50 by default), in Rust.
 //!
 //! ## The pipeline, stage by stage
 //!
 //! ```text
-//!  fetch ──► data::Dataset (data::cifar: binary / python batches;   ──► data::transform
+//!  fetch ──► data::Dataset (data::cifar, data::cifar100;            ──► data::transform
 //!            data::folder: ImageFolder, files via data::decode)          (Resize, CenterCrop,
 //!            (class names, labels, images, fingerprints, content keys)    ToTensor, Normalize)
 //!                                                                              │
@@ -41,9 +41,10 @@
 //!    [`backbone::fast`] runs the network up to the global average pool — channels-last,
 //!    fused GEMM epilogues, f32 or bf16, on the kernels an [`isa::Isa`] token allows.
 //!    [`backbone::resnet`] is the straightforward candle version it is checked against.
-//! 4. [`features`] runs the frozen backbone once per image and caches the features in
-//!    fingerprinted ([`features::Fingerprint`]), checksummed, locked, resumable shards. Only
-//!    this stage ever runs the ResNet.
+//! 4. [`features`] runs the frozen backbone once per image and caches the features by each
+//!    image's content key in fingerprinted ([`features::Fingerprint`]), checksummed, locked,
+//!    resumable shards — which N processes on N machines can fill side by side
+//!    ([`features::Work`]). Only this stage ever runs the ResNet.
 //! 5. [`head`] and [`train`] fit the small head on cached features, sweep the L2 strength λ
 //!    and keep the best checkpoint by validation, writing a run directory ([`rundir`],
 //!    [`checkpoint`]).

@@ -909,7 +909,16 @@ fn gallery(h: &mut String, page: &Page) {
         "<p class=\"lead\">Misclassified images first (most confident mistakes first), then \
          correct ones (least confident first). Each bar is the probability of a class: \
          <span style=\"color:var(--ok);font-weight:600\">true class</span>, \
-         <span style=\"color:var(--bad);font-weight:600\">wrong prediction</span>.{}</p>",
+         <span style=\"color:var(--bad);font-weight:600\">wrong prediction</span>{}.{}</p>",
+        if page
+            .gallery
+            .first()
+            .is_some_and(|g| g.probabilities.len() > MANY_CLASSES)
+        {
+            format!(" (with this many classes, the {CARD_TOP} most probable and the true class)")
+        } else {
+            String::new()
+        },
         escape(&counts)
     );
     h.push_str("<div class=\"gallery\">");
@@ -928,7 +937,7 @@ fn gallery(h: &mut String, page: &Page) {
             if wrong { "bad" } else { "ok" },
             escape(name(g.predicted))
         );
-        for (c, &p) in g.probabilities.iter().enumerate() {
+        for (c, p) in card_classes(&g.probabilities, g.true_class) {
             let class = if c == g.true_class as usize {
                 " true"
             } else if c == g.predicted as usize {
@@ -951,9 +960,52 @@ fn gallery(h: &mut String, page: &Page) {
     h.push_str("</div></section>\n");
 }
 
+/// The classes most probable first, shown on a gallery card beyond [`MANY_CLASSES`].
+const CARD_TOP: usize = 5;
+
+/// The (class, probability) bars of a gallery card: every class in class order, or, beyond
+/// [`MANY_CLASSES`] classes (100 bars per card would make the page megabytes), the
+/// [`CARD_TOP`] most probable and the true class, most probable first.
+fn card_classes(probabilities: &[f32], true_class: u8) -> Vec<(usize, f32)> {
+    let all = probabilities.iter().copied().enumerate();
+    if probabilities.len() <= MANY_CLASSES {
+        return all.collect();
+    }
+    let mut order: Vec<(usize, f32)> = all.collect();
+    order.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let mut shown: Vec<(usize, f32)> = order.iter().take(CARD_TOP).copied().collect();
+    if !shown.iter().any(|&(c, _)| c == usize::from(true_class))
+        && let Some(&t) = order.iter().find(|&&(c, _)| c == usize::from(true_class))
+    {
+        shown.push(t);
+    }
+    shown
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_card_shows_every_class_or_the_top_five_and_the_true_one() {
+        let few: Vec<f32> = (0..10).map(|c| c as f32 / 45.0).collect();
+        assert_eq!(card_classes(&few, 3).len(), 10);
+        let mut many = vec![0.001f32; 100];
+        for (c, p) in [
+            (40, 0.5),
+            (7, 0.2),
+            (93, 0.1),
+            (2, 0.05),
+            (61, 0.04),
+            (8, 0.03),
+        ] {
+            many[c] = p;
+        }
+        let shown: Vec<usize> = card_classes(&many, 77).iter().map(|&(c, _)| c).collect();
+        assert_eq!(shown, vec![40, 7, 93, 2, 61, 77]);
+        let shown: Vec<usize> = card_classes(&many, 93).iter().map(|&(c, _)| c).collect();
+        assert_eq!(shown, vec![40, 7, 93, 2, 61]);
+    }
 
     #[test]
     fn escapes_markup() {

@@ -63,12 +63,25 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
     if let Some(count) = args.num_shards {
         return run_worker(&args, count);
     }
+    let started = std::time::Instant::now();
     let src = &args.source;
-    let set = match args.split {
-        Which::Train => source::load(src, Split::Train)?,
-        Which::Val => source::load(src, Split::Val)?,
-        Which::Test => source::load(src, Split::Test)?,
-        Which::All => {
+    let split = match args.split {
+        Which::Train => Some(Split::Train),
+        Which::Val => Some(Split::Val),
+        Which::Test => Some(Split::Test),
+        Which::All => None,
+    };
+    let (set, backbone_seconds) = match split {
+        Some(split) => {
+            let loaded = source::load_many(src, &[split])?;
+            let set = loaded
+                .sets
+                .into_iter()
+                .next()
+                .context("no feature set returned")?;
+            (set, loaded.backbone_seconds)
+        }
+        None => {
             let dataset = src.dataset(&[Part::Train, Part::Test])?;
             // Every file is checked before the first image is extracted.
             for &part in dataset.parts() {
@@ -88,7 +101,8 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
                     }
                 }
             }
-            all.context("the dataset has no parts")?
+            let set = all.context("the dataset has no parts")?;
+            (set, extractor.backbone_seconds())
         }
     };
     set.write(&args.out)?;
@@ -99,11 +113,23 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
         args.out.display(),
         set.extractor
     );
+    report_time(started, backbone_seconds);
     Ok(())
+}
+
+/// Where the time went: the whole command, and the backbone's share of it.
+fn report_time(started: std::time::Instant, backbone: f64) {
+    let total = started.elapsed().as_secs_f64();
+    println!(
+        "time: {total:.1} s, of which the backbone {backbone:.1} s (decoding, resizing, \
+         hashing and the cache: {:.1} s)",
+        (total - backbone).max(0.0)
+    );
 }
 
 /// One worker of a sharded extraction: fills its chunks of every part of the dataset.
 fn run_worker(args: &Args, count: usize) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
     let index = match args.shard_index {
         Some(i) => i,
         None => INDEX_VARS
@@ -162,5 +188,6 @@ fn run_worker(args: &Args, count: usize) -> anyhow::Result<()> {
         "cache: {} (complete when all {count} shards have run)",
         src.cache_dir().display()
     );
+    report_time(started, extractor.backbone_seconds());
     Ok(())
 }

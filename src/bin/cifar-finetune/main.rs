@@ -19,7 +19,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-/// Transfer learning on CIFAR-10 with a frozen, cached ResNet backbone (ResNet-50 by default).
+/// Transfer learning on CIFAR-10, CIFAR-100 or your own image folders with a frozen, cached
+/// torchvision ResNet backbone (ResNet-50 by default).
 #[derive(Debug, Parser)]
 #[command(name = "cifar-finetune", version, about, long_about = None)]
 struct Cli {

@@ -594,6 +594,8 @@ pub struct Loaded {
     pub sets: Vec<FeatureSet>,
     /// The images that could not be decoded (only with --skip-bad), over all parts read.
     pub skipped: Vec<Skipped>,
+    /// Seconds spent in the backbone (nothing when every feature was cached).
+    pub backbone_seconds: f64,
 }
 
 /// The features of each split asked for, in that order (each part is read once; every file
@@ -653,7 +655,11 @@ pub fn load_many(args: &FeatureArgs, splits: &[Split]) -> anyhow::Result<Loaded>
         }
         sets.push(set);
     }
-    Ok(Loaded { sets, skipped })
+    Ok(Loaded {
+        sets,
+        skipped,
+        backbone_seconds: extractor.backbone_seconds(),
+    })
 }
 
 /// The features of one split.

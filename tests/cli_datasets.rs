@@ -1,6 +1,7 @@
-//! Image folders on the command line: a folder without split directories goes through
+//! Datasets on the command line: an image folder without split directories goes through
 //! `run` with a stratified split, a bad file stops the run naming it or is skipped with
-//! `--skip-bad` and recorded; flags that do not fit the layout are refused.
+//! `--skip-bad` and recorded; flags that do not fit the layout are refused; CIFAR-100's
+//! coarse labels reach the features.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -165,4 +166,47 @@ fn flags_that_do_not_fit_the_layout_are_refused() {
     let out = cli(tmp.path(), &["features", "--dataset", "cifar10"]);
     let t = text(&out);
     assert!(!out.status.success() && t.contains("--folder"), "{t}");
+}
+
+#[test]
+fn cifar100_coarse_labels_reach_the_features() {
+    let tmp = tempfile::tempdir().unwrap();
+    let weights = tmp.path().join("resnet50.safetensors");
+    weights::write_safetensors(&weights::synthetic_state_dict().unwrap(), &weights).unwrap();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cifar100");
+    let expected: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixtures.join("expected.json")).unwrap()).unwrap();
+    let out_file = tmp.path().join("test.safetensors");
+    let out = Command::new(env!("CARGO_BIN_EXE_cifar-finetune"))
+        .args(["features", "--dataset", "cifar100", "--labels", "coarse"])
+        .args(["--split", "test", "--image-size", "32", "--offline"])
+        .arg("--data")
+        .arg(&fixtures)
+        .arg("--weights")
+        .arg(&weights)
+        .arg("--cache-dir")
+        .arg(tmp.path().join("cache"))
+        .arg("--out")
+        .arg(&out_file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let set = cifar_finetune::features::FeatureSet::read(&out_file).unwrap();
+    assert_eq!(
+        set.classes,
+        expected["coarse_classes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    );
+    let want: Vec<u8> = expected["parts"]["test"]["coarse"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u8)
+        .collect();
+    assert_eq!(set.labels, want);
+    assert_eq!(set.dim, 2048);
 }
