@@ -125,6 +125,38 @@ fn a_folder_runs_end_to_end_and_a_bad_file_is_named_or_skipped() {
         serde_json::from_slice(&std::fs::read(run.join("metrics.json")).unwrap()).unwrap();
     assert_eq!(metrics["count"], 3);
     assert!(run.join("report.html").exists());
+
+    // `test` of the chosen head on the same folder: the test split again, the bad file
+    // listed beside its metrics.
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("summary.json")).unwrap()).unwrap();
+    let chosen = run.join(summary["chosen_checkpoint"].as_str().unwrap());
+    let out_dir = tmp.path().join("tested");
+    let out = cli(
+        tmp.path(),
+        &[
+            "test",
+            "--checkpoint",
+            chosen.to_str().unwrap(),
+            "--out",
+            out_dir.to_str().unwrap(),
+            "--skip-bad",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let listed: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("skipped_images-test.json")).unwrap())
+            .unwrap();
+    assert!(
+        listed[0]["path"]
+            .as_str()
+            .unwrap()
+            .ends_with("dog/broken.jpg")
+    );
+    let tested: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(tested["count"], 3);
+    assert_eq!(tested["accuracy"], metrics["accuracy"]);
 }
 
 #[test]

@@ -661,11 +661,3 @@ pub fn load_many(args: &FeatureArgs, splits: &[Split]) -> anyhow::Result<Loaded>
         backbone_seconds: extractor.backbone_seconds(),
     })
 }
-
-/// The features of one split.
-pub fn load(args: &FeatureArgs, split: Split) -> anyhow::Result<FeatureSet> {
-    load_many(args, &[split])?
-        .sets
-        .pop()
-        .context("no feature set returned")
-}

@@ -96,7 +96,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         val_set
     } else {
-        source::load(&features, args.split)?
+        let loaded = source::load_many(&features, &[args.split])?;
+        if !loaded.skipped.is_empty() {
+            // Beside the metrics they leave out of the count.
+            let path = out.join(format!("skipped_images-{}.json", args.split));
+            cifar_finetune::io::write_json(&path, &loaded.skipped)?;
+            println!(
+                "{} undecodable image(s) left out (--skip-bad), listed in {}",
+                loaded.skipped.len(),
+                path.display()
+            );
+        }
+        loaded
+            .sets
+            .into_iter()
+            .next()
+            .context("no feature set returned")?
     };
     let eval = evaluate::evaluate(&ck, &set, args.split)?;
     let (metrics, predictions) = evaluate::write_outputs(&eval, &out)
