@@ -1246,11 +1246,7 @@ impl FeatureSet {
                 ));
             }
         }
-        let features: Vec<f32> = f
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let features = f32s(f.data());
         if let Some((row, v)) = first_non_finite(&features, *dim) {
             return Err(Error::format(
                 path,

@@ -243,6 +243,15 @@ pub fn classification_report<S: AsRef<str>>(
     Ok(Metrics::from_predictions(y_true, y_pred, names)?.classification_report(digits))
 }
 
+/// The `k` largest of one sample's `probabilities` with their class ids, most probable first
+/// (the lower id first on ties, as [`top_k_accuracy`] ranks them).
+pub fn top_classes(probabilities: &[f32], k: usize) -> Vec<(usize, f32)> {
+    let mut order: Vec<(usize, f32)> = probabilities.iter().copied().enumerate().collect();
+    order.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    order.truncate(k);
+    order
+}
+
 /// Top-k accuracy as scikit-learn's `top_k_accuracy_score(y_true, y_score, k=k)` computes it:
 /// a sample counts when its true class is among the `k` classes ranked first by score. The
 /// ranking is sklearn's (`argsort(kind="mergesort")` reversed), so among equal scores the

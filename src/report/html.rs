@@ -967,17 +967,15 @@ const CARD_TOP: usize = 5;
 /// [`MANY_CLASSES`] classes (100 bars per card would make the page megabytes), the
 /// [`CARD_TOP`] most probable and the true class, most probable first.
 fn card_classes(probabilities: &[f32], true_class: u8) -> Vec<(usize, f32)> {
-    let all = probabilities.iter().copied().enumerate();
     if probabilities.len() <= MANY_CLASSES {
-        return all.collect();
+        return probabilities.iter().copied().enumerate().collect();
     }
-    let mut order: Vec<(usize, f32)> = all.collect();
-    order.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    let mut shown: Vec<(usize, f32)> = order.iter().take(CARD_TOP).copied().collect();
-    if !shown.iter().any(|&(c, _)| c == usize::from(true_class))
-        && let Some(&t) = order.iter().find(|&&(c, _)| c == usize::from(true_class))
+    let mut shown = crate::metrics::top_classes(probabilities, CARD_TOP);
+    let t = usize::from(true_class);
+    if !shown.iter().any(|&(c, _)| c == t)
+        && let Some(&p) = probabilities.get(t)
     {
-        shown.push(t);
+        shown.push((t, p));
     }
     shown
 }

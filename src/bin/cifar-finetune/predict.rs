@@ -13,6 +13,7 @@ use cifar_finetune::backbone::arch::Arch;
 use cifar_finetune::checkpoint;
 use cifar_finetune::data::transform::{DEFAULT_MAX_PIXELS, Preprocess, load_image};
 use cifar_finetune::features::{Extractor, FeatureSet, Fingerprint};
+use cifar_finetune::metrics::top_classes;
 
 use crate::source::{self, Normalize, WeightsArg, backbone_parser};
 
@@ -101,15 +102,6 @@ fn preprocess_for(extractor: &Fingerprint, args: &Args) -> anyhow::Result<Prepro
     )
 }
 
-/// The `k` largest probabilities with their class ids, most probable first (lower id first
-/// on ties).
-fn top_k(probabilities: &[f32], k: usize) -> Vec<(usize, f32)> {
-    let mut order: Vec<(usize, f32)> = probabilities.iter().copied().enumerate().collect();
-    order.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    order.truncate(k);
-    order
-}
-
 pub fn run(args: Args) -> anyhow::Result<()> {
     if args.top == 0 {
         bail!("invalid --top: must be at least 1");
@@ -176,7 +168,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         // [1, classes]
         let probabilities = ck.head.probabilities(&set.features)?;
         println!("{} ({w}×{h})", path.display());
-        for (rank, (class, p)) in top_k(&probabilities, k).into_iter().enumerate() {
+        for (rank, (class, p)) in top_classes(&probabilities, k).into_iter().enumerate() {
             println!(
                 "  {}. {:<width$} {:>6.2}%",
                 rank + 1,
@@ -195,7 +187,7 @@ mod tests {
     #[test]
     fn top_k_orders_by_probability_then_class() {
         let p = [0.1, 0.4, 0.1, 0.4];
-        assert_eq!(top_k(&p, 3), vec![(1, 0.4), (3, 0.4), (0, 0.1)]);
-        assert_eq!(top_k(&p, 10).len(), 4);
+        assert_eq!(top_classes(&p, 3), vec![(1, 0.4), (3, 0.4), (0, 0.1)]);
+        assert_eq!(top_classes(&p, 10).len(), 4);
     }
 }
