@@ -14,6 +14,7 @@ fn main() {
     for kind in IsaKind::ALL {
         let native = available.iter().any(|i| i.kind() == kind);
         let kernels = match kind {
+            IsaKind::Amx => "backbone bf16 32x32 AMX tiles (tdpbf16ps)",
             IsaKind::Avx512Bf16 => "backbone bf16 12x32 vdpbf16ps",
             IsaKind::Avx512 => "backbone f32 12x32 (and bf16 emulated on it)",
             IsaKind::Avx2Fma => "backbone f32 6x16, head 8-lane AVX2",

@@ -2,8 +2,9 @@
 //! proves this CPU has it.
 //!
 //! Each x86-64 feature set the crate has kernels for is a zero-sized token type
-//! ([`Avx2Fma`], [`Avx512`], [`Avx512Bf16`]) whose only constructor checks the CPU at run
-//! time (`is_x86_feature_detected!`) and returns `None` when a feature is missing. A function
+//! ([`Avx2Fma`], [`Avx512`], [`Avx512Bf16`], [`AmxBf16`]) whose only constructor checks the
+//! CPU at run time (`is_x86_feature_detected!`; for AMX, CPUID and a request to Linux, see
+//! [`AmxBf16::new`]) and returns `None` when a feature is missing. A function
 //! that takes a token by value can therefore run those instructions without repeating the
 //! check: holding the token is the proof. [`Isa`] carries the token of the best set chosen
 //! (or [`Isa::Portable`], which needs none) and is what the head (`crate::head`) and the
@@ -12,7 +13,8 @@
 //!
 //! The hierarchy is explicit: an [`Avx512`] token is only made when AVX2 and FMA are present
 //! too (true of every AVX-512 CPU, but checked rather than assumed), so it can hand out an
-//! [`Avx2Fma`] token, and an [`Avx512Bf16`] token an [`Avx512`] one.
+//! [`Avx2Fma`] token, an [`Avx512Bf16`] token an [`Avx512`] one, and an [`AmxBf16`] token an
+//! [`Avx512Bf16`] one.
 
 use std::fmt;
 use std::str::FromStr;
@@ -34,6 +36,13 @@ pub struct Avx512 {
 /// Proof that this CPU runs AVX-512F and AVX512-BF16 instructions (and AVX2 and FMA).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Avx512Bf16 {
+    _private: (),
+}
+
+/// Proof that this CPU runs AMX-TILE and AMX-BF16 instructions, that Linux has granted this
+/// process the tile state, and that the CPU has AVX512-BF16 (and so AVX-512F, AVX2, FMA).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AmxBf16 {
     _private: (),
 }
 
@@ -82,10 +91,77 @@ impl Avx512Bf16 {
     }
 }
 
+impl AmxBf16 {
+    /// The token, when CPUID reports AMX-TILE and AMX-BF16 (leaf 7, sub-leaf 0, EDX bits 24
+    /// and 22), the CPU has AVX512-BF16, and Linux grants the process the tile data state
+    /// (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, asked once per process: until
+    /// then the first tile instruction faults). `None` wherever any of these fails, e.g. on a
+    /// kernel older than 5.16 or under a hypervisor that hides the state; the kernels then
+    /// fall back to AVX512-BF16. `is_x86_feature_detected!("amx-bf16")` is still unstable
+    /// (rust-lang/rust#126622), hence CPUID by hand.
+    pub fn new() -> Option<AmxBf16> {
+        static GRANTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let granted = *GRANTED.get_or_init(|| Avx512Bf16::new().is_some() && amx::request());
+        granted.then_some(AmxBf16 { _private: () })
+    }
+
+    /// The AVX512-BF16 token this one implies.
+    pub fn avx512_bf16(self) -> Avx512Bf16 {
+        Avx512Bf16 { _private: () }
+    }
+}
+
+#[allow(unsafe_code)]
+mod amx {
+    //! CPUID and the Linux permission request behind [`super::AmxBf16::new`].
+
+    /// True when CPUID reports AMX-TILE and AMX-BF16 and Linux grants the tile data state.
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    pub(super) fn request() -> bool {
+        /// `SYS_arch_prctl` on x86-64 Linux.
+        const SYS_ARCH_PRCTL: i64 = 158;
+        /// Request permission for a dynamically enabled XSAVE feature.
+        const ARCH_REQ_XCOMP_PERM: u64 = 0x1023;
+        /// The AMX tile data state component.
+        const XFEATURE_XTILEDATA: u64 = 18;
+        // SAFETY: CPUID is part of x86-64; leaf 7 exists on every CPU with AVX512-BF16 (checked
+        // by the caller before this runs).
+        #[allow(unused_unsafe)]
+        let edx = unsafe { std::arch::x86_64::__cpuid_count(7, 0) }.edx;
+        let (tile, bf16) = (edx >> 24 & 1 == 1, edx >> 22 & 1 == 1);
+        if !(tile && bf16) {
+            return false;
+        }
+        let ret: i64;
+        // SAFETY: arch_prctl only changes this process's permitted XSAVE features; the syscall
+        // clobbers rcx and r11 (declared) and reads no memory of ours.
+        unsafe {
+            std::arch::asm!(
+                "syscall",
+                inlateout("rax") SYS_ARCH_PRCTL => ret,
+                in("rdi") ARCH_REQ_XCOMP_PERM,
+                in("rsi") XFEATURE_XTILEDATA,
+                lateout("rcx") _,
+                lateout("r11") _,
+                options(nostack),
+            );
+        }
+        ret == 0
+    }
+
+    /// No AMX outside x86-64 Linux.
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+    pub(super) fn request() -> bool {
+        false
+    }
+}
+
 /// The name of an instruction set the kernels exist for, best first; see [`Isa`] for the
 /// value that proves one is available.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum IsaKind {
+    /// AMX tiles (`tdpbf16ps`) for bf16, on top of AVX512-BF16.
+    Amx,
     /// AVX-512F plus AVX512-BF16 (native bf16 dot products).
     Avx512Bf16,
     /// AVX-512F.
@@ -98,7 +174,8 @@ pub enum IsaKind {
 
 impl IsaKind {
     /// Every kind, best first.
-    pub const ALL: [IsaKind; 4] = [
+    pub const ALL: [IsaKind; 5] = [
+        IsaKind::Amx,
         IsaKind::Avx512Bf16,
         IsaKind::Avx512,
         IsaKind::Avx2Fma,
@@ -108,6 +185,7 @@ impl IsaKind {
     /// A short name for logs, benchmarks and command lines.
     pub fn name(self) -> &'static str {
         match self {
+            IsaKind::Amx => "amx",
             IsaKind::Avx512Bf16 => "avx512-bf16",
             IsaKind::Avx512 => "avx512",
             IsaKind::Avx2Fma => "avx2-fma",
@@ -132,7 +210,7 @@ impl FromStr for IsaKind {
             .ok_or_else(|| {
                 Error::invalid(
                     "instruction set",
-                    format!("`{s}` is none of avx512-bf16, avx512, avx2-fma, portable"),
+                    format!("`{s}` is none of amx, avx512-bf16, avx512, avx2-fma, portable"),
                 )
             })
     }
@@ -141,6 +219,8 @@ impl FromStr for IsaKind {
 /// An instruction set this CPU has, carrying its proof: what kernels dispatch on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Isa {
+    /// AMX-TILE and AMX-BF16, granted by the OS, with AVX512-BF16.
+    Amx(AmxBf16),
     /// AVX-512F and AVX512-BF16.
     Avx512Bf16(Avx512Bf16),
     /// AVX-512F.
@@ -163,6 +243,7 @@ impl Isa {
     /// `kind`, when this CPU has it.
     pub fn new(kind: IsaKind) -> Option<Isa> {
         match kind {
+            IsaKind::Amx => AmxBf16::new().map(Isa::Amx),
             IsaKind::Avx512Bf16 => Avx512Bf16::new().map(Isa::Avx512Bf16),
             IsaKind::Avx512 => Avx512::new().map(Isa::Avx512),
             IsaKind::Avx2Fma => Avx2Fma::new().map(Isa::Avx2Fma),
@@ -178,6 +259,7 @@ impl Isa {
     /// Which instruction set this is.
     pub fn kind(self) -> IsaKind {
         match self {
+            Isa::Amx(_) => IsaKind::Amx,
             Isa::Avx512Bf16(_) => IsaKind::Avx512Bf16,
             Isa::Avx512(_) => IsaKind::Avx512,
             Isa::Avx2Fma(_) => IsaKind::Avx2Fma,
@@ -193,6 +275,7 @@ impl Isa {
     /// The AVX2 + FMA token, when `self` implies those features.
     pub fn avx2_fma(self) -> Option<Avx2Fma> {
         match self {
+            Isa::Amx(t) => Some(t.avx512_bf16().avx512().avx2_fma()),
             Isa::Avx512Bf16(t) => Some(t.avx512().avx2_fma()),
             Isa::Avx512(t) => Some(t.avx2_fma()),
             Isa::Avx2Fma(t) => Some(t),
@@ -203,18 +286,26 @@ impl Isa {
     /// The AVX-512F token, when `self` implies it.
     pub fn avx512(self) -> Option<Avx512> {
         match self {
+            Isa::Amx(t) => Some(t.avx512_bf16().avx512()),
             Isa::Avx512Bf16(t) => Some(t.avx512()),
             Isa::Avx512(t) => Some(t),
             Isa::Avx2Fma(_) | Isa::Portable => None,
         }
     }
 
-    /// The AVX512-BF16 token, when `self` is that set.
+    /// The AVX512-BF16 token, when `self` implies it.
     pub fn avx512_bf16(self) -> Option<Avx512Bf16> {
         match self {
+            Isa::Amx(t) => Some(t.avx512_bf16()),
             Isa::Avx512Bf16(t) => Some(t),
             _ => None,
         }
+    }
+
+    /// True when bf16 products run on native instructions (AMX or AVX512-BF16) rather than
+    /// being emulated by the f32 kernels.
+    pub fn native_bf16(self) -> bool {
+        self.avx512_bf16().is_some()
     }
 }
 
@@ -242,6 +333,7 @@ mod tests {
             // The implied tokens agree with what the CPU reports for them directly.
             assert!(isa.avx2_fma().is_none() || Avx2Fma::new().is_some());
             assert!(isa.avx512().is_none() || Avx512::new().is_some());
+            assert!(isa.avx512_bf16().is_none() || Avx512Bf16::new().is_some());
         }
         eprintln!(
             "instruction sets of this CPU: {}",

@@ -28,7 +28,11 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use crate::error::{Error, Result};
 use crate::isa::Isa;
 #[cfg(target_arch = "x86_64")]
-use crate::isa::{Avx2Fma, Avx512, Avx512Bf16};
+use crate::isa::{AmxBf16, Avx2Fma, Avx512, Avx512Bf16};
+
+mod bf16;
+
+pub(crate) use bf16::{Act, Data, bf16_to_f32, conv as conv_bf16};
 
 /// The pointer type every micro-kernel takes: `steps` k-steps of `a` and packed `b` (f32
 /// words; for bf16, each word holds two bf16 values of consecutive k), accumulated into the
@@ -61,6 +65,9 @@ enum Kernel {
     /// AVX512-BF16 `vdpbf16ps` on bf16 pairs, 12×32.
     #[cfg(target_arch = "x86_64")]
     Avx512Bf16(Avx512Bf16),
+    /// AMX `tdpbf16ps` on tiles, 32×32.
+    #[cfg(target_arch = "x86_64")]
+    Amx(AmxBf16),
     /// Test stand-ins for the two AVX-512 kernels: the same blockings and arithmetic in
     /// plain Rust, so they run on any CPU.
     #[cfg(all(test, target_arch = "x86_64"))]
@@ -68,6 +75,10 @@ enum Kernel {
         /// Stands in for the bf16-pair kernel rather than the f32 one.
         pairs: bool,
     },
+    /// Test stand-in for the AMX kernel: its blocking and `tdpbf16ps`'s arithmetic in plain
+    /// Rust.
+    #[cfg(test)]
+    EmulatedAmx,
 }
 
 /// Blocking of one micro-kernel family, and how its operands are packed. The fields are
@@ -87,6 +98,11 @@ pub(crate) struct Tiling {
     pairs: bool,
     /// Operands are f32 rounded to bf16 first (bf16 emulated by the f32 kernels).
     round: bool,
+    /// Activations are bf16 in memory (the bf16 dataflow, `bf16::conv`), whatever the kernel.
+    bf16_act: bool,
+    /// The packed depth is a multiple of this many k values: 32 for AMX tiles (64 bytes of
+    /// bf16), 2 for bf16 pairs, else 1.
+    kalign: usize,
     /// The micro-kernel.
     kernel: Kernel,
 }
@@ -95,6 +111,10 @@ impl Tiling {
     /// The blocking and micro-kernel for `isa`, with bf16 operands when `bf16`.
     pub fn new(isa: Isa, bf16: bool) -> Tiling {
         let kernel = match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Amx(t) if bf16 => Kernel::Amx(t),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Amx(t) => Kernel::Avx512(t.avx512_bf16().avx512()),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512Bf16(t) if bf16 => Kernel::Avx512Bf16(t),
             #[cfg(target_arch = "x86_64")]
@@ -121,8 +141,20 @@ impl Tiling {
             Kernel::Avx512(_) => (12, 32, 128, 144, false),
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512Bf16(_) => (12, 32, 256, 144, true),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Amx(_) => (32, 32, 256, 128, true),
             #[cfg(all(test, target_arch = "x86_64"))]
             Kernel::Emulated12x32 { pairs } => (12, 32, if pairs { 256 } else { 128 }, 144, pairs),
+            #[cfg(test)]
+            Kernel::EmulatedAmx => (32, 32, 256, 128, true),
+        };
+        let kalign = match kernel {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Amx(_) => 32,
+            #[cfg(test)]
+            Kernel::EmulatedAmx => 32,
+            _ if pairs => 2,
+            _ => 1,
         };
         Tiling {
             mr,
@@ -131,8 +163,27 @@ impl Tiling {
             mc,
             pairs,
             round: bf16 && !pairs,
+            bf16_act: bf16,
+            kalign,
             kernel,
         }
+    }
+
+    /// Configures AMX's tiles on this thread when the kernel is AMX's (released when the
+    /// value is dropped); `None` for every other kernel.
+    #[cfg(target_arch = "x86_64")]
+    fn tile_session(&self) -> Option<bf16::amx::TileSession> {
+        match self.kernel {
+            // SAFETY: the `AmxBf16` token proves the CPU has AMX and Linux granted the tiles.
+            Kernel::Amx(_) => Some(unsafe { bf16::amx::TileSession::start() }),
+            _ => None,
+        }
+    }
+
+    /// No AMX outside x86-64.
+    #[cfg(not(target_arch = "x86_64"))]
+    fn tile_session(&self) -> Option<()> {
+        None
     }
 
     /// The micro-kernel of `self.kernel`. Calling it is sound on this CPU: the x86-64
@@ -146,11 +197,20 @@ impl Tiling {
             Kernel::Avx512(_) => x86::f32_avx512,
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512Bf16(_) => x86::bf16_avx512,
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Amx(_) => bf16::amx::amx_32x32,
             #[cfg(all(test, target_arch = "x86_64"))]
             Kernel::Emulated12x32 { pairs: false } => tests::f32_12x32,
             #[cfg(all(test, target_arch = "x86_64"))]
             Kernel::Emulated12x32 { pairs: true } => tests::bf16_pairs_12x32,
+            #[cfg(test)]
+            Kernel::EmulatedAmx => bf16::tests::amx_32x32,
         }
+    }
+
+    /// True when activations are bf16 in memory (run with [`conv_bf16`], not [`conv`]).
+    pub fn bf16_act(&self) -> bool {
+        self.bf16_act
     }
 
     /// True when the products run on bf16 pairs with `vdpbf16ps` (native bf16).
@@ -559,6 +619,21 @@ impl AlignedBuf {
     pub fn as_mut_slice(&mut self) -> &mut [f32] {
         &mut self.raw[self.offset..self.offset + self.len]
     }
+
+    /// The aligned words as twice as many bf16 bit patterns.
+    pub fn as_bf16(&self) -> &[u16] {
+        let words = self.as_slice();
+        // SAFETY: the f32 words are initialised memory of 2·len u16 values, u16's alignment (2)
+        // divides f32's, and every bit pattern is a valid u16; the borrow is carried over.
+        unsafe { std::slice::from_raw_parts(words.as_ptr().cast(), words.len() * 2) }
+    }
+
+    /// The aligned words as twice as many bf16 bit patterns, writable.
+    pub fn as_bf16_mut(&mut self) -> &mut [u16] {
+        let words = self.as_mut_slice();
+        // SAFETY: as for `as_bf16`; every u16 pattern written is a valid half of an f32 word.
+        unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast(), words.len() * 2) }
+    }
 }
 
 /// A convolution's geometry (square kernels, as in ResNet).
@@ -618,7 +693,7 @@ impl PackedB {
                 format!("{} values for {g:?} (need {})", w.len(), g.cout * k),
             ));
         }
-        let kp = k.next_multiple_of(1 << t.shift());
+        let kp = k.next_multiple_of(t.kalign);
         let panels = g.cout.div_ceil(t.nr);
         let steps = kp >> t.shift();
         let mut data = AlignedBuf::zeroed(panels * steps * t.nr);
@@ -686,30 +761,14 @@ pub(crate) struct Source<'a> {
 }
 
 /// Writes packed-A value `v` for k offset `kk` (within the block) of row `r` of the panel
-/// at `dst`: f32 words `kk · MR + r`, or for bf16 pairs the low (even `kk`) or high half of
-/// word `(kk / 2) · MR + r`.
+/// at `dst`: word `kk · MR + r`.
 ///
 /// # Safety
 /// `dst` holds the whole panel.
 #[inline(always)]
-unsafe fn put<const PAIRS: bool, const ROUND: bool>(
-    dst: *mut f32,
-    mr: usize,
-    kk: usize,
-    r: usize,
-    v: f32,
-) {
-    // SAFETY: forwarded from the caller. Pairs are only used on x86-64 (little-endian), where
-    // the low half of a word is the lower address.
-    unsafe {
-        if PAIRS {
-            *dst.cast::<u16>().add(((kk >> 1) * mr + r) * 2 + (kk & 1)) = bf16_bits(v);
-        } else if ROUND {
-            *dst.add(kk * mr + r) = round_bf16(v);
-        } else {
-            *dst.add(kk * mr + r) = v;
-        }
-    }
+unsafe fn put(dst: *mut f32, mr: usize, kk: usize, r: usize, v: f32) {
+    // SAFETY: forwarded from the caller.
+    unsafe { *dst.add(kk * mr + r) = v }
 }
 
 /// Packs one panel of the implicit im2col matrix of `src` under `g`: rows
@@ -721,9 +780,9 @@ unsafe fn put<const PAIRS: bool, const ROUND: bool>(
 /// at most three runs per `ky`: left padding, image, right padding.
 ///
 /// # Safety
-/// `dst` holds `kc / (1 + PAIRS) · mr` words; `src` holds the whole activation.
+/// `dst` holds `kc · mr` words; `src` holds the whole activation.
 #[allow(clippy::too_many_arguments)]
-unsafe fn pack_panel<const PAIRS: bool, const ROUND: bool>(
+unsafe fn pack_panel(
     src: &Source,
     g: &ConvGeom,
     (oh, ow): (usize, usize),
@@ -743,7 +802,7 @@ unsafe fn pack_panel<const PAIRS: bool, const ROUND: bool>(
         for r in 0..mr {
             if r >= valid {
                 for kk in 0..kc {
-                    put::<PAIRS, ROUND>(dst, mr, kk, r, 0.0);
+                    put(dst, mr, kk, r, 0.0);
                 }
                 continue;
             }
@@ -760,7 +819,7 @@ unsafe fn pack_panel<const PAIRS: bool, const ROUND: bool>(
                 let kg = k0 + kk;
                 if kg >= k {
                     for z in kk..kc {
-                        put::<PAIRS, ROUND>(dst, mr, z, r, 0.0);
+                        put(dst, mr, z, r, 0.0);
                     }
                     break;
                 }
@@ -781,11 +840,11 @@ unsafe fn pack_panel<const PAIRS: bool, const ROUND: bool>(
                         ((n as isize * src.h as isize + iy) * w + ix0) * cin + within as isize;
                     let s = base.offset(off);
                     for t in 0..run {
-                        put::<PAIRS, ROUND>(dst, mr, kk + t, r, *s.add(t));
+                        put(dst, mr, kk + t, r, *s.add(t));
                     }
                 } else {
                     for t in 0..run {
-                        put::<PAIRS, ROUND>(dst, mr, kk + t, r, 0.0);
+                        put(dst, mr, kk + t, r, 0.0);
                     }
                 }
                 kk += run;
@@ -808,23 +867,13 @@ unsafe fn pack_block(
     t: &Tiling,
     dst: *mut f32,
 ) {
-    let panel_words = (kc >> t.shift()) * t.mr;
+    let panel_words = kc * t.mr;
     for p in 0..rows.div_ceil(t.mr) {
         let valid = t.mr.min(rows - p * t.mr);
         // SAFETY: panel p < ceil(rows / mr) starts inside `dst` (see the contract).
         let (m, d) = (m0 + p * t.mr, unsafe { dst.add(p * panel_words) });
         // SAFETY: forwarded from the caller; panel p lies inside `dst`.
-        unsafe {
-            match (t.pairs, t.round) {
-                (true, _) => pack_panel::<true, false>(src, g, ohw, m, valid, (k0, kc), t.mr, d),
-                (false, true) => {
-                    pack_panel::<false, true>(src, g, ohw, m, valid, (k0, kc), t.mr, d)
-                }
-                (false, false) => {
-                    pack_panel::<false, false>(src, g, ohw, m, valid, (k0, kc), t.mr, d)
-                }
-            }
-        }
+        unsafe { pack_panel(src, g, ohw, m, valid, (k0, kc), t.mr, d) }
     }
 }
 
@@ -874,10 +923,10 @@ impl Workers {
     }
 }
 
-/// One convolution: `out [M, cout] = epilogue(im2col(src) · B)`, M = batch · oh · ow,
+/// One f32 convolution: `out [M, cout] = epilogue(im2col(src) · B)`, M = batch · oh · ow,
 /// with `bias` added, `residual [M, cout]` added when given, then ReLU when `relu`.
 ///
-/// `t` is the tiling the caller runs and must be the one `b` was packed for: a mismatch
+/// `t` is the f32 tiling the caller runs and must be the one `b` was packed for: a mismatch
 /// (or any buffer too small for the geometry `b` was packed for) is an error, never a
 /// kernel call. `scratch` holds at least one packing buffer per worker; `pack_ns`, when
 /// given, accumulates the thread-time spent packing `A`.
@@ -897,11 +946,11 @@ pub(crate) fn conv(
     scratch: &mut [AlignedBuf],
     pack_ns: Option<&AtomicU64>,
 ) -> Result<()> {
-    if b.tiling != *t {
+    if b.tiling != *t || t.bf16_act {
         return Err(Error::invalid(
             "packed convolution weights",
             format!(
-                "packed for a {}×{} tiling ({:?}), run with a {}×{} one ({:?})",
+                "packed for a {}×{} tiling ({:?}), run with a {}×{} f32 one ({:?})",
                 b.tiling.mr, b.tiling.nr, b.tiling.kernel, t.mr, t.nr, t.kernel
             ),
         ));
@@ -950,12 +999,10 @@ pub(crate) fn conv(
     }
     let scratch = &mut scratch[..threads];
     let micro = t.micro();
-    let shift = t.shift();
     let kp = b.kp;
-    let ksteps = kp >> shift;
-    // A 1×1 stride-1 f32 convolution reads its input rows in place; only a partial last
-    // tile of rows is packed (zero-padded) so the kernel never reads past the activation.
-    let direct = g.is_pointwise() && !t.pairs && !t.round;
+    // A 1×1 stride-1 convolution reads its input rows in place; only a partial last tile of
+    // rows is packed (zero-padded) so the kernel never reads past the activation.
+    let direct = g.is_pointwise();
     let mblocks = m.div_ceil(t.mc);
     // Enough tasks to keep every thread busy: split the columns too when rows are few
     // (the last stage at batch 1 has 49 rows).
@@ -995,7 +1042,7 @@ pub(crate) fn conv(
             while k0 < kp {
                 let kc = t.kc.min(kp - k0);
                 let last = k0 + kc == kp;
-                let steps = kc >> shift;
+                let steps = kc;
                 let started = pack_ns.map(|_| std::time::Instant::now());
                 // SAFETY: the buffer holds mc · kc words (ensured above), enough for
                 // ceil(rows / mr) panels of kc values (rows ≤ mc, mc a multiple of mr);
@@ -1013,7 +1060,7 @@ pub(crate) fn conv(
                     acc.fetch_add(s.elapsed().as_nanos() as u64, Ordering::Relaxed);
                 }
                 for j in j0..j1 {
-                    let bsl = &bdata[(j * ksteps + (k0 >> shift)) * t.nr..];
+                    let bsl = &bdata[(j * kp + k0) * t.nr..];
                     let cols = t.nr.min(n - j * t.nr);
                     for p in 0..rows.div_ceil(t.mr) {
                         let r0 = m0 + p * t.mr;
@@ -1088,7 +1135,7 @@ mod tests {
     use crate::isa::IsaKind;
 
     /// Direct convolution in f64 on NHWC input, PyTorch's weight layout.
-    fn reference(
+    pub(super) fn reference(
         x: &[f32],
         (batch, h, w): (usize, usize, usize),
         wt: &[f32],
@@ -1125,7 +1172,7 @@ mod tests {
         out
     }
 
-    fn values(n: usize, seed: u32) -> Vec<f32> {
+    pub(super) fn values(n: usize, seed: u32) -> Vec<f32> {
         (0..n)
             .map(|i| {
                 let v = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8;
@@ -1136,9 +1183,9 @@ mod tests {
 
     /// Checks `t` against the direct convolution on odd sizes: partial row and column
     /// tiles, k not a multiple of KC or 2, images smaller than the kernel, several row
-    /// blocks; with and without
-    /// the residual epilogue, on one and two threads.
-    fn check_tiling(t: &Tiling, bf16: bool, label: &str) {
+    /// blocks; with and without the residual epilogue, on one and two threads. (The bf16
+    /// tilings are checked by `bf16::tests`.)
+    fn check_tiling(t: &Tiling, label: &str) {
         let geom = |cin, cout, ksize, stride, pad| ConvGeom {
             cin,
             cout,
@@ -1190,8 +1237,7 @@ mod tests {
                     None,
                 )
                 .unwrap();
-                // bf16 keeps 8 significant bits per operand.
-                let tol = if bf16 { 2e-2 } else { 1e-5 } * (g.k() as f64).sqrt();
+                let tol = 1e-5 * (g.k() as f64).sqrt();
                 for (i, (&o, &e)) in out.iter().zip(&expect).enumerate() {
                     let e = if res {
                         (e + f64::from(residual[i])).max(0.0)
@@ -1200,7 +1246,7 @@ mod tests {
                     };
                     assert!(
                         (f64::from(o) - e).abs() <= tol,
-                        "{label} bf16={bf16} threads={threads} {g:?}: [{i}] {o} vs {e}"
+                        "{label} threads={threads} {g:?}: [{i}] {o} vs {e}"
                     );
                 }
             }
@@ -1216,10 +1262,8 @@ mod tests {
             }
         }
         for isa in available {
-            eprintln!("running the {isa} convolution kernels natively");
-            for bf16 in [false, true] {
-                check_tiling(&Tiling::new(isa, bf16), bf16, isa.name());
-            }
+            eprintln!("running the {isa} f32 convolution kernels natively");
+            check_tiling(&Tiling::new(isa, false), isa.name());
         }
     }
 
@@ -1243,7 +1287,8 @@ mod tests {
 
     /// `vdpbf16ps` in plain Rust, at the AVX-512 tile size: per 32-bit lane, the product of
     /// the high bf16 halves is added, then that of the low halves (Intel SDM's order; a
-    /// product of two bf16 is exact in f32). Packed `a` only, as the real kernel.
+    /// product of two bf16 is exact in f32). Row-major `a` (`lda` words apart), as the bf16
+    /// dataflow calls the real kernel.
     ///
     /// # Safety
     /// As [`MicroFn`], for a 12×32 tile of bf16-pair words.
@@ -1257,14 +1302,14 @@ mod tests {
         ldc: usize,
         ep: &Epilogue,
     ) {
-        assert_eq!(lda, 0, "bf16 pairs are always packed");
+        assert_ne!(lda, 0, "the bf16 dataflow passes rows");
         let hi = |w: f32| f32::from_bits(w.to_bits() & 0xFFFF_0000);
         let lo = |w: f32| f32::from_bits(w.to_bits() << 16);
         let mut acc = [[0f32; 32]; 12];
         for p in 0..steps {
             for (i, row) in acc.iter_mut().enumerate() {
-                // SAFETY: `a` holds `steps` packed steps of 12 words (see `MicroFn`).
-                let av = unsafe { *a.add(p * 12 + i) };
+                // SAFETY: `a` holds 12 rows of `steps` words, `lda` apart (see `MicroFn`).
+                let av = unsafe { *a.add(i * lda + p) };
                 for (j, v) in row.iter_mut().enumerate() {
                     // SAFETY: `b` holds `steps` packed steps of 32 words.
                     let bv = unsafe { *b.add(p * 32 + j) };
@@ -1277,26 +1322,24 @@ mod tests {
         unsafe { finish::<12, 32>(acc, c, ldc, ep) }
     }
 
-    /// The AVX-512 blockings (12×32 tiles, their KC and MC, and for bf16 the pair packing
-    /// `vdpbf16ps` reads) on any CPU: the micro-kernel is swapped for the same arithmetic in
-    /// plain Rust, so everything but the instructions themselves is checked here.
+    /// The AVX-512 f32 blocking (12×32 tiles, its KC and MC) on any CPU: the micro-kernel is
+    /// swapped for the same arithmetic in plain Rust, so everything but the instructions
+    /// themselves is checked here.
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn avx512_blockings_match_direct_convolution_on_any_cpu() {
-        for pairs in [false, true] {
-            // The bf16 stand-in takes bf16 operands; the f32 one f32 operands.
-            let t = Tiling::for_kernel(Kernel::Emulated12x32 { pairs }, pairs);
-            assert_eq!((t.mr, t.nr, t.pairs, t.round), (12, 32, pairs, false));
-            // The same blocking as the real kernels it stands in for.
-            if let Some(isa) = Avx512Bf16::new() {
-                let real = Tiling::for_kernel(Kernel::Avx512Bf16(isa), true);
-                assert_eq!((real.kc, real.mc), (t.kc, t.mc));
-            }
-            let f32_real = [128, 144];
-            if !pairs {
-                assert_eq!([t.kc, t.mc], f32_real);
-            }
-            check_tiling(&t, pairs, &format!("12x32 pairs={pairs} (emulated)"));
+    fn avx512_blocking_matches_direct_convolution_on_any_cpu() {
+        let t = Tiling::for_kernel(Kernel::Emulated12x32 { pairs: false }, false);
+        assert_eq!((t.mr, t.nr, t.kc, t.mc, t.pairs, t.round), (12, 32, 128, 144, false, false));
+        if let Some(isa) = Avx512::new() {
+            let real = Tiling::for_kernel(Kernel::Avx512(isa), false);
+            assert_eq!((real.mr, real.nr, real.kc, real.mc), (t.mr, t.nr, t.kc, t.mc));
+        }
+        check_tiling(&t, "12x32 (emulated)");
+        // The bf16-pair stand-in is the real kernel's blocking too.
+        let dp = Tiling::for_kernel(Kernel::Emulated12x32 { pairs: true }, true);
+        if let Some(isa) = Avx512Bf16::new() {
+            let real = Tiling::for_kernel(Kernel::Avx512Bf16(isa), true);
+            assert_eq!((real.mr, real.nr, real.kalign), (dp.mr, dp.nr, dp.kalign));
         }
     }
 
@@ -1332,42 +1375,36 @@ mod tests {
             Tiling::for_kernel(Kernel::Emulated12x32 { pairs: false }, false),
             Tiling::for_kernel(Kernel::Emulated12x32 { pairs: true }, true),
         ]);
+        tilings.push(Tiling::for_kernel(Kernel::EmulatedAmx, true));
         for isa in Isa::available() {
             tilings.extend([Tiling::new(isa, false), Tiling::new(isa, true)]);
         }
+        let xb: Vec<u16> = x.iter().map(|&v| bf16_bits(v)).collect();
+        let mut out_bf16 = vec![0u16; 16 * g.cout];
+        // Each tiling's own convolution: the f32 one, or the bf16 dataflow's.
+        let mut run = |b: &PackedB, t: &Tiling| {
+            if t.bf16_act() {
+                let act = Act {
+                    data: Data::Bf16(&xb),
+                    batch: 1,
+                    h: 4,
+                    w: 4,
+                    c: g.cin,
+                };
+                let (out, s) = (&mut out_bf16, &mut scratch);
+                conv_bf16(&act, b, &bias, t, out, None, true, &workers, s, None)
+            } else {
+                conv(&src, b, &bias, t, &mut out, None, true, &workers, &mut scratch, None)
+            }
+        };
         for packed_for in &tilings {
             let b = PackedB::new(&wt, &g, packed_for).unwrap();
             for run_with in tilings.iter().filter(|t| *t != packed_for) {
-                let err = conv(
-                    &src,
-                    &b,
-                    &bias,
-                    run_with,
-                    &mut out,
-                    None,
-                    true,
-                    &workers,
-                    &mut scratch,
-                    None,
-                )
-                .unwrap_err()
-                .to_string();
+                let err = run(&b, run_with).unwrap_err().to_string();
                 assert!(err.contains("packed for"), "{err}");
             }
             // The matching tiling runs.
-            conv(
-                &src,
-                &b,
-                &bias,
-                packed_for,
-                &mut out,
-                None,
-                true,
-                &workers,
-                &mut scratch,
-                None,
-            )
-            .unwrap();
+            run(&b, packed_for).unwrap();
         }
         // A source that is not the geometry the weights were packed for is refused too.
         let b = PackedB::new(&wt, &g, &portable).unwrap();

@@ -19,9 +19,12 @@
 //! * the preprocessed NCHW batch is transposed to NHWC once before the stem (3 channels: a
 //!   negligible pass), so every convolution packs from one layout.
 //!
-//! [`Precision::Bf16`] runs the products on bf16 operands with f32 accumulation (AVX512-BF16's
-//! `vdpbf16ps` where available, an exact emulation elsewhere); activations between layers,
-//! biases, the epilogue and the pooling stay f32, as under PyTorch's CPU autocast.
+//! [`Precision::Bf16`] runs the products on bf16 operands with f32 accumulation: AMX tiles
+//! (`tdpbf16ps`) where the CPU has them and Linux grants them, else AVX512-BF16's
+//! `vdpbf16ps`, else an exact emulation on the f32 kernels. Activations between layers are
+//! stored as bf16 NHWC, as under PyTorch's CPU autocast; biases, residual adds and ReLU are
+//! computed in f32 in the epilogue, which rounds once to bf16 on the store, and the global
+//! average pool sums in f32.
 
 #[allow(unsafe_code)]
 mod gemm;
@@ -36,6 +39,7 @@ use std::time::Instant;
 use candle_core::Tensor;
 
 use gemm::{AlignedBuf, ConvGeom, PackedB, Source, Tiling, Workers};
+use gemm::{Act, Data, bf16_to_f32};
 
 use super::arch::{Arch, ConvSpec};
 use super::weights::StateDict;
@@ -48,12 +52,23 @@ pub enum Precision {
     /// f32 throughout; agrees with torchvision to float rounding.
     #[default]
     F32,
-    /// bf16 operands (8 significant bits), f32 accumulation; features agree with f32 to a
-    /// cosine above 0.999, and are about twice as fast where AVX512-BF16 exists.
+    /// bf16 operands (8 significant bits) and bf16 activations between layers, f32
+    /// accumulation; features agree with f32 to a cosine above 0.999. Fast where the CPU has
+    /// AMX or AVX512-BF16; elsewhere emulated, slower than f32.
     Bf16,
 }
 
 impl Precision {
+    /// The fastest precision of `isa`: bf16 where its products are native (AMX or
+    /// AVX512-BF16), f32 where bf16 would be emulated (and slower than f32).
+    pub fn auto(isa: Isa) -> Precision {
+        if isa.native_bf16() {
+            Precision::Bf16
+        } else {
+            Precision::F32
+        }
+    }
+
     /// `"f32"` or `"bf16"`: the name used in fingerprints and on the command line.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -435,14 +450,25 @@ impl FastResNet {
         let (h1, w1) = pass.apply(
             &self.stem,
             LayerKind::Stem,
-            nhwc(input.as_slice(), batch, (h, w, 3)),
+            Input {
+                f32: true,
+                ..nhwc(input, batch, (h, w, 3))
+            },
             next,
             None,
         )?;
         // Max pool 3×3 / 2: [b, h1, w1, 64] -> [b, h2, w2, 64]
         let c1 = self.stem.geom().cout;
+        let bf16 = self.tiling.bf16_act();
         pass.timed(LayerKind::MaxPool, 0.0, || {
-            max_pool(next.as_slice(), (batch, h1, w1, c1), cur.as_mut_slice());
+            let dims = (batch, h1, w1, c1);
+            if bf16 {
+                // Max of bf16 values compared as f32; −∞ is 0xFF80.
+                let max = |a: u16, b: u16| if bf16_to_f32(b) > bf16_to_f32(a) { b } else { a };
+                max_pool(next.as_bf16(), dims, cur.as_bf16_mut(), 0xFF80, max);
+            } else {
+                max_pool(next.as_slice(), dims, cur.as_mut_slice(), f32::NEG_INFINITY, f32::max);
+            }
             Ok(())
         })?;
 
@@ -457,32 +483,22 @@ impl FastResNet {
             for (i, conv) in inner_convs.iter().enumerate() {
                 let [a, b] = &mut *inner;
                 let (out, prev) = if i % 2 == 0 { (a, &*b) } else { (b, &*a) };
-                let data = if i == 0 {
-                    cur.as_slice()
-                } else {
-                    prev.as_slice()
-                };
+                let data = if i == 0 { &*cur } else { prev };
                 let (ho, wo) = pass.apply(conv, kind(conv), nhwc(data, batch, y), out, None)?;
                 y = (ho, wo, conv.geom().cout);
             }
             // Shortcut: the block input itself, or its strided 1×1 projection.
-            let residual: &[f32] = match &block.downsample {
+            let residual: &AlignedBuf = match &block.downsample {
                 Some(d) => {
-                    pass.apply(
-                        d,
-                        LayerKind::Downsample,
-                        nhwc(cur.as_slice(), batch, shape),
-                        ds,
-                        None,
-                    )?;
-                    ds.as_slice()
+                    pass.apply(d, LayerKind::Downsample, nhwc(cur, batch, shape), ds, None)?;
+                    ds
                 }
-                None => cur.as_slice(),
+                None => cur,
             };
             // Last convolution + residual + ReLU, fused: [b, h', w', width] -> [b, h', w', out]
             let data = match inner_convs.len() {
-                0 => cur.as_slice(),
-                n => inner[(n - 1) % 2].as_slice(),
+                0 => &*cur,
+                n => &inner[(n - 1) % 2],
             };
             let (ho, wo) =
                 pass.apply(last, kind(last), nhwc(data, batch, y), next, Some(residual))?;
@@ -494,7 +510,12 @@ impl FastResNet {
         let (hc, wc, cc) = shape;
         let mut features = vec![0f32; batch * cc];
         pass.timed(LayerKind::AvgPool, 0.0, || {
-            avg_pool(cur.as_slice(), (batch, hc * wc, cc), &mut features);
+            let dims = (batch, hc * wc, cc);
+            if bf16 {
+                avg_pool(cur.as_bf16(), dims, &mut features, bf16_to_f32);
+            } else {
+                avg_pool(cur.as_slice(), dims, &mut features, |v| v);
+            }
             Ok(())
         })?;
         if let Some(p) = pass.profile {
@@ -540,14 +561,22 @@ impl FastResNet {
     }
 }
 
-/// A `[batch, h, w, c]` activation.
-fn nhwc(data: &[f32], batch: usize, (h, w, c): (usize, usize, usize)) -> Source<'_> {
-    Source {
-        data,
+/// A convolution's input: a `[batch, h, w, c]` activation in `buf`, of the pass's activation
+/// type unless `f32` (the network's input, always f32).
+struct Input<'a> {
+    buf: &'a AlignedBuf,
+    batch: usize,
+    shape: (usize, usize, usize),
+    f32: bool,
+}
+
+/// An activation between layers.
+fn nhwc(buf: &AlignedBuf, batch: usize, shape: (usize, usize, usize)) -> Input<'_> {
+    Input {
+        buf,
         batch,
-        h,
-        w,
-        c,
+        shape,
+        f32: false,
     }
 }
 
@@ -573,32 +602,66 @@ struct Pass<'a> {
 impl Pass<'_> {
     /// Runs one convolution layer on `src` into `out`: bias, then `residual` when given,
     /// then ReLU (every layer but a projection shortcut has one). Returns the output's
-    /// height and width.
+    /// height and width. Under the bf16 dataflow `out`, `residual` and (unless `src` is the
+    /// network's f32 input) `src` hold bf16.
     fn apply(
         &mut self,
         layer: &Conv,
         kind: LayerKind,
-        src: Source,
+        src: Input,
         out: &mut AlignedBuf,
-        residual: Option<&[f32]>,
+        residual: Option<&AlignedBuf>,
     ) -> Result<(usize, usize)> {
         let g = layer.geom();
-        let (oh, ow) = (g.out_len(src.h), g.out_len(src.w));
-        let flops = 2.0 * (src.batch * oh * ow * g.k() * g.cout) as f64;
+        let (batch, (h, w, c)) = (src.batch, src.shape);
+        let (oh, ow) = (g.out_len(h), g.out_len(w));
+        let flops = 2.0 * (batch * oh * ow * g.k() * g.cout) as f64;
         let relu = kind != LayerKind::Downsample;
         let start = Instant::now();
-        gemm::conv(
-            &src,
-            &layer.packed,
-            &layer.bias,
-            self.tiling,
-            out.as_mut_slice(),
-            residual,
-            relu,
-            self.workers,
-            self.scratch,
-            self.pack_ns,
-        )?;
+        if self.tiling.bf16_act() {
+            let data = if src.f32 {
+                Data::F32(src.buf.as_slice())
+            } else {
+                Data::Bf16(src.buf.as_bf16())
+            };
+            gemm::conv_bf16(
+                &Act {
+                    data,
+                    batch,
+                    h,
+                    w,
+                    c,
+                },
+                &layer.packed,
+                &layer.bias,
+                self.tiling,
+                out.as_bf16_mut(),
+                residual.map(AlignedBuf::as_bf16),
+                relu,
+                self.workers,
+                self.scratch,
+                self.pack_ns,
+            )?;
+        } else {
+            gemm::conv(
+                &Source {
+                    data: src.buf.as_slice(),
+                    batch,
+                    h,
+                    w,
+                    c,
+                },
+                &layer.packed,
+                &layer.bias,
+                self.tiling,
+                out.as_mut_slice(),
+                residual.map(AlignedBuf::as_slice),
+                relu,
+                self.workers,
+                self.scratch,
+                self.pack_ns,
+            )?;
+        }
         self.record(kind, start, flops);
         Ok((oh, ow))
     }
@@ -635,31 +698,44 @@ fn pool_len(n: usize) -> usize {
     (n + 2 - 3) / 2 + 1
 }
 
-/// 3×3 max pool, stride 2, padding 1, on NHWC `src [b, h, w, c]` into `dst [b, oh, ow, c]`.
-/// Padding is −∞ as in PyTorch: every window holds at least one real pixel.
-fn max_pool(src: &[f32], (batch, h, w, c): (usize, usize, usize, usize), dst: &mut [f32]) {
+/// 3×3 max pool, stride 2, padding 1, on NHWC `src [b, h, w, c]` into `dst [b, oh, ow, c]`,
+/// values of type `T` (f32, or bf16 bits) under `max`. Padding is `neg_inf` (−∞) as in
+/// PyTorch: every window holds at least one real pixel.
+fn max_pool<T: Copy>(
+    src: &[T],
+    (batch, h, w, c): (usize, usize, usize, usize),
+    dst: &mut [T],
+    neg_inf: T,
+    max: impl Fn(T, T) -> T,
+) {
     let (oh, ow) = (pool_len(h), pool_len(w));
     for (i, out) in dst[..batch * oh * ow * c].chunks_exact_mut(c).enumerate() {
         let (n, oy, ox) = (i / (oh * ow), (i / ow) % oh, i % ow);
-        out.fill(f32::NEG_INFINITY);
+        out.fill(neg_inf);
         for iy in (2 * oy).saturating_sub(1)..(2 * oy + 2).min(h) {
             for ix in (2 * ox).saturating_sub(1)..(2 * ox + 2).min(w) {
                 let row = &src[((n * h + iy) * w + ix) * c..][..c];
                 for (o, &v) in out.iter_mut().zip(row) {
-                    *o = o.max(v);
+                    *o = max(*o, v);
                 }
             }
         }
     }
 }
 
-/// Mean over the `hw` pixels of each image: NHWC `src [b, hw, c]` → `dst [b, c]`.
-fn avg_pool(src: &[f32], (batch, hw, c): (usize, usize, usize), dst: &mut [f32]) {
+/// Mean over the `hw` pixels of each image: NHWC `src [b, hw, c]` (values of type `T`, read
+/// as f32 by `f32_of`) → `dst [b, c]`, summed in f32.
+fn avg_pool<T: Copy>(
+    src: &[T],
+    (batch, hw, c): (usize, usize, usize),
+    dst: &mut [f32],
+    f32_of: impl Fn(T) -> f32,
+) {
     for (n, out) in dst.chunks_exact_mut(c).enumerate().take(batch) {
         out.fill(0.0);
         for row in src[n * hw * c..(n + 1) * hw * c].chunks_exact(c) {
             for (o, &v) in out.iter_mut().zip(row) {
-                *o += v;
+                *o += f32_of(v);
             }
         }
         let inv = 1.0 / hw as f32;

@@ -1,0 +1,739 @@
+//! The bf16 dataflow: convolutions whose activations are bf16 NHWC in memory, in and out.
+//!
+//! Under [`super::super::Precision::Bf16`] every activation between layers is stored as bf16
+//! (as PyTorch's CPU autocast does), which halves the memory traffic of the network and turns
+//! the packing of `A` into copies: two consecutive channels of an NHWC bf16 activation are
+//! already the bf16 pair that `vdpbf16ps` and AMX's `tdpbf16ps` take in one 32-bit word.
+//!
+//! * `A` is row-major — one im2col row of `kp` bf16 values per output pixel — which is the
+//!   layout of an AMX tile (16 rows × 64 bytes) and of the broadcast reads of the
+//!   AVX512-BF16 kernel alike. A 1×1 stride-1 convolution reads its input in place; the
+//!   others copy runs of channels (at most three per kernel row: left padding, image, right
+//!   padding).
+//! * The whole depth `k` is reduced in one micro-kernel call, so the accumulators never leave
+//!   f32 before the epilogue; the rows of an `A` block are sized to the depth to stay in L2.
+//! * The micro-kernels only produce a raw f32 tile; one epilogue (bias, residual, ReLU and
+//!   the rounding to bf16) serves them all.
+//! * Without native bf16 the same dataflow runs on the f32 kernels: `A` is widened to f32 while
+//!   packing (exact) and the weights are packed rounded to bf16, so every product is the
+//!   product of two bf16 values, as on the native kernels; only the order of the f32 sums
+//!   differs.
+//!
+//! The AMX micro-kernel (Intel SDM vol. 1 ch. 18, "Intel Advanced Matrix Extensions") keeps a
+//! 32×32 f32 tile of `C` in four tile registers (`tmm0`–`tmm3`) and per 32-deep step loads two
+//! `A` tiles (16 rows × 32 bf16 each) and two `B` tiles (16 pair rows × 16 columns) straight
+//! from the packed weights, whose 32-column panels of bf16 pairs are exactly two VNNI-layout
+//! tiles side by side. Rust has no stable AMX intrinsics (rust-lang/rust#126622), so it is
+//! written with `asm!`, and a plain-Rust stand-in with the instruction's arithmetic tests its
+//! blocking on any CPU.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use super::{AlignedBuf, ConvGeom, Epilogue, PackedB, Tiling, Workers, bf16_bits, round_bf16};
+use crate::error::{Error, Result};
+
+/// The bytes of `A` one block of rows may take: half of a 1–2 MiB L2, leaving room for the
+/// `B` panel being read.
+const A_BLOCK_BYTES: usize = 512 << 10;
+
+/// Most rows in one block of `A` (shallow layers would otherwise make blocks so tall that
+/// there are too few tasks to share between threads).
+const MAX_BLOCK_ROWS: usize = 256;
+
+/// The data of an NHWC activation: f32 (the network's input) or bf16 bits (every activation
+/// between layers).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Data<'a> {
+    /// f32 values.
+    F32(&'a [f32]),
+    /// bf16 bit patterns.
+    Bf16(&'a [u16]),
+}
+
+/// A channels-last activation `[batch, h, w, c]`, the input of a bf16 convolution.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Act<'a> {
+    /// `[batch, h, w, c]`, row-major.
+    pub data: Data<'a>,
+    /// Images.
+    pub batch: usize,
+    /// Height.
+    pub h: usize,
+    /// Width.
+    pub w: usize,
+    /// Channels.
+    pub c: usize,
+}
+
+impl Act<'_> {
+    fn len(&self) -> usize {
+        match self.data {
+            Data::F32(d) => d.len(),
+            Data::Bf16(d) => d.len(),
+        }
+    }
+}
+
+/// f32 value of bf16 bits (exact).
+#[inline(always)]
+pub(crate) fn bf16_to_f32(b: u16) -> f32 {
+    f32::from_bits(u32::from(b) << 16)
+}
+
+/// Copies the im2col rows `[m0, m0 + rows)` of `src` under `g` into `dst` (row-major, `kp`
+/// values per row, k past `g.k()` zero), converting each value with `cvt`. `dst` holds
+/// `rows · kp` values.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn im2col_rows<S: Copy, D: Copy>(
+    src: &[S],
+    (h, w): (usize, usize),
+    g: &ConvGeom,
+    (oh, ow): (usize, usize),
+    (m0, rows): (usize, usize),
+    kp: usize,
+    dst: &mut [D],
+    zero: D,
+    cvt: impl Fn(S) -> D,
+) {
+    let (ks, cin) = (g.ksize, g.cin);
+    for (r, row) in dst.chunks_exact_mut(kp).take(rows).enumerate() {
+        let m = m0 + r;
+        let (n, rest) = (m / (oh * ow), m % (oh * ow));
+        let (oy, ox) = (rest / ow, rest % ow);
+        let ix0 = (ox * g.stride) as isize - g.pad as isize;
+        // The kx range inside the image.
+        let kx_lo = (-ix0).clamp(0, ks as isize) as usize;
+        let kx_hi = (w as isize - ix0).clamp(0, ks as isize) as usize;
+        for (ky, seg) in row[..ks * ks * cin].chunks_exact_mut(ks * cin).enumerate() {
+            let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+            if iy < 0 || iy >= h as isize || kx_lo >= kx_hi {
+                seg.fill(zero);
+                continue;
+            }
+            seg[..kx_lo * cin].fill(zero);
+            seg[kx_hi * cin..].fill(zero);
+            let start = ((n * h + iy as usize) * w) as isize + ix0 + kx_lo as isize;
+            let run = &src[start as usize * cin..][..(kx_hi - kx_lo) * cin];
+            for (d, &s) in seg[kx_lo * cin..kx_hi * cin].iter_mut().zip(run) {
+                *d = cvt(s);
+            }
+        }
+        row[ks * ks * cin..].fill(zero);
+    }
+}
+
+/// Packs rows `[m0, m0 + rows)` of the im2col matrix of `src` into `dst` (row-major, `kp`
+/// values per row) and zeroes the rows up to `padded`: bf16 bits when `pairs` (the native
+/// kernels' operands), f32 otherwise (the emulation's).
+#[allow(clippy::too_many_arguments)]
+fn pack_rows(
+    src: &Act,
+    g: &ConvGeom,
+    ohw: (usize, usize),
+    (m0, rows, padded): (usize, usize, usize),
+    kp: usize,
+    pairs: bool,
+    dst: &mut AlignedBuf,
+) {
+    let hw = (src.h, src.w);
+    if pairs {
+        let d = &mut dst.as_bf16_mut()[..padded * kp];
+        match src.data {
+            Data::F32(s) => im2col_rows(s, hw, g, ohw, (m0, rows), kp, d, 0, bf16_bits),
+            Data::Bf16(s) => im2col_rows(s, hw, g, ohw, (m0, rows), kp, d, 0, |v| v),
+        }
+        d[rows * kp..].fill(0);
+    } else {
+        let d = &mut dst.as_mut_slice()[..padded * kp];
+        match src.data {
+            Data::F32(s) => im2col_rows(s, hw, g, ohw, (m0, rows), kp, d, 0.0, round_bf16),
+            Data::Bf16(s) => im2col_rows(s, hw, g, ohw, (m0, rows), kp, d, 0.0, bf16_to_f32),
+        }
+        d[rows * kp..].fill(0.0);
+    }
+}
+
+/// The epilogue of the bf16 dataflow: `out = bf16(relu?(tile + bias + residual))` for the
+/// valid `rows × cols` of a raw f32 `tile` (row stride `ldt`).
+///
+/// # Safety
+/// `out` and `residual` (when not null) address `rows` rows of `cols` values, `ldo` apart;
+/// `bias` holds `cols` values.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn store_bf16(
+    tile: &[f32],
+    ldt: usize,
+    (rows, cols): (usize, usize),
+    out: *mut u16,
+    ldo: usize,
+    bias: *const f32,
+    residual: *const u16,
+    relu: bool,
+) {
+    for (i, trow) in tile.chunks(ldt).take(rows).enumerate() {
+        // SAFETY: row i < rows of `cols` values, inside `out`, `residual` and `bias` (see the
+        // contract); the slices end before the next row, so none overlaps another task's.
+        let (orow, brow) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(out.add(i * ldo), cols),
+                std::slice::from_raw_parts(bias, cols),
+            )
+        };
+        if residual.is_null() {
+            for ((o, &t), &b) in orow.iter_mut().zip(&trow[..cols]).zip(brow) {
+                let v = t + b;
+                *o = bf16_bits(if relu { v.max(0.0) } else { v });
+            }
+        } else {
+            // SAFETY: as for `orow`.
+            let rrow = unsafe { std::slice::from_raw_parts(residual.add(i * ldo), cols) };
+            for (((o, &t), &b), &r) in orow.iter_mut().zip(&trow[..cols]).zip(brow).zip(rrow) {
+                let v = t + b + bf16_to_f32(r);
+                *o = bf16_bits(if relu { v.max(0.0) } else { v });
+            }
+        }
+    }
+}
+
+/// A raw pointer to the bf16 output that may cross into the worker threads (see
+/// [`super::SharedPtr`], whose argument applies: tasks own disjoint tiles).
+#[derive(Clone, Copy)]
+struct SharedOut(*mut u16);
+// SAFETY: as for `SharedPtr`.
+unsafe impl Send for SharedOut {}
+// SAFETY: as for `SharedPtr`.
+unsafe impl Sync for SharedOut {}
+
+/// One convolution of the bf16 dataflow: `out [M, cout] = bf16(epilogue(im2col(src) · B))`,
+/// M = batch · oh · ow, with `bias` added, `residual [M, cout]` (bf16) added when given, then
+/// ReLU when `relu`.
+///
+/// `t` must be a bf16 tiling and the one `b` was packed for; buffers too small for the
+/// geometry are an error, never a kernel call. `scratch` holds at least one packing buffer
+/// per worker; `pack_ns`, when given, accumulates the thread-time spent packing `A`. Results
+/// do not depend on the number of workers: each output tile is one kernel call over the whole
+/// depth, whichever thread makes it.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn conv(
+    src: &Act,
+    b: &PackedB,
+    bias: &[f32],
+    t: &Tiling,
+    out: &mut [u16],
+    residual: Option<&[u16]>,
+    relu: bool,
+    workers: &Workers,
+    scratch: &mut [AlignedBuf],
+    pack_ns: Option<&AtomicU64>,
+) -> Result<()> {
+    if b.tiling != *t || !t.bf16_act {
+        return Err(Error::invalid(
+            "packed convolution weights",
+            format!(
+                "packed for a {}×{} tiling ({:?}), run with a {}×{} bf16 one ({:?})",
+                b.tiling.mr, b.tiling.nr, b.tiling.kernel, t.mr, t.nr, t.kernel
+            ),
+        ));
+    }
+    let g = &b.geom;
+    let (oh, ow) = (g.out_len(src.h), g.out_len(src.w));
+    let n = g.cout;
+    let threads = workers.threads;
+    let product = |v: &[usize]| v.iter().try_fold(1usize, |a, &b| a.checked_mul(b));
+    let input_len = product(&[src.batch, src.h, src.w, src.c]).unwrap_or(usize::MAX);
+    let out_len = product(&[src.batch, oh, ow, n]).unwrap_or(usize::MAX);
+    if src.c != g.cin
+        || src.len() < input_len
+        || out.len() < out_len
+        || bias.len() < n
+        || residual.is_some_and(|r| r.len() < out_len)
+        || scratch.len() < threads
+    {
+        return Err(Error::invalid(
+            "convolution buffers",
+            format!(
+                "input {} values of {} channels, output {} (need {out_len}), bias {} (need \
+                 {n}), {} packing buffers for {threads} threads, for a {k}×{k} bf16 \
+                 convolution {}→{n} on a [{}, {}, {}, {}] batch",
+                src.len(),
+                src.c,
+                out.len(),
+                bias.len(),
+                scratch.len(),
+                g.cin,
+                src.batch,
+                src.h,
+                src.w,
+                src.c,
+                k = g.ksize,
+            ),
+        ));
+    }
+    let m = src.batch * oh * ow;
+    if m == 0 {
+        return Ok(());
+    }
+    let (mr, nr, kp) = (t.mr, t.nr, b.kp);
+    // Words of one packed row: bf16 pairs, or widened f32 values.
+    let lda = if t.pairs { kp / 2 } else { kp };
+    // A 1×1 stride-1 convolution on bf16 pairs reads its input rows in place when they are
+    // exactly the packed rows (no k padding); a partial last tile of rows is still packed.
+    let direct = match src.data {
+        Data::Bf16(d) if t.pairs && g.is_pointwise() && kp == g.cin => Some(d),
+        _ => None,
+    };
+    let mc = (A_BLOCK_BYTES / (lda * 4)).clamp(mr, MAX_BLOCK_ROWS.max(mr)) / mr * mr;
+    let mblocks = m.div_ceil(mc);
+    // Enough tasks to keep every thread busy: split the columns too when rows are few.
+    let want = threads * 4;
+    let nsplit = if mblocks >= want {
+        1
+    } else {
+        want.div_ceil(mblocks).min(b.panels)
+    };
+    let per = b.panels.div_ceil(nsplit);
+    let tasks = mblocks * nsplit;
+    let next = AtomicUsize::new(0);
+    let optr = SharedOut(out.as_mut_ptr());
+    let res = SharedOut(residual.map_or(std::ptr::null(), |r| r.as_ptr()).cast_mut());
+    let scratch = &mut scratch[..threads];
+    for buf in scratch.iter_mut() {
+        buf.ensure(mc * lda);
+    }
+    let micro = t.micro();
+    let bdata = b.data.as_slice();
+    let steps = kp >> t.shift();
+
+    let work = |buf: &mut AlignedBuf| {
+        let (optr, res) = (optr, res);
+        // The kernels write a whole raw tile (no epilogue: `bias` null).
+        let raw = Epilogue {
+            accumulate: false,
+            bias: std::ptr::null(),
+            residual: std::ptr::null(),
+            ldr: 0,
+            relu: false,
+            rows: mr,
+            cols: nr,
+        };
+        let mut tile = vec![0f32; mr * nr];
+        let _tiles = t.tile_session();
+        loop {
+            let task = next.fetch_add(1, Ordering::Relaxed);
+            if task >= tasks {
+                break;
+            }
+            let (mb, ns) = (task / nsplit, task % nsplit);
+            let m0 = mb * mc;
+            let rows = mc.min(m - m0);
+            let (j0, j1) = (ns * per, ((ns + 1) * per).min(b.panels));
+            if j0 >= j1 {
+                continue;
+            }
+            let full_panels = rows / mr;
+            let started = pack_ns.map(|_| std::time::Instant::now());
+            match direct {
+                None => pack_rows(
+                    src,
+                    g,
+                    (oh, ow),
+                    (m0, rows, rows.next_multiple_of(mr)),
+                    kp,
+                    t.pairs,
+                    buf,
+                ),
+                Some(_) if !rows.is_multiple_of(mr) => {
+                    // Only the partial last panel, at the buffer's start.
+                    let tail = m0 + full_panels * mr;
+                    pack_rows(src, g, (oh, ow), (tail, rows % mr, mr), kp, true, buf);
+                }
+                Some(_) => {}
+            }
+            if let (Some(acc), Some(s)) = (pack_ns, started) {
+                acc.fetch_add(s.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            }
+            let packed = buf.as_slice().as_ptr();
+            for j in j0..j1 {
+                let bsl = &bdata[j * steps * nr..];
+                let cols = nr.min(n - j * nr);
+                for p in 0..rows.div_ceil(mr) {
+                    let r0 = m0 + p * mr;
+                    // SAFETY: r0 < m: rows of the input (direct) or of the packed buffer
+                    // (panel p, or the tail panel at 0), each `lda` words long.
+                    let a = unsafe {
+                        match direct {
+                            Some(d) if p < full_panels => d.as_ptr().add(r0 * g.cin).cast(),
+                            Some(_) => packed,
+                            None => packed.add(p * mr * lda),
+                        }
+                    };
+                    // SAFETY: `micro` is `t`'s kernel, whose token proves this CPU runs it
+                    // (and `_tiles` configured AMX's tiles for this thread); `a` holds `mr`
+                    // rows of `steps` words `lda` apart, the B panel `steps` steps of `nr`
+                    // words (`b` was packed for `t`), and `tile` `mr × nr` values.
+                    unsafe { micro(steps, a, lda, bsl.as_ptr(), tile.as_mut_ptr(), nr, &raw) };
+                    // SAFETY: the tile [r0.., j·nr..] of valid rows × cols lies inside `out`
+                    // (and `residual`, checked above) and belongs to this task alone; `bias`
+                    // holds n ≥ j·nr + cols values.
+                    unsafe {
+                        store_bf16(
+                            &tile,
+                            nr,
+                            (mr.min(m - r0), cols),
+                            optr.0.add(r0 * n + j * nr),
+                            n,
+                            bias.as_ptr().add(j * nr),
+                            if res.0.is_null() {
+                                std::ptr::null()
+                            } else {
+                                res.0.add(r0 * n + j * nr).cast_const()
+                            },
+                            relu,
+                        );
+                    }
+                }
+            }
+        }
+    };
+
+    let (first, rest) = scratch.split_at_mut(1);
+    match &workers.pool {
+        Some(pool) if tasks > 1 => pool.scope(|s| {
+            for buf in rest.iter_mut() {
+                s.spawn(|_| work(buf));
+            }
+            work(&mut first[0]);
+        }),
+        _ => work(&mut first[0]),
+    }
+    Ok(())
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(super) mod amx {
+    //! The AMX micro-kernel and the per-thread tile configuration it runs under.
+
+    use std::arch::asm;
+
+    use super::Epilogue;
+
+    /// The tile configuration (`ldtilecfg`'s 64-byte operand, palette 1): every tile used
+    /// is 16 rows of 64 bytes.
+    #[repr(C, align(64))]
+    struct TileConfig {
+        palette: u8,
+        start_row: u8,
+        reserved: [u8; 14],
+        /// Bytes per row of each of the 16 possible tiles.
+        colsb: [u16; 16],
+        /// Rows of each tile.
+        rows: [u8; 16],
+    }
+
+    /// AMX's tiles configured for [`amx_32x32`] on this thread, released on drop.
+    #[derive(Debug)]
+    pub(crate) struct TileSession(());
+
+    impl TileSession {
+        /// Loads the tile configuration: tmm0–tmm7 of 16 rows × 64 bytes.
+        ///
+        /// # Safety
+        /// The CPU has AMX-TILE and Linux granted this process the tile state
+        /// ([`crate::isa::AmxBf16`]).
+        pub(crate) unsafe fn start() -> TileSession {
+            let mut cfg = TileConfig {
+                palette: 1,
+                start_row: 0,
+                reserved: [0; 14],
+                colsb: [0; 16],
+                rows: [0; 16],
+            };
+            cfg.colsb[..8].fill(64);
+            cfg.rows[..8].fill(16);
+            // SAFETY: `cfg` is a valid palette-1 configuration (64 bytes, aligned); AMX is
+            // available (see the contract).
+            unsafe {
+                asm!("ldtilecfg [{}]", in(reg) &cfg, options(nostack, readonly));
+            }
+            TileSession(())
+        }
+    }
+
+    impl Drop for TileSession {
+        fn drop(&mut self) {
+            // SAFETY: a session exists only where `start`'s contract held: AMX is available.
+            unsafe { asm!("tilerelease", options(nostack, nomem)) }
+        }
+    }
+
+    /// AMX bf16 micro-kernel, 32×32: `C` in tmm0 (rows 0–15, columns 0–15), tmm1 (rows 0–15,
+    /// columns 16–31), tmm2 and tmm3 (rows 16–31); per 16 pair-steps (32 k values) the two
+    /// `A` tiles (tmm4, tmm5: 16 rows × 32 bf16, `lda` words apart) and the two halves of the
+    /// `B` panel (tmm6, tmm7: 16 pair rows × 16 columns, 128 bytes apart), then four
+    /// `tdpbf16ps`. Stores the raw 32×32 f32 tile at `c` (row stride `ldc` words); the
+    /// epilogue is the caller's.
+    ///
+    /// # Safety
+    /// A [`TileSession`] is active on this thread; `steps` is a multiple of 16; `a` holds 32
+    /// rows of `steps` words `lda` apart; `b` holds `steps` rows of 32 words; `c` holds 32
+    /// rows of 32 values `ldc` apart.
+    pub(crate) unsafe fn amx_32x32(
+        steps: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        _ep: &Epilogue,
+    ) {
+        let blocks = steps / 16;
+        let (sa, sb, sc) = (lda * 4, 128usize, ldc * 4);
+        // SAFETY: the tile loads read 16 rows × 64 bytes at strides inside `a` and `b`, and
+        // the stores write 16 rows × 64 bytes inside `c` (see the contract); the loop runs
+        // `blocks` ≥ 0 times, each advancing `a` by 64 bytes (32 bf16) and `b` by 16 pair
+        // rows (2,048 bytes).
+        unsafe {
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                "test {n}, {n}",
+                "jz 3f",
+                "2:",
+                "tileloadd tmm4, [{a0} + {sa} * 1]",
+                "tileloadd tmm5, [{a1} + {sa} * 1]",
+                "tileloadd tmm6, [{b0} + {sb} * 1]",
+                "tileloadd tmm7, [{b0} + {sb} * 1 + 64]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                "add {a0}, 64",
+                "add {a1}, 64",
+                "add {b0}, 2048",
+                "dec {n}",
+                "jnz 2b",
+                "3:",
+                "tilestored [{c0} + {sc} * 1], tmm0",
+                "tilestored [{c0} + {sc} * 1 + 64], tmm1",
+                "tilestored [{c1} + {sc} * 1], tmm2",
+                "tilestored [{c1} + {sc} * 1 + 64], tmm3",
+                n = inout(reg) blocks => _,
+                a0 = inout(reg) a => _,
+                a1 = inout(reg) a.cast::<u8>().add(16 * sa) => _,
+                b0 = inout(reg) b => _,
+                c0 = in(reg) c,
+                c1 = in(reg) c.cast::<u8>().add(16 * sc),
+                sa = in(reg) sa,
+                sb = in(reg) sb,
+                sc = in(reg) sc,
+                options(nostack),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::super::tests::{reference, values};
+    use super::super::Kernel;
+    use super::*;
+    use crate::isa::{Isa, IsaKind};
+
+    /// `tdpbf16ps` in plain Rust at [`amx::amx_32x32`]'s tile size and operand layout: per
+    /// output, per pair of k, the product of the low (even k) bf16 halves is added, then that
+    /// of the high ones (the SDM's order; a product of two bf16 is exact in f32). Checks the
+    /// real kernel's contract (`steps` a multiple of 16).
+    ///
+    /// # Safety
+    /// As [`amx::amx_32x32`], without the tile session.
+    pub(in super::super) unsafe fn amx_32x32(
+        steps: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        _ep: &Epilogue,
+    ) {
+        assert!(steps.is_multiple_of(16), "AMX steps come in tiles of 16");
+        let hi = |w: f32| f32::from_bits(w.to_bits() & 0xFFFF_0000);
+        let lo = |w: f32| f32::from_bits(w.to_bits() << 16);
+        for i in 0..32 {
+            for j in 0..32 {
+                let mut v = 0f32;
+                for p in 0..steps {
+                    // SAFETY: row i < 32 of `steps` words, step p < steps of 32 words.
+                    let (av, bv) = unsafe { (*a.add(i * lda + p), *b.add(p * 32 + j)) };
+                    v += lo(av) * lo(bv);
+                    v += hi(av) * hi(bv);
+                }
+                // SAFETY: `c` holds 32 rows of 32 values `ldc` apart.
+                unsafe { *c.add(i * ldc + j) = v };
+            }
+        }
+    }
+
+    /// Checks the bf16 dataflow of `t` against the direct convolution of the bf16-rounded
+    /// input: odd sizes, partial row and column tiles, padding, stride, the 3-channel f32
+    /// input of a stem, the in-place 1×1 path with and without a partial panel, several row
+    /// blocks; with and without the residual, on one and two threads.
+    pub(in super::super) fn check_bf16_tiling(t: &Tiling, label: &str) {
+        let geom = |cin, cout, ksize, stride, pad| ConvGeom {
+            cin,
+            cout,
+            ksize,
+            stride,
+            pad,
+        };
+        let cases = [
+            (geom(6, 19, 3, 2, 1), (2, 9, 7), false),
+            (geom(64, 40, 1, 1, 0), (1, 5, 7), false),
+            (geom(3, 8, 7, 2, 3), (1, 11, 10), true),
+            (geom(3, 8, 7, 2, 3), (2, 2, 3), true),
+            (geom(16, 33, 1, 2, 0), (3, 5, 5), false),
+            (geom(8, 36, 3, 1, 1), (2, 10, 9), false),
+            (geom(32, 36, 1, 1, 0), (2, 10, 9), false),
+            (geom(64, 64, 1, 1, 0), (1, 8, 8), false),
+        ];
+        for (g, (batch, h, w), f32_input) in cases {
+            let x: Vec<f32> = values(batch * h * w * g.cin, 1)
+                .into_iter()
+                .map(round_bf16)
+                .collect();
+            let xb: Vec<u16> = x.iter().map(|&v| bf16_bits(v)).collect();
+            let wt: Vec<f32> = values(g.cout * g.k(), 2)
+                .into_iter()
+                .map(round_bf16)
+                .collect();
+            let bias = values(g.cout, 3);
+            let (oh, ow) = (g.out_len(h), g.out_len(w));
+            let residual: Vec<u16> = values(batch * oh * ow * g.cout, 4)
+                .into_iter()
+                .map(bf16_bits)
+                .collect();
+            let expect = reference(&x, (batch, h, w), &wt, &bias, &g);
+            let b = PackedB::new(&wt, &g, t).unwrap();
+            for (threads, res) in [(1, true), (2, true), (2, false)] {
+                let workers = Workers::new(threads).unwrap();
+                let mut scratch: Vec<AlignedBuf> =
+                    (0..threads).map(|_| AlignedBuf::default()).collect();
+                let mut out = vec![0xFFFFu16; expect.len()];
+                let data = if f32_input {
+                    Data::F32(&x)
+                } else {
+                    Data::Bf16(&xb)
+                };
+                let src = Act {
+                    data,
+                    batch,
+                    h,
+                    w,
+                    c: g.cin,
+                };
+                let r = res.then_some(residual.as_slice());
+                conv(
+                    &src,
+                    &b,
+                    &bias,
+                    t,
+                    &mut out,
+                    r,
+                    res,
+                    &workers,
+                    &mut scratch,
+                    None,
+                )
+                .unwrap();
+                for (i, (&o, &e)) in out.iter().zip(&expect).enumerate() {
+                    let e = if res {
+                        (e + f64::from(bf16_to_f32(residual[i]))).max(0.0)
+                    } else {
+                        e
+                    };
+                    // Exact products, f32 sums, then one rounding to bf16 (2^-8 relative).
+                    let tol = 1e-5 * (g.k() as f64).sqrt() + e.abs() / 256.0;
+                    let o = f64::from(bf16_to_f32(o));
+                    assert!(
+                        (o - e).abs() <= tol,
+                        "{label} threads={threads} {g:?}: [{i}] {o} vs {e}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_dataflow_matches_direct_convolution_on_every_available_isa() {
+        for isa in Isa::available() {
+            eprintln!(
+                "running the {isa} bf16 dataflow {}",
+                if isa.native_bf16() {
+                    "natively"
+                } else {
+                    "(emulated on f32 kernels)"
+                }
+            );
+            check_bf16_tiling(&Tiling::new(isa, true), isa.name());
+        }
+        if !Isa::available().iter().any(|i| i.kind() == IsaKind::Amx) {
+            eprintln!("SKIPPED: this CPU lacks AMX; the AMX kernel did not run natively");
+        }
+    }
+
+    /// The AMX blocking (32×32 tiles, k padded to 32, whole-depth blocks) on any CPU, with
+    /// `tdpbf16ps` replaced by its arithmetic in plain Rust; and the 12×32 `vdpbf16ps`
+    /// blocking likewise.
+    #[test]
+    fn native_bf16_blockings_match_direct_convolution_on_any_cpu() {
+        let amx = Tiling::for_kernel(Kernel::EmulatedAmx, true);
+        assert_eq!((amx.mr, amx.nr, amx.kalign, amx.pairs), (32, 32, 32, true));
+        check_bf16_tiling(&amx, "32x32 AMX (emulated)");
+        let dp = Tiling::for_kernel(Kernel::Emulated12x32 { pairs: true }, true);
+        assert_eq!((dp.mr, dp.nr, dp.kalign, dp.pairs), (12, 32, 2, true));
+        check_bf16_tiling(&dp, "12x32 vdpbf16ps (emulated)");
+    }
+
+    /// On a CPU with AMX the native kernel equals its stand-in exactly on bf16 inputs whose
+    /// products and sums are exact in f32 (small integers).
+    #[test]
+    fn native_amx_kernel_equals_its_stand_in() {
+        let Some(isa) = Isa::new(IsaKind::Amx) else {
+            eprintln!("SKIPPED: this CPU lacks AMX; the native AMX kernel test did not run");
+            return;
+        };
+        let Isa::Amx(token) = isa else { return };
+        let steps = 48;
+        let word = |i: usize, s: u32| {
+            let lo = bf16_bits(((i as u32).wrapping_mul(2_654_435_761) ^ s) as f32 % 7.0 - 3.0);
+            let hi = bf16_bits(((i as u32).wrapping_mul(40_503) ^ s) as f32 % 5.0 - 2.0);
+            f32::from_bits(u32::from(lo) | u32::from(hi) << 16)
+        };
+        let lda = steps + 3;
+        let a: Vec<f32> = (0..32 * lda).map(|i| word(i, 1)).collect();
+        let b: Vec<f32> = (0..steps * 32).map(|i| word(i, 2)).collect();
+        let raw = Epilogue {
+            accumulate: false,
+            bias: std::ptr::null(),
+            residual: std::ptr::null(),
+            ldr: 0,
+            relu: false,
+            rows: 32,
+            cols: 32,
+        };
+        let (mut native, mut emulated) = (vec![0f32; 32 * 40], vec![0f32; 32 * 40]);
+        let t = Tiling::new(Isa::Amx(token), true);
+        {
+            let _s = t.tile_session();
+            // SAFETY: the session is active; the buffers hold what the contract asks.
+            unsafe { amx::amx_32x32(steps, a.as_ptr(), lda, b.as_ptr(), native.as_mut_ptr(), 40, &raw) };
+        }
+        // SAFETY: as above.
+        unsafe { amx_32x32(steps, a.as_ptr(), lda, b.as_ptr(), emulated.as_mut_ptr(), 40, &raw) };
+        assert_eq!(native, emulated);
+        eprintln!("ran the AMX kernel natively");
+    }
+}
