@@ -6,7 +6,7 @@ Run from the repository root after building our binary:
 
     cargo build --release --bin cifar-finetune
     python3 bench/wholejob.py                       # 10,000 test images, 4 contenders, 1 round
-    python3 bench/wholejob.py --images 320          # a quick check (~5 min)
+    python3 bench/wholejob.py --images 320          # a quick check (~4 min)
     python3 bench/wholejob.py --only ours-f32,torch-fp32-cl --rounds 3 --json wholejob.json
 
 At the default 10,000 images one job takes ~10 min (ours f32) to over an hour (PyTorch's bf16
@@ -43,10 +43,15 @@ What it does:
 4. checks the features agree: ours f32 against PyTorch fp32 (max relative error), the bf16
    ones by their smallest cosine to PyTorch fp32.
 
+Peak memory is each job's resident high-water mark as wait4 reports it (the process and the
+DataLoader workers it waited for). It starts from this script's own size at the fork (~30 MiB:
+Python and numpy), so the data and weights are made by a child process (``--prepare``) that
+alone imports torch, and the features are compared from files once every job is timed.
+
 Threads: PyTorch gets ``torch.set_num_threads(--threads)``; ours uses every core the process
 may run on (``available_parallelism``), so keep ``--threads`` at the machine's core count (2
 here) -- the script warns otherwise. torchvision's md5 check of the six real files is skipped
-(the files are synthetic; on the real 178 MB it costs a PyTorch user ~0.4 s more).
+(the files are synthetic; on the real 178 MB it costs a PyTorch user a fraction of a second).
 """
 
 import argparse
@@ -81,7 +86,8 @@ torch.set_num_threads(int(threads))
 
 
 class CIFAR10(torchvision.datasets.CIFAR10):
-    # The synthetic files cannot match the real md5s: skip the checks (~0.4 s on the real set).
+    # The synthetic files cannot match the real md5s: skip the checks (the real files' and
+    # their meta file's).
     meta = {**torchvision.datasets.CIFAR10.meta, "md5": None}
 
     def _check_integrity(self):
@@ -270,7 +276,8 @@ def main():
             network[n].append(network_seconds(n, stdout))
             peak[n] = max(peak[n], rss)
             if n.startswith("torch"):
-                info = json.loads(stdout.strip().splitlines()[-1])
+                clocks = json.loads(stdout.strip().splitlines()[-1])
+                info = {"version": clocks["torch"], "capability": clocks["capability"]}
             print(f"round {r + 1}/{args.rounds}: {n:<14} {s:8.1f} s  {args.images / s:6.2f} images/s  "
                   f"network {network[n][-1]:.1f} s  peak {rss:.0f} MiB  (load {os.getloadavg()[0]:.2f})",
                   flush=True)

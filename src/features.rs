@@ -81,7 +81,10 @@ impl std::fmt::Display for Fingerprint {
             f,
             "{}-avgpool{FINGERPRINT_SEP}weights sha256:{}{FINGERPRINT_SEP}{}{FINGERPRINT_SEP}\
              precision {}",
-            self.backbone, self.weights_sha256, self.preprocess, self.precision
+            self.backbone,
+            self.weights_sha256,
+            self.preprocess,
+            self.precision.fingerprint_name()
         )
     }
 }
@@ -94,7 +97,7 @@ impl std::str::FromStr for Fingerprint {
             Error::invalid(
                 "extractor fingerprint",
                 format!(
-                    "{text:?}: {why} (expected `<backbone>-avgpool; weights sha256:<hex>; <preprocessing>; precision <f32|bf16>`)"
+                    "{text:?}: {why} (expected `<backbone>-avgpool; weights sha256:<hex>; <preprocessing>; precision <f32|bf16-activations>`)"
                 ),
             )
         };
@@ -1300,15 +1303,18 @@ mod tests {
     fn fingerprint_text_form_is_stable_and_round_trips() {
         let fp = sample_fingerprint();
         let text = fp.to_string();
-        // The form that caches, checkpoints and configs written before this type hold.
-        assert_eq!(
-            text,
+        // The form caches, checkpoints and configs hold. bf16 is `bf16-activations` since
+        // its activations became bf16, so caches of the older bf16 are not reused; the older
+        // name still parses, so its checkpoints still load.
+        let form = |p: &str| {
             format!(
-                "resnet50-avgpool; weights sha256:0676ba61; {}; precision bf16",
+                "resnet50-avgpool; weights sha256:0676ba61; {}; precision {p}",
                 Preprocess::imagenet(224).fingerprint()
             )
-        );
+        };
+        assert_eq!(text, form("bf16-activations"));
         assert_eq!(text.parse::<Fingerprint>().unwrap(), fp);
+        assert_eq!(form("bf16").parse::<Fingerprint>().unwrap(), fp);
         let json = serde_json::to_string(&fp).unwrap();
         assert_eq!(json, serde_json::to_string(&text).unwrap());
         assert_eq!(serde_json::from_str::<Fingerprint>(&json).unwrap(), fp);

@@ -224,6 +224,18 @@ impl Tiling {
     }
 }
 
+/// The AMX blocking with `tdpbf16ps` emulated in plain Rust, for tests on any CPU.
+#[cfg(test)]
+pub(crate) fn emulated_amx_tiling() -> Tiling {
+    Tiling::for_kernel(Kernel::EmulatedAmx, true)
+}
+
+/// The `vdpbf16ps` blocking with the instruction emulated in plain Rust, for tests.
+#[cfg(all(test, target_arch = "x86_64"))]
+pub(crate) fn emulated_dpbf16_tiling() -> Tiling {
+    Tiling::for_kernel(Kernel::Emulated12x32 { pairs: true }, true)
+}
+
 /// What to do with a tile's accumulators before storing them.
 #[derive(Debug)]
 pub(crate) struct Epilogue {
@@ -1329,10 +1341,16 @@ mod tests {
     #[test]
     fn avx512_blocking_matches_direct_convolution_on_any_cpu() {
         let t = Tiling::for_kernel(Kernel::Emulated12x32 { pairs: false }, false);
-        assert_eq!((t.mr, t.nr, t.kc, t.mc, t.pairs, t.round), (12, 32, 128, 144, false, false));
+        assert_eq!(
+            (t.mr, t.nr, t.kc, t.mc, t.pairs, t.round),
+            (12, 32, 128, 144, false, false)
+        );
         if let Some(isa) = Avx512::new() {
             let real = Tiling::for_kernel(Kernel::Avx512(isa), false);
-            assert_eq!((real.mr, real.nr, real.kc, real.mc), (t.mr, t.nr, t.kc, t.mc));
+            assert_eq!(
+                (real.mr, real.nr, real.kc, real.mc),
+                (t.mr, t.nr, t.kc, t.mc)
+            );
         }
         check_tiling(&t, "12x32 (emulated)");
         // The bf16-pair stand-in is the real kernel's blocking too.
@@ -1394,7 +1412,18 @@ mod tests {
                 let (out, s) = (&mut out_bf16, &mut scratch);
                 conv_bf16(&act, b, &bias, t, out, None, true, &workers, s, None)
             } else {
-                conv(&src, b, &bias, t, &mut out, None, true, &workers, &mut scratch, None)
+                conv(
+                    &src,
+                    b,
+                    &bias,
+                    t,
+                    &mut out,
+                    None,
+                    true,
+                    &workers,
+                    &mut scratch,
+                    None,
+                )
             }
         };
         for packed_for in &tilings {

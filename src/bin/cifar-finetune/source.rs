@@ -19,7 +19,7 @@ use cifar_finetune::data::transform::{DEFAULT_MAX_PIXELS, Preprocess};
 use cifar_finetune::data::{Dataset, Part};
 use cifar_finetune::features::{self, CacheOptions, Extractor, FeatureSet, Skipped, Work};
 use cifar_finetune::fetch::{self, Asset, DownloadOptions, WeightsFormat, WeightsVersion};
-use cifar_finetune::isa::Avx512Bf16;
+use cifar_finetune::isa::Isa;
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 
 use crate::progress::Progress;
@@ -39,10 +39,13 @@ pub enum Normalize {
 pub enum PrecisionArg {
     /// f32 throughout: torchvision's features to float rounding.
     F32,
-    /// bf16 operands with f32 accumulation: about twice as fast on CPUs with AVX512-BF16
-    /// (emulated, at f32 speed, elsewhere); features within a cosine of 0.999 of f32.
-    /// Cached apart from f32 features.
+    /// bf16 operands and activations with f32 accumulation: fast on CPUs with AMX or
+    /// AVX512-BF16, emulated (slower than f32) elsewhere; features within a cosine of 0.999
+    /// of f32. Cached apart from f32 features.
     Bf16,
+    /// bf16 where this CPU runs it natively (AMX or AVX512-BF16), else f32: the fastest.
+    /// The precision chosen is printed and is the one in the cache key.
+    Auto,
 }
 
 /// The datasets the tool reads.
@@ -473,14 +476,20 @@ impl FeatureArgs {
             .validate()
             .context("--image-size / --max-pixels")?;
         let weights = self.weights_path()?;
+        let isa = Isa::detect();
         let precision = match self.precision {
             PrecisionArg::F32 => Precision::F32,
             PrecisionArg::Bf16 => Precision::Bf16,
+            PrecisionArg::Auto => {
+                let p = Precision::auto(isa);
+                eprintln!("precision auto: {p} (best instruction set: {isa})");
+                p
+            }
         };
-        if precision == Precision::Bf16 && Avx512Bf16::new().is_none() {
+        if precision == Precision::Bf16 && !isa.native_bf16() {
             eprintln!(
-                "note: this CPU lacks AVX512-BF16: bf16 is emulated (the same features up to \
-                 summation order) at f32 speed"
+                "note: this CPU has neither AMX nor AVX512-BF16: bf16 is emulated on the f32 \
+                 kernels (the same features up to summation order), slower than f32"
             );
         }
         Ok(Extractor::load_arch(

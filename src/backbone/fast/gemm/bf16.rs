@@ -538,8 +538,8 @@ pub(super) mod amx {
 
 #[cfg(test)]
 pub(super) mod tests {
-    use super::super::tests::{reference, values};
     use super::super::Kernel;
+    use super::super::tests::{reference, values};
     use super::*;
     use crate::isa::{Isa, IsaKind};
 
@@ -729,10 +729,30 @@ pub(super) mod tests {
         {
             let _s = t.tile_session();
             // SAFETY: the session is active; the buffers hold what the contract asks.
-            unsafe { amx::amx_32x32(steps, a.as_ptr(), lda, b.as_ptr(), native.as_mut_ptr(), 40, &raw) };
+            unsafe {
+                amx::amx_32x32(
+                    steps,
+                    a.as_ptr(),
+                    lda,
+                    b.as_ptr(),
+                    native.as_mut_ptr(),
+                    40,
+                    &raw,
+                )
+            };
         }
         // SAFETY: as above.
-        unsafe { amx_32x32(steps, a.as_ptr(), lda, b.as_ptr(), emulated.as_mut_ptr(), 40, &raw) };
+        unsafe {
+            amx_32x32(
+                steps,
+                a.as_ptr(),
+                lda,
+                b.as_ptr(),
+                emulated.as_mut_ptr(),
+                40,
+                &raw,
+            )
+        };
         assert_eq!(native, emulated);
         eprintln!("ran the AMX kernel natively");
     }
