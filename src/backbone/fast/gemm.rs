@@ -17,11 +17,15 @@
 //!
 //! Micro-kernels are chosen at run time ([`crate::isa::Isa`]): AVX-512F (12×32) and AVX2 + FMA
 //! (6×16) are one intrinsics macro instantiated per instruction set, with a plain-Rust 4×8
-//! kernel as the portable fallback. The bf16 micro-kernel uses AVX512-BF16's `vdpbf16ps`
-//! (pairs of bf16 products summed into f32 accumulators); without it, bf16 is emulated
-//! exactly — operands rounded to bf16, products and sums in f32 — by the f32 kernels. The
-//! AVX-512 blockings and the bf16 pair packing are also tested on CPUs without AVX-512, with
-//! their micro-kernels replaced by the same arithmetic in plain Rust.
+//! kernel as the portable fallback; the AVX-512 blocking is also tested on CPUs without
+//! AVX-512, with its micro-kernel replaced by the same arithmetic in plain Rust.
+//!
+//! This module's [`conv`] is the f32 path. bf16 runs the dataflow of the `bf16` submodule
+//! ([`conv_bf16`]): bf16 activations in memory, row-major `A`, whole-depth products, on AMX
+//! tiles (32×32), AVX512-BF16's `vdpbf16ps` (12×32, the same macro as the f32 kernels), or,
+//! without either, the f32 kernels on operands rounded to bf16. [`PackedB`] packs the weights
+//! for all of them: f32, f32 rounded to bf16, or bf16 pairs (two consecutive k per 32-bit
+//! word, the VNNI layout both bf16 instructions read).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
@@ -205,6 +209,20 @@ impl Tiling {
             Kernel::Emulated12x32 { pairs: true } => tests::bf16_pairs_12x32,
             #[cfg(test)]
             Kernel::EmulatedAmx => bf16::tests::amx_32x32,
+        }
+    }
+
+    /// The bf16 dataflow's epilogue compiled for this kernel's instruction set. Calling it is
+    /// sound on this CPU, as for [`Tiling::micro`].
+    fn store_bf16(&self) -> bf16::StoreFn {
+        match self.kernel {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512(_) | Kernel::Avx512Bf16(_) | Kernel::Amx(_) => {
+                bf16::x86::store_bf16_avx512
+            }
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2(_) => bf16::x86::store_bf16_avx2,
+            _ => bf16::store_bf16,
         }
     }
 

@@ -154,15 +154,30 @@ fn pack_rows(
     }
 }
 
+/// The type of [`store_bf16`] and its compilations for an instruction set.
+pub(super) type StoreFn = unsafe fn(
+    tile: &[f32],
+    ldt: usize,
+    dims: (usize, usize),
+    out: *mut u16,
+    ldo: usize,
+    bias: *const f32,
+    residual: *const u16,
+    relu: bool,
+);
+
 /// The epilogue of the bf16 dataflow: `out = bf16(relu?(tile + bias + residual))` for the
-/// valid `rows × cols` of a raw f32 `tile` (row stride `ldt`).
+/// valid `rows × cols` of a raw f32 `tile` (row stride `ldt`). Plain Rust, inlined into
+/// `#[target_feature]` copies (`x86`) so that it is vectorised with the kernel's instruction
+/// set: with AMX a 32×32 tile of depth 64 takes ~128 cycles to compute, so a scalar epilogue
+/// would cost more than the product.
 ///
 /// # Safety
 /// `out` and `residual` (when not null) address `rows` rows of `cols` values, `ldo` apart;
 /// `bias` holds `cols` values.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn store_bf16(
+pub(super) unsafe fn store_bf16(
     tile: &[f32],
     ldt: usize,
     (rows, cols): (usize, usize),
@@ -303,6 +318,7 @@ pub(crate) fn conv(
         buf.ensure(mc * lda);
     }
     let micro = t.micro();
+    let store = t.store_bf16();
     let bdata = b.data.as_slice();
     let steps = kp >> t.shift();
 
@@ -374,11 +390,11 @@ pub(crate) fn conv(
                     // rows of `steps` words `lda` apart, the B panel `steps` steps of `nr`
                     // words (`b` was packed for `t`), and `tile` `mr × nr` values.
                     unsafe { micro(steps, a, lda, bsl.as_ptr(), tile.as_mut_ptr(), nr, &raw) };
-                    // SAFETY: the tile [r0.., j·nr..] of valid rows × cols lies inside `out`
-                    // (and `residual`, checked above) and belongs to this task alone; `bias`
-                    // holds n ≥ j·nr + cols values.
+                    // SAFETY: `store` runs on this CPU (as `micro`); the tile [r0.., j·nr..]
+                    // of valid rows × cols lies inside `out` (and `residual`, checked above)
+                    // and belongs to this task alone; `bias` holds n ≥ j·nr + cols values.
                     unsafe {
-                        store_bf16(
+                        store(
                             &tile,
                             nr,
                             (mr.min(m - r0), cols),
@@ -409,6 +425,49 @@ pub(crate) fn conv(
         _ => work(&mut first[0]),
     }
     Ok(())
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(super) mod x86 {
+    //! [`super::store_bf16`] compiled for AVX-512F and for AVX2, reached only through a
+    //! [`super::Tiling`] whose kernel's token proves the instruction set.
+
+    /// `pub(in super::super) unsafe fn $name`: the epilogue compiled with `$feat`.
+    macro_rules! epilogue {
+        ($(#[$doc:meta])* $name:ident, $feat:literal) => {
+            $(#[$doc])*
+            #[allow(clippy::too_many_arguments)]
+            #[target_feature(enable = $feat)]
+            pub(in super::super) unsafe fn $name(
+                tile: &[f32],
+                ldt: usize,
+                dims: (usize, usize),
+                out: *mut u16,
+                ldo: usize,
+                bias: *const f32,
+                residual: *const u16,
+                relu: bool,
+            ) {
+                // SAFETY: forwarded from the caller.
+                unsafe { super::store_bf16(tile, ldt, dims, out, ldo, bias, residual, relu) }
+            }
+        };
+    }
+
+    epilogue!(
+        /// [`super::store_bf16`] on 512-bit vectors.
+        ///
+        /// # Safety
+        /// As `store_bf16`, on a CPU with AVX-512F.
+        store_bf16_avx512, "avx512f"
+    );
+    epilogue!(
+        /// [`super::store_bf16`] on 256-bit vectors.
+        ///
+        /// # Safety
+        /// As `store_bf16`, on a CPU with AVX2 and FMA.
+        store_bf16_avx2, "avx2,fma"
+    );
 }
 
 #[cfg(target_arch = "x86_64")]
