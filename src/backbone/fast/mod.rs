@@ -578,12 +578,20 @@ impl FastResNet {
             }
             (hc, wc) = (ho, wo);
         }
+        // f32 words: bf16 activations take half as many.
+        let words = |len: usize| {
+            if self.tiling.bf16_act() {
+                len.div_ceil(2)
+            } else {
+                len
+            }
+        };
         ws.input.ensure(batch * h * w * 3);
-        ws.cur.ensure(act);
-        ws.next.ensure(act);
-        ws.inner[0].ensure(inner[0]);
-        ws.inner[1].ensure(inner[1]);
-        ws.ds.ensure(ds);
+        ws.cur.ensure(words(act));
+        ws.next.ensure(words(act));
+        ws.inner[0].ensure(words(inner[0]));
+        ws.inner[1].ensure(words(inner[1]));
+        ws.ds.ensure(words(ds));
         ws.scratch
             .resize_with(self.workers.threads(), AlignedBuf::default);
     }
