@@ -9,8 +9,9 @@ Run from the repository root after building our binary:
     python3 bench/wholejob.py --images 320          # a quick check (~4 min)
     python3 bench/wholejob.py --only ours-f32,torch-fp32-cl --rounds 3 --json wholejob.json
 
-At the default 10,000 images one job takes ~10 min (ours f32) to over an hour (PyTorch's bf16
-autocast, emulated on CPUs without AVX512-BF16/AMX) on 2 cores, so ``--rounds`` defaults to 1.
+At the default 10,000 images one job takes 7-10 min (ours f32, PyTorch fp32 channels_last) to
+25-45 min (PyTorch's bf16 autocast, emulated on CPUs without AVX512-BF16/AMX) on 2 Ice Lake
+cores, so ``--rounds`` defaults to 1; ``--only`` picks contenders.
 
 What it does:
 
@@ -35,7 +36,8 @@ What it does:
      bench/backbone.py's two best CPU modes: fp32 channels_last, and bf16 autocast
      channels_last; the [N, 2048] features saved with ``np.save``;
 3. prints each contender's median seconds and images/s, the ratio of our best contender to
-   PyTorch's best (and every pair), each job's peak memory, and the network's share: ours from
+   PyTorch's best (overall and round by round: a round's jobs ran close together, under
+   similar load) and of every pair, each job's peak memory, and the network's share: ours from
    the ``time:`` line ``features`` prints (its own clock: loading the network + forward passes),
    PyTorch's from the same two things timed inside its job -- which gives a forward-pass ratio
    for free (measured within loaded whole jobs; bench/backbone.py measures warm passes
@@ -212,7 +214,7 @@ def network_seconds(name, stdout):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=10000, help="test images (the whole test set: 10,000)")
-    ap.add_argument("--rounds", type=int, default=1, help="whole jobs per contender (~10-70 min each at "
+    ap.add_argument("--rounds", type=int, default=1, help="whole jobs per contender (7-45 min each at "
                     "10,000 images on 2 cores)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", default=",".join(CONTENDERS), help="comma-separated contenders, of: "
@@ -304,8 +306,10 @@ def main():
             for t in torch_:
                 ratios[f"{o} / {t}"] = {"whole_job": med[t] / med[o], "network": net[t] / net[o]}
                 print(f"  {o:<10} / {t:<14} whole job {med[t] / med[o]:5.2f}x  network {net[t] / net[o]:5.2f}x")
+        per_round = [t / o for o, t in zip(seconds[best_o], seconds[best_t])]
+        print(f"  {best_o} / {best_t} round by round: " + ", ".join(f"{x:.2f}x" for x in per_round))
         ratios["best"] = {"ours": best_o, "torch": best_t, "whole_job": med[best_t] / med[best_o],
-                          "network": net[best_t] / net[best_o]}
+                          "network": net[best_t] / net[best_o], "whole_job_per_round": per_round}
 
     checks = {}
     if "torch-fp32-cl" in feats:
