@@ -1212,10 +1212,12 @@ mod tests {
     }
 
     /// Checks `t` against the direct convolution on odd sizes: partial row and column
-    /// tiles, k not a multiple of KC or 2, images smaller than the kernel, several row
-    /// blocks; with and without the residual epilogue, on one and two threads. (The bf16
-    /// tilings are checked by `bf16::tests`.)
-    fn check_tiling(t: &Tiling, label: &str) {
+    /// tiles, k not a multiple of KC, 2 or 32, padding and stride, images smaller than the
+    /// kernel, several row blocks, 1×1 layers read in place (with and without a partial last
+    /// panel); with and without the residual epilogue, on one and two threads. A bf16 tiling
+    /// runs the bf16 dataflow ([`conv_bf16`]) on bf16-rounded values, with bf16 input (f32
+    /// for the stem-like 3-channel cases) and output, to the error of the output's rounding.
+    pub(super) fn check_tiling(t: &Tiling, label: &str) {
         let geom = |cin, cout, ksize, stride, pad| ConvGeom {
             cin,
             cout,
@@ -1225,55 +1227,82 @@ mod tests {
         };
         let cases = [
             (geom(5, 19, 3, 2, 1), (2, 9, 7)),
+            (geom(6, 19, 3, 2, 1), (2, 9, 7)),
             (geom(300, 40, 1, 1, 0), (1, 5, 7)),
+            (geom(64, 40, 1, 1, 0), (1, 5, 7)),
             (geom(3, 8, 7, 2, 3), (1, 11, 10)),
             (geom(3, 8, 7, 2, 3), (2, 2, 3)),
             (geom(16, 33, 1, 2, 0), (3, 5, 5)),
             // 180 rows: more than one MC block, packed and read in place.
             (geom(8, 36, 3, 1, 1), (2, 10, 9)),
             (geom(20, 36, 1, 1, 0), (2, 10, 9)),
+            (geom(32, 36, 1, 1, 0), (2, 10, 9)),
+            (geom(64, 64, 1, 1, 0), (1, 8, 8)),
         ];
+        let bf16 = t.bf16_act();
+        let operand = |v: f32| if bf16 { round_bf16(v) } else { v };
         for (g, (batch, h, w)) in cases {
-            let x = values(batch * h * w * g.cin, 1);
-            let wt = values(g.cout * g.k(), 2);
+            let x: Vec<f32> = values(batch * h * w * g.cin, 1)
+                .into_iter()
+                .map(operand)
+                .collect();
+            let wt: Vec<f32> = values(g.cout * g.k(), 2).into_iter().map(operand).collect();
             let bias = values(g.cout, 3);
             let (oh, ow) = (g.out_len(h), g.out_len(w));
-            let residual = values(batch * oh * ow * g.cout, 4);
+            let residual: Vec<f32> = values(batch * oh * ow * g.cout, 4)
+                .into_iter()
+                .map(operand)
+                .collect();
+            let (xb, rb): (Vec<u16>, Vec<u16>) = (
+                x.iter().map(|&v| bf16_bits(v)).collect(),
+                residual.iter().map(|&v| bf16_bits(v)).collect(),
+            );
             let expect = reference(&x, (batch, h, w), &wt, &bias, &g);
             let b = PackedB::new(&wt, &g, t).unwrap();
             for (threads, res) in [(1, true), (2, true), (2, false)] {
                 let workers = Workers::new(threads).unwrap();
                 let mut scratch: Vec<AlignedBuf> =
                     (0..threads).map(|_| AlignedBuf::default()).collect();
-                let mut out = vec![f32::NAN; expect.len()];
-                let src = Source {
-                    data: &x,
-                    batch,
-                    h,
-                    w,
-                    c: g.cin,
+                let s = &mut scratch;
+                let out: Vec<f32> = if bf16 {
+                    let data = if g.cin == 3 {
+                        Data::F32(&x)
+                    } else {
+                        Data::Bf16(&xb)
+                    };
+                    let (c, r) = (g.cin, res.then_some(rb.as_slice()));
+                    let src = Act {
+                        data,
+                        batch,
+                        h,
+                        w,
+                        c,
+                    };
+                    let mut out = vec![0xFFFFu16; expect.len()];
+                    conv_bf16(&src, &b, &bias, t, &mut out, r, res, &workers, s, None).unwrap();
+                    out.into_iter().map(bf16_to_f32).collect()
+                } else {
+                    let (c, r) = (g.cin, res.then_some(residual.as_slice()));
+                    let src = Source {
+                        data: &x,
+                        batch,
+                        h,
+                        w,
+                        c,
+                    };
+                    let mut out = vec![f32::NAN; expect.len()];
+                    conv(&src, &b, &bias, t, &mut out, r, res, &workers, s, None).unwrap();
+                    out
                 };
-                let r = res.then_some(residual.as_slice());
-                conv(
-                    &src,
-                    &b,
-                    &bias,
-                    t,
-                    &mut out,
-                    r,
-                    res,
-                    &workers,
-                    &mut scratch,
-                    None,
-                )
-                .unwrap();
-                let tol = 1e-5 * (g.k() as f64).sqrt();
                 for (i, (&o, &e)) in out.iter().zip(&expect).enumerate() {
                     let e = if res {
                         (e + f64::from(residual[i])).max(0.0)
                     } else {
                         e
                     };
+                    // f32 sums; bf16 output rounds once more (2⁻⁸ relative).
+                    let tol =
+                        1e-5 * (g.k() as f64).sqrt() + if bf16 { e.abs() / 256.0 } else { 0.0 };
                     assert!(
                         (f64::from(o) - e).abs() <= tol,
                         "{label} threads={threads} {g:?}: [{i}] {o} vs {e}"
@@ -1294,6 +1323,15 @@ mod tests {
         for isa in available {
             eprintln!("running the {isa} f32 convolution kernels natively");
             check_tiling(&Tiling::new(isa, false), isa.name());
+            eprintln!(
+                "running the {isa} bf16 dataflow {}",
+                if isa.native_bf16() {
+                    "natively"
+                } else {
+                    "(emulated on the f32 kernels)"
+                }
+            );
+            check_tiling(&Tiling::new(isa, true), isa.name());
         }
     }
 

@@ -598,7 +598,7 @@ pub(super) mod amx {
 #[cfg(test)]
 pub(super) mod tests {
     use super::super::Kernel;
-    use super::super::tests::{reference, values};
+    use super::super::tests::check_tiling;
     use super::*;
     use crate::isa::{Isa, IsaKind};
 
@@ -636,113 +636,6 @@ pub(super) mod tests {
         }
     }
 
-    /// Checks the bf16 dataflow of `t` against the direct convolution of the bf16-rounded
-    /// input: odd sizes, partial row and column tiles, padding, stride, the 3-channel f32
-    /// input of a stem, the in-place 1×1 path with and without a partial panel, several row
-    /// blocks; with and without the residual, on one and two threads.
-    pub(in super::super) fn check_bf16_tiling(t: &Tiling, label: &str) {
-        let geom = |cin, cout, ksize, stride, pad| ConvGeom {
-            cin,
-            cout,
-            ksize,
-            stride,
-            pad,
-        };
-        let cases = [
-            (geom(6, 19, 3, 2, 1), (2, 9, 7), false),
-            (geom(64, 40, 1, 1, 0), (1, 5, 7), false),
-            (geom(3, 8, 7, 2, 3), (1, 11, 10), true),
-            (geom(3, 8, 7, 2, 3), (2, 2, 3), true),
-            (geom(16, 33, 1, 2, 0), (3, 5, 5), false),
-            (geom(8, 36, 3, 1, 1), (2, 10, 9), false),
-            (geom(32, 36, 1, 1, 0), (2, 10, 9), false),
-            (geom(64, 64, 1, 1, 0), (1, 8, 8), false),
-        ];
-        for (g, (batch, h, w), f32_input) in cases {
-            let x: Vec<f32> = values(batch * h * w * g.cin, 1)
-                .into_iter()
-                .map(round_bf16)
-                .collect();
-            let xb: Vec<u16> = x.iter().map(|&v| bf16_bits(v)).collect();
-            let wt: Vec<f32> = values(g.cout * g.k(), 2)
-                .into_iter()
-                .map(round_bf16)
-                .collect();
-            let bias = values(g.cout, 3);
-            let (oh, ow) = (g.out_len(h), g.out_len(w));
-            let residual: Vec<u16> = values(batch * oh * ow * g.cout, 4)
-                .into_iter()
-                .map(bf16_bits)
-                .collect();
-            let expect = reference(&x, (batch, h, w), &wt, &bias, &g);
-            let b = PackedB::new(&wt, &g, t).unwrap();
-            for (threads, res) in [(1, true), (2, true), (2, false)] {
-                let workers = Workers::new(threads).unwrap();
-                let mut scratch: Vec<AlignedBuf> =
-                    (0..threads).map(|_| AlignedBuf::default()).collect();
-                let mut out = vec![0xFFFFu16; expect.len()];
-                let data = if f32_input {
-                    Data::F32(&x)
-                } else {
-                    Data::Bf16(&xb)
-                };
-                let src = Act {
-                    data,
-                    batch,
-                    h,
-                    w,
-                    c: g.cin,
-                };
-                let r = res.then_some(residual.as_slice());
-                conv(
-                    &src,
-                    &b,
-                    &bias,
-                    t,
-                    &mut out,
-                    r,
-                    res,
-                    &workers,
-                    &mut scratch,
-                    None,
-                )
-                .unwrap();
-                for (i, (&o, &e)) in out.iter().zip(&expect).enumerate() {
-                    let e = if res {
-                        (e + f64::from(bf16_to_f32(residual[i]))).max(0.0)
-                    } else {
-                        e
-                    };
-                    // Exact products, f32 sums, then one rounding to bf16 (2^-8 relative).
-                    let tol = 1e-5 * (g.k() as f64).sqrt() + e.abs() / 256.0;
-                    let o = f64::from(bf16_to_f32(o));
-                    assert!(
-                        (o - e).abs() <= tol,
-                        "{label} threads={threads} {g:?}: [{i}] {o} vs {e}"
-                    );
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn bf16_dataflow_matches_direct_convolution_on_every_available_isa() {
-        for isa in Isa::available() {
-            eprintln!(
-                "running the {isa} bf16 dataflow {}",
-                if isa.native_bf16() {
-                    "natively"
-                } else {
-                    "(emulated on f32 kernels)"
-                }
-            );
-            check_bf16_tiling(&Tiling::new(isa, true), isa.name());
-        }
-        if !Isa::available().iter().any(|i| i.kind() == IsaKind::Amx) {
-            eprintln!("SKIPPED: this CPU lacks AMX; the AMX kernel did not run natively");
-        }
-    }
-
     /// The AMX blocking (32×32 tiles, k padded to 32, whole-depth blocks) on any CPU, with
     /// `tdpbf16ps` replaced by its arithmetic in plain Rust; and the 12×32 `vdpbf16ps`
     /// blocking likewise.
@@ -750,10 +643,10 @@ pub(super) mod tests {
     fn native_bf16_blockings_match_direct_convolution_on_any_cpu() {
         let amx = Tiling::for_kernel(Kernel::EmulatedAmx, true);
         assert_eq!((amx.mr, amx.nr, amx.kalign, amx.pairs), (32, 32, 32, true));
-        check_bf16_tiling(&amx, "32x32 AMX (emulated)");
+        check_tiling(&amx, "32x32 AMX (emulated)");
         let dp = Tiling::for_kernel(Kernel::Emulated12x32 { pairs: true }, true);
         assert_eq!((dp.mr, dp.nr, dp.kalign, dp.pairs), (12, 32, 2, true));
-        check_bf16_tiling(&dp, "12x32 vdpbf16ps (emulated)");
+        check_tiling(&dp, "12x32 vdpbf16ps (emulated)");
     }
 
     /// On a CPU with AMX the native kernel equals its stand-in exactly on bf16 inputs whose
