@@ -41,8 +41,9 @@ pub(crate) use bf16::{Act, Data, bf16_to_f32, conv as conv_bf16};
 /// The pointer type every micro-kernel takes: `steps` k-steps of `a` and packed `b` (f32
 /// words; for bf16, each word holds two bf16 values of consecutive k), accumulated into the
 /// tile at `c` (row stride `ldc`), finished by `ep`. `a` is packed (`MR` words per step)
-/// when `lda == 0`, else `MR` plain rows `lda` apart (f32 kernels only: a 1×1 convolution
-/// reads its NHWC input in place).
+/// when `lda == 0`, else `MR` plain rows `lda` apart (a 1×1 convolution reading its NHWC
+/// input in place, and every product of the bf16 dataflow). The AMX kernel only takes rows,
+/// and writes its raw tile whatever `ep` says: the bf16 dataflow finishes tiles itself.
 pub(crate) type MicroFn = unsafe fn(
     steps: usize,
     a: *const f32,
@@ -94,7 +95,8 @@ pub(crate) struct Tiling {
     mr: usize,
     /// Columns of the register tile (a multiple of the vector width).
     nr: usize,
-    /// Depth of one packed block, in k values (even, so bf16 pairs never straddle blocks).
+    /// Depth of one packed block of the f32 path, in k values (the bf16 dataflow reduces the
+    /// whole depth in one call).
     kc: usize,
     /// Rows of one packed `A` block (a multiple of `mr`); sized to stay in L2.
     mc: usize,

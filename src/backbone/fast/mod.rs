@@ -799,6 +799,7 @@ mod tests {
     /// The whole bf16 dataflow — the stem's f32 input, k padded to AMX's 32, bf16 max pool,
     /// residuals and average pool — on the AMX and `vdpbf16ps` blockings with their
     /// instructions' arithmetic in plain Rust: features within cosine 0.999 of f32's.
+    #[cfg(target_arch = "x86_64")]
     #[test]
     fn bf16_network_on_the_native_blockings_agrees_with_f32() {
         let sd = || StateDict::from_tensors("synthetic", weights::synthetic_state_dict().unwrap());
