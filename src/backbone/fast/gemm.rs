@@ -955,6 +955,151 @@ impl Workers {
     }
 }
 
+/// Refuses weights packed for another tiling than `t`, or a tiling of the other dataflow
+/// (`bf16`: the bf16 one).
+fn check_packing(b: &PackedB, t: &Tiling, bf16: bool) -> Result<()> {
+    if b.tiling == *t && t.bf16_act == bf16 {
+        return Ok(());
+    }
+    Err(Error::invalid(
+        "packed convolution weights",
+        format!(
+            "packed for a {}×{} tiling ({:?}), run with a {}×{} {} one ({:?})",
+            b.tiling.mr,
+            b.tiling.nr,
+            b.tiling.kernel,
+            t.mr,
+            t.nr,
+            if bf16 { "bf16" } else { "f32" },
+            t.kernel
+        ),
+    ))
+}
+
+/// The lengths of a convolution's buffers, checked by [`check_buffers`].
+struct Lens {
+    input: usize,
+    output: usize,
+    bias: usize,
+    residual: Option<usize>,
+    scratch: usize,
+}
+
+/// Checks that a `[batch, h, w, c]` input of `len.input` values and the other buffers hold
+/// what the convolution `g` needs on `threads` workers; returns the rows of the product,
+/// M = batch · oh · ow. `what` names the convolution in the error (`""` or `"bf16 "`).
+fn check_buffers(
+    what: &str,
+    g: &ConvGeom,
+    (batch, h, w, c): (usize, usize, usize, usize),
+    len: Lens,
+    threads: usize,
+) -> Result<usize> {
+    let (oh, ow, n) = (g.out_len(h), g.out_len(w), g.cout);
+    // Sizes that overflow cannot be held by any buffer: treat them as too large.
+    let product = |v: &[usize]| v.iter().try_fold(1usize, |a, &b| a.checked_mul(b));
+    let input_len = product(&[batch, h, w, c]).unwrap_or(usize::MAX);
+    let out_len = product(&[batch, oh, ow, n]).unwrap_or(usize::MAX);
+    if c != g.cin
+        || len.input < input_len
+        || len.output < out_len
+        || len.bias < n
+        || len.residual.is_some_and(|r| r < out_len)
+        || len.scratch < threads
+    {
+        return Err(Error::invalid(
+            "convolution buffers",
+            format!(
+                "input {} values of {c} channels, output {} (need {out_len}), bias {} (need \
+                 {n}), {} packing buffers for {threads} threads, for a {k}×{k} {what}\
+                 convolution {}→{n} on a [{batch}, {h}, {w}, {c}] batch",
+                len.input,
+                len.output,
+                len.bias,
+                len.scratch,
+                g.cin,
+                k = g.ksize,
+            ),
+        ));
+    }
+    // out_len = m · n did not overflow (it fits in the output), so neither does m.
+    Ok(batch * oh * ow)
+}
+
+/// The tasks of one convolution: blocks of `mc` rows, each split into column ranges of
+/// panels when rows are few, handed out in order to whichever worker asks.
+struct Schedule {
+    m: usize,
+    mc: usize,
+    panels: usize,
+    nsplit: usize,
+    per: usize,
+    tasks: usize,
+    next: AtomicUsize,
+}
+
+impl Schedule {
+    /// The tasks of `m` rows in blocks of `mc` and `panels` column panels for `threads`.
+    fn new(m: usize, mc: usize, panels: usize, threads: usize) -> Schedule {
+        let mblocks = m.div_ceil(mc);
+        // Enough tasks to keep every thread busy: split the columns too when rows are few
+        // (the last stage at batch 1 has 49 rows).
+        let want = threads * 4;
+        let nsplit = if mblocks >= want {
+            1
+        } else {
+            want.div_ceil(mblocks).min(panels)
+        };
+        Schedule {
+            m,
+            mc,
+            panels,
+            nsplit,
+            per: panels.div_ceil(nsplit),
+            tasks: mblocks * nsplit,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// The next task not yet taken: its first row, its rows, and its panels; `None` when
+    /// every task is taken.
+    fn take(&self) -> Option<(usize, usize, std::ops::Range<usize>)> {
+        loop {
+            let task = self.next.fetch_add(1, Ordering::Relaxed);
+            if task >= self.tasks {
+                return None;
+            }
+            let (mb, ns) = (task / self.nsplit, task % self.nsplit);
+            let m0 = mb * self.mc;
+            let (j0, j1) = (ns * self.per, ((ns + 1) * self.per).min(self.panels));
+            if j0 < j1 {
+                return Some((m0, self.mc.min(self.m - m0), j0..j1));
+            }
+        }
+    }
+
+    /// Runs `work` on every worker of `workers`, each with its own `scratch` buffer, until
+    /// the tasks are taken (on the caller's thread alone when there is one task or thread).
+    fn run(
+        &self,
+        workers: &Workers,
+        scratch: &mut [AlignedBuf],
+        work: impl Fn(&mut AlignedBuf) + Sync,
+    ) {
+        let (first, rest) = scratch.split_at_mut(1);
+        match &workers.pool {
+            Some(pool) if self.tasks > 1 => pool.scope(|s| {
+                for buf in rest.iter_mut() {
+                    let work = &work;
+                    s.spawn(move |_| work(buf));
+                }
+                work(&mut first[0]);
+            }),
+            _ => work(&mut first[0]),
+        }
+    }
+}
+
 /// One f32 convolution: `out [M, cout] = epilogue(im2col(src) · B)`, M = batch · oh · ow,
 /// with `bias` added, `residual [M, cout]` added when given, then ReLU when `relu`.
 ///
@@ -978,54 +1123,19 @@ pub(crate) fn conv(
     scratch: &mut [AlignedBuf],
     pack_ns: Option<&AtomicU64>,
 ) -> Result<()> {
-    if b.tiling != *t || t.bf16_act {
-        return Err(Error::invalid(
-            "packed convolution weights",
-            format!(
-                "packed for a {}×{} tiling ({:?}), run with a {}×{} f32 one ({:?})",
-                b.tiling.mr, b.tiling.nr, b.tiling.kernel, t.mr, t.nr, t.kernel
-            ),
-        ));
-    }
+    check_packing(b, t, false)?;
     let g = &b.geom;
     let (oh, ow) = (g.out_len(src.h), g.out_len(src.w));
     let n = g.cout;
     let threads = workers.threads;
-    // Sizes that overflow cannot be held by any buffer: treat them as too large.
-    let product = |v: &[usize]| v.iter().try_fold(1usize, |a, &b| a.checked_mul(b));
-    let input_len = product(&[src.batch, src.h, src.w, src.c]).unwrap_or(usize::MAX);
-    let out_len = product(&[src.batch, oh, ow, n]).unwrap_or(usize::MAX);
-    if src.c != g.cin
-        || src.data.len() < input_len
-        || out.len() < out_len
-        || bias.len() < n
-        || residual.is_some_and(|r| r.len() < out_len)
-        || scratch.len() < threads
-    {
-        return Err(Error::invalid(
-            "convolution buffers",
-            format!(
-                "input {} values of {} channels, output {} (need {}), bias {} (need {n}), \
-                 {} packing buffers for {threads} threads, for a {k}×{k} convolution {}→{} on \
-                 a [{}, {}, {}, {}] batch",
-                src.data.len(),
-                src.c,
-                out.len(),
-                out_len,
-                bias.len(),
-                scratch.len(),
-                g.cin,
-                g.cout,
-                src.batch,
-                src.h,
-                src.w,
-                src.c,
-                k = g.ksize,
-            ),
-        ));
-    }
-    // out_len = m · n did not overflow (it fits in `out`), so neither does m.
-    let m = src.batch * oh * ow;
+    let lens = Lens {
+        input: src.data.len(),
+        output: out.len(),
+        bias: bias.len(),
+        residual: residual.map(<[f32]>::len),
+        scratch: scratch.len(),
+    };
+    let m = check_buffers("", g, (src.batch, src.h, src.w, src.c), lens, threads)?;
     if m == 0 {
         return Ok(());
     }
@@ -1035,18 +1145,7 @@ pub(crate) fn conv(
     // A 1×1 stride-1 convolution reads its input rows in place; only a partial last tile of
     // rows is packed (zero-padded) so the kernel never reads past the activation.
     let direct = g.is_pointwise();
-    let mblocks = m.div_ceil(t.mc);
-    // Enough tasks to keep every thread busy: split the columns too when rows are few
-    // (the last stage at batch 1 has 49 rows).
-    let want = threads * 4;
-    let nsplit = if mblocks >= want {
-        1
-    } else {
-        want.div_ceil(mblocks).min(b.panels)
-    };
-    let per = b.panels.div_ceil(nsplit);
-    let tasks = mblocks * nsplit;
-    let next = AtomicUsize::new(0);
+    let schedule = Schedule::new(m, t.mc, b.panels, threads);
     let cptr = SharedPtr(out.as_mut_ptr());
     let res = SharedPtr(residual.map_or(std::ptr::null(), |r| r.as_ptr()).cast_mut());
     let bdata = b.data.as_slice();
@@ -1057,18 +1156,7 @@ pub(crate) fn conv(
     let work = |buf: &mut AlignedBuf| {
         let (cptr, res) = (cptr, res);
         let apack = buf.as_mut_slice().as_mut_ptr();
-        loop {
-            let task = next.fetch_add(1, Ordering::Relaxed);
-            if task >= tasks {
-                break;
-            }
-            let (mb, ns) = (task / nsplit, task % nsplit);
-            let m0 = mb * t.mc;
-            let rows = t.mc.min(m - m0);
-            let (j0, j1) = (ns * per, ((ns + 1) * per).min(b.panels));
-            if j0 >= j1 {
-                continue;
-            }
+        while let Some((m0, rows, panels)) = schedule.take() {
             let full_panels = rows / t.mr;
             let mut k0 = 0;
             while k0 < kp {
@@ -1091,7 +1179,7 @@ pub(crate) fn conv(
                 if let (Some(acc), Some(s)) = (pack_ns, started) {
                     acc.fetch_add(s.elapsed().as_nanos() as u64, Ordering::Relaxed);
                 }
-                for j in j0..j1 {
+                for j in panels.clone() {
                     let bsl = &bdata[(j * kp + k0) * t.nr..];
                     let cols = t.nr.min(n - j * t.nr);
                     for p in 0..rows.div_ceil(t.mr) {
@@ -1147,17 +1235,7 @@ pub(crate) fn conv(
             }
         }
     };
-
-    let (first, rest) = scratch.split_at_mut(1);
-    match &workers.pool {
-        Some(pool) if tasks > 1 => pool.scope(|s| {
-            for buf in rest.iter_mut() {
-                s.spawn(|_| work(buf));
-            }
-            work(&mut first[0]);
-        }),
-        _ => work(&mut first[0]),
-    }
+    schedule.run(workers, scratch, work);
     Ok(())
 }
 

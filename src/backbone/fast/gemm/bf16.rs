@@ -27,10 +27,13 @@
 //! written with `asm!`, and a plain-Rust stand-in with the instruction's arithmetic tests its
 //! blocking on any CPU.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::{AlignedBuf, ConvGeom, Epilogue, PackedB, Tiling, Workers, bf16_bits, round_bf16};
-use crate::error::{Error, Result};
+use super::{
+    AlignedBuf, ConvGeom, Epilogue, Lens, PackedB, Schedule, Tiling, Workers, bf16_bits,
+    check_buffers, check_packing, round_bf16,
+};
+use crate::error::Result;
 
 /// The bytes of `A` one block of rows may take: half of a 1–2 MiB L2, leaving room for the
 /// `B` panel being read.
@@ -243,50 +246,19 @@ pub(crate) fn conv(
     scratch: &mut [AlignedBuf],
     pack_ns: Option<&AtomicU64>,
 ) -> Result<()> {
-    if b.tiling != *t || !t.bf16_act {
-        return Err(Error::invalid(
-            "packed convolution weights",
-            format!(
-                "packed for a {}×{} tiling ({:?}), run with a {}×{} bf16 one ({:?})",
-                b.tiling.mr, b.tiling.nr, b.tiling.kernel, t.mr, t.nr, t.kernel
-            ),
-        ));
-    }
+    check_packing(b, t, true)?;
     let g = &b.geom;
     let (oh, ow) = (g.out_len(src.h), g.out_len(src.w));
     let n = g.cout;
     let threads = workers.threads;
-    let product = |v: &[usize]| v.iter().try_fold(1usize, |a, &b| a.checked_mul(b));
-    let input_len = product(&[src.batch, src.h, src.w, src.c]).unwrap_or(usize::MAX);
-    let out_len = product(&[src.batch, oh, ow, n]).unwrap_or(usize::MAX);
-    if src.c != g.cin
-        || src.len() < input_len
-        || out.len() < out_len
-        || bias.len() < n
-        || residual.is_some_and(|r| r.len() < out_len)
-        || scratch.len() < threads
-    {
-        return Err(Error::invalid(
-            "convolution buffers",
-            format!(
-                "input {} values of {} channels, output {} (need {out_len}), bias {} (need \
-                 {n}), {} packing buffers for {threads} threads, for a {k}×{k} bf16 \
-                 convolution {}→{n} on a [{}, {}, {}, {}] batch",
-                src.len(),
-                src.c,
-                out.len(),
-                bias.len(),
-                scratch.len(),
-                g.cin,
-                src.batch,
-                src.h,
-                src.w,
-                src.c,
-                k = g.ksize,
-            ),
-        ));
-    }
-    let m = src.batch * oh * ow;
+    let lens = Lens {
+        input: src.len(),
+        output: out.len(),
+        bias: bias.len(),
+        residual: residual.map(<[u16]>::len),
+        scratch: scratch.len(),
+    };
+    let m = check_buffers("bf16 ", g, (src.batch, src.h, src.w, src.c), lens, threads)?;
     if m == 0 {
         return Ok(());
     }
@@ -300,17 +272,7 @@ pub(crate) fn conv(
         _ => None,
     };
     let mc = (A_BLOCK_BYTES / (lda * 4)).clamp(mr, MAX_BLOCK_ROWS.max(mr)) / mr * mr;
-    let mblocks = m.div_ceil(mc);
-    // Enough tasks to keep every thread busy: split the columns too when rows are few.
-    let want = threads * 4;
-    let nsplit = if mblocks >= want {
-        1
-    } else {
-        want.div_ceil(mblocks).min(b.panels)
-    };
-    let per = b.panels.div_ceil(nsplit);
-    let tasks = mblocks * nsplit;
-    let next = AtomicUsize::new(0);
+    let schedule = Schedule::new(m, mc, b.panels, threads);
     let optr = SharedOut(out.as_mut_ptr());
     let res = SharedOut(residual.map_or(std::ptr::null(), |r| r.as_ptr()).cast_mut());
     let scratch = &mut scratch[..threads];
@@ -336,18 +298,7 @@ pub(crate) fn conv(
         };
         let mut tile = vec![0f32; mr * nr];
         let _tiles = t.tile_session();
-        loop {
-            let task = next.fetch_add(1, Ordering::Relaxed);
-            if task >= tasks {
-                break;
-            }
-            let (mb, ns) = (task / nsplit, task % nsplit);
-            let m0 = mb * mc;
-            let rows = mc.min(m - m0);
-            let (j0, j1) = (ns * per, ((ns + 1) * per).min(b.panels));
-            if j0 >= j1 {
-                continue;
-            }
+        while let Some((m0, rows, panels)) = schedule.take() {
             let full_panels = rows / mr;
             let started = pack_ns.map(|_| std::time::Instant::now());
             match direct {
@@ -371,7 +322,7 @@ pub(crate) fn conv(
                 acc.fetch_add(s.elapsed().as_nanos() as u64, Ordering::Relaxed);
             }
             let packed = buf.as_slice().as_ptr();
-            for j in j0..j1 {
+            for j in panels {
                 let bsl = &bdata[j * steps * nr..];
                 let cols = nr.min(n - j * nr);
                 for p in 0..rows.div_ceil(mr) {
@@ -414,16 +365,7 @@ pub(crate) fn conv(
         }
     };
 
-    let (first, rest) = scratch.split_at_mut(1);
-    match &workers.pool {
-        Some(pool) if tasks > 1 => pool.scope(|s| {
-            for buf in rest.iter_mut() {
-                s.spawn(|_| work(buf));
-            }
-            work(&mut first[0]);
-        }),
-        _ => work(&mut first[0]),
-    }
+    schedule.run(workers, scratch, work);
     Ok(())
 }
 
