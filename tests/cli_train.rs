@@ -261,6 +261,93 @@ fn test_refuses_other_features_and_names_missing_checkpoints() {
     fails_with(&out, &["nowhere/best.safetensors"]);
 }
 
+/// `test --checkpoint` alone scores the head on features made as its own were: the flags
+/// left unset come from the checkpoint (precision, image size, normalisation) and its run's
+/// config.json (data, weights, limit, split); a flag given still wins.
+#[test]
+fn test_takes_the_runs_settings_for_the_flags_it_is_not_given() {
+    let s = setup();
+    let run = s.root.join("runs/settings");
+    let bin = || {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cifar-finetune"));
+        cmd.current_dir(&s.root);
+        cmd
+    };
+    let out = bin()
+        .args(["train", "--lambda", "0", "--epochs", "1", "--run-dir"])
+        .arg(&run)
+        .args([
+            "--data",
+            "data",
+            "--weights",
+            "resnet50.safetensors",
+            "--offline",
+        ])
+        .args([
+            "--image-size",
+            "40",
+            "--normalize",
+            "half",
+            "--precision",
+            "bf16",
+        ])
+        .args(["--limit", "30", "--val-count", "6", "--split-seed", "7"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let ck = run.join("lambda_0/best.safetensors");
+
+    for split in ["test", "val"] {
+        let out = bin()
+            .args(["test", "--split", split, "--checkpoint"])
+            .arg(&ck)
+            .output()
+            .unwrap();
+        let err = text(&out.stderr);
+        assert!(out.status.success(), "--split {split}: {err}");
+        // Only what differs from the defaults is named.
+        assert!(
+            !err.contains("--data") && !err.contains("--dataset"),
+            "{err}"
+        );
+        for flag in [
+            "--weights resnet50.safetensors",
+            "--limit 30",
+            "--val-count 6",
+            "--split-seed 7",
+            "--precision bf16",
+            "--image-size 40",
+            "--normalize half",
+        ] {
+            assert!(
+                err.contains(flag),
+                "--split {split}: `{flag}` not taken: {err}"
+            );
+        }
+    }
+    let m = TestMetrics::read(&run.join("metrics.json")).unwrap();
+    let cfg = rundir::RunConfig::read(&run).unwrap();
+    assert_eq!(m.extractor, cfg.extractor);
+    let val = TestMetrics::read(&run.join("metrics-val.json")).unwrap();
+    assert_eq!(val.count, 6);
+
+    // A flag given is used as given: features of another size are refused.
+    let out = bin()
+        .args([
+            "test",
+            "--image-size",
+            "32",
+            "--out",
+            "elsewhere",
+            "--checkpoint",
+        ])
+        .arg(&ck)
+        .output()
+        .unwrap();
+    fails_with(&out, &["fingerprint mismatch", "size=40"]);
+    assert!(!text(&out.stderr).contains("--image-size 40"));
+}
+
 #[test]
 fn help_says_biases_are_not_penalised() {
     for sub in ["train", "sweep"] {

@@ -17,7 +17,8 @@ mod train;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// Transfer learning on CIFAR-10, CIFAR-100 or your own image folders with a frozen, cached
 /// torchvision ResNet backbone (ResNet-50 by default).
@@ -49,6 +50,9 @@ enum Command {
     /// Train one head per λ (default 0,1e-4,1e-3,1e-2,1e-1) and choose λ on validation.
     Sweep(sweep::Args),
     /// Evaluate a checkpoint on the test split: metrics.json, predictions.csv and a table.
+    ///
+    /// The feature flags not given (dataset, data, weights, precision, image size, split…)
+    /// are taken from the checkpoint and its run's config.json, and named on stderr.
     Test(test::Args),
     /// Draw the plots and write the self-contained report.html of a run directory.
     Report(report::Args),
@@ -59,7 +63,12 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // The matches too: `test` takes from the checkpoint's run what its flags leave unset.
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(err) => err.exit(),
+    };
     let result: anyhow::Result<()> = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Download(args) => download::run(args),
@@ -69,7 +78,13 @@ fn main() -> ExitCode {
         Command::Predict(args) => predict::run(args),
         Command::Train(args) => train::run(args),
         Command::Sweep(args) => sweep::run(args),
-        Command::Test(args) => test::run(args),
+        Command::Test(args) => {
+            let test = matches.subcommand_matches("test");
+            test::run(args, &|id| {
+                test.and_then(|m| m.value_source(id))
+                    .is_some_and(|s| s != ValueSource::DefaultValue)
+            })
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

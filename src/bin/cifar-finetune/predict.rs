@@ -61,18 +61,8 @@ pub struct Args {
 /// and centre crop written there (or `--image-size`) with each normalisation allowed by
 /// `--normalize`.
 fn preprocess_for(extractor: &Fingerprint, args: &Args) -> anyhow::Result<Preprocess> {
-    let recorded_size = extractor
-        .preprocess
-        .split(';')
-        .find_map(|part| part.trim().strip_prefix("size="))
-        .and_then(|s| s.parse::<usize>().ok());
+    let (recorded_size, crop) = source::recorded_geometry(extractor);
     let size = args.image_size.or(recorded_size).unwrap_or(224);
-    // A centre crop (image folders) is part of the recorded preprocessing too.
-    let crop = extractor
-        .preprocess
-        .split(';')
-        .find_map(|part| part.trim().strip_prefix("crop_size="))
-        .and_then(|s| s.parse::<usize>().ok());
     let with_crop = |p: Preprocess| match crop {
         Some(c) => p.with_center_crop(c),
         None => p,

@@ -17,7 +17,9 @@ use cifar_finetune::data::folder::ImageFolder;
 use cifar_finetune::data::split::{self, Holdout, SplitPlan, SplitSpec};
 use cifar_finetune::data::transform::{DEFAULT_MAX_PIXELS, Preprocess};
 use cifar_finetune::data::{Dataset, Part};
-use cifar_finetune::features::{self, CacheOptions, Extractor, FeatureSet, Skipped, Work};
+use cifar_finetune::features::{
+    self, CacheOptions, Extractor, FeatureSet, Fingerprint, Skipped, Work,
+};
 use cifar_finetune::fetch::{self, Asset, DownloadOptions, WeightsFormat, WeightsVersion};
 use cifar_finetune::isa::Isa;
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
@@ -40,8 +42,8 @@ pub enum PrecisionArg {
     /// f32 throughout: torchvision's features to float rounding.
     F32,
     /// bf16 operands and activations with f32 accumulation: fast on CPUs with AMX or
-    /// AVX512-BF16, emulated (slower than f32) elsewhere; features within a cosine of 0.999
-    /// of f32. Cached apart from f32 features.
+    /// AVX512-BF16, emulated elsewhere (at about f32's speed); features within a cosine of
+    /// 0.999 of f32. Cached apart from f32 features.
     Bf16,
     /// bf16 where this CPU runs it natively (AMX or AVX512-BF16), else f32: the fastest.
     /// The precision chosen is printed and is the one in the cache key.
@@ -290,7 +292,186 @@ pub struct FeatureArgs {
     pub offline: bool,
 }
 
+/// What a run's `config.json` records of the flags its features came from (its `source`):
+/// written by `train`, `sweep` and `run`, read back by `test` for the flags its command line
+/// leaves unset. Every field is optional when read, for runs made before it existed.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct SourceRecord {
+    /// `cifar10`, `cifar100`, `cifar100-coarse` or `folder`.
+    pub dataset: Option<String>,
+    pub folder: Option<PathBuf>,
+    pub data: Option<PathBuf>,
+    pub backbone: Option<String>,
+    pub weights: Option<String>,
+    pub image_size: Option<usize>,
+    pub crop: Option<usize>,
+    pub val_fraction: Option<f64>,
+    pub test_fraction: Option<f64>,
+    pub skip_bad: bool,
+    /// `imagenet` or `half`.
+    pub normalize: Option<String>,
+    pub limit: Option<usize>,
+    pub val_count: Option<usize>,
+    pub split_seed: u64,
+}
+
+/// The resize (`size=`) and centre crop (`crop_size=`) a features fingerprint records.
+pub fn recorded_geometry(extractor: &Fingerprint) -> (Option<usize>, Option<usize>) {
+    let field = |key: &str| {
+        extractor
+            .preprocess
+            .split(';')
+            .find_map(|part| part.trim().strip_prefix(key))
+            .and_then(|s| s.parse::<usize>().ok())
+    };
+    (field("size="), field("crop_size="))
+}
+
 impl FeatureArgs {
+    /// These options as a run's `config.json` records them.
+    pub fn record(&self) -> SourceRecord {
+        SourceRecord {
+            dataset: self.dataset_name().ok().map(str::to_string),
+            folder: self.folder.clone(),
+            data: Some(self.data.clone()),
+            backbone: Some(self.arch().name.to_string()),
+            weights: self.weights.as_ref().map(|w| w.to_string()),
+            image_size: Some(self.resize()),
+            crop: self.center_crop(),
+            val_fraction: self.val_fraction,
+            test_fraction: self.test_fraction,
+            skip_bad: self.skip_bad,
+            normalize: Some(format!("{:?}", self.normalization()).to_lowercase()),
+            limit: self.limit,
+            val_count: self.val_count,
+            split_seed: self.split_seed,
+        }
+    }
+
+    /// Takes the images, their splits and the weights from a run's record (dataset, folder,
+    /// data directory, weights, image limit, split options, --skip-bad), each group only where `given`
+    /// says the command line left all of its flags unset; returns the flags taken, as they
+    /// would be typed.
+    pub fn adopt(
+        &mut self,
+        rec: &SourceRecord,
+        given: &dyn Fn(&str) -> bool,
+    ) -> anyhow::Result<Vec<String>> {
+        let mut taken = Vec::new();
+        if !["dataset", "folder", "labels"].iter().any(|id| given(id)) {
+            let (kind, labels) = match rec.dataset.as_deref() {
+                None => (None, LabelsArg::Fine),
+                Some("cifar10") => (Some(DatasetKind::Cifar10), LabelsArg::Fine),
+                Some("cifar100") => (Some(DatasetKind::Cifar100), LabelsArg::Fine),
+                Some("cifar100-coarse") => (Some(DatasetKind::Cifar100), LabelsArg::Coarse),
+                Some("folder") => (Some(DatasetKind::Folder), LabelsArg::Fine),
+                Some(other) => bail!("the dataset `{other}` is none this tool reads"),
+            };
+            let before = self.dataset_name().ok();
+            if let Some(kind) = kind {
+                self.dataset = Some(kind);
+                self.labels = labels;
+            }
+            if kind == Some(DatasetKind::Folder) {
+                let dir = rec
+                    .folder
+                    .clone()
+                    .context("the dataset is a folder, but no folder is recorded")?;
+                taken.push(format!("--folder {}", dir.display()));
+                self.folder = Some(dir);
+            } else if let Some(kind) = kind.filter(|_| self.dataset_name().ok() != before) {
+                taken.push(format!("--dataset {}", format!("{kind:?}").to_lowercase()));
+                if labels == LabelsArg::Coarse {
+                    taken.push("--labels coarse".into());
+                }
+            }
+        }
+        if !given("weights")
+            && let Some(w) = &rec.weights
+        {
+            let Ok(weights) = w.parse::<WeightsArg>();
+            self.weights = Some(weights);
+            taken.push(format!("--weights {w}"));
+        }
+        if let Some(data) = rec
+            .data
+            .as_ref()
+            .filter(|d| !given("data") && **d != self.data)
+        {
+            self.data = data.clone();
+            taken.push(format!("--data {}", data.display()));
+        }
+        if !given("limit")
+            && let Some(n) = rec.limit
+        {
+            self.limit = Some(n);
+            taken.push(format!("--limit {n}"));
+        }
+        // Two ways of drawing the validation images: taken together or not at all.
+        if !given("val_count") && !given("val_fraction") {
+            (self.val_count, self.val_fraction) = (rec.val_count, rec.val_fraction);
+            taken.extend(rec.val_count.map(|n| format!("--val-count {n}")));
+            taken.extend(rec.val_fraction.map(|f| format!("--val-fraction {f}")));
+        }
+        if !given("test_fraction")
+            && let Some(f) = rec.test_fraction
+        {
+            self.test_fraction = Some(f);
+            taken.push(format!("--test-fraction {f}"));
+        }
+        if !given("split_seed") && rec.split_seed != self.split_seed {
+            self.split_seed = rec.split_seed;
+            taken.push(format!("--split-seed {}", rec.split_seed));
+        }
+        if !given("skip_bad") && rec.skip_bad && !self.skip_bad {
+            self.skip_bad = true;
+            taken.push("--skip-bad".into());
+        }
+        Ok(taken)
+    }
+
+    /// Takes the precision, resize, centre crop and normalisation that a head's features
+    /// fingerprint records, each where the command line left its flag unset; returns the
+    /// flags taken, as they would be typed.
+    pub fn adopt_extractor(
+        &mut self,
+        fp: &Fingerprint,
+        given: &dyn Fn(&str) -> bool,
+    ) -> Vec<String> {
+        let mut taken = Vec::new();
+        let precision = match fp.precision {
+            Precision::F32 => PrecisionArg::F32,
+            Precision::Bf16 => PrecisionArg::Bf16,
+        };
+        if !given("precision") && precision != self.precision {
+            self.precision = precision;
+            taken.push(format!("--precision {}", fp.precision));
+        }
+        let (size, crop) = recorded_geometry(fp);
+        if let Some(size) = size.filter(|&s| !given("image_size") && s != self.resize()) {
+            self.image_size = Some(size);
+            taken.push(format!("--image-size {size}"));
+        }
+        if !given("crop") && crop != self.center_crop() {
+            self.crop = Some(crop.unwrap_or(0));
+            taken.push(format!("--crop {}", crop.unwrap_or(0)));
+        }
+        if self.normalize.is_none() {
+            let half = FeatureArgs {
+                normalize: Some(Normalize::Half),
+                ..self.clone()
+            };
+            self.normalize = Some(if fp.preprocess == half.preprocess().fingerprint() {
+                taken.push("--normalize half".into());
+                Normalize::Half
+            } else {
+                Normalize::Imagenet
+            });
+        }
+        taken
+    }
+
     /// The normalisation in use: `--normalize`, or ImageNet's statistics.
     pub fn normalization(&self) -> Normalize {
         self.normalize.unwrap_or(Normalize::Imagenet)
@@ -489,7 +670,7 @@ impl FeatureArgs {
         if precision == Precision::Bf16 && !isa.native_bf16() {
             eprintln!(
                 "note: this CPU has neither AMX nor AVX512-BF16: bf16 is emulated on the f32 \
-                 kernels (the same features up to summation order), slower than f32"
+                 kernels (the same features up to summation order), at about f32's speed"
             );
         }
         Ok(Extractor::load_arch(
@@ -669,4 +850,82 @@ pub fn load_many(args: &FeatureArgs, splits: &[Split]) -> anyhow::Result<Loaded>
         skipped,
         backbone_seconds: extractor.backbone_seconds(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Flags {
+        #[command(flatten)]
+        features: FeatureArgs,
+    }
+
+    fn flags(args: &[&str]) -> FeatureArgs {
+        Flags::try_parse_from(std::iter::once("test").chain(args.iter().copied()))
+            .map(|f| f.features)
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    }
+
+    /// What a run records is what `adopt` reads back, whatever the dataset; flags given
+    /// keep their group.
+    #[test]
+    fn a_record_is_adopted_back_except_where_flags_are_given() {
+        let none = |_: &str| false;
+        for args in [
+            &[
+                "--dataset",
+                "cifar100",
+                "--labels",
+                "coarse",
+                "--limit",
+                "9",
+            ][..],
+            &[
+                "--folder",
+                "imgs",
+                "--test-fraction",
+                "0.2",
+                "--val-fraction",
+                "0.3",
+            ],
+            &[
+                "--data",
+                "elsewhere",
+                "--val-count",
+                "4",
+                "--split-seed",
+                "3",
+                "--skip-bad",
+            ],
+        ] {
+            let rec = flags(args).record();
+            let json = serde_json::to_value(&rec).unwrap();
+            let read: SourceRecord = serde_json::from_value(json).unwrap();
+            let mut f = flags(&[]);
+            f.adopt(&read, &none).unwrap();
+            assert_eq!(
+                serde_json::to_value(f.record()).unwrap(),
+                serde_json::to_value(&rec).unwrap(),
+                "{args:?}"
+            );
+        }
+        // --folder given: the recorded CIFAR-100 is not taken, the rest is.
+        let rec = flags(&["--dataset", "cifar100", "--val-count", "4"]).record();
+        let mut f = flags(&["--folder", "mine", "--val-fraction", "0.5"]);
+        let given = |id: &str| ["folder", "val_fraction"].contains(&id);
+        assert_eq!(f.adopt(&rec, &given).unwrap(), Vec::<String>::new());
+        assert_eq!(f.dataset_name().unwrap(), "folder");
+        assert_eq!((f.val_count, f.val_fraction), (None, Some(0.5)));
+        // An unknown dataset is an error, not CIFAR-10.
+        let rec = SourceRecord {
+            dataset: Some("mnist".into()),
+            ..SourceRecord::default()
+        };
+        let err = flags(&[]).adopt(&rec, &none).unwrap_err().to_string();
+        assert!(err.contains("mnist"), "{err}");
+    }
 }

@@ -2,7 +2,7 @@
 //! split and writes `metrics.json` and `predictions.csv` (test split) or
 //! `metrics-val.json` and `predictions-val.csv` (validation split).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use cifar_finetune::checkpoint;
@@ -10,10 +10,10 @@ use cifar_finetune::data::cifar::Split;
 use cifar_finetune::evaluate::{self, Evaluation};
 use cifar_finetune::io::DirLock;
 use cifar_finetune::report::plots::MANY_CLASSES;
-use cifar_finetune::rundir;
+use cifar_finetune::rundir::RunConfig;
 use cifar_finetune::train;
 
-use crate::source::{self, FeatureArgs, Normalize};
+use crate::source::{self, FeatureArgs, SourceRecord};
 
 /// `test` or `val` (the training split is what the head was fitted on: not a test).
 fn parse_split(s: &str) -> Result<Split, String> {
@@ -26,7 +26,8 @@ fn parse_split(s: &str) -> Result<Split, String> {
 
 /// Evaluate a checkpoint on the test (or validation) split: loss, top-1 and top-5 accuracy,
 /// per-class accuracy, confusion matrix, classification report, and every image's class
-/// probabilities.
+/// probabilities. The feature flags not given are taken from the checkpoint and its run's
+/// config.json, so `--checkpoint` alone scores the head on features made as its own were.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// The checkpoint: a `best.safetensors` of a run (or its `best.json` sidecar).
@@ -45,46 +46,46 @@ pub struct Args {
     pub features: FeatureArgs,
 }
 
-pub fn run(args: Args) -> anyhow::Result<()> {
+/// Runs `test`. `given` says whether the command line set a flag (by its field name): the
+/// flags it leaves unset are taken from the checkpoint (backbone, weights, precision,
+/// preprocessing) and its run's `config.json` (dataset, data directory, image limit, split
+/// options), so that the head is scored on features made as its own were.
+pub fn run(args: Args, given: &dyn Fn(&str) -> bool) -> anyhow::Result<()> {
     // Read the checkpoint before extracting anything: a wrong path fails at once.
     let ck = checkpoint::load(&args.checkpoint)?;
+    let run_dir = evaluate::default_output_dir(&ck.path);
+    let config = run_config(&run_dir);
+    let mut features = args.features.clone();
+    let mut taken = Vec::new();
+    if let Some(cfg) = &config {
+        let path = run_dir.join("config.json");
+        let rec: SourceRecord = serde_json::from_value(cfg.source.clone())
+            .with_context(|| format!("{}: `source`", path.display()))?;
+        taken = features
+            .adopt(&rec, given)
+            .with_context(|| format!("{}: `source`", path.display()))?;
+    }
     // The head's backbone, unless --backbone or the --weights file says otherwise: then it
     // is refused at once, naming both, rather than after extracting every feature.
-    let backbone =
-        source::checkpoint_backbone(&ck, args.features.backbone, args.features.weights.as_ref())?;
-    let out = args
-        .out
-        .clone()
-        .unwrap_or_else(|| evaluate::default_output_dir(&ck.path));
-    // Another process writing this directory (a sweep, another test) must not interleave its
-    // files with ours; taken before the (possibly long) extraction, so a refusal is at once.
-    let _lock = DirLock::acquire(&out, "run directory", args.features.wait_lock)?;
-    let mut features = args.features.clone();
+    let backbone = source::checkpoint_backbone(&ck, features.backbone, features.weights.as_ref())?;
     features.backbone = Some(backbone);
     if features.weights.is_none() {
         features.weights = source::checkpoint_weights(&ck);
     }
-    if features.normalize.is_none() {
-        // The normalisation the head's features were made with, read from its fingerprint.
-        let half = FeatureArgs {
-            normalize: Some(Normalize::Half),
-            ..features.clone()
-        }
-        .preprocess()
-        .fingerprint();
-        features.normalize = Some(if ck.meta.extractor.preprocess == half {
-            Normalize::Half
-        } else {
-            Normalize::Imagenet
-        });
+    let out = args.out.clone().unwrap_or_else(|| run_dir.clone());
+    // Another process writing this directory (a sweep, another test) must not interleave its
+    // files with ours; taken before the (possibly long) extraction, so a refusal is at once.
+    let _lock = DirLock::acquire(&out, "run directory", features.wait_lock)?;
+    taken.extend(features.adopt_extractor(&ck.meta.extractor, given));
+    if !taken.is_empty() {
+        eprintln!("as the head was trained: {}", taken.join(" "));
     }
     let set = if args.split == Split::Val {
         // The validation rows must be the run's: compare the split with its config.json.
         let [train_set, val_set] =
             <[_; 2]>::try_from(source::load_many(&features, &[Split::Train, Split::Val])?.sets)
                 .map_err(|_| anyhow::anyhow!("expected the training and validation features"))?;
-        let run_dir = evaluate::default_output_dir(&ck.path);
-        if let Ok(cfg) = rundir::RunConfig::read(&run_dir)
+        if let Some(cfg) = &config
             && cfg.split_digest != train::split_digest(&train_set, &val_set)
         {
             anyhow::bail!(
@@ -121,6 +122,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     println!("wrote {}", metrics.display());
     println!("wrote {}", predictions.display());
     Ok(())
+}
+
+/// The run's `config.json`, when the checkpoint lies in a run directory and it can be read
+/// (a note says why not, when it cannot).
+fn run_config(run_dir: &Path) -> Option<RunConfig> {
+    let path = run_dir.join("config.json");
+    if !path.exists() {
+        return None;
+    }
+    RunConfig::read(run_dir)
+        .inspect_err(|e| {
+            eprintln!(
+                "note: {} is unreadable ({e}); the flags given are used as they are",
+                path.display()
+            );
+        })
+        .ok()
 }
 
 fn print_table(eval: &Evaluation) {

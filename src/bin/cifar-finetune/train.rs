@@ -247,7 +247,7 @@ pub fn train_sets(
     let opts = RunOptions {
         resume: hyper.resume,
         report_every: display.interval(),
-        source: describe_source(features),
+        source: serde_json::to_value(features.record())?,
         options: describe_options(hyper),
         jobs: hyper
             .jobs
@@ -333,27 +333,6 @@ pub fn train_sets(
 
 /// The run directory's list of images left out with --skip-bad.
 pub const SKIPPED_FILE: &str = "skipped_images.json";
-
-/// What `config.json` records about where the features came from (the extractor
-/// fingerprint and the split digest are what identify them).
-fn describe_source(f: &FeatureArgs) -> serde_json::Value {
-    serde_json::json!({
-        "dataset": f.dataset_name().ok(),
-        "folder": f.folder,
-        "data": f.data,
-        "backbone": f.arch().name,
-        "weights": f.weights.as_ref().map(|w| w.to_string()),
-        "image_size": f.resize(),
-        "crop": f.center_crop(),
-        "val_fraction": f.val_fraction,
-        "test_fraction": f.test_fraction,
-        "skip_bad": f.skip_bad,
-        "normalize": format!("{:?}", f.normalization()).to_lowercase(),
-        "limit": f.limit,
-        "val_count": f.val_count,
-        "split_seed": f.split_seed,
-    })
-}
 
 /// `runs/<kind>-YYYYMMDD-HHMMSS` in UTC.
 pub fn default_run_dir(kind: &str) -> PathBuf {
