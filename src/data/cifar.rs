@@ -369,7 +369,8 @@ fn no_such_part(spec: &Spec, part: Part) -> Error {
 
 /// The training and test parts of a CIFAR directory, each read on first use — all of its
 /// batch files, every label checked — and kept in memory (150 MB for a training part), so
-/// that images are handed out without copying. [`Cifar10`] and `Cifar100` are this plus
+/// that images are handed out without copying; labels asked for before any image are read
+/// and kept alone. [`Cifar10`] and `Cifar100` are this plus
 /// their class names.
 #[derive(Debug)]
 pub(crate) struct Parts {
@@ -379,6 +380,8 @@ pub(crate) struct Parts {
     field: usize,
     /// The training and the test part, once read.
     parts: [OnceLock<CifarPart>; 2],
+    /// Their labels alone, when they were asked for before the images.
+    labels: [OnceLock<CifarPart>; 2],
 }
 
 impl Parts {
@@ -388,21 +391,42 @@ impl Parts {
             spec,
             field,
             parts: Default::default(),
+            labels: Default::default(),
+        }
+    }
+
+    /// The slot of `part` in `parts` or `labels`.
+    fn slot(&self, part: Part) -> Result<usize> {
+        match part {
+            Part::Train => Ok(0),
+            Part::Test => Ok(1),
+            Part::Val => Err(no_such_part(self.spec, part)),
         }
     }
 
     /// The whole of `part`, read on first use.
     pub(crate) fn part(&self, part: Part) -> Result<&CifarPart> {
-        let slot = match part {
-            Part::Train => &self.parts[0],
-            Part::Test => &self.parts[1],
-            Part::Val => return Err(no_such_part(self.spec, part)),
-        };
+        let slot = &self.parts[self.slot(part)?];
         if let Some(p) = slot.get() {
             return Ok(p);
         }
-        let loaded = load_part_spec(&self.data_dir, self.spec, part, self.field, None)?;
+        let loaded = load_part_spec(&self.data_dir, self.spec, part, self.field, true, None)?;
         Ok(slot.get_or_init(|| loaded))
+    }
+
+    /// [`Dataset::labels`]: the labels of `part`, without keeping its images when they have
+    /// not been read yet (a split plan, or features all in the cache, need only the labels:
+    /// 50,000 bytes where the images are 150 MB).
+    pub(crate) fn labels(&self, part: Part) -> Result<&[u8]> {
+        let i = self.slot(part)?;
+        if let Some(p) = self.parts[i].get() {
+            return Ok(&p.labels);
+        }
+        if let Some(p) = self.labels[i].get() {
+            return Ok(&p.labels);
+        }
+        let loaded = load_part_spec(&self.data_dir, self.spec, part, self.field, false, None)?;
+        Ok(&self.labels[i].get_or_init(|| loaded).labels)
     }
 
     /// [`Dataset::fingerprint`]: the name and sha256 of each batch file of `part`.
@@ -441,7 +465,8 @@ impl Parts {
 
 /// CIFAR-10 under a data directory, as a [`Dataset`]: each part is read on first use — all
 /// of its batch files, every label checked — and kept in memory (150 MB for the training
-/// part), so that images are handed out without copying.
+/// part), so that images are handed out without copying; its labels alone when no image
+/// has been asked for (a split plan, features all cached).
 #[derive(Debug)]
 pub struct Cifar10 {
     classes: Vec<String>,
@@ -483,7 +508,7 @@ impl Dataset for Cifar10 {
     }
 
     fn labels(&self, part: Part) -> Result<&[u8]> {
-        Ok(&self.part(part)?.labels)
+        self.parts.labels(part)
     }
 
     fn image(&self, part: Part, index: usize) -> Result<Image<'_>> {
@@ -549,16 +574,18 @@ impl CifarPart {
 /// (`batches.meta.txt` / `batches.meta`) is checked when present.
 pub fn load_part(data_dir: &Path, part: Part, limit: Option<usize>) -> Result<CifarPart> {
     check_meta(&locate(data_dir)?)?;
-    load_part_spec(data_dir, &CIFAR10, part, 0, limit)
+    load_part_spec(data_dir, &CIFAR10, part, 0, true, limit)
 }
 
 /// [`load_part`] for any CIFAR distribution, keeping label `field` (an index into
-/// `spec.labels`; every label of every record read is checked). Class names are not read.
+/// `spec.labels`; every label of every record read is checked), and the images only when
+/// `images` is set. Class names are not read.
 pub(crate) fn load_part_spec(
     data_dir: &Path,
     spec: &'static Spec,
     part: Part,
     field: usize,
+    images: bool,
     limit: Option<usize>,
 ) -> Result<CifarPart> {
     let layout = locate_spec(data_dir, spec)?;
@@ -574,20 +601,22 @@ pub(crate) fn load_part_spec(
             Some(l) => Some(l - out.len()),
             None => None,
         };
+        let (keep, out) = ((field, images), &mut out);
         match layout.format {
-            Format::Binary => read_binary_batch(&path, spec, field, remaining, &mut out)?,
-            Format::Python => read_python_batch(&path, spec, field, remaining, &mut out)?,
+            Format::Binary => read_binary_batch(&path, spec, keep, remaining, out)?,
+            Format::Python => read_python_batch(&path, spec, keep, remaining, out)?,
         }
         out.files.push(path);
     }
     Ok(out)
 }
 
-/// Appends up to `max` records of a binary batch file to `out`, keeping label `field`.
+/// Appends up to `max` records of a binary batch file to `out`, keeping label `field` and,
+/// if `images`, the pixels.
 fn read_binary_batch(
     path: &Path,
     spec: &Spec,
-    field: usize,
+    (field, images): (usize, bool),
     max: Option<usize>,
     out: &mut CifarPart,
 ) -> Result<()> {
@@ -631,7 +660,8 @@ fn read_binary_batch(
         .take((take * record_bytes) as u64)
         .read_exact(&mut buf)
         .map_err(|e| Error::io("reading", path, e))?;
-    out.images.reserve(take * IMAGE_BYTES);
+    out.images
+        .reserve(if images { take * IMAGE_BYTES } else { 0 });
     out.labels.reserve(take);
     let n_labels = spec.labels.len();
     for (i, record) in buf.chunks_exact(record_bytes).enumerate() {
@@ -639,7 +669,9 @@ fn read_binary_batch(
             check_label(path, f, i, i64::from(label))?;
         }
         out.labels.push(record[field]);
-        out.images.extend_from_slice(&record[n_labels..]);
+        if images {
+            out.images.extend_from_slice(&record[n_labels..]);
+        }
     }
     Ok(())
 }
@@ -662,11 +694,11 @@ fn check_label(path: &Path, field: &LabelField, record: usize, label: i64) -> Re
 }
 
 /// Appends up to `max` images of a python-version batch file to `out`, keeping label
-/// `field`.
+/// `field` and, if `images`, the pixels.
 fn read_python_batch(
     path: &Path,
     spec: &Spec,
-    field: usize,
+    (field, images): (usize, bool),
     max: Option<usize>,
     out: &mut CifarPart,
 ) -> Result<()> {
@@ -719,7 +751,9 @@ fn read_python_batch(
     }
     // In range 0..classes (≤ 256) after the checks, so the narrowing is exact.
     out.labels.extend(kept[..take].iter().map(|&l| l as u8));
-    out.images.extend_from_slice(&pixels[..take * IMAGE_BYTES]);
+    if images {
+        out.images.extend_from_slice(&pixels[..take * IMAGE_BYTES]);
+    }
     Ok(())
 }
 
@@ -840,5 +874,37 @@ mod tests {
         let (t, v) = split_indices(5, 5, 1).unwrap();
         assert!(t.is_empty() && v == vec![0, 1, 2, 3, 4]);
         assert!(split_indices(5, 6, 1).is_err());
+    }
+
+    /// Labels asked for first are read without the images (binary and python batches
+    /// alike), equal those of the whole part, and give way to it once images are read.
+    #[test]
+    fn labels_alone_keep_no_images() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cifar");
+        for dir in ["cifar-10-batches-bin", "cifar-10-batches-py"] {
+            let data = tempfile::tempdir().unwrap();
+            let to = data.path().join(dir);
+            std::fs::create_dir(&to).unwrap();
+            for e in std::fs::read_dir(fixtures.join(dir)).unwrap() {
+                let p = e.unwrap().path();
+                std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+            }
+            let whole = load_part(data.path(), Part::Train, None).unwrap();
+            let cifar = Cifar10::open(data.path()).unwrap();
+            assert_eq!(cifar.labels(Part::Train).unwrap(), whole.labels, "{dir}");
+            let alone = cifar.parts.labels[0].get().unwrap();
+            assert!(alone.images.is_empty() && cifar.parts.parts[0].get().is_none());
+            assert_eq!(alone.files, whole.files, "{dir}");
+            // Images are read whole when first needed; the labels then come from them.
+            let last = whole.len() - 1;
+            assert_eq!(
+                *cifar.image(Part::Train, last).unwrap().pixels,
+                *whole.image(last)
+            );
+            assert_eq!(cifar.labels(Part::Train).unwrap(), whole.labels, "{dir}");
+            assert!(cifar.parts.parts[0].get().is_some());
+            // The test part is untouched.
+            assert!(cifar.parts.labels[1].get().is_none() && cifar.parts.parts[1].get().is_none());
+        }
     }
 }

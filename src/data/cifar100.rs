@@ -156,7 +156,7 @@ pub fn load_part(
     labels: LabelKind,
     limit: Option<usize>,
 ) -> Result<CifarPart> {
-    cifar::load_part_spec(data_dir, &SPEC, part, labels.index(), limit)
+    cifar::load_part_spec(data_dir, &SPEC, part, labels.index(), true, limit)
 }
 
 /// The class names of `labels` in label order, from `fine_label_names.txt` /
@@ -263,7 +263,7 @@ impl Dataset for Cifar100 {
     }
 
     fn labels(&self, part: Part) -> Result<&[u8]> {
-        Ok(&self.part(part)?.labels)
+        self.parts.labels(part)
     }
 
     fn image(&self, part: Part, index: usize) -> Result<Image<'_>> {
