@@ -611,6 +611,9 @@ pub(crate) fn load_part_spec(
     Ok(out)
 }
 
+/// Records read from a binary batch file at a time (3 MB of CIFAR-10).
+const READ_RECORDS: usize = 1024;
+
 /// Appends up to `max` records of a binary batch file to `out`, keeping label `field` and,
 /// if `images`, the pixels.
 fn read_binary_batch(
@@ -655,22 +658,27 @@ fn read_binary_batch(
     let count = usize::try_from(len / record_bytes as u64)
         .map_err(|_| Error::format(path, format!("file of {len} bytes is too large")))?;
     let take = max.map_or(count, |m| m.min(count));
-    let mut buf = vec![0u8; take * record_bytes];
-    (&file)
-        .take((take * record_bytes) as u64)
-        .read_exact(&mut buf)
-        .map_err(|e| Error::io("reading", path, e))?;
     out.images
         .reserve(if images { take * IMAGE_BYTES } else { 0 });
     out.labels.reserve(take);
     let n_labels = spec.labels.len();
-    for (i, record) in buf.chunks_exact(record_bytes).enumerate() {
-        for (f, &label) in spec.labels.iter().zip(&record[..n_labels]) {
-            check_label(path, f, i, i64::from(label))?;
-        }
-        out.labels.push(record[field]);
-        if images {
-            out.images.extend_from_slice(&record[n_labels..]);
+    // Read a few MB at a time: the pixels are copied out anyway (or not kept at all), so
+    // the whole file need not be in memory at once.
+    let mut buf = vec![0u8; take.min(READ_RECORDS) * record_bytes];
+    let mut reader = (&file).take((take * record_bytes) as u64);
+    for start in (0..take).step_by(READ_RECORDS) {
+        let chunk = &mut buf[..(take - start).min(READ_RECORDS) * record_bytes];
+        reader
+            .read_exact(chunk)
+            .map_err(|e| Error::io("reading", path, e))?;
+        for (j, record) in chunk.chunks_exact(record_bytes).enumerate() {
+            for (f, &label) in spec.labels.iter().zip(&record[..n_labels]) {
+                check_label(path, f, start + j, i64::from(label))?;
+            }
+            out.labels.push(record[field]);
+            if images {
+                out.images.extend_from_slice(&record[n_labels..]);
+            }
         }
     }
     Ok(())
@@ -906,5 +914,38 @@ mod tests {
             // The test part is untouched.
             assert!(cifar.parts.labels[1].get().is_none() && cifar.parts.parts[1].get().is_none());
         }
+    }
+
+    /// A batch read in several chunks gives every record, and names a bad label by its
+    /// record number in the file.
+    #[test]
+    fn large_batches_are_read_in_chunks() {
+        let n = 2 * READ_RECORDS + 100;
+        let record = |i: usize| {
+            let mut r = vec![(i % 10) as u8];
+            r.extend((0..IMAGE_BYTES).map(|p| (i * 7 + p) as u8));
+            r
+        };
+        let data = tempfile::tempdir().unwrap();
+        let bin = data.path().join(BIN_DIR);
+        std::fs::create_dir(&bin).unwrap();
+        let mut bytes: Vec<u8> = (0..n).flat_map(record).collect();
+        std::fs::write(bin.join("test_batch.bin"), &bytes).unwrap();
+        for limit in [None, Some(READ_RECORDS + 1)] {
+            let part = load_part(data.path(), Part::Test, limit).unwrap();
+            let want = limit.unwrap_or(n);
+            assert_eq!(part.len(), want);
+            for i in [0, READ_RECORDS - 1, READ_RECORDS, want - 1] {
+                assert_eq!(part.labels[i], (i % 10) as u8);
+                assert_eq!(part.image(i), &record(i)[1..]);
+            }
+        }
+        let bad = READ_RECORDS + 5;
+        bytes[bad * (IMAGE_BYTES + 1)] = 10;
+        std::fs::write(bin.join("test_batch.bin"), &bytes).unwrap();
+        let err = load_part(data.path(), Part::Test, None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&format!("record {bad}:")), "{err}");
     }
 }
