@@ -29,11 +29,13 @@ fn setup() -> &'static Path {
         let w = p.join("resnet50.safetensors");
         weights::write_safetensors(&weights::synthetic_state_dict().unwrap(), &w).unwrap();
         let ex = Extractor::load(&w, Preprocess::imagenet(32)).unwrap();
-        write_checkpoint(&p.join("best.safetensors"), ex.fingerprint());
+        write_checkpoint(&p.join("best.safetensors"), ex.fingerprint(), 1.0);
         // The same head, claiming features from other weights.
         let mut other = ex.fingerprint().clone();
         other.weights_sha256.insert_str(0, "0000");
-        write_checkpoint(&p.join("other.safetensors"), &other);
+        write_checkpoint(&p.join("other.safetensors"), &other, 1.0);
+        // Finite weights so large that the head's outputs overflow.
+        write_checkpoint(&p.join("huge.safetensors"), ex.fingerprint(), 1e37);
 
         // A landscape PNG, a portrait JPEG, a grey PNG; and a text file posing as a PNG.
         let png = image::RgbImage::from_fn(50, 37, |x, y| {
@@ -52,8 +54,12 @@ fn setup() -> &'static Path {
     })
 }
 
-fn write_checkpoint(path: &Path, extractor: &Fingerprint) {
-    let head = Head::init(2048, 32, 10, 11).unwrap();
+/// A head of random weights times `scale`.
+fn write_checkpoint(path: &Path, extractor: &Fingerprint, scale: f32) {
+    let mut head = Head::init(2048, 32, 10, 11).unwrap();
+    for w in head.w1.iter_mut().chain(&mut head.w2) {
+        *w *= scale;
+    }
     let meta = CheckpointMeta {
         format: checkpoint::FORMAT.to_string(),
         kind: CheckpointKind::Best,
@@ -176,6 +182,21 @@ fn fails_with(args: &[&str], needles: &[&str]) {
     for n in needles {
         assert!(stderr.contains(n), "stderr lacks `{n}`: {stderr}");
     }
+}
+
+#[test]
+fn overflowing_outputs_give_no_probabilities() {
+    fails_with(
+        &[
+            "--checkpoint",
+            "huge.safetensors",
+            "--weights",
+            "resnet50.safetensors",
+            "--offline",
+            "landscape.png",
+        ],
+        &["huge.safetensors", "landscape.png", "not finite"],
+    );
 }
 
 #[test]

@@ -157,6 +157,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ck.check_features(&set)?;
         // [1, classes]
         let probabilities = ck.head.probabilities(&set.features)?;
+        // As `test`, never print NaN as a probability: the head's outputs overflowed.
+        if probabilities.iter().any(|p| !p.is_finite()) {
+            bail!(
+                "{}: the head's outputs are not finite on the features of {}, so it gives no \
+                 probabilities",
+                args.checkpoint.display(),
+                path.display()
+            );
+        }
         println!("{} ({w}×{h})", path.display());
         for (rank, (class, p)) in top_classes(&probabilities, k).into_iter().enumerate() {
             println!(
