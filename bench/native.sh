@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Everything a session on a new kind of CPU runs to fill in its row of README's "By CPU kind"
+# table, in one command, logs under $OUT (default /tmp/native-<date>):
+#
+#   bench/native.sh            # checks (~15 min of builds and tests), then the benchmarks
+#   bench/native.sh --quick    # the checks and the forward-pass benchmark only (~30 min)
+#
+# 1. the CPU (`lscpu` model name, family/model, the flags that pick our kernels) and which
+#    kernels run natively (`examples/isa.rs`);
+# 2. the kernel tests that run only where the instructions exist (AMX, AVX512-BF16, AVX-512,
+#    AVX2): each prints "ran … natively" or "SKIPPED", collected in native-tests.txt;
+# 3. bench/backbone.py --rounds 3 (ours f32, ours bf16, PyTorch's modes; needs torch and
+#    torchvision), then, without --quick, bench/head/bench.py and bench/wholejob.py on 10,000
+#    images for ours bf16 and f32 against PyTorch's fp32 and bf16 channels_last (45-90 min).
+#
+# Nothing here is asserted on timings; read the medians and ratios, quote the load average.
+# Do not build anything else while it runs: 2 cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+QUICK=0
+[[ "${1:-}" == "--quick" ]] && QUICK=1
+OUT=${OUT:-/tmp/native-$(date -u +%Y%m%d-%H%M)}
+mkdir -p "$OUT"
+echo "logs: $OUT"
+
+{
+  date -u
+  lscpu | grep -E "^(Model name|CPU family|Model|Thread|Core|Socket)"
+  echo -n "flags of interest:"
+  for f in avx2 fma avx512f avx512bw avx512_vnni avx512_bf16 avx512_fp16 amx_tile amx_bf16 amx_int8; do
+    grep -qw "$f" /proc/cpuinfo && echo -n " $f"
+  done
+  echo
+  uptime
+} | tee "$OUT/cpu.txt"
+
+cargo build --release --examples --bin cifar-finetune 2>&1 | tail -1
+cargo run --release -q --example isa | tee "$OUT/isa.txt"
+
+# The native kernel tests (release: the same code the benchmarks time).
+cargo test --release --lib -- gemm isa head::lanes --nocapture 2>&1 | tee "$OUT/lib-tests.log" | tail -3
+cargo test --release --test fast_backbone --test arch_parity --test pipeline_learns -- --nocapture \
+  2>&1 | tee "$OUT/network-tests.log" | tail -3
+grep -hE "natively|SKIPPED" "$OUT/lib-tests.log" "$OUT/network-tests.log" | sort | uniq -c \
+  | tee "$OUT/native-tests.txt"
+
+python3 bench/backbone.py --rounds 3 --json "$OUT/backbone.json" 2>&1 | tee "$OUT/backbone.txt"
+if [[ $QUICK == 0 ]]; then
+  python3 bench/head/bench.py 2>&1 | tee "$OUT/head.txt"
+  python3 bench/wholejob.py --images 10000 --only ours-bf16,ours-f32,torch-fp32-cl,torch-bf16-cl \
+    --json "$OUT/wholejob.json" 2>&1 | tee "$OUT/wholejob.txt"
+fi
+uptime | tee -a "$OUT/cpu.txt"
+echo "done: $OUT"
