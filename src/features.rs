@@ -968,7 +968,7 @@ impl Shard {
         let meta = serde_json::to_string(&meta)
             .map_err(|e| Error::format(path, format!("shard metadata: {e}")))?;
         let meta = HashMap::from([(SHARD_META_KEY.to_string(), meta)]);
-        let bytes = safetensors::serialize(views, Some(meta)).map_err(bad)?;
+        let bytes = crate::io::safetensors_bytes(path, views, meta)?;
         crate::io::atomic_write_bytes(path, &bytes)
     }
 
@@ -1176,7 +1176,7 @@ impl FeatureSet {
                 content_checksum(&[&feat_bytes, &self.labels, &index_bytes]),
             ),
         ]);
-        let bytes = safetensors::serialize(views, Some(meta)).map_err(bad)?;
+        let bytes = crate::io::safetensors_bytes(path, views, meta)?;
         crate::io::atomic_write_bytes(path, &bytes)
     }
 

@@ -185,6 +185,46 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     serde_json::from_slice(&bytes).map_err(|e| Error::format(path, format!("invalid JSON: {e}")))
 }
 
+/// `safetensors::serialize` of `tensors` with `metadata`, its header written with sorted
+/// keys: the crate writes the metadata map in hash order, which changes from one process to
+/// the next, so equal contents would give files that differ byte for byte.
+pub fn safetensors_bytes<S, V, I>(
+    path: &Path,
+    tensors: I,
+    metadata: std::collections::HashMap<String, String>,
+) -> Result<Vec<u8>>
+where
+    S: AsRef<str> + Ord + std::fmt::Display,
+    V: safetensors::View,
+    I: IntoIterator<Item = (S, V)>,
+{
+    use std::collections::BTreeMap;
+    let bad = |msg: String| Error::format(path, msg);
+    let bytes = safetensors::serialize(tensors, Some(metadata)).map_err(|e| bad(e.to_string()))?;
+    // The layout: header length (u64 LE), the JSON header padded to 8 bytes, the data.
+    let n = bytes
+        .get(..8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(u64::from_le_bytes)
+        .and_then(|n| usize::try_from(n).ok())
+        .filter(|&n| n <= bytes.len() - 8)
+        .ok_or_else(|| bad("safetensors wrote no header".into()))?;
+    let mut header: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..8 + n]).map_err(|e| bad(format!("header: {e}")))?;
+    if let Some(meta) = header.get_mut("__metadata__") {
+        let sorted: BTreeMap<String, String> =
+            serde_json::from_value(meta.take()).map_err(|e| bad(format!("metadata: {e}")))?;
+        *meta = serde_json::to_value(sorted).map_err(|e| bad(format!("metadata: {e}")))?;
+    }
+    let mut json = serde_json::to_vec(&header).map_err(|e| bad(format!("header: {e}")))?;
+    json.resize(json.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + json.len() + bytes.len() - 8 - n);
+    out.extend((json.len() as u64).to_le_bytes());
+    out.extend(json);
+    out.extend(&bytes[8 + n..]);
+    Ok(out)
+}
+
 /// The lowercase hex sha256 of a file's content, read in streaming fashion.
 pub fn sha256_file(path: &Path) -> Result<String> {
     let mut file = std::fs::File::open(path).map_err(|e| Error::io("opening", path, e))?;
@@ -241,5 +281,37 @@ mod tests {
             sha256_file(&p).unwrap(),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
+    }
+
+    /// The same tensors and metadata give the same bytes every time, and a file that
+    /// safetensors reads back as written.
+    #[test]
+    fn safetensors_bytes_do_not_depend_on_hash_order() {
+        use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+        let data: Vec<u8> = (0..24u8).collect();
+        let labels = [3u8, 1, 2];
+        let write = || {
+            let meta = (0..6)
+                .map(|k| (format!("key{k}"), format!("value {k}")))
+                .collect::<std::collections::HashMap<_, _>>();
+            let views = [
+                ("x", TensorView::new(Dtype::F32, vec![2, 3], &data).unwrap()),
+                ("y", TensorView::new(Dtype::U8, vec![3], &labels).unwrap()),
+            ];
+            safetensors_bytes(Path::new("t.safetensors"), views, meta).unwrap()
+        };
+        let first = write();
+        for _ in 0..10 {
+            assert_eq!(write(), first);
+        }
+        let n = u64::from_le_bytes(first[..8].try_into().unwrap()) as usize;
+        assert_eq!((8 + n) % 8, 0, "the data starts 8-byte aligned");
+        let (_, meta) = SafeTensors::read_metadata(&first).unwrap();
+        let m = meta.metadata().as_ref().unwrap();
+        assert_eq!((m.len(), m["key4"].as_str()), (6, "value 4"));
+        let st = SafeTensors::deserialize(&first).unwrap();
+        assert_eq!(st.tensor("x").unwrap().data(), &data[..]);
+        assert_eq!(st.tensor("y").unwrap().shape(), &[3]);
+        assert_eq!(st.tensor("y").unwrap().data(), &labels[..]);
     }
 }
