@@ -144,7 +144,11 @@ def main():
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "bench-folder"))
     ap.add_argument("--binary", default=os.path.join(ROOT, "target", "release", "cifar-finetune"))
+    ap.add_argument("--write-weights", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.write_weights:
+        write_weights(args.write_weights)
+        return
     if not os.path.exists(args.binary):
         sys.exit(f"{args.binary} not found: cargo build --release --bin cifar-finetune")
 
@@ -152,7 +156,9 @@ def main():
     make_folder(folder, args.images)
     weights = os.path.join(args.work, "resnet50-synthetic.pth")
     if not os.path.exists(weights):
-        write_weights(weights)
+        # In a child: a child's peak resident set as wait4 reports it starts from its
+        # parent's at the fork, so importing torch here would add ~900 MiB to every job's.
+        subprocess.run([sys.executable, os.path.abspath(__file__), "--write-weights", weights], check=True)
     print(f"{args.images} JPEGs of 500x375 in {folder}; load before: {os.getloadavg()}", flush=True)
 
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
