@@ -109,6 +109,19 @@ impl AmxBf16 {
     pub fn avx512_bf16(self) -> Avx512Bf16 {
         Avx512Bf16 { _private: () }
     }
+
+    /// The token without asking the CPU: for the tests that run the AMX kernel's machine
+    /// code through a SIGILL emulator on CPUs without AMX.
+    ///
+    /// # Safety
+    /// Every AMX instruction is emulated while the token is used (see
+    /// `backbone::fast::gemm::bf16::amx_trap`), the CPU has AVX-512F, AVX2 and FMA (the AMX
+    /// tiling's epilogue, the f32 layers), and nothing uses the AVX512-BF16 token it implies.
+    #[cfg(test)]
+    #[allow(unsafe_code)]
+    pub(crate) unsafe fn assume() -> AmxBf16 {
+        AmxBf16 { _private: () }
+    }
 }
 
 #[allow(unsafe_code)]

@@ -537,6 +537,10 @@ pub(super) mod amx {
     }
 }
 
+/// The AMX kernel's machine code, run through a SIGILL emulator where AMX is absent.
+#[cfg(all(test, target_arch = "x86_64", target_os = "linux"))]
+mod amx_trap;
+
 #[cfg(test)]
 pub(super) mod tests {
     use super::super::Kernel;
