@@ -41,7 +41,7 @@ cargo run --release -q --example isa | tee "$OUT/isa.txt"
 cargo test --release --lib -- gemm isa head::lanes --nocapture 2>&1 | tee "$OUT/lib-tests.log" | tail -3
 cargo test --release --test fast_backbone --test arch_parity --test pipeline_learns -- --nocapture \
   2>&1 | tee "$OUT/network-tests.log" | tail -3
-grep -hE "natively|SKIPPED" "$OUT/lib-tests.log" "$OUT/network-tests.log" | sort | uniq -c \
+grep -hE "natively|emulation|SKIPPED" "$OUT/lib-tests.log" "$OUT/network-tests.log" | sort | uniq -c \
   | tee "$OUT/native-tests.txt"
 
 python3 bench/backbone.py --rounds 3 --json "$OUT/backbone.json" 2>&1 | tee "$OUT/backbone.txt"
