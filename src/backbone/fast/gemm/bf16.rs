@@ -595,24 +595,20 @@ pub(super) mod tests {
         check_tiling(&dp, "12x32 vdpbf16ps (emulated)");
     }
 
-    /// On a CPU with AMX the native kernel equals its stand-in exactly on bf16 inputs whose
-    /// products and sums are exact in f32 (small integers).
-    #[test]
-    fn native_amx_kernel_equals_its_stand_in() {
-        let Some(isa) = Isa::new(IsaKind::Amx) else {
-            eprintln!("SKIPPED: this CPU lacks AMX; the native AMX kernel test did not run");
-            return;
-        };
-        let Isa::Amx(token) = isa else { return };
-        let steps = 48;
+    /// Runs [`amx::amx_32x32`], its tiles configured by an [`amx::TileSession`], against its
+    /// stand-in on bf16 inputs whose products and sums are exact in f32 (small integers), at
+    /// several depths and row strides, checking that it writes nothing outside its 32×32
+    /// tile; returns the kernel calls made and the `tdpbf16ps` they ran.
+    ///
+    /// # Safety
+    /// AMX instructions execute: natively, or under `amx_trap`'s emulator.
+    #[cfg(target_arch = "x86_64")]
+    pub(super) unsafe fn check_amx_kernel() -> (usize, usize) {
         let word = |i: usize, s: u32| {
             let lo = bf16_bits(((i as u32).wrapping_mul(2_654_435_761) ^ s) as f32 % 7.0 - 3.0);
             let hi = bf16_bits(((i as u32).wrapping_mul(40_503) ^ s) as f32 % 5.0 - 2.0);
             f32::from_bits(u32::from(lo) | u32::from(hi) << 16)
         };
-        let lda = steps + 3;
-        let a: Vec<f32> = (0..32 * lda).map(|i| word(i, 1)).collect();
-        let b: Vec<f32> = (0..steps * 32).map(|i| word(i, 2)).collect();
         let raw = Epilogue {
             accumulate: false,
             bias: std::ptr::null(),
@@ -622,36 +618,57 @@ pub(super) mod tests {
             rows: 32,
             cols: 32,
         };
-        let (mut native, mut emulated) = (vec![0f32; 32 * 40], vec![0f32; 32 * 40]);
-        let t = Tiling::new(Isa::Amx(token), true);
-        {
-            let _s = t.tile_session();
-            // SAFETY: the session is active; the buffers hold what the contract asks.
+        let mut products = 0;
+        let cases = [(16, 16, 32), (48, 51, 40), (64, 64, 33), (0, 3, 32)];
+        for (steps, lda, ldc) in cases {
+            let a: Vec<f32> = (0..32 * lda).map(|i| word(i, 1)).collect();
+            let b: Vec<f32> = (0..steps * 32).map(|i| word(i, 2)).collect();
+            let sentinel = f32::from_bits(0x7FC0_1234);
+            let (mut run, mut want) = (vec![sentinel; 32 * ldc], vec![sentinel; 32 * ldc]);
+            // SAFETY: AMX instructions execute (the contract); the buffers hold what the
+            // kernel asks: 32 rows of `steps` words `lda` apart, `steps` rows of 32 words, 32
+            // rows of 32 values `ldc` apart.
             unsafe {
+                let _tiles = amx::TileSession::start();
                 amx::amx_32x32(
                     steps,
                     a.as_ptr(),
                     lda,
                     b.as_ptr(),
-                    native.as_mut_ptr(),
-                    40,
+                    run.as_mut_ptr(),
+                    ldc,
                     &raw,
-                )
-            };
+                );
+                amx_32x32(
+                    steps,
+                    a.as_ptr(),
+                    lda,
+                    b.as_ptr(),
+                    want.as_mut_ptr(),
+                    ldc,
+                    &raw,
+                );
+            }
+            let label = format!("steps {steps}, lda {lda}, ldc {ldc}");
+            for (i, (r, w)) in run.iter().zip(&want).enumerate() {
+                let (row, col) = (i / ldc, i % ldc);
+                assert_eq!(r.to_bits(), w.to_bits(), "{label}: row {row}, column {col}");
+            }
+            products += 4 * steps / 16;
         }
-        // SAFETY: as above.
-        unsafe {
-            amx_32x32(
-                steps,
-                a.as_ptr(),
-                lda,
-                b.as_ptr(),
-                emulated.as_mut_ptr(),
-                40,
-                &raw,
-            )
-        };
-        assert_eq!(native, emulated);
+        (cases.len(), products)
+    }
+
+    /// On a CPU with AMX the native kernel equals its stand-in exactly.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn native_amx_kernel_equals_its_stand_in() {
+        if Isa::new(IsaKind::Amx).is_none() {
+            eprintln!("SKIPPED: this CPU lacks AMX; the native AMX kernel test did not run");
+            return;
+        }
+        // SAFETY: this CPU runs AMX, and Linux granted the tile state (the token exists).
+        unsafe { check_amx_kernel() };
         eprintln!("ran the AMX kernel natively");
     }
 }
