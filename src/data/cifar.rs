@@ -370,8 +370,7 @@ fn no_such_part(spec: &Spec, part: Part) -> Error {
 /// The training and test parts of a CIFAR directory, each read on first use — all of its
 /// batch files, every label checked — and kept in memory (150 MB for a training part), so
 /// that images are handed out without copying; labels asked for before any image are read
-/// and kept alone. [`Cifar10`] and `Cifar100` are this plus
-/// their class names.
+/// and kept alone. [`Cifar10`] and `Cifar100` are this plus their class names.
 #[derive(Debug)]
 pub(crate) struct Parts {
     data_dir: PathBuf,

@@ -350,9 +350,9 @@ impl FeatureArgs {
     }
 
     /// Takes the images, their splits and the weights from a run's record (dataset, folder,
-    /// data directory, weights, image limit, split options, --skip-bad), each group only where `given`
-    /// says the command line left all of its flags unset; returns the flags taken, as they
-    /// would be typed.
+    /// data directory, weights, image limit, split options, --skip-bad), each group only
+    /// where `given` says the command line left all of its flags unset; returns the flags
+    /// taken, as they would be typed.
     pub fn adopt(
         &mut self,
         rec: &SourceRecord,
