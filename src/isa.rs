@@ -89,6 +89,18 @@ impl Avx512Bf16 {
     pub fn avx512(self) -> Avx512 {
         Avx512 { _private: () }
     }
+
+    /// The token without asking the CPU: for the tests that run the `vdpbf16ps` kernel's
+    /// machine code through a SIGILL emulator on CPUs without AVX512-BF16.
+    ///
+    /// # Safety
+    /// Every AVX512-BF16 instruction is emulated while the token is used (see
+    /// `backbone::fast::gemm::bf16::trap`), and the CPU has AVX-512F, AVX2 and FMA.
+    #[cfg(test)]
+    #[allow(unsafe_code)]
+    pub(crate) unsafe fn assume() -> Avx512Bf16 {
+        Avx512Bf16 { _private: () }
+    }
 }
 
 impl AmxBf16 {
@@ -115,7 +127,7 @@ impl AmxBf16 {
     ///
     /// # Safety
     /// Every AMX instruction is emulated while the token is used (see
-    /// `backbone::fast::gemm::bf16::amx_trap`), the CPU has AVX-512F, AVX2 and FMA (the AMX
+    /// `backbone::fast::gemm::bf16::trap`), the CPU has AVX-512F, AVX2 and FMA (the AMX
     /// tiling's epilogue, the f32 layers), and nothing uses the AVX512-BF16 token it implies.
     #[cfg(test)]
     #[allow(unsafe_code)]

@@ -537,9 +537,10 @@ pub(super) mod amx {
     }
 }
 
-/// The AMX kernel's machine code, run through a SIGILL emulator where AMX is absent.
+/// The native bf16 kernels' machine code, run through a SIGILL emulator where AMX or
+/// AVX512-BF16 is absent.
 #[cfg(all(test, target_arch = "x86_64", target_os = "linux"))]
-mod amx_trap;
+mod trap;
 
 #[cfg(test)]
 pub(super) mod tests {
@@ -601,7 +602,7 @@ pub(super) mod tests {
     /// tile; returns the kernel calls made and the `tdpbf16ps` they ran.
     ///
     /// # Safety
-    /// AMX instructions execute: natively, or under `amx_trap`'s emulator.
+    /// AMX instructions execute: natively, or under `trap`'s emulator.
     #[cfg(target_arch = "x86_64")]
     pub(super) unsafe fn check_amx_kernel() -> (usize, usize) {
         let word = |i: usize, s: u32| {
