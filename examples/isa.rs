@@ -27,4 +27,20 @@ fn main() {
         };
         println!("  {:<12} {status:<26} {kernels}", kind.name());
     }
+    // The tests of `backbone::fast::gemm::bf16::trap` run these kernels' machine code under a
+    // SIGILL emulator where the instructions are missing (the AMX kernel on any x86-64 Linux
+    // CPU, the conv cases on AVX-512 ones).
+    let has = |k: IsaKind| available.iter().any(|i| i.kind() == k);
+    let emulated: Vec<&str> = [IsaKind::Amx, IsaKind::Avx512Bf16]
+        .into_iter()
+        .filter(|&k| cfg!(all(target_arch = "x86_64", target_os = "linux")) && !has(k))
+        .filter(|&k| k == IsaKind::Amx || has(IsaKind::Avx512))
+        .map(IsaKind::name)
+        .collect();
+    if !emulated.is_empty() {
+        println!(
+            "emulated in the tests (SIGILL trap): {}",
+            emulated.join(", ")
+        );
+    }
 }
