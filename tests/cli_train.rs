@@ -283,6 +283,7 @@ fn test_takes_the_runs_settings_for_the_flags_it_is_not_given() {
             "resnet50.safetensors",
             "--offline",
         ])
+        .args(["--cache-dir", "settings-cache"])
         .args([
             "--image-size",
             "40",
@@ -312,6 +313,7 @@ fn test_takes_the_runs_settings_for_the_flags_it_is_not_given() {
         );
         for flag in [
             "--weights resnet50.safetensors",
+            "--cache-dir settings-cache",
             "--limit 30",
             "--val-count 6",
             "--split-seed 7",

@@ -292,6 +292,10 @@ pub struct FeatureArgs {
     pub offline: bool,
 }
 
+/// The feature cache's directory under the data directory, unless `--cache-dir` says
+/// otherwise.
+const CACHE_DIR: &str = "features-cache";
+
 /// What a run's `config.json` records of the flags its features came from (its `source`):
 /// written by `train`, `sweep` and `run`, read back by `test` for the flags its command line
 /// leaves unset. Every field is optional when read, for runs made before it existed.
@@ -302,6 +306,8 @@ pub struct SourceRecord {
     pub dataset: Option<String>,
     pub folder: Option<PathBuf>,
     pub data: Option<PathBuf>,
+    /// The feature cache directory in use.
+    pub cache_dir: Option<PathBuf>,
     pub backbone: Option<String>,
     pub weights: Option<String>,
     pub image_size: Option<usize>,
@@ -335,6 +341,7 @@ impl FeatureArgs {
             dataset: self.dataset_name().ok().map(str::to_string),
             folder: self.folder.clone(),
             data: Some(self.data.clone()),
+            cache_dir: Some(self.cache_dir()),
             backbone: Some(self.arch().name.to_string()),
             weights: self.weights.as_ref().map(|w| w.to_string()),
             image_size: Some(self.resize()),
@@ -349,10 +356,10 @@ impl FeatureArgs {
         }
     }
 
-    /// Takes the images, their splits and the weights from a run's record (dataset, folder,
-    /// data directory, weights, image limit, split options, --skip-bad), each group only
-    /// where `given` says the command line left all of its flags unset; returns the flags
-    /// taken, as they would be typed.
+    /// Takes the images, their splits, the weights and the cache from a run's record
+    /// (dataset, folder, data and cache directories, weights, image limit, split options,
+    /// --skip-bad), each group only where `given` says the command line left all of its
+    /// flags unset; returns the flags taken, as they would be typed.
     pub fn adopt(
         &mut self,
         rec: &SourceRecord,
@@ -401,6 +408,14 @@ impl FeatureArgs {
         {
             self.data = data.clone();
             taken.push(format!("--data {}", data.display()));
+        }
+        // A cache the run kept apart from its data directory; the default one follows --data.
+        let default_cache = rec.data.as_ref().map(|d| d.join(CACHE_DIR));
+        if let Some(dir) = rec.cache_dir.as_ref().filter(|d| {
+            !given("cache_dir") && Some(*d) != default_cache.as_ref() && **d != self.cache_dir()
+        }) {
+            self.cache_dir = Some(dir.clone());
+            taken.push(format!("--cache-dir {}", dir.display()));
         }
         if !given("limit")
             && let Some(n) = rec.limit
@@ -541,7 +556,7 @@ impl FeatureArgs {
     pub fn cache_dir(&self) -> PathBuf {
         self.cache_dir
             .clone()
-            .unwrap_or_else(|| self.data.join("features-cache"))
+            .unwrap_or_else(|| self.data.join(CACHE_DIR))
     }
 
     /// The backbone in use: `--backbone`, or ResNet-50.
@@ -901,6 +916,7 @@ mod tests {
                 "3",
                 "--skip-bad",
             ],
+            &["--cache-dir", "features", "--limit", "7"],
         ] {
             let rec = flags(args).record();
             let json = serde_json::to_value(&rec).unwrap();
