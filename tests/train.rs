@@ -10,6 +10,7 @@ use cifar_finetune::checkpoint::{self, CheckpointKind};
 use cifar_finetune::data::cifar::{self, Split};
 use cifar_finetune::evaluate::{self, TestMetrics};
 use cifar_finetune::features::{FeatureSet, Fingerprint};
+use cifar_finetune::io::DirLock;
 use cifar_finetune::rundir;
 use cifar_finetune::rundir::{Select, Summary, TrainConfig};
 use cifar_finetune::train::{self, Progress, RunOptions, SweepOutcome};
@@ -903,4 +904,36 @@ fn a_metrics_and_predictions_pair_from_two_models_is_refused() {
         .unwrap();
     std::fs::write(&mp, json.to_string()).unwrap();
     report::write_run_report(&dir, &no_gallery).unwrap();
+}
+
+/// `sweep_holding` hands over the run directory's lock still held: no other writer gets in
+/// until the caller lets it go; `sweep` releases it as it returns.
+#[test]
+fn sweep_holding_keeps_the_run_directory_locked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (tr, va) = sets(16);
+    let cfg = TrainConfig {
+        epochs: 1,
+        ..small_config()
+    };
+    let dir = tmp.path().join("held");
+    let (outcome, lock) = train::sweep_holding(
+        &tr,
+        &va,
+        &[0.0],
+        &cfg,
+        &dir,
+        &RunOptions::default(),
+        &mut quiet(),
+    )
+    .unwrap();
+    finished(outcome);
+    let other = DirLock::acquire(&dir, "test", false);
+    assert!(matches!(other, Err(Error::Locked { .. })), "{other:?}");
+    drop(lock);
+    DirLock::acquire(&dir, "test", false).unwrap();
+
+    let dir = tmp.path().join("released");
+    finished(run(&tr, &va, &[0.0], &cfg, &dir).unwrap());
+    DirLock::acquire(&dir, "test", false).unwrap();
 }

@@ -146,6 +146,21 @@ pub fn sweep(
     opts: &RunOptions,
     progress: &mut ProgressFn,
 ) -> Result<SweepOutcome> {
+    Ok(sweep_holding(train, val, lambdas, cfg, run_dir, opts, progress)?.0)
+}
+
+/// As [`sweep`], handing over the run directory's lock, held since before the sweep began:
+/// a caller that writes more into the directory (the test results, a report) keeps it so
+/// that no other process can write there in between.
+pub fn sweep_holding(
+    train: &FeatureSet,
+    val: &FeatureSet,
+    lambdas: &[f32],
+    cfg: &TrainConfig,
+    run_dir: &Path,
+    opts: &RunOptions,
+    progress: &mut ProgressFn,
+) -> Result<(SweepOutcome, DirLock)> {
     cfg.validate()?;
     validate_lambdas(lambdas)?;
     check_sets(train, val)?;
@@ -183,7 +198,7 @@ pub fn sweep(
     // Two processes writing one run directory would mix their checkpoints silently: hold it
     // for the whole sweep. Then no other writer can be alive, so any temporary file left
     // there (by a killed process) is stale.
-    let _lock = DirLock::acquire(run_dir, "training run", opts.wait_for_lock)?;
+    let lock = DirLock::acquire(run_dir, "training run", opts.wait_for_lock)?;
     remove_run_temporaries(run_dir)?;
     if config_path.exists() {
         if !opts.resume {
@@ -239,13 +254,13 @@ pub fn sweep(
         if let Some(Some(Err(e))) = results.into_iter().nth(i) {
             return Err(e);
         }
-        return Ok(SweepOutcome::Stopped);
+        return Ok((SweepOutcome::Stopped, lock));
     }
     let mut summaries = Vec::with_capacity(lambdas.len());
     for r in results {
         match r {
             Some(Ok(ControlFlow::Continue(s))) => summaries.push(s),
-            _ => return Ok(SweepOutcome::Stopped),
+            _ => return Ok((SweepOutcome::Stopped, lock)),
         }
     }
     history.write()?;
@@ -296,7 +311,7 @@ pub fn sweep(
         warnings,
     };
     crate::io::write_json(&run_dir.join("summary.json"), &summary)?;
-    Ok(SweepOutcome::Finished(summary))
+    Ok((SweepOutcome::Finished(summary), lock))
 }
 
 /// Removes the temporary files an interrupted write left in `run_dir` and in its λ

@@ -8,7 +8,6 @@ use anyhow::Context;
 use cifar_finetune::checkpoint;
 use cifar_finetune::data::cifar::Split;
 use cifar_finetune::evaluate;
-use cifar_finetune::io::DirLock;
 use cifar_finetune::report::{self, DEFAULT_GALLERY_SIZE, ReportOptions};
 use cifar_finetune::rundir;
 
@@ -57,7 +56,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .map_err(|_| anyhow::anyhow!("expected the training, validation and test features"))?;
     let sets = (&train_set, &val_set, loaded.skipped.as_slice());
 
-    let Some(summary) = train_sets(sets, lambdas, &args.hyper, &features, &run_dir)? else {
+    // The run directory stays locked from the sweep to the report.
+    let Some((summary, _lock)) = train_sets(sets, lambdas, &args.hyper, &features, &run_dir)?
+    else {
         return Ok(());
     };
 
@@ -78,9 +79,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         seed_histories.push(rundir::read_history(&dir.join("history.csv"))?);
     }
 
-    // The sweep released the run directory; hold it again while the test results and the
-    // report are written.
-    let _lock = DirLock::acquire(&run_dir, "run directory", features.wait_lock)?;
     let chosen = run_dir.join(&summary.chosen_checkpoint);
     let ck = checkpoint::load(&chosen)?;
     let eval = evaluate::evaluate(&ck, &test_set, Split::Test)?;

@@ -11,6 +11,7 @@ use anyhow::Context;
 use cifar_finetune::data::cifar::Split;
 use cifar_finetune::features::{FeatureSet, Skipped};
 use cifar_finetune::head::Activation;
+use cifar_finetune::io::DirLock;
 use cifar_finetune::rundir;
 use cifar_finetune::rundir::{Select, Summary, TrainConfig};
 use cifar_finetune::train::{self, Progress, RunOptions, SweepOutcome};
@@ -222,7 +223,7 @@ pub fn run_lambdas(
     let [train_set, val_set] = <[_; 2]>::try_from(loaded.sets)
         .map_err(|_| anyhow::anyhow!("expected the training and validation features"))?;
     let sets = (&train_set, &val_set, loaded.skipped.as_slice());
-    if let Some(s) = train_sets(sets, lambdas, hyper, features, &run_dir)? {
+    if let Some((s, _lock)) = train_sets(sets, lambdas, hyper, features, &run_dir)? {
         println!(
             "evaluate it: cifar-finetune test --checkpoint {}",
             run_dir.join(&s.chosen_checkpoint).display()
@@ -233,14 +234,15 @@ pub fn run_lambdas(
 
 /// Runs the sweep over `lambdas` on features already loaded (train, validation, and the
 /// images left out of them), with a progress display, into `run_dir`; prints the per-λ
-/// table. `None` when the sweep was stopped before the end.
+/// table. Returns the summary with the run directory's lock, still held; `None` when the
+/// sweep was stopped before the end.
 pub fn train_sets(
     (train_set, val_set, skipped): (&FeatureSet, &FeatureSet, &[Skipped]),
     lambdas: &[f32],
     hyper: &TrainArgs,
     features: &FeatureArgs,
     run_dir: &Path,
-) -> anyhow::Result<Option<Summary>> {
+) -> anyhow::Result<Option<(Summary, DirLock)>> {
     let cfg = hyper.config();
     let features = &hyper.features(features);
     let mut display = Display::new(hyper.report_every());
@@ -260,7 +262,7 @@ pub fn train_sets(
         val_set.len(),
         run_dir.display()
     );
-    let outcome = train::sweep(
+    let outcome = train::sweep_holding(
         train_set,
         val_set,
         lambdas,
@@ -270,7 +272,9 @@ pub fn train_sets(
         &mut |p| display.update(p),
     );
     display.finish();
-    let outcome =
+    // The run directory stays locked until the caller is done with it (`run` writes the
+    // test results and the report there too).
+    let (outcome, lock) =
         outcome.with_context(|| format!("training into run directory {}", run_dir.display()))?;
     if !skipped.is_empty() {
         let path = run_dir.join(SKIPPED_FILE);
@@ -326,7 +330,7 @@ pub fn train_sets(
                 s.chosen_lambda,
                 run_dir.join(&s.chosen_checkpoint).display()
             );
-            Ok(Some(s))
+            Ok(Some((s, lock)))
         }
     }
 }
