@@ -200,7 +200,8 @@ where
 {
     use std::collections::BTreeMap;
     let bad = |msg: String| Error::format(path, msg);
-    let bytes = safetensors::serialize(tensors, Some(metadata)).map_err(|e| bad(e.to_string()))?;
+    let mut bytes =
+        safetensors::serialize(tensors, Some(metadata)).map_err(|e| bad(e.to_string()))?;
     // The layout: header length (u64 LE), the JSON header padded to 8 bytes, the data.
     let n = bytes
         .get(..8)
@@ -218,6 +219,12 @@ where
     }
     let mut json = serde_json::to_vec(&header).map_err(|e| bad(format!("header: {e}")))?;
     json.resize(json.len().next_multiple_of(8), b' ');
+    if json.len() == n {
+        // The same keys and values in another order: the header keeps its length, so it is
+        // rewritten in place rather than copying the data (hundreds of MB for a feature set).
+        bytes[8..8 + n].copy_from_slice(&json);
+        return Ok(bytes);
+    }
     let mut out = Vec::with_capacity(8 + json.len() + bytes.len() - 8 - n);
     out.extend((json.len() as u64).to_le_bytes());
     out.extend(json);
@@ -290,20 +297,25 @@ mod tests {
         use safetensors::tensor::{Dtype, SafeTensors, TensorView};
         let data: Vec<u8> = (0..24u8).collect();
         let labels = [3u8, 1, 2];
-        let write = || {
-            let meta = (0..6)
+        let meta = || {
+            (0..6)
                 .map(|k| (format!("key{k}"), format!("value {k}")))
-                .collect::<std::collections::HashMap<_, _>>();
-            let views = [
+                .collect::<std::collections::HashMap<_, _>>()
+        };
+        let views = || {
+            [
                 ("x", TensorView::new(Dtype::F32, vec![2, 3], &data).unwrap()),
                 ("y", TensorView::new(Dtype::U8, vec![3], &labels).unwrap()),
-            ];
-            safetensors_bytes(Path::new("t.safetensors"), views, meta).unwrap()
+            ]
         };
+        let write = || safetensors_bytes(Path::new("t.safetensors"), views(), meta()).unwrap();
         let first = write();
         for _ in 0..10 {
             assert_eq!(write(), first);
         }
+        // The header was rewritten in place: the same length as safetensors' own.
+        let plain = safetensors::serialize(views(), Some(meta())).unwrap();
+        assert_eq!((first.len(), &first[..8]), (plain.len(), &plain[..8]));
         let n = u64::from_le_bytes(first[..8].try_into().unwrap()) as usize;
         assert_eq!((8 + n) % 8, 0, "the data starts 8-byte aligned");
         let (_, meta) = SafeTensors::read_metadata(&first).unwrap();
