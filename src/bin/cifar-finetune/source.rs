@@ -322,6 +322,25 @@ pub struct SourceRecord {
     pub split_seed: u64,
 }
 
+/// Every dataset choice, each with the label kind that names it apart.
+const DATASETS: [(DatasetKind, LabelsArg); 4] = [
+    (DatasetKind::Cifar10, LabelsArg::Fine),
+    (DatasetKind::Cifar100, LabelsArg::Fine),
+    (DatasetKind::Cifar100, LabelsArg::Coarse),
+    (DatasetKind::Folder, LabelsArg::Fine),
+];
+
+/// A dataset's name as the run records it: `cifar10`, `cifar100`, `cifar100-coarse` or
+/// `folder` (only CIFAR-100 has two kinds of labels).
+fn dataset_name(kind: DatasetKind, labels: LabelsArg) -> &'static str {
+    match (kind, labels) {
+        (DatasetKind::Cifar10, _) => "cifar10",
+        (DatasetKind::Cifar100, LabelsArg::Fine) => "cifar100",
+        (DatasetKind::Cifar100, LabelsArg::Coarse) => "cifar100-coarse",
+        (DatasetKind::Folder, _) => "folder",
+    }
+}
+
 /// The resize (`size=`) and centre crop (`crop_size=`) a features fingerprint records.
 pub fn recorded_geometry(extractor: &Fingerprint) -> (Option<usize>, Option<usize>) {
     let field = |key: &str| {
@@ -366,28 +385,23 @@ impl FeatureArgs {
         given: &dyn Fn(&str) -> bool,
     ) -> anyhow::Result<Vec<String>> {
         let mut taken = Vec::new();
-        if !["dataset", "folder", "labels"].iter().any(|id| given(id)) {
-            let (kind, labels) = match rec.dataset.as_deref() {
-                None => (None, LabelsArg::Fine),
-                Some("cifar10") => (Some(DatasetKind::Cifar10), LabelsArg::Fine),
-                Some("cifar100") => (Some(DatasetKind::Cifar100), LabelsArg::Fine),
-                Some("cifar100-coarse") => (Some(DatasetKind::Cifar100), LabelsArg::Coarse),
-                Some("folder") => (Some(DatasetKind::Folder), LabelsArg::Fine),
-                Some(other) => bail!("the dataset `{other}` is none this tool reads"),
-            };
+        if let Some(name) = rec.dataset.as_deref()
+            && !["dataset", "folder", "labels"].iter().any(|id| given(id))
+        {
+            let (kind, labels) = DATASETS
+                .into_iter()
+                .find(|&(k, l)| dataset_name(k, l) == name)
+                .with_context(|| format!("the dataset `{name}` is none this tool reads"))?;
             let before = self.dataset_name().ok();
-            if let Some(kind) = kind {
-                self.dataset = Some(kind);
-                self.labels = labels;
-            }
-            if kind == Some(DatasetKind::Folder) {
+            (self.dataset, self.labels) = (Some(kind), labels);
+            if kind == DatasetKind::Folder {
                 let dir = rec
                     .folder
                     .clone()
                     .context("the dataset is a folder, but no folder is recorded")?;
                 taken.push(format!("--folder {}", dir.display()));
                 self.folder = Some(dir);
-            } else if let Some(kind) = kind.filter(|_| self.dataset_name().ok() != before) {
+            } else if before != Some(name) {
                 taken.push(format!("--dataset {}", format!("{kind:?}").to_lowercase()));
                 if labels == LabelsArg::Coarse {
                     taken.push("--labels coarse".into());
@@ -511,12 +525,7 @@ impl FeatureArgs {
     /// The dataset's name as the run records it: `cifar10`, `cifar100`, `cifar100-coarse`
     /// or `folder`.
     pub fn dataset_name(&self) -> anyhow::Result<&'static str> {
-        Ok(match (self.dataset_kind()?, self.labels) {
-            (DatasetKind::Cifar10, _) => "cifar10",
-            (DatasetKind::Cifar100, LabelsArg::Fine) => "cifar100",
-            (DatasetKind::Cifar100, LabelsArg::Coarse) => "cifar100-coarse",
-            (DatasetKind::Folder, _) => "folder",
-        })
+        Ok(dataset_name(self.dataset_kind()?, self.labels))
     }
 
     /// The shorter side after resizing: `--image-size`, or the dataset's default.
