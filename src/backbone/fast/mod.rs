@@ -798,23 +798,33 @@ mod tests {
         dot / (norm(a) * norm(b))
     }
 
+    /// The synthetic ResNet-50's weights.
+    pub(super) fn synthetic() -> StateDict {
+        StateDict::from_tensors("synthetic", weights::synthetic_state_dict().unwrap())
+    }
+
+    /// `n` NCHW images of `s`×`s`, a pattern without symmetry in [-1.5, 1.5].
+    pub(super) fn images(n: usize, s: usize) -> Vec<f32> {
+        (0..n * 3 * s * s)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 1.5)
+            .collect()
+    }
+
     /// The whole bf16 dataflow — the stem's f32 input, k padded to AMX's 32, bf16 max pool,
     /// residuals and average pool — on the AMX and `vdpbf16ps` blockings with their
     /// instructions' arithmetic in plain Rust: features within cosine 0.999 of f32's.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn bf16_network_on_the_native_blockings_agrees_with_f32() {
-        let sd = || StateDict::from_tensors("synthetic", weights::synthetic_state_dict().unwrap());
         let arch = Arch::default();
         let (n, s) = (2, 48);
-        let x: Vec<f32> = (0..n * 3 * s * s)
-            .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 1.5)
-            .collect();
-        let f32_model = FastResNet::with_arch(sd(), &arch, Precision::F32, Isa::detect()).unwrap();
+        let x = images(n, s);
+        let f32_model =
+            FastResNet::with_arch(synthetic(), &arch, Precision::F32, Isa::detect()).unwrap();
         let want = f32_model.forward(&x, n, s, s).unwrap();
         for tiling in [gemm::emulated_amx_tiling(), gemm::emulated_dpbf16_tiling()] {
             let model =
-                FastResNet::with_tiling(sd(), &arch, Precision::Bf16, Isa::Portable, tiling)
+                FastResNet::with_tiling(synthetic(), &arch, Precision::Bf16, Isa::Portable, tiling)
                     .unwrap();
             assert!(model.native_bf16());
             let got = model.forward(&x, n, s, s).unwrap();

@@ -30,8 +30,8 @@ use super::super::tests::check_tiling;
 use super::super::{Tiling, emulated_amx_tiling};
 use super::tests::check_amx_kernel;
 use crate::backbone::arch::Arch;
+use crate::backbone::fast::tests::{images, synthetic};
 use crate::backbone::fast::{FastResNet, Precision};
-use crate::backbone::weights::{self, StateDict};
 use crate::isa::{AmxBf16, Avx512Bf16, Isa, IsaKind};
 
 /// One thread's software tile state: the palette-1 configuration of tmm0–7 and their rows.
@@ -517,18 +517,15 @@ fn a_bf16_network_on_the_amx_machine_code_equals_the_stand_in() {
     let Some(trap) = Trap::install(IsaKind::Amx, true) else {
         return;
     };
-    let sd = || StateDict::from_tensors("synthetic", weights::synthetic_state_dict().unwrap());
     let arch = Arch::default();
     let (n, s) = (2, 40);
-    let x: Vec<f32> = (0..n * 3 * s * s)
-        .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 1.5)
-        .collect();
-    let native = FastResNet::with_arch(sd(), &arch, Precision::Bf16, trap.isa(IsaKind::Amx))
+    let x = images(n, s);
+    let native = FastResNet::with_arch(synthetic(), &arch, Precision::Bf16, trap.isa(IsaKind::Amx))
         .unwrap()
         .forward(&x, n, s, s)
         .unwrap();
     let emulated = FastResNet::with_tiling(
-        sd(),
+        synthetic(),
         &arch,
         Precision::Bf16,
         Isa::Portable,
