@@ -283,32 +283,7 @@ fn main() -> anyhow::Result<()> {
     if let Net::Fast(_) = net {
         let mut p = Profile::default();
         net.forward(&images, &args, Some(&mut p))?;
-        let passes = p.passes.max(1) as f64;
-        writeln!(
-            out,
-            "{:<18} {:>9} {:>7} {:>8}",
-            "layer kind", "s/pass", "share", "GFLOP/s"
-        )?;
-        for k in LayerKind::ALL {
-            let s = p.seconds(k) / passes;
-            writeln!(
-                out,
-                "{:<18} {:>9.4} {:>6.1}% {:>8.1}",
-                k.name(),
-                s,
-                100.0 * s / (p.total_seconds() / passes),
-                if s > 0.0 {
-                    p.flops(k) / p.seconds(k) * 1e-9
-                } else {
-                    0.0
-                }
-            )?;
-        }
-        writeln!(
-            out,
-            "packing (thread-seconds, inside the convolutions): {:.4}",
-            p.pack_thread_seconds / passes
-        )?;
+        writeln!(out, "{p}")?;
     }
     writeln!(
         out,

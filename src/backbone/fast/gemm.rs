@@ -36,7 +36,7 @@ use crate::isa::{AmxBf16, Avx2Fma, Avx512, Avx512Bf16};
 
 mod bf16;
 
-pub(crate) use bf16::{Act, Data, bf16_to_f32, conv as conv_bf16};
+pub(crate) use bf16::{Act, bf16_to_f32, conv as conv_bf16};
 
 /// The pointer type every micro-kernel takes: `steps` k-steps of `a` and packed `b` (f32
 /// words; for bf16, each word holds two bf16 values of consecutive k), accumulated into the
@@ -84,6 +84,11 @@ enum Kernel {
     /// Rust.
     #[cfg(test)]
     EmulatedAmx,
+    /// A measuring instrument, not a kernel: AMX's blocking whose products cost nothing
+    /// (each tile zeroed, as `tilezero` and `tilestored` leave it), for what the bf16
+    /// dataflow costs beside the products on any CPU.
+    #[cfg(test)]
+    FreeProducts,
 }
 
 /// Blocking of one micro-kernel family, and how its operands are packed. The fields are
@@ -152,13 +157,13 @@ impl Tiling {
             #[cfg(all(test, target_arch = "x86_64"))]
             Kernel::Emulated12x32 { pairs } => (12, 32, if pairs { 256 } else { 128 }, 144, pairs),
             #[cfg(test)]
-            Kernel::EmulatedAmx => (32, 32, 256, 128, true),
+            Kernel::EmulatedAmx | Kernel::FreeProducts => (32, 32, 256, 128, true),
         };
         let kalign = match kernel {
             #[cfg(target_arch = "x86_64")]
             Kernel::Amx(_) => 32,
             #[cfg(test)]
-            Kernel::EmulatedAmx => 32,
+            Kernel::EmulatedAmx | Kernel::FreeProducts => 32,
             _ if pairs => 2,
             _ => 1,
         };
@@ -211,6 +216,8 @@ impl Tiling {
             Kernel::Emulated12x32 { pairs: true } => tests::bf16_pairs_12x32,
             #[cfg(test)]
             Kernel::EmulatedAmx => bf16::tests::amx_32x32,
+            #[cfg(test)]
+            Kernel::FreeProducts => bf16::tests::free_32x32,
         }
     }
 
@@ -224,6 +231,11 @@ impl Tiling {
             }
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2(_) => bf16::x86::store_bf16_avx2,
+            // The instrument stands in for AMX, whose CPUs have AVX-512.
+            #[cfg(all(test, target_arch = "x86_64"))]
+            Kernel::FreeProducts if std::arch::is_x86_feature_detected!("avx512f") => {
+                bf16::x86::store_bf16_avx512
+            }
             _ => bf16::store_bf16,
         }
     }
@@ -248,6 +260,12 @@ impl Tiling {
 #[cfg(test)]
 pub(crate) fn emulated_amx_tiling() -> Tiling {
     Tiling::for_kernel(Kernel::EmulatedAmx, true)
+}
+
+/// AMX's blocking with products that cost nothing ([`Kernel::FreeProducts`]).
+#[cfg(test)]
+pub(crate) fn free_products_tiling() -> Tiling {
+    Tiling::for_kernel(Kernel::FreeProducts, true)
 }
 
 /// The `vdpbf16ps` blocking with the instruction emulated in plain Rust, for tests.
@@ -610,8 +628,8 @@ pub(crate) fn bf16_bits(v: f32) -> u16 {
     (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16
 }
 
-/// `v` rounded to the nearest bf16, as an f32 (as [`bf16_bits`]).
-#[inline(always)]
+/// `v` rounded to the nearest bf16, as an f32 (as [`bf16_bits`]): the tests' operands.
+#[cfg(test)]
 pub(crate) fn round_bf16(v: f32) -> f32 {
     f32::from_bits(u32::from(bf16_bits(v)) << 16)
 }
@@ -1345,14 +1363,9 @@ mod tests {
                     (0..threads).map(|_| AlignedBuf::default()).collect();
                 let s = &mut scratch;
                 let out: Vec<f32> = if bf16 {
-                    let data = if g.cin == 3 {
-                        Data::F32(&x)
-                    } else {
-                        Data::Bf16(&xb)
-                    };
                     let (c, r) = (g.cin, res.then_some(rb.as_slice()));
                     let src = Act {
-                        data,
+                        data: &xb,
                         batch,
                         h,
                         w,
@@ -1539,7 +1552,7 @@ mod tests {
         let mut run = |b: &PackedB, t: &Tiling| {
             if t.bf16_act() {
                 let act = Act {
-                    data: Data::Bf16(&xb),
+                    data: &xb,
                     batch: 1,
                     h: 4,
                     w: 4,

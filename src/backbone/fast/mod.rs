@@ -38,7 +38,7 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 
-use gemm::{Act, Data, bf16_to_f32};
+use gemm::{Act, bf16_bits, bf16_to_f32};
 use gemm::{AlignedBuf, ConvGeom, PackedB, Source, Tiling, Workers};
 
 use super::arch::{Arch, ConvSpec};
@@ -188,6 +188,35 @@ impl Profile {
     fn add(&mut self, kind: LayerKind, seconds: f64, flops: f64) {
         self.seconds[kind.index()] += seconds;
         self.flops[kind.index()] += flops;
+    }
+}
+
+/// Per pass: seconds, share and GFLOP/s of each layer kind, then the packing's
+/// thread-seconds.
+impl fmt::Display for Profile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let passes = self.passes.max(1) as f64;
+        let total = self.total_seconds() / passes;
+        writeln!(
+            f,
+            "{:<18} {:>9} {:>7} {:>8}",
+            "layer kind", "s/pass", "share", "GFLOP/s"
+        )?;
+        for k in LayerKind::ALL {
+            let s = self.seconds(k) / passes;
+            let gflops = if s > 0.0 {
+                self.flops(k) / self.seconds(k) * 1e-9
+            } else {
+                0.0
+            };
+            let share = 100.0 * s / total;
+            writeln!(f, "{:<18} {s:>9.4} {share:>6.1}% {gflops:>8.1}", k.name())?;
+        }
+        write!(
+            f,
+            "packing (thread-seconds, inside the convolutions): {:.4}",
+            self.pack_thread_seconds / passes
+        )
     }
 }
 
@@ -463,21 +492,22 @@ impl FastResNet {
         };
 
         // Stem: [b, 3, h, w] (NCHW) -> [b, h1, w1, 64]. Its packer, like every other, reads
-        // NHWC: transpose the small 3-channel input.
-        nchw_to_nhwc(x, (batch, 3, h, w), input.as_mut_slice());
-        let (h1, w1) = pass.apply(
-            &self.stem,
-            LayerKind::Stem,
-            Input {
-                f32: true,
-                ..nhwc(input, batch, (h, w, 3))
-            },
-            next,
-            None,
-        )?;
+        // NHWC: transpose the small 3-channel input, rounding it to bf16 under the bf16
+        // dataflow (once, rather than each of the ~12 times the stem's windows read a pixel).
+        let dims = (batch, 3, h, w);
+        let bf16 = self.tiling.bf16_act();
+        pass.timed(LayerKind::Stem, 0.0, || {
+            if bf16 {
+                nchw_to_nhwc(x, dims, input.as_bf16_mut(), bf16_bits);
+            } else {
+                nchw_to_nhwc(x, dims, input.as_mut_slice(), |v| v);
+            }
+            Ok(())
+        })?;
+        let stem_in = nhwc(input, batch, (h, w, 3));
+        let (h1, w1) = pass.apply(&self.stem, LayerKind::Stem, stem_in, next, None)?;
         // Max pool 3×3 / 2: [b, h1, w1, 64] -> [b, h2, w2, 64]
         let c1 = self.stem.geom().cout;
-        let bf16 = self.tiling.bf16_act();
         pass.timed(LayerKind::MaxPool, 0.0, || {
             let dims = (batch, h1, w1, c1);
             if bf16 {
@@ -588,7 +618,7 @@ impl FastResNet {
                 len
             }
         };
-        ws.input.ensure(batch * h * w * 3);
+        ws.input.ensure(words(batch * h * w * 3));
         ws.cur.ensure(words(act));
         ws.next.ensure(words(act));
         ws.inner[0].ensure(words(inner[0]));
@@ -600,22 +630,16 @@ impl FastResNet {
 }
 
 /// A convolution's input: a `[batch, h, w, c]` activation in `buf`, of the pass's activation
-/// type unless `f32` (the network's input, always f32).
+/// type.
 struct Input<'a> {
     buf: &'a AlignedBuf,
     batch: usize,
     shape: (usize, usize, usize),
-    f32: bool,
 }
 
-/// An activation between layers.
+/// The activation `[batch, h, w, c]` in `buf`.
 fn nhwc(buf: &AlignedBuf, batch: usize, shape: (usize, usize, usize)) -> Input<'_> {
-    Input {
-        buf,
-        batch,
-        shape,
-        f32: false,
-    }
+    Input { buf, batch, shape }
 }
 
 /// The profile kind of a main-path convolution.
@@ -640,8 +664,7 @@ struct Pass<'a> {
 impl Pass<'_> {
     /// Runs one convolution layer on `src` into `out`: bias, then `residual` when given,
     /// then ReLU (every layer but a projection shortcut has one). Returns the output's
-    /// height and width. Under the bf16 dataflow `out`, `residual` and (unless `src` is the
-    /// network's f32 input) `src` hold bf16.
+    /// height and width. Under the bf16 dataflow `src`, `out` and `residual` hold bf16.
     fn apply(
         &mut self,
         layer: &Conv,
@@ -657,14 +680,9 @@ impl Pass<'_> {
         let relu = kind != LayerKind::Downsample;
         let start = Instant::now();
         if self.tiling.bf16_act() {
-            let data = if src.f32 {
-                Data::F32(src.buf.as_slice())
-            } else {
-                Data::Bf16(src.buf.as_bf16())
-            };
             gemm::conv_bf16(
                 &Act {
-                    data,
+                    data: src.buf.as_bf16(),
                     batch,
                     h,
                     w,
@@ -719,13 +737,18 @@ impl Pass<'_> {
     }
 }
 
-/// `[b, c, h, w]` → `[b, h, w, c]`.
-fn nchw_to_nhwc(src: &[f32], (batch, c, h, w): (usize, usize, usize, usize), dst: &mut [f32]) {
+/// `[b, c, h, w]` → `[b, h, w, c]`, each value converted by `cvt`.
+fn nchw_to_nhwc<T>(
+    src: &[f32],
+    (batch, c, h, w): (usize, usize, usize, usize),
+    dst: &mut [T],
+    cvt: impl Fn(f32) -> T,
+) {
     for n in 0..batch {
         for ch in 0..c {
             let plane = &src[(n * c + ch) * h * w..][..h * w];
             for (i, &v) in plane.iter().enumerate() {
-                dst[(n * h * w + i) * c + ch] = v;
+                dst[(n * h * w + i) * c + ch] = cvt(v);
             }
         }
     }
@@ -810,7 +833,7 @@ mod tests {
             .collect()
     }
 
-    /// The whole bf16 dataflow — the stem's f32 input, k padded to AMX's 32, bf16 max pool,
+    /// The whole bf16 dataflow — the stem's input rounded to bf16, k padded to AMX's 32, bf16 max pool,
     /// residuals and average pool — on the AMX and `vdpbf16ps` blockings with their
     /// instructions' arithmetic in plain Rust: features within cosine 0.999 of f32's.
     #[cfg(target_arch = "x86_64")]
@@ -837,5 +860,42 @@ mod tests {
                 assert!(c >= 0.999, "{tiling:?} image {i}: cosine {c}");
             }
         }
+    }
+
+    /// A measurement, not a check (`cargo test --release --lib products_cost_nothing --
+    /// --ignored --nocapture`): the bf16 dataflow on AMX's blocking with products that cost
+    /// nothing — so packing, epilogues and pooling alone — at batch 16, 224 px. On any CPU
+    /// its images/s bound what AMX can reach on a machine like it: where that bound is low,
+    /// the AMX kernel is not what limits.
+    #[test]
+    #[ignore = "a measurement: run it with --release --ignored --nocapture"]
+    fn bf16_dataflow_when_the_products_cost_nothing() {
+        let (n, s, passes) = (16, 224, 5);
+        let x = images(n, s);
+        let t = gemm::free_products_tiling();
+        let model = FastResNet::with_tiling(
+            synthetic(),
+            &Arch::default(),
+            Precision::Bf16,
+            Isa::Portable,
+            t,
+        )
+        .unwrap();
+        model.forward(&x, n, s, s).unwrap();
+        let mut profile = Profile::default();
+        let mut secs: Vec<f64> = (0..passes)
+            .map(|_| {
+                let start = Instant::now();
+                model.forward_profiled(&x, n, s, s, &mut profile).unwrap();
+                start.elapsed().as_secs_f64()
+            })
+            .collect();
+        secs.sort_by(f64::total_cmp);
+        eprintln!(
+            "bf16 dataflow, products free, {} threads: {:.1} images/s (median of {passes} passes \
+             of {n})\n{profile}",
+            model.threads(),
+            n as f64 / secs[passes / 2]
+        );
     }
 }

@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{
     AlignedBuf, ConvGeom, Epilogue, Lens, PackedB, Schedule, Tiling, Workers, bf16_bits,
-    check_buffers, check_packing, round_bf16,
+    check_buffers, check_packing,
 };
 use crate::error::Result;
 
@@ -43,21 +43,13 @@ const A_BLOCK_BYTES: usize = 512 << 10;
 /// there are too few tasks to share between threads).
 const MAX_BLOCK_ROWS: usize = 256;
 
-/// The data of an NHWC activation: f32 (the network's input) or bf16 bits (every activation
-/// between layers).
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Data<'a> {
-    /// f32 values.
-    F32(&'a [f32]),
-    /// bf16 bit patterns.
-    Bf16(&'a [u16]),
-}
-
-/// A channels-last activation `[batch, h, w, c]`, the input of a bf16 convolution.
+/// A channels-last bf16 activation `[batch, h, w, c]`, the input of a bf16 convolution (the
+/// network's f32 input too: rounded to bf16 once, as it is transposed to NHWC, it packs by
+/// copies like every other layer's).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Act<'a> {
-    /// `[batch, h, w, c]`, row-major.
-    pub data: Data<'a>,
+    /// `[batch, h, w, c]` bf16 bit patterns, row-major.
+    pub data: &'a [u16],
     /// Images.
     pub batch: usize,
     /// Height.
@@ -66,15 +58,6 @@ pub(crate) struct Act<'a> {
     pub w: usize,
     /// Channels.
     pub c: usize,
-}
-
-impl Act<'_> {
-    fn len(&self) -> usize {
-        match self.data {
-            Data::F32(d) => d.len(),
-            Data::Bf16(d) => d.len(),
-        }
-    }
 }
 
 /// f32 value of bf16 bits (exact).
@@ -139,20 +122,14 @@ fn pack_rows(
     pairs: bool,
     dst: &mut AlignedBuf,
 ) {
-    let hw = (src.h, src.w);
+    let (s, hw) = (src.data, (src.h, src.w));
     if pairs {
         let d = &mut dst.as_bf16_mut()[..padded * kp];
-        match src.data {
-            Data::F32(s) => im2col_rows(s, hw, g, ohw, (m0, rows), kp, d, 0, bf16_bits),
-            Data::Bf16(s) => im2col_rows(s, hw, g, ohw, (m0, rows), kp, d, 0, |v| v),
-        }
+        im2col_rows(s, hw, g, ohw, (m0, rows), kp, d, 0, |v| v);
         d[rows * kp..].fill(0);
     } else {
         let d = &mut dst.as_mut_slice()[..padded * kp];
-        match src.data {
-            Data::F32(s) => im2col_rows(s, hw, g, ohw, (m0, rows), kp, d, 0.0, round_bf16),
-            Data::Bf16(s) => im2col_rows(s, hw, g, ohw, (m0, rows), kp, d, 0.0, bf16_to_f32),
-        }
+        im2col_rows(s, hw, g, ohw, (m0, rows), kp, d, 0.0, bf16_to_f32);
         d[rows * kp..].fill(0.0);
     }
 }
@@ -215,6 +192,24 @@ pub(super) unsafe fn store_bf16(
     }
 }
 
+/// Asks for the cache lines of `rows` rows of bf16 values at `p`, `stride` values apart (a
+/// hint: never faults, whatever the address).
+#[inline(always)]
+fn prefetch_rows(p: *const u16, rows: usize, stride: usize) {
+    #[cfg(target_arch = "x86_64")]
+    for r in 0..rows {
+        // SAFETY: `prefetcht0` is SSE (baseline on x86-64) and only a hint: it neither
+        // faults nor changes memory, even at an invalid address.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                p.wrapping_add(r * stride).cast(),
+            );
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (p, rows, stride);
+}
+
 /// A raw pointer to the bf16 output that may cross into the worker threads (see
 /// [`super::SharedPtr`], whose argument applies: tasks own disjoint tiles).
 #[derive(Clone, Copy)]
@@ -252,7 +247,7 @@ pub(crate) fn conv(
     let n = g.cout;
     let threads = workers.threads;
     let lens = Lens {
-        input: src.len(),
+        input: src.data.len(),
         output: out.len(),
         bias: bias.len(),
         residual: residual.map(<[u16]>::len),
@@ -267,10 +262,7 @@ pub(crate) fn conv(
     let lda = if t.pairs { kp / 2 } else { kp };
     // A 1×1 stride-1 convolution on bf16 pairs reads its input rows in place when they are
     // exactly the packed rows (no k padding); a partial last tile of rows is still packed.
-    let direct = match src.data {
-        Data::Bf16(d) if t.pairs && g.is_pointwise() && kp == g.cin => Some(d),
-        _ => None,
-    };
+    let direct = (t.pairs && g.is_pointwise() && kp == g.cin).then_some(src.data);
     let mc = (A_BLOCK_BYTES / (lda * 4)).clamp(mr, MAX_BLOCK_ROWS.max(mr)) / mr * mr;
     let schedule = Schedule::new(m, mc, b.panels, threads);
     let optr = SharedOut(out.as_mut_ptr());
@@ -322,11 +314,29 @@ pub(crate) fn conv(
                 acc.fetch_add(s.elapsed().as_nanos() as u64, Ordering::Relaxed);
             }
             let packed = buf.as_slice().as_ptr();
-            for j in panels {
+            let tiles = rows.div_ceil(mr);
+            for j in panels.clone() {
                 let bsl = &bdata[j * steps * nr..];
                 let cols = nr.min(n - j * nr);
-                for p in 0..rows.div_ceil(mr) {
+                for p in 0..tiles {
                     let r0 = m0 + p * mr;
+                    // The epilogue's rows are one cache line each, `n` values apart, which
+                    // the hardware prefetchers do not foresee: with free products the 1×1
+                    // layers took 1.5× as long waiting for these lines. Ask for the next
+                    // tile's while this one is computed.
+                    let next = if p + 1 < tiles {
+                        Some((r0 + mr, j))
+                    } else {
+                        (j + 1 < panels.end).then_some((m0, j + 1))
+                    };
+                    if let Some((nr0, nj)) = next {
+                        let at = nr0 * n + nj * nr;
+                        let rows = mr.min(m - nr0);
+                        prefetch_rows(optr.0.wrapping_add(at), rows, n);
+                        if !res.0.is_null() {
+                            prefetch_rows(res.0.wrapping_add(at), rows, n);
+                        }
+                    }
                     // SAFETY: r0 < m: rows of the input (direct) or of the packed buffer
                     // (panel p, or the tail panel at 0), each `lda` words long.
                     let a = unsafe {
@@ -580,6 +590,27 @@ pub(super) mod tests {
                 // SAFETY: `c` holds 32 rows of 32 values `ldc` apart.
                 unsafe { *c.add(i * ldc + j) = v };
             }
+        }
+    }
+
+    /// [`amx::amx_32x32`] with its products skipped: the tile zeroed, as `tilezero` and
+    /// `tilestored` leave it. A measuring instrument (what the dataflow costs beside the
+    /// products), never a kernel to check.
+    ///
+    /// # Safety
+    /// `c` holds 32 rows of 32 values `ldc` apart.
+    pub(in super::super) unsafe fn free_32x32(
+        _steps: usize,
+        _a: *const f32,
+        _lda: usize,
+        _b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        _ep: &Epilogue,
+    ) {
+        for i in 0..32 {
+            // SAFETY: row i < 32 of 32 values (the contract).
+            unsafe { std::slice::from_raw_parts_mut(c.add(i * ldc), 32) }.fill(0.0);
         }
     }
 
