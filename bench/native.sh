@@ -9,6 +9,7 @@
 #    kernels run natively (`examples/isa.rs`);
 # 2. the kernel tests that run only where the instructions exist (AMX, AVX512-BF16, AVX-512,
 #    AVX2): each prints "ran … natively" or "SKIPPED", collected in native-tests.txt;
+#    and the bf16 dataflow with free products (what bounds AMX, bench/README.md);
 # 3. bench/backbone.py --rounds 3 (ours f32, ours bf16, PyTorch's modes; needs torch and
 #    torchvision), then, without --quick, bench/head/bench.py and bench/wholejob.py on 10,000
 #    images for ours bf16 and f32 against PyTorch's fp32 and bf16 channels_last (45-90 min).
@@ -43,6 +44,10 @@ cargo test --release --test fast_backbone --test arch_parity --test pipeline_lea
   2>&1 | tee "$OUT/network-tests.log" | tail -3
 grep -hE "natively|emulation|SKIPPED" "$OUT/lib-tests.log" "$OUT/network-tests.log" | sort | uniq -c \
   | tee "$OUT/native-tests.txt"
+# The bf16 dataflow with free products: beside bf16's images/s below, how much of its time
+# the products take.
+cargo test --release --lib products_cost_nothing -- --ignored --nocapture 2>&1 \
+  | grep -A8 "^bf16 dataflow" | tee "$OUT/free-products.txt"
 
 python3 bench/backbone.py --rounds 3 --json "$OUT/backbone.json" 2>&1 | tee "$OUT/backbone.txt"
 if [[ $QUICK == 0 ]]; then
