@@ -511,23 +511,10 @@ impl FastResNet {
         pass.timed(LayerKind::MaxPool, 0.0, || {
             let dims = (batch, h1, w1, c1);
             if bf16 {
-                // Max of bf16 values compared as f32; −∞ is 0xFF80.
-                let max = |a: u16, b: u16| {
-                    if bf16_to_f32(b) > bf16_to_f32(a) {
-                        b
-                    } else {
-                        a
-                    }
-                };
-                max_pool(next.as_bf16(), dims, cur.as_bf16_mut(), 0xFF80, max);
+                max_pool_bf16(next.as_bf16(), dims, cur.as_bf16_mut());
             } else {
-                max_pool(
-                    next.as_slice(),
-                    dims,
-                    cur.as_mut_slice(),
-                    f32::NEG_INFINITY,
-                    f32::max,
-                );
+                let (src, dst) = (next.as_slice(), cur.as_mut_slice());
+                max_pool(src, dims, dst, f32::NEG_INFINITY, f32::max, |v| v);
             }
             Ok(())
         })?;
@@ -759,15 +746,17 @@ fn pool_len(n: usize) -> usize {
     (n + 2 - 3) / 2 + 1
 }
 
-/// 3×3 max pool, stride 2, padding 1, on NHWC `src [b, h, w, c]` into `dst [b, oh, ow, c]`,
-/// values of type `T` (f32, or bf16 bits) under `max`. Padding is `neg_inf` (−∞) as in
-/// PyTorch: every window holds at least one real pixel.
+/// 3×3 max pool, stride 2, padding 1, on NHWC `src [b, h, w, c]` into `dst [b, oh, ow, c]`:
+/// each output starts at `neg_inf` (the padding, −∞ as in PyTorch: every window holds at
+/// least one real pixel), takes `max(output, input)` over its window, and is then mapped by
+/// `finish` (for bf16, back from the integer order `max` compares in).
 fn max_pool<T: Copy>(
     src: &[T],
     (batch, h, w, c): (usize, usize, usize, usize),
     dst: &mut [T],
     neg_inf: T,
     max: impl Fn(T, T) -> T,
+    finish: impl Fn(T) -> T,
 ) {
     let (oh, ow) = (pool_len(h), pool_len(w));
     for (i, out) in dst[..batch * oh * ow * c].chunks_exact_mut(c).enumerate() {
@@ -781,7 +770,25 @@ fn max_pool<T: Copy>(
                 }
             }
         }
+        for o in out.iter_mut() {
+            *o = finish(*o);
+        }
     }
+}
+
+/// [`max_pool`] on bf16 bits, compared as the integers [`order`] maps them to, which sort as
+/// the values do (−0 below +0; the stem's ReLU leaves no NaN): eight lanes per SSE2
+/// instruction, where a comparison through f32 takes four (1.5× faster here).
+fn max_pool_bf16(src: &[u16], dims: (usize, usize, usize, usize), dst: &mut [u16]) {
+    let max = |o: u16, v: u16| (o as i16).max(order(v) as i16) as u16;
+    max_pool(src, dims, dst, order(0xFF80), max, order);
+}
+
+/// bf16 bits as a 16-bit integer that sorts as the value (as `i16`): negative values have
+/// their magnitude bits flipped. Its own inverse.
+#[inline(always)]
+fn order(b: u16) -> u16 {
+    b ^ (((b as i16) >> 15) as u16 & 0x7FFF)
 }
 
 /// Mean over the `hw` pixels of each image: NHWC `src [b, hw, c]` (values of type `T`, read
@@ -831,6 +838,44 @@ mod tests {
         (0..n * 3 * s * s)
             .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 1.5)
             .collect()
+    }
+
+    /// `order` sorts every bf16 but NaN as its value (−0 just below +0) and is its own
+    /// inverse, so the bf16 max pool equals the f32 one on the same values, negative ones
+    /// included (which the network, pooling after a ReLU, never gives it).
+    #[test]
+    fn bf16_max_pool_compares_as_the_values() {
+        let mut all: Vec<u16> = (0..=u16::MAX)
+            .filter(|&b| !bf16_to_f32(b).is_nan())
+            .collect();
+        assert!(all.iter().all(|&b| order(order(b)) == b));
+        all.sort_by_key(|&b| order(b) as i16);
+        for pair in all.windows(2) {
+            let (a, b) = (bf16_to_f32(pair[0]), bf16_to_f32(pair[1]));
+            let zeros = (pair[0], pair[1]) == (0x8000, 0);
+            assert!(
+                a < b || zeros,
+                "{:#06x} sorts before {:#06x}",
+                pair[0],
+                pair[1]
+            );
+        }
+
+        let dims = (2, 5, 4, 3);
+        let values: Vec<f32> = (0..2 * 5 * 4 * 3)
+            .map(|i| bf16_to_f32(bf16_bits(((i * 37 % 23) as f32 - 19.0) * 0.37)))
+            .collect();
+        let mut want = vec![0f32; 2 * pool_len(5) * pool_len(4) * 3];
+        max_pool(&values, dims, &mut want, f32::NEG_INFINITY, f32::max, |v| v);
+        let bits: Vec<u16> = values.iter().map(|&v| bf16_bits(v)).collect();
+        let mut got = vec![0u16; want.len()];
+        max_pool_bf16(&bits, dims, &mut got);
+        let got: Vec<f32> = got.into_iter().map(bf16_to_f32).collect();
+        assert_eq!(got, want);
+        assert!(
+            want.iter().any(|&v| v < 0.0),
+            "the case must pool negative values"
+        );
     }
 
     /// The whole bf16 dataflow — the stem's input rounded to bf16, k padded to AMX's 32, bf16 max pool,
