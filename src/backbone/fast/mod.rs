@@ -878,9 +878,9 @@ mod tests {
         );
     }
 
-    /// The whole bf16 dataflow — the stem's input rounded to bf16, k padded to AMX's 32, bf16 max pool,
-    /// residuals and average pool — on the AMX and `vdpbf16ps` blockings with their
-    /// instructions' arithmetic in plain Rust: features within cosine 0.999 of f32's.
+    /// The whole bf16 dataflow — the stem's input rounded to bf16, k padded to AMX's 32, bf16
+    /// max pool, residuals and average pool — on the AMX and `vdpbf16ps` blockings with
+    /// their instructions' arithmetic in plain Rust: features within cosine 0.999 of f32's.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn bf16_network_on_the_native_blockings_agrees_with_f32() {
