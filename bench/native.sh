@@ -2,17 +2,18 @@
 # Everything a session on a new kind of CPU runs to fill in its row of README's "By CPU kind"
 # table, in one command, logs under $OUT (default /tmp/native-<date>):
 #
-#   bench/native.sh            # checks (~15 min of builds and tests), then the benchmarks
-#   bench/native.sh --quick    # the checks and the forward-pass benchmark only (~30 min)
+#   bench/native.sh            # checks (~10 min of builds and tests), then the benchmarks
+#   bench/native.sh --quick    # the checks and the forward-pass benchmark only (~20 min)
 #
 # 1. the CPU (`lscpu` model name, family/model, the flags that pick our kernels) and which
 #    kernels run natively (`examples/isa.rs`);
 # 2. the kernel tests that run only where the instructions exist (AMX, AVX512-BF16, AVX-512,
 #    AVX2): each prints "ran … natively" or "SKIPPED", collected in native-tests.txt;
 #    and the bf16 dataflow with free products (what bounds AMX, bench/README.md);
-# 3. bench/backbone.py --rounds 3 (ours f32, ours bf16, PyTorch's modes; needs torch and
+# 3. bench/backbone.py --rounds 5 (ours f32, ours bf16, PyTorch's modes; needs torch and
 #    torchvision), then, without --quick, bench/head/bench.py and bench/wholejob.py on 10,000
-#    images for ours bf16 and f32 against PyTorch's fp32 and bf16 channels_last (45-90 min).
+#    images for ours bf16 and f32 against PyTorch's fp32 and bf16 channels_last (~35 min on a
+#    Zen 4 with native bf16; up to 90 min where bf16 is emulated on both sides).
 #
 # Nothing here is asserted on timings; read the medians and ratios, quote the load average.
 # Do not build anything else while it runs: 2 cores.
@@ -20,6 +21,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 QUICK=0
 [[ "${1:-}" == "--quick" ]] && QUICK=1
+# The benchmarks' Python modules, checked before the ~15 minutes of checks rather than after.
+python3 -c "import numpy, safetensors, torch, torchvision" || {
+  echo "bench/native.sh needs: pip install numpy safetensors torch torchvision" >&2
+  exit 1
+}
 OUT=${OUT:-/tmp/native-$(date -u +%Y%m%d-%H%M)}
 mkdir -p "$OUT"
 echo "logs: $OUT"
@@ -49,7 +55,7 @@ grep -hE "natively|emulation|SKIPPED" "$OUT/lib-tests.log" "$OUT/network-tests.l
 cargo test --release --lib products_cost_nothing -- --ignored --nocapture 2>&1 \
   | grep -A8 "^bf16 dataflow" | tee "$OUT/free-products.txt"
 
-python3 bench/backbone.py --rounds 3 --json "$OUT/backbone.json" 2>&1 | tee "$OUT/backbone.txt"
+python3 bench/backbone.py --rounds 5 --json "$OUT/backbone.json" 2>&1 | tee "$OUT/backbone.txt"
 if [[ $QUICK == 0 ]]; then
   python3 bench/head/bench.py 2>&1 | tee "$OUT/head.txt"
   python3 bench/wholejob.py --images 10000 --only ours-bf16,ours-f32,torch-fp32-cl,torch-bf16-cl \
