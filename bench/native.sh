@@ -21,7 +21,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 QUICK=0
 [[ "${1:-}" == "--quick" ]] && QUICK=1
-# The benchmarks' Python modules, checked before the ~15 minutes of checks rather than after.
+# The benchmarks' Python modules, checked before the ~10 minutes of checks rather than after.
 python3 -c "import numpy, safetensors, torch, torchvision" || {
   echo "bench/native.sh needs: pip install numpy safetensors torch torchvision" >&2
   exit 1
