@@ -8,9 +8,11 @@
 //!
 //! * `B` (weights) is packed once, at load time, into `NR`-column panels in the order the
 //!   micro-kernel reads them, so nothing about the weights is redone per image.
-//! * `A` is packed per `MC × KC` block straight from the NHWC activations: for a k×k
-//!   convolution the packer gathers the im2col rows on the fly (an "implicit GEMM"), so no
-//!   im2col matrix is ever materialised.
+//! * `A` is packed per `MC × KC` block straight from the NHWC activations, row-major: for a
+//!   k×k convolution the packer copies the im2col rows' runs on the fly (an "implicit
+//!   GEMM"), so no im2col matrix is ever materialised, and a 1×1 stride-1 one reads its
+//!   input rows in place. The micro-kernels broadcast `A` from `MR` rows; BLIS's transposed
+//!   `A` panels cost the packer a strided scalar store per value, 2× the packing time.
 //! * The epilogue — folded-BN bias, the residual add of a bottleneck and the ReLU — is applied
 //!   to the accumulators of the last `KC` block before they are stored: every activation is
 //!   written once per layer.
@@ -40,10 +42,9 @@ pub(crate) use bf16::{Act, bf16_to_f32, conv as conv_bf16};
 
 /// The pointer type every micro-kernel takes: `steps` k-steps of `a` and packed `b` (f32
 /// words; for bf16, each word holds two bf16 values of consecutive k), accumulated into the
-/// tile at `c` (row stride `ldc`), finished by `ep`. `a` is packed (`MR` words per step)
-/// when `lda == 0`, else `MR` plain rows `lda` apart (a 1×1 convolution reading its NHWC
-/// input in place, and every product of the bf16 dataflow). The AMX kernel only takes rows,
-/// and writes its raw tile whatever `ep` says: the bf16 dataflow finishes tiles itself.
+/// tile at `c` (row stride `ldc`), finished by `ep`. `a` is `MR` rows `lda` apart: packed
+/// rows, or a 1×1 convolution's NHWC input read in place. The AMX kernel writes its raw
+/// tile whatever `ep` says: the bf16 dataflow finishes tiles itself.
 pub(crate) type MicroFn = unsafe fn(
     steps: usize,
     a: *const f32,
@@ -369,9 +370,8 @@ unsafe fn finish<const MR: usize, const NR: usize>(
 }
 
 /// The f32 micro-kernel body: `acc[i][j] += a[i][p] · b[p][j]` over `steps` k-steps, `b`
-/// packed `NR` values per step, `a` packed `MR` values per step (`lda == 0`) or read from
-/// `MR` rows `lda` apart. With `FMA` the products are fused multiply-adds (only where the
-/// target feature makes them single instructions).
+/// packed `NR` values per step, `a` read from `MR` rows `lda` apart. With `FMA` the products
+/// are fused multiply-adds (only where the target feature makes them single instructions).
 #[inline(always)]
 unsafe fn f32_body<const MR: usize, const NR: usize, const FMA: bool>(
     steps: usize,
@@ -383,20 +383,14 @@ unsafe fn f32_body<const MR: usize, const NR: usize, const FMA: bool>(
     ep: &Epilogue,
 ) {
     // SAFETY: forwarded from the caller.
-    let acc = unsafe {
-        if lda == 0 {
-            f32_loop::<MR, NR, FMA, false>(steps, a, 0, b)
-        } else {
-            f32_loop::<MR, NR, FMA, true>(steps, a, lda, b)
-        }
-    };
+    let acc = unsafe { f32_loop::<MR, NR, FMA>(steps, a, lda, b) };
     // SAFETY: forwarded from the caller.
     unsafe { finish::<MR, NR>(acc, c, ldc, ep) }
 }
 
-/// The accumulation loop of [`f32_body`], `a` packed or (`DIRECT`) in rows `lda` apart.
+/// The accumulation loop of [`f32_body`].
 #[inline(always)]
-unsafe fn f32_loop<const MR: usize, const NR: usize, const FMA: bool, const DIRECT: bool>(
+unsafe fn f32_loop<const MR: usize, const NR: usize, const FMA: bool>(
     steps: usize,
     a: *const f32,
     lda: usize,
@@ -404,18 +398,12 @@ unsafe fn f32_loop<const MR: usize, const NR: usize, const FMA: bool, const DIRE
 ) -> [[f32; NR]; MR] {
     let mut acc = [[0f32; NR]; MR];
     for p in 0..steps {
-        // SAFETY: `b` holds `steps` steps of NR values; `a` holds `steps` steps of MR
-        // values (packed) or MR rows of at least `steps` values (direct).
+        // SAFETY: `b` holds `steps` steps of NR values; `a` holds MR rows of at least
+        // `steps` values.
         let bp = unsafe { b.add(p * NR) };
         for (i, row) in acc.iter_mut().enumerate() {
             // SAFETY: i < MR and p < steps, inside `a` as above.
-            let av = unsafe {
-                if DIRECT {
-                    *a.add(i * lda + p)
-                } else {
-                    *a.add(p * MR + i)
-                }
-            };
+            let av = unsafe { *a.add(i * lda + p) };
             for (j, v) in row.iter_mut().enumerate() {
                 // SAFETY: j < NR, inside step p of `b`.
                 let bv = unsafe { *bp.add(j) };
@@ -434,7 +422,7 @@ unsafe fn f32_loop<const MR: usize, const NR: usize, const FMA: bool, const DIRE
 /// `mul_add` would be a slow library call).
 ///
 /// # Safety
-/// `a`, `b` hold `steps` packed steps; `c` and the epilogue pointers address the tile.
+/// As [`MicroFn`], for a 4×8 tile.
 unsafe fn f32_portable(
     steps: usize,
     a: *const f32,
@@ -512,37 +500,23 @@ mod x86 {
                 const NR: usize = 2 * L;
                 let mut acc = [[$zero(); 2]; MR];
                 // SAFETY: (the whole body) `b` holds `steps` steps of NR words (read with
-                // unaligned loads: nothing relies on `PackedB`'s alignment); `a` holds `steps`
-                // packed steps of MR words (lda == 0) or MR rows of `steps` words, `lda`
-                // apart; `c`, the bias and the residual cover the tile as `ep` describes (see
-                // `MicroFn`); the CPU has the target features (see the module docs).
+                // unaligned loads: nothing relies on `PackedB`'s alignment); `a` holds MR
+                // rows of `steps` words, `lda` apart; `c`, the bias and the residual cover
+                // the tile as `ep` describes (see `MicroFn`); the CPU has the target
+                // features (see the module docs).
                 unsafe {
                     let mut bp = b;
                     let mut ap = a;
-                    if lda == 0 {
-                        for _ in 0..steps {
-                            let b0 = $loadu(bp);
-                            let b1 = $loadu(bp.add(L));
-                            $(
-                                let av = $splat(*ap.add($r));
-                                acc[$r][0] = $mac!(acc[$r][0], av, b0);
-                                acc[$r][1] = $mac!(acc[$r][1], av, b1);
-                            )*
-                            ap = ap.add(MR);
-                            bp = bp.add(NR);
-                        }
-                    } else {
-                        for _ in 0..steps {
-                            let b0 = $loadu(bp);
-                            let b1 = $loadu(bp.add(L));
-                            $(
-                                let av = $splat(*ap.add($r * lda));
-                                acc[$r][0] = $mac!(acc[$r][0], av, b0);
-                                acc[$r][1] = $mac!(acc[$r][1], av, b1);
-                            )*
-                            ap = ap.add(1);
-                            bp = bp.add(NR);
-                        }
+                    for _ in 0..steps {
+                        let b0 = $loadu(bp);
+                        let b1 = $loadu(bp.add(L));
+                        $(
+                            let av = $splat(*ap.add($r * lda));
+                            acc[$r][0] = $mac!(acc[$r][0], av, b0);
+                            acc[$r][1] = $mac!(acc[$r][1], av, b1);
+                        )*
+                        ap = ap.add(1);
+                        bp = bp.add(NR);
                     }
                     if ep.rows == MR && ep.cols == NR {
                         // The epilogue on registers: earlier partial sums, bias, residual,
@@ -602,8 +576,7 @@ mod x86 {
 
     simd_kernel!(
         /// AVX512-BF16 micro-kernel, 12×32: each packed word holds two bf16 of consecutive
-        /// k, and `vdpbf16ps` adds both products of a pair to the f32 accumulator. Always
-        /// called with packed `a` (`lda == 0`).
+        /// k, and `vdpbf16ps` adds both products of a pair to the f32 accumulator.
         ///
         /// # Safety
         /// The CPU supports AVX-512F and AVX512-BF16; pointers as for [`super::MicroFn`],
@@ -812,27 +785,16 @@ pub(crate) struct Source<'a> {
     pub c: usize,
 }
 
-/// Writes packed-A value `v` for k offset `kk` (within the block) of row `r` of the panel
-/// at `dst`: word `kk · MR + r`.
-///
-/// # Safety
-/// `dst` holds the whole panel.
-#[inline(always)]
-unsafe fn put(dst: *mut f32, mr: usize, kk: usize, r: usize, v: f32) {
-    // SAFETY: forwarded from the caller.
-    unsafe { *dst.add(kk * mr + r) = v }
-}
-
-/// Packs one panel of the implicit im2col matrix of `src` under `g`: rows
-/// `[m, m + valid)` (rows up to `mr` past them zero) and k `[k0, k0 + kc)` (k past `g.k()`
-/// zero), into `dst`.
+/// Packs rows `[m, m + valid)` of the implicit im2col matrix of `src` under `g`, k
+/// `[k0, k0 + kc)` (k past `g.k()` zero), row-major into `dst`: row `r` at `r · lda`. Rows
+/// `[valid, mr)` are zero.
 ///
 /// For a fixed kernel row `ky`, the k values `(kx, ci)` of one output pixel are contiguous
 /// in NHWC memory wherever the input column is inside the image, so each row is copied as
 /// at most three runs per `ky`: left padding, image, right padding.
 ///
 /// # Safety
-/// `dst` holds `kc · mr` words; `src` holds the whole activation.
+/// `dst` holds `mr` rows of `lda ≥ kc` words; `src` holds the whole activation.
 #[allow(clippy::too_many_arguments)]
 unsafe fn pack_panel(
     src: &Source,
@@ -841,21 +803,20 @@ unsafe fn pack_panel(
     m: usize,
     valid: usize,
     (k0, kc): (usize, usize),
-    mr: usize,
+    (mr, lda): (usize, usize),
     dst: *mut f32,
 ) {
     let k = g.k();
     let per_ky = g.ksize * g.cin;
     let (w, cin) = (src.w as isize, g.cin as isize);
     let base = src.data.as_ptr();
-    // SAFETY: (every `put` and read below) kk < kc and r < mr stay inside `dst`; reads are at
-    // ((n·h + iy)·w + ix)·c + ci with iy, ix inside the image and ci < c.
+    // SAFETY: (every write and read below) r < mr and kk + run ≤ kc ≤ lda stay inside
+    // `dst`; reads are at ((n·h + iy)·w + ix)·c + ci with iy, ix inside the image and ci < c.
     unsafe {
         for r in 0..mr {
+            let row = dst.add(r * lda);
             if r >= valid {
-                for kk in 0..kc {
-                    put(dst, mr, kk, r, 0.0);
-                }
+                row.write_bytes(0, kc);
                 continue;
             }
             let mm = m + r;
@@ -870,9 +831,7 @@ unsafe fn pack_panel(
             while kk < kc {
                 let kg = k0 + kk;
                 if kg >= k {
-                    for z in kk..kc {
-                        put(dst, mr, z, r, 0.0);
-                    }
+                    row.add(kk).write_bytes(0, kc - kk);
                     break;
                 }
                 let ky = kg / per_ky;
@@ -890,14 +849,9 @@ unsafe fn pack_panel(
                 if inside && within >= lo && within < hi {
                     let off =
                         ((n as isize * src.h as isize + iy) * w + ix0) * cin + within as isize;
-                    let s = base.offset(off);
-                    for t in 0..run {
-                        put(dst, mr, kk + t, r, *s.add(t));
-                    }
+                    row.add(kk).copy_from_nonoverlapping(base.offset(off), run);
                 } else {
-                    for t in 0..run {
-                        put(dst, mr, kk + t, r, 0.0);
-                    }
+                    row.add(kk).write_bytes(0, run);
                 }
                 kk += run;
             }
@@ -905,10 +859,11 @@ unsafe fn pack_panel(
     }
 }
 
-/// Packs the panels of rows `[m0, m0 + rows)` × k `[k0, k0 + kc)` into `dst`, for `t`.
+/// Packs the rows `[m0, m0 + rows)` × k `[k0, k0 + kc)` into `dst`, `lda` words per row,
+/// zeroing the rows up to the next multiple of `t.mr`.
 ///
 /// # Safety
-/// `dst` holds `ceil(rows / mr) · mr · kc` words; `src` matches `g`.
+/// `dst` holds `ceil(rows / mr) · mr · lda` words, `lda ≥ kc`; `src` matches `g`.
 #[allow(clippy::too_many_arguments)]
 unsafe fn pack_block(
     src: &Source,
@@ -916,16 +871,15 @@ unsafe fn pack_block(
     ohw: (usize, usize),
     (m0, rows): (usize, usize),
     (k0, kc): (usize, usize),
-    t: &Tiling,
+    (t, lda): (&Tiling, usize),
     dst: *mut f32,
 ) {
-    let panel_words = kc * t.mr;
     for p in 0..rows.div_ceil(t.mr) {
         let valid = t.mr.min(rows - p * t.mr);
         // SAFETY: panel p < ceil(rows / mr) starts inside `dst` (see the contract).
-        let (m, d) = (m0 + p * t.mr, unsafe { dst.add(p * panel_words) });
+        let (m, d) = (m0 + p * t.mr, unsafe { dst.add(p * t.mr * lda) });
         // SAFETY: forwarded from the caller; panel p lies inside `dst`.
-        unsafe { pack_panel(src, g, ohw, m, valid, (k0, kc), t.mr, d) }
+        unsafe { pack_panel(src, g, ohw, m, valid, (k0, kc), (t.mr, lda), d) }
     }
 }
 
@@ -972,6 +926,22 @@ impl Workers {
     /// Threads per matrix product.
     pub fn threads(&self) -> usize {
         self.threads
+    }
+
+    /// Runs `f(first, piece)` on consecutive pieces of `data`, one per worker, each made of
+    /// whole chunks of `chunk` values; `first` is the index of the piece's first chunk.
+    pub fn split<T: Send>(&self, data: &mut [T], chunk: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+        let chunks = data.len() / chunk.max(1);
+        let per = chunks.div_ceil(self.threads).max(1);
+        match &self.pool {
+            Some(pool) if chunks > per => pool.scope(|s| {
+                for (i, piece) in data.chunks_mut(per * chunk).enumerate() {
+                    let f = &f;
+                    s.spawn(move |_| f(i * per, piece));
+                }
+            }),
+            _ => f(0, data),
+        }
     }
 }
 
@@ -1164,13 +1134,17 @@ pub(crate) fn conv(
     let kp = b.kp;
     // A 1×1 stride-1 convolution reads its input rows in place; only a partial last tile of
     // rows is packed (zero-padded) so the kernel never reads past the activation.
+    // (Packing those rows too, or reading them in place, ran equally fast on a Zen 4.)
     let direct = g.is_pointwise();
+    // Packed rows are one cache line longer than `kc`, so that the MR rows a k-step reads
+    // spread over L1's sets instead of sharing a few of them.
+    let plda = t.kc + 16;
     let schedule = Schedule::new(m, t.mc, b.panels, threads);
     let cptr = SharedPtr(out.as_mut_ptr());
     let res = SharedPtr(residual.map_or(std::ptr::null(), |r| r.as_ptr()).cast_mut());
     let bdata = b.data.as_slice();
     for buf in scratch.iter_mut() {
-        buf.ensure(t.mc * t.kc);
+        buf.ensure(t.mc * plda);
     }
 
     let work = |buf: &mut AlignedBuf| {
@@ -1189,11 +1163,12 @@ pub(crate) fn conv(
                 // `src` holds the whole activation of `g` (checked above).
                 unsafe {
                     if !direct {
-                        pack_block(src, g, (oh, ow), (m0, rows), (k0, kc), t, apack);
+                        pack_block(src, g, (oh, ow), (m0, rows), (k0, kc), (t, plda), apack);
                     } else if !rows.is_multiple_of(t.mr) {
                         // Only the partial last panel, at the buffer's start.
                         let m_tail = m0 + full_panels * t.mr;
-                        pack_block(src, g, (oh, ow), (m_tail, rows % t.mr), (k0, kc), t, apack);
+                        let tail = (m_tail, rows % t.mr);
+                        pack_block(src, g, (oh, ow), tail, (k0, kc), (t, plda), apack);
                     }
                 }
                 if let (Some(acc), Some(s)) = (pack_ns, started) {
@@ -1208,11 +1183,11 @@ pub(crate) fn conv(
                         // or the packed buffer (panel p, or the tail panel at 0).
                         let (a, lda) = unsafe {
                             if !direct {
-                                (apack.add(p * steps * t.mr).cast_const(), 0)
+                                (apack.add(p * t.mr * plda).cast_const(), plda)
                             } else if p < full_panels {
                                 (src.data.as_ptr().add(r0 * g.cin + k0), g.cin)
                             } else {
-                                (apack.cast_const(), 0)
+                                (apack.cast_const(), plda)
                             }
                         };
                         let ep = Epilogue {

@@ -509,13 +509,20 @@ impl FastResNet {
         let (h1, w1) = pass.apply(&self.stem, LayerKind::Stem, stem_in, next, None)?;
         // Max pool 3×3 / 2: [b, h1, w1, 64] -> [b, h2, w2, 64]
         let c1 = self.stem.geom().cout;
+        let workers = pass.workers;
         pass.timed(LayerKind::MaxPool, 0.0, || {
-            let dims = (batch, h1, w1, c1);
+            let dims = (h1, w1, c1);
+            let len = batch * pool_len(h1) * pool_len(w1) * c1;
             if bf16 {
-                max_pool_bf16(next.as_bf16(), dims, cur.as_bf16_mut());
+                let src = next.as_bf16();
+                workers.split(&mut cur.as_bf16_mut()[..len], c1, |first, out| {
+                    max_pool_bf16(src, dims, (first, out));
+                });
             } else {
-                let (src, dst) = (next.as_slice(), cur.as_mut_slice());
-                max_pool(src, dims, dst, f32::NEG_INFINITY, f32::max, |v| v);
+                let src = next.as_slice();
+                workers.split(&mut cur.as_mut_slice()[..len], c1, |first, out| {
+                    max_pool(src, dims, (first, out), f32::NEG_INFINITY, f32::max, |v| v);
+                });
             }
             Ok(())
         })?;
@@ -747,20 +754,21 @@ fn pool_len(n: usize) -> usize {
     (n + 2 - 3) / 2 + 1
 }
 
-/// 3×3 max pool, stride 2, padding 1, on NHWC `src [b, h, w, c]` into `dst [b, oh, ow, c]`:
-/// each output starts at `neg_inf` (the padding, −∞ as in PyTorch: every window holds at
-/// least one real pixel), takes `max(output, input)` over its window, and is then mapped by
-/// `finish` (for bf16, back from the integer order `max` compares in).
+/// 3×3 max pool, stride 2, padding 1, on NHWC `src [b, h, w, c]` into the output pixels
+/// `first..` of `dst [b, oh, ow, c]` that `out` holds (whole pixels; the workers each take a
+/// run of them): each output starts at `neg_inf` (the padding, −∞ as in PyTorch: every
+/// window holds at least one real pixel), takes `max(output, input)` over its window, and is
+/// then mapped by `finish` (for bf16, back from the integer order `max` compares in).
 fn max_pool<T: Copy>(
     src: &[T],
-    (batch, h, w, c): (usize, usize, usize, usize),
-    dst: &mut [T],
+    (h, w, c): (usize, usize, usize),
+    (first, out): (usize, &mut [T]),
     neg_inf: T,
     max: impl Fn(T, T) -> T,
     finish: impl Fn(T) -> T,
 ) {
     let (oh, ow) = (pool_len(h), pool_len(w));
-    for (i, out) in dst[..batch * oh * ow * c].chunks_exact_mut(c).enumerate() {
+    for (i, out) in (first..).zip(out.chunks_exact_mut(c)) {
         let (n, oy, ox) = (i / (oh * ow), (i / ow) % oh, i % ow);
         out.fill(neg_inf);
         for iy in (2 * oy).saturating_sub(1)..(2 * oy + 2).min(h) {
@@ -780,9 +788,9 @@ fn max_pool<T: Copy>(
 /// [`max_pool`] on bf16 bits, compared as the integers [`order`] maps them to, which sort as
 /// the values do (−0 below +0; the stem's ReLU leaves no NaN): eight lanes per SSE2
 /// instruction, where a comparison through f32 takes four (1.5× faster here).
-fn max_pool_bf16(src: &[u16], dims: (usize, usize, usize, usize), dst: &mut [u16]) {
+fn max_pool_bf16(src: &[u16], dims: (usize, usize, usize), out: (usize, &mut [u16])) {
     let max = |o: u16, v: u16| (o as i16).max(order(v) as i16) as u16;
-    max_pool(src, dims, dst, order(0xFF80), max, order);
+    max_pool(src, dims, out, order(0xFF80), max, order);
 }
 
 /// bf16 bits as a 16-bit integer that sorts as the value (as `i16`): negative values have
@@ -862,15 +870,26 @@ mod tests {
             );
         }
 
-        let dims = (2, 5, 4, 3);
+        let dims = (5, 4, 3);
         let values: Vec<f32> = (0..2 * 5 * 4 * 3)
             .map(|i| bf16_to_f32(bf16_bits(((i * 37 % 23) as f32 - 19.0) * 0.37)))
             .collect();
         let mut want = vec![0f32; 2 * pool_len(5) * pool_len(4) * 3];
-        max_pool(&values, dims, &mut want, f32::NEG_INFINITY, f32::max, |v| v);
+        max_pool(
+            &values,
+            dims,
+            (0, &mut want),
+            f32::NEG_INFINITY,
+            f32::max,
+            |v| v,
+        );
         let bits: Vec<u16> = values.iter().map(|&v| bf16_bits(v)).collect();
         let mut got = vec![0u16; want.len()];
-        max_pool_bf16(&bits, dims, &mut got);
+        // In three pieces, as three workers pool (12 output pixels: 4 each).
+        let workers = Workers::new(3).unwrap();
+        workers.split(&mut got, 3, |first, out| {
+            max_pool_bf16(&bits, dims, (first, out))
+        });
         let got: Vec<f32> = got.into_iter().map(bf16_to_f32).collect();
         assert_eq!(got, want);
         assert!(
