@@ -102,6 +102,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=5, help="timed passes per contender")
     ap.add_argument("--candle", action="store_true", help="also time the candle reference path (slow)")
     ap.add_argument("--no-torch", action="store_true", help="time ours only")
+    ap.add_argument("--shapes", action="store_true", help="also print our profile per convolution shape")
     ap.add_argument("--binary", default=os.path.join(ROOT, "target", "release", "examples", "bench_backbone"))
     ap.add_argument("--baseline", help="another build of bench_backbone (e.g. from before a change), "
                     "timed interleaved with ours as 'baseline f32' / 'baseline bf16'")
@@ -219,6 +220,11 @@ def main():
                   f"{k['gflop_per_pass']:7.2f} {k['gflops']:8.1f}")
         print(f"  {'total':<18} {total:8.4f}; packing activations (im2col gathers included): "
               f"{p['pack_thread_seconds_per_pass']:.4f} thread-seconds, inside the convolutions")
+        if args.shapes and "shapes" in p:
+            print(f"  {'convolution shape':<46} {'layers':>6} {'seconds':>8} {'share':>7} {'GFLOP/s':>8}")
+            for s in sorted(p["shapes"], key=lambda s: -s["seconds_per_pass"]):
+                print(f"  {s['shape']:<46} {s['layers']:6.0f} {s['seconds_per_pass']:8.4f} "
+                      f"{100 * s['seconds_per_pass'] / total:6.1f}% {s['gflops']:8.1f}")
 
     for o in ours:
         o.close()

@@ -51,11 +51,12 @@ cargo test --release --test fast_backbone --test arch_parity --test pipeline_lea
 grep -hE "natively|emulation|SKIPPED" "$OUT/lib-tests.log" "$OUT/network-tests.log" | sort | uniq -c \
   | tee "$OUT/native-tests.txt"
 # The bf16 dataflow with free products: beside bf16's images/s below, how much of its time
-# the products take.
+# the products take (per layer kind, then per convolution shape).
 cargo test --release --lib products_cost_nothing -- --ignored --nocapture 2>&1 \
-  | grep -A8 "^bf16 dataflow" | tee "$OUT/free-products.txt"
+  | sed -n '/^bf16 dataflow/,/^test /p' | tee "$OUT/free-products.txt"
 
-python3 bench/backbone.py --rounds 5 --json "$OUT/backbone.json" 2>&1 | tee "$OUT/backbone.txt"
+python3 bench/backbone.py --rounds 5 --shapes --json "$OUT/backbone.json" 2>&1 \
+  | tee "$OUT/backbone.txt"
 if [[ $QUICK == 0 ]]; then
   python3 bench/head/bench.py 2>&1 | tee "$OUT/head.txt"
   python3 bench/wholejob.py --images 10000 --only ours-bf16,ours-f32,torch-fp32-cl,torch-bf16-cl \

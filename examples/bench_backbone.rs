@@ -9,7 +9,8 @@
 //! Two ways to run it:
 //!
 //! ```text
-//! # one-shot: warm up, time --runs passes, print a JSON summary and the per-layer profile
+//! # one-shot: warm up, time --runs passes, print a JSON summary and the profile (per layer
+//! # kind, then per convolution shape)
 //! cargo run --release --example bench_backbone -- --batch 16 --size 224 --runs 3
 //! # server (what bench/backbone.py uses): reads `run`, `profile N`, `quit` lines on stdin,
 //! # answers one JSON line each, so PyTorch and we can be timed interleaved in one session
@@ -139,11 +140,24 @@ fn profile_json(p: &Profile) -> serde_json::Value {
             })
         })
         .collect();
+    let shapes: Vec<serde_json::Value> = p
+        .shapes()
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "shape": s.shape,
+                "layers": s.calls as f64 / passes,
+                "seconds_per_pass": s.seconds / passes,
+                "gflops": s.flops / s.seconds * 1e-9,
+            })
+        })
+        .collect();
     serde_json::json!({
         "passes": p.passes,
         "total_seconds_per_pass": p.total_seconds() / passes,
         "pack_thread_seconds_per_pass": p.pack_thread_seconds / passes,
         "kinds": kinds,
+        "shapes": shapes,
     })
 }
 
@@ -283,7 +297,7 @@ fn main() -> anyhow::Result<()> {
     if let Net::Fast(_) = net {
         let mut p = Profile::default();
         net.forward(&images, &args, Some(&mut p))?;
-        writeln!(out, "{p}")?;
+        writeln!(out, "{p:#}")?;
     }
     writeln!(
         out,

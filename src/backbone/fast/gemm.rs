@@ -224,22 +224,28 @@ impl Tiling {
         }
     }
 
-    /// The bf16 dataflow's epilogue compiled for this kernel's instruction set. Calling it is
-    /// sound on this CPU, as for [`Tiling::micro`].
-    fn store_bf16(&self) -> bf16::StoreFn {
+    /// The bf16 dataflow's epilogue compiled for this kernel's instruction set, with
+    /// non-temporal stores when `stream` and the instruction set has them (AVX-512). Calling
+    /// it is sound on this CPU, as for [`Tiling::micro`].
+    fn store_bf16(&self, stream: bool) -> bf16::StoreFn {
+        #[cfg(target_arch = "x86_64")]
+        let avx512: bf16::StoreFn = if stream {
+            bf16::x86::store_bf16_avx512::<true>
+        } else {
+            bf16::x86::store_bf16_avx512::<false>
+        };
         match self.kernel {
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512(_) | Kernel::Avx512Bf16(_) | Kernel::Amx(_) => {
-                bf16::x86::store_bf16_avx512
-            }
+            Kernel::Avx512(_) | Kernel::Avx512Bf16(_) | Kernel::Amx(_) => avx512,
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2(_) => bf16::x86::store_bf16_avx2,
             // The instrument stands in for AMX, whose CPUs have AVX-512.
             #[cfg(all(test, target_arch = "x86_64"))]
-            Kernel::FreeProducts if std::arch::is_x86_feature_detected!("avx512f") => {
-                bf16::x86::store_bf16_avx512
+            Kernel::FreeProducts if std::arch::is_x86_feature_detected!("avx512f") => avx512,
+            _ => {
+                let _ = stream;
+                bf16::store_bf16
             }
-            _ => bf16::store_bf16,
         }
     }
 

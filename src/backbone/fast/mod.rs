@@ -157,12 +157,13 @@ impl LayerKind {
     }
 }
 
-/// Where the time of forward passes went, per [`LayerKind`] (wall-clock seconds and
-/// floating-point operations), accumulated over every profiled pass.
+/// Where the time of forward passes went, per [`LayerKind`] and per convolution shape
+/// (wall-clock seconds and floating-point operations), accumulated over every profiled pass.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Profile {
     seconds: [f64; 6],
     flops: [f64; 6],
+    shapes: Vec<ShapeTime>,
     /// Thread-seconds spent packing activations (im2col gathers included), summed over the
     /// worker threads; part of the convolution times.
     pub pack_thread_seconds: f64,
@@ -186,14 +187,54 @@ impl Profile {
         self.seconds.iter().sum()
     }
 
+    /// The convolutions grouped by shape, in network order of each shape's first layer.
+    pub fn shapes(&self) -> &[ShapeTime] {
+        &self.shapes
+    }
+
     fn add(&mut self, kind: LayerKind, seconds: f64, flops: f64) {
         self.seconds[kind.index()] += seconds;
         self.flops[kind.index()] += flops;
     }
+
+    fn add_shape(&mut self, shape: String, seconds: f64, flops: f64) {
+        let i = match self.shapes.iter().position(|s| s.shape == shape) {
+            Some(i) => i,
+            None => {
+                self.shapes.push(ShapeTime {
+                    shape,
+                    calls: 0,
+                    seconds: 0.0,
+                    flops: 0.0,
+                });
+                self.shapes.len() - 1
+            }
+        };
+        let s = &mut self.shapes[i];
+        s.calls += 1;
+        s.seconds += seconds;
+        s.flops += flops;
+    }
+}
+
+/// The convolutions of one shape in a [`Profile`]: layers with the same kind, input
+/// `[h, w, c]`, output `[oh, ow, cout]` and residual (or none) do the same work, so that
+/// their time per layer shows which shapes fall short of the kernel's rate (the 1×1 layers
+/// with a shallow depth, for instance).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShapeTime {
+    /// `<kind> <h>x<w>x<c> -> <oh>x<ow>x<cout>`, and `+ residual` when the epilogue adds one.
+    pub shape: String,
+    /// Layers run, summed over the passes (layers of this shape per pass × passes).
+    pub calls: usize,
+    /// Wall-clock seconds, summed.
+    pub seconds: f64,
+    /// Floating-point operations, summed.
+    pub flops: f64,
 }
 
 /// Per pass: seconds, share and GFLOP/s of each layer kind, then the packing's
-/// thread-seconds.
+/// thread-seconds; with `{:#}`, then the same per convolution shape, slowest first.
 impl fmt::Display for Profile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let passes = self.passes.max(1) as f64;
@@ -217,7 +258,28 @@ impl fmt::Display for Profile {
             f,
             "packing (thread-seconds, inside the convolutions): {:.4}",
             self.pack_thread_seconds / passes
-        )
+        )?;
+        if f.alternate() {
+            write!(
+                f,
+                "\n{:<46} {:>6} {:>9} {:>7} {:>8}",
+                "convolution shape", "layers", "s/pass", "share", "GFLOP/s"
+            )?;
+            let mut shapes: Vec<&ShapeTime> = self.shapes.iter().collect();
+            shapes.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+            for s in shapes {
+                let per = s.seconds / passes;
+                write!(
+                    f,
+                    "\n{:<46} {:>6} {per:>9.4} {:>6.1}% {:>8.1}",
+                    s.shape,
+                    s.calls as f64 / passes,
+                    100.0 * per / total,
+                    s.flops / s.seconds * 1e-9
+                )?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -713,7 +775,17 @@ impl Pass<'_> {
                 self.pack_ns,
             )?;
         }
-        self.record(kind, start, flops);
+        if let Some(p) = self.profile.as_deref_mut() {
+            let seconds = start.elapsed().as_secs_f64();
+            p.add(kind, seconds, flops);
+            let res = if residual.is_some() {
+                " + residual"
+            } else {
+                ""
+            };
+            let shape = format!("{} {h}x{w}x{c} -> {oh}x{ow}x{}{res}", kind.name(), g.cout);
+            p.add_shape(shape, seconds, flops);
+        }
         Ok((oh, ow))
     }
 
@@ -898,6 +970,43 @@ mod tests {
         );
     }
 
+    /// The profile's shapes account for every convolution of ResNet-50 — 53 per pass, the
+    /// kinds' operations exactly — and tell apart the layers a kind lumps together.
+    #[test]
+    fn profile_groups_every_convolution_by_shape() {
+        let (n, s) = (1, 32);
+        let model =
+            FastResNet::with_arch(synthetic(), &Arch::default(), Precision::F32, Isa::detect())
+                .unwrap();
+        let mut p = Profile::default();
+        for _ in 0..2 {
+            model
+                .forward_profiled(&images(n, s), n, s, s, &mut p)
+                .unwrap();
+        }
+        let calls: usize = p.shapes().iter().map(|s| s.calls).sum();
+        assert_eq!(calls, 2 * 53);
+        let conv_kinds = [
+            LayerKind::Stem,
+            LayerKind::Conv1x1,
+            LayerKind::Conv3x3,
+            LayerKind::Downsample,
+        ];
+        let kinds: f64 = conv_kinds.iter().map(|&k| p.flops(k)).sum();
+        let shapes: f64 = p.shapes().iter().map(|s| s.flops).sum();
+        assert_eq!(shapes, kinds);
+        // At 32 px layer1 runs at 8×8: its expand layers add the residual, its reduce
+        // layers do not; layer4 runs at 1×1.
+        let find = |shape: &str| p.shapes().iter().find(|s| s.shape == shape);
+        let expand = find("conv 1x1 8x8x64 -> 8x8x256 + residual").unwrap();
+        assert_eq!(expand.calls, 2 * 3);
+        assert_eq!(find("conv 1x1 8x8x256 -> 8x8x64").unwrap().calls, 2 * 2);
+        assert_eq!(find("conv 1x1 1x1x2048 -> 1x1x512").unwrap().calls, 2 * 2);
+        let table = format!("{p:#}");
+        assert!(table.contains("convolution shape") && table.contains(&expand.shape));
+        assert!(!format!("{p}").contains("convolution shape"));
+    }
+
     /// The whole bf16 dataflow — the stem's input rounded to bf16, k padded to AMX's 32, bf16
     /// max pool, residuals and average pool — on the AMX and `vdpbf16ps` blockings with
     /// their instructions' arithmetic in plain Rust: features within cosine 0.999 of f32's.
@@ -958,7 +1067,7 @@ mod tests {
         secs.sort_by(f64::total_cmp);
         eprintln!(
             "bf16 dataflow, products free, {} threads: {:.1} images/s (median of {passes} passes \
-             of {n})\n{profile}",
+             of {n})\n{profile:#}",
             model.threads(),
             n as f64 / secs[passes / 2]
         );

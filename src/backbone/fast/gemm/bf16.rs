@@ -39,6 +39,12 @@ use crate::error::Result;
 /// `B` panel being read.
 const A_BLOCK_BYTES: usize = 512 << 10;
 
+/// The output size from which the epilogue writes with non-temporal stores (where the
+/// instruction set has them): an output this large (ResNet-50's first two stages at batch
+/// 16) does not stay in cache until the next layer reads it anyway, and a normal store would
+/// first read each line from memory.
+const STREAM_MIN_BYTES: usize = 8 << 20;
+
 /// Most rows in one block of `A` (shallow layers would otherwise make blocks so tall that
 /// there are too few tasks to share between threads).
 const MAX_BLOCK_ROWS: usize = 256;
@@ -147,10 +153,10 @@ pub(super) type StoreFn = unsafe fn(
 );
 
 /// The epilogue of the bf16 dataflow: `out = bf16(relu?(tile + bias + residual))` for the
-/// valid `rows × cols` of a raw f32 `tile` (row stride `ldt`). Plain Rust, inlined into
-/// `#[target_feature]` copies (`x86`) so that it is vectorised with the kernel's instruction
-/// set: with AMX a 32×32 tile of depth 64 takes ~128 cycles to compute, so a scalar epilogue
-/// would cost more than the product.
+/// valid `rows × cols` of a raw f32 `tile` (row stride `ldt`). Plain Rust, inlined into a
+/// `#[target_feature]` copy for AVX2 (`x86`) so that it is vectorised, and the reference of
+/// the AVX-512 one, written with intrinsics: with AMX a 32×32 tile of depth 64 takes ~128
+/// cycles to compute, so a scalar epilogue would cost more than the product.
 ///
 /// # Safety
 /// `out` and `residual` (when not null) address `rows` rows of `cols` values, `ldo` apart;
@@ -272,7 +278,8 @@ pub(crate) fn conv(
         buf.ensure(mc * lda);
     }
     let micro = t.micro();
-    let store = t.store_bf16();
+    let stream = m * n * 2 >= STREAM_MIN_BYTES;
+    let store = t.store_bf16(stream);
     let bdata = b.data.as_slice();
     let steps = kp >> t.shift();
 
@@ -332,7 +339,9 @@ pub(crate) fn conv(
                     if let Some((nr0, nj)) = next {
                         let at = nr0 * n + nj * nr;
                         let rows = mr.min(m - nr0);
-                        prefetch_rows(optr.0.wrapping_add(at), rows, n);
+                        if !stream {
+                            prefetch_rows(optr.0.wrapping_add(at), rows, n);
+                        }
                         if !res.0.is_null() {
                             prefetch_rows(res.0.wrapping_add(at), rows, n);
                         }
@@ -373,6 +382,13 @@ pub(crate) fn conv(
                 }
             }
         }
+        // Non-temporal stores are weakly ordered: fence them before this thread signals
+        // that its tasks are done, after which other threads read the output.
+        #[cfg(target_arch = "x86_64")]
+        if stream {
+            // SAFETY: `sfence` is SSE, baseline on x86-64.
+            unsafe { std::arch::x86_64::_mm_sfence() }
+        }
     };
 
     schedule.run(workers, scratch, work);
@@ -381,7 +397,8 @@ pub(crate) fn conv(
 
 #[cfg(target_arch = "x86_64")]
 pub(super) mod x86 {
-    //! [`super::store_bf16`] compiled for AVX-512F and for AVX2, reached only through a
+    //! [`super::store_bf16`] for AVX-512F (with intrinsics, and non-temporal stores for
+    //! large outputs) and for AVX2 (compiled from the plain Rust), reached only through a
     //! [`super::Tiling`] whose kernel's token proves the instruction set.
 
     /// `pub(in super::super) unsafe fn $name`: the epilogue compiled with `$feat`.
@@ -407,12 +424,97 @@ pub(super) mod x86 {
     }
 
     epilogue!(
-        /// [`super::store_bf16`] on 512-bit vectors.
+        /// [`super::store_bf16`] on 512-bit vectors, as the compiler vectorises it: the
+        /// remainder of [`store_bf16_avx512`]'s rows.
         ///
         /// # Safety
         /// As `store_bf16`, on a CPU with AVX-512F.
-        store_bf16_avx512, "avx512f"
+        store_bf16_avx512_auto, "avx512f"
     );
+
+    /// [`super::store_bf16`] on 512-bit vectors, 32 columns (a tile row of the AVX-512 and
+    /// AMX kernels, one cache line of bf16) at a time; a row's last columns past a multiple
+    /// of 32 as the compiler vectorises them. The same arithmetic, bit for bit:
+    /// `(tile + bias) + residual`, `max(·, 0)` (0 for NaN, as `f32::max`), then
+    /// [`super::super::bf16_bits`]'s rounding (a NaN kept quiet). With `STREAM` each whole,
+    /// aligned line goes out with a non-temporal store, which does not read the line first:
+    /// the caller issues `sfence` before another thread may read the output.
+    ///
+    /// # Safety
+    /// As `store_bf16`, on a CPU with AVX-512F.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub(in super::super) unsafe fn store_bf16_avx512<const STREAM: bool>(
+        tile: &[f32],
+        ldt: usize,
+        (rows, cols): (usize, usize),
+        out: *mut u16,
+        ldo: usize,
+        bias: *const f32,
+        residual: *const u16,
+        relu: bool,
+    ) {
+        use std::arch::x86_64::*;
+        let (half, one, quiet) = (
+            _mm512_set1_epi32(0x7FFF),
+            _mm512_set1_epi32(1),
+            _mm512_set1_epi32(0x0040_0000),
+        );
+        for (i, trow) in tile.chunks(ldt).take(rows).enumerate() {
+            // SAFETY: row i < rows of `out` and `residual` (the contract).
+            let (orow, rrow) = unsafe { (out.add(i * ldo), residual.wrapping_add(i * ldo)) };
+            // 16 values from column `at`: the epilogue, then the bf16 bits in the upper
+            // halves of the lanes.
+            let round = |at: usize| {
+                // SAFETY: columns at..at + 16 ≤ cols lie inside the tile row (the loop's
+                // bound), `bias` and the residual row (the contract).
+                unsafe {
+                    let mut v = _mm512_add_ps(
+                        _mm512_loadu_ps(trow.as_ptr().add(at)),
+                        _mm512_loadu_ps(bias.add(at)),
+                    );
+                    if !residual.is_null() {
+                        let r = _mm512_cvtepu16_epi32(_mm256_loadu_si256(rrow.add(at).cast()));
+                        v = _mm512_add_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32::<16>(r)));
+                    }
+                    if relu {
+                        v = _mm512_max_ps(v, _mm512_setzero_ps());
+                    }
+                    let b = _mm512_castps_si512(v);
+                    let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(b), one);
+                    let near = _mm512_add_epi32(_mm512_add_epi32(b, half), odd);
+                    let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+                    let bits = _mm512_mask_blend_epi32(nan, near, _mm512_or_si512(b, quiet));
+                    _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(bits))
+                }
+            };
+            let mut c = 0;
+            while c + 32 <= cols.min(trow.len()) {
+                let (lo, hi) = (round(c), round(c + 16));
+                // SAFETY: columns c..c + 32 ≤ cols of the output row (the contract).
+                unsafe {
+                    let line = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+                    let dst = orow.add(c).cast::<__m512i>();
+                    if STREAM && dst.is_aligned() {
+                        _mm512_stream_si512(dst, line);
+                    } else {
+                        _mm512_storeu_si512(dst, line);
+                    }
+                }
+                c += 32;
+            }
+            if c < cols {
+                // SAFETY: the row's columns c.. lie inside every operand, as above.
+                unsafe {
+                    let rest = (1, cols - c);
+                    let (o, b, r) = (orow.add(c), bias.add(c), rrow.wrapping_add(c));
+                    let r = if residual.is_null() { residual } else { r };
+                    store_bf16_avx512_auto(&trow[c..], ldt, rest, o, ldo, b, r, relu);
+                }
+            }
+        }
+    }
+
     epilogue!(
         /// [`super::store_bf16`] on 256-bit vectors.
         ///
@@ -702,5 +804,77 @@ pub(super) mod tests {
         // SAFETY: this CPU runs AMX, and Linux granted the tile state (the token exists).
         unsafe { check_amx_kernel() };
         eprintln!("ran the AMX kernel natively");
+    }
+
+    /// The AVX-512 epilogue writes the plain one's bits, with plain or non-temporal stores:
+    /// on rounding ties to both sides, NaN (kept quiet without ReLU, 0 with it), infinities,
+    /// −0, negative values, with and without a residual, over two whole lines and a partial
+    /// third (71 columns), into an aligned output and one a value off (where streaming
+    /// falls back to plain stores).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_epilogue_writes_the_plain_epilogues_bits() {
+        if Isa::new(IsaKind::Avx512).is_none() {
+            eprintln!("SKIPPED: this CPU lacks AVX-512F; the AVX-512 epilogue test did not run");
+            return;
+        }
+        let (rows, ldt, cols) = (3, 80, 71);
+        let special = [
+            f32::from_bits(0x3F80_8000), // a tie, rounds down to even
+            f32::from_bits(0x3F81_8000), // a tie, rounds up to even
+            f32::from_bits(0x7FC1_2345), // a quiet NaN with a payload
+            f32::from_bits(0x7F80_0001), // a signalling NaN
+            f32::from_bits(0x7FFF_FFFF), // a NaN that rounding would carry into −0
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            -0.0,
+            -3.7e-39, // subnormal
+        ];
+        let tile: Vec<f32> = (0..rows * ldt)
+            .map(|i| match i % 11 {
+                0..9 => special[(i / 11) % special.len()],
+                _ => (i as f32 * 0.731).sin() * 40.0,
+            })
+            .collect();
+        let bias: Vec<f32> = (0..cols).map(|j| (j as f32 - 30.0) * 0.013).collect();
+        let ldo = 96;
+        let residual: Vec<u16> = (0..rows * ldo)
+            .map(|i| bf16_bits(((i * 37 % 101) as f32 - 50.0) * 0.21))
+            .collect();
+        let mut cases = 0;
+        for relu in [false, true] {
+            for res in [None, Some(&residual)] {
+                let r = res.map_or(std::ptr::null(), |r| r.as_ptr());
+                let mut want = vec![0u16; rows * ldo];
+                let w = want.as_mut_ptr();
+                // SAFETY: `want` and `residual` hold rows × ldo ≥ cols values per row.
+                unsafe { store_bf16(&tile, ldt, (rows, cols), w, ldo, bias.as_ptr(), r, relu) };
+                let (plain, stream): (StoreFn, StoreFn) = (
+                    x86::store_bf16_avx512::<false>,
+                    x86::store_bf16_avx512::<true>,
+                );
+                for (store, offset) in [(plain, 0), (plain, 1), (stream, 0), (stream, 1)] {
+                    let mut buf = AlignedBuf::default();
+                    buf.ensure(rows * ldo + 32);
+                    let got = &mut buf.as_bf16_mut()[offset..][..rows * ldo];
+                    // SAFETY: AVX-512F is here (the token); operands as for `store_bf16`.
+                    unsafe {
+                        let o = got.as_mut_ptr();
+                        store(&tile, ldt, (rows, cols), o, ldo, bias.as_ptr(), r, relu);
+                        std::arch::x86_64::_mm_sfence();
+                    }
+                    assert_eq!(got, &want[..], "relu {relu}, residual {}", res.is_some());
+                    cases += 1;
+                }
+                if !relu {
+                    assert!(
+                        want.iter().any(|&b| b & 0x7FC0 == 0x7FC0),
+                        "NaN must be kept"
+                    );
+                }
+            }
+        }
+        assert_eq!(cases, 16);
+        eprintln!("ran the AVX-512 epilogue natively");
     }
 }
