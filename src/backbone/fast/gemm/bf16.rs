@@ -73,8 +73,10 @@ pub(crate) fn bf16_to_f32(b: u16) -> f32 {
 }
 
 /// Copies the im2col rows `[m0, m0 + rows)` of `src` under `g` into `dst` (row-major, `kp`
-/// values per row, k past `g.k()` zero), converting each value with `cvt`. `dst` holds
-/// `rows · kp` values.
+/// values per row, k past `g.k()` zero). `dst` holds `rows · kp` values. Each run of input
+/// values goes through `copy(to, from, len)`, which converts the first `len` values of
+/// `from` into `to` and may write more of `to`: a run is copied before the rest of its row
+/// is written, so whatever it wrote past its end is overwritten.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn im2col_rows<S: Copy, D: Copy>(
@@ -86,9 +88,10 @@ fn im2col_rows<S: Copy, D: Copy>(
     kp: usize,
     dst: &mut [D],
     zero: D,
-    cvt: impl Fn(S) -> D,
+    copy: impl Fn(&mut [D], &[S], usize),
 ) {
     let (ks, cin) = (g.ksize, g.cin);
+    let seg = ks * cin;
     for (r, row) in dst.chunks_exact_mut(kp).take(rows).enumerate() {
         let m = m0 + r;
         let (n, rest) = (m / (oh * ow), m % (oh * ow));
@@ -97,21 +100,41 @@ fn im2col_rows<S: Copy, D: Copy>(
         // The kx range inside the image.
         let kx_lo = (-ix0).clamp(0, ks as isize) as usize;
         let kx_hi = (w as isize - ix0).clamp(0, ks as isize) as usize;
-        for (ky, seg) in row[..ks * ks * cin].chunks_exact_mut(ks * cin).enumerate() {
+        for ky in 0..ks {
+            let at = ky * seg;
             let iy = (oy * g.stride + ky) as isize - g.pad as isize;
             if iy < 0 || iy >= h as isize || kx_lo >= kx_hi {
-                seg.fill(zero);
+                row[at..at + seg].fill(zero);
                 continue;
             }
-            seg[..kx_lo * cin].fill(zero);
-            seg[kx_hi * cin..].fill(zero);
             let start = ((n * h + iy as usize) * w) as isize + ix0 + kx_lo as isize;
-            let run = &src[start as usize * cin..][..(kx_hi - kx_lo) * cin];
-            for (d, &s) in seg[kx_lo * cin..kx_hi * cin].iter_mut().zip(run) {
-                *d = cvt(s);
-            }
+            let len = (kx_hi - kx_lo) * cin;
+            copy(
+                &mut row[at + kx_lo * cin..],
+                &src[start as usize * cin..],
+                len,
+            );
+            row[at..at + kx_lo * cin].fill(zero);
+            row[at + kx_hi * cin..at + seg].fill(zero);
         }
-        row[ks * ks * cin..].fill(zero);
+        row[ks * seg..].fill(zero);
+    }
+}
+
+/// [`im2col_rows`]'s copy of bf16 runs: whole 16-byte blocks when both sides have room for
+/// the last one, so that a short run (the stem's 21 values) is a few moves, not a loop.
+#[inline(always)]
+fn copy_bf16(to: &mut [u16], from: &[u16], len: usize) {
+    let wide = len.next_multiple_of(8);
+    if wide <= to.len() && wide <= from.len() {
+        for (t, f) in to[..wide]
+            .chunks_exact_mut(8)
+            .zip(from[..wide].chunks_exact(8))
+        {
+            t.copy_from_slice(f);
+        }
+    } else {
+        to[..len].copy_from_slice(&from[..len]);
     }
 }
 
@@ -131,11 +154,16 @@ fn pack_rows(
     let (s, hw) = (src.data, (src.h, src.w));
     if pairs {
         let d = &mut dst.as_bf16_mut()[..padded * kp];
-        im2col_rows(s, hw, g, ohw, (m0, rows), kp, d, 0, |v| v);
+        im2col_rows(s, hw, g, ohw, (m0, rows), kp, d, 0, copy_bf16);
         d[rows * kp..].fill(0);
     } else {
         let d = &mut dst.as_mut_slice()[..padded * kp];
-        im2col_rows(s, hw, g, ohw, (m0, rows), kp, d, 0.0, bf16_to_f32);
+        let widen = |to: &mut [f32], from: &[u16], len: usize| {
+            for (t, &f) in to[..len].iter_mut().zip(&from[..len]) {
+                *t = bf16_to_f32(f);
+            }
+        };
+        im2col_rows(s, hw, g, ohw, (m0, rows), kp, d, 0.0, widen);
         d[rows * kp..].fill(0.0);
     }
 }
