@@ -937,7 +937,8 @@ impl Workers {
     /// Runs `f(first, piece)` on consecutive pieces of `data`, one per worker, each made of
     /// whole chunks of `chunk` values; `first` is the index of the piece's first chunk.
     pub fn split<T: Send>(&self, data: &mut [T], chunk: usize, f: impl Fn(usize, &mut [T]) + Sync) {
-        let chunks = data.len() / chunk.max(1);
+        let chunk = chunk.max(1);
+        let chunks = data.len() / chunk;
         let per = chunks.div_ceil(self.threads).max(1);
         match &self.pool {
             Some(pool) if chunks > per => pool.scope(|s| {
