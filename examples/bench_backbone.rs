@@ -136,7 +136,7 @@ fn profile_json(p: &Profile) -> serde_json::Value {
                 "kind": k.name(),
                 "seconds_per_pass": p.seconds(k) / passes,
                 "gflop_per_pass": p.flops(k) / passes * 1e-9,
-                "gflops": if p.seconds(k) > 0.0 { p.flops(k) / p.seconds(k) * 1e-9 } else { 0.0 },
+                "gflops": p.gflops(k),
             })
         })
         .collect();
@@ -148,7 +148,7 @@ fn profile_json(p: &Profile) -> serde_json::Value {
                 "shape": s.shape,
                 "layers": s.calls as f64 / passes,
                 "seconds_per_pass": s.seconds / passes,
-                "gflops": s.flops / s.seconds * 1e-9,
+                "gflops": s.gflops(),
             })
         })
         .collect();

@@ -16,6 +16,9 @@
 //!   own disjoint output tiles, so results do not depend on the number of threads;
 //! * every buffer lives in a workspace reused from batch to batch, so a forward pass neither
 //!   allocates nor page-faults once warm;
+//! * the first stages, whose activations are the largest, run on slices of the batch small
+//!   enough for what one layer writes to stay in cache for the next to read (`Slicing`),
+//!   the deeper ones on the whole batch, so each of their larger weights is read once;
 //! * the preprocessed NCHW batch is transposed to NHWC once before the stem (3 channels: a
 //!   negligible pass), so every convolution packs from one layout.
 //!
@@ -45,6 +48,10 @@ use super::arch::{Arch, ConvSpec};
 use super::weights::StateDict;
 use crate::error::{CandleContext, Error, Result};
 use crate::isa::Isa;
+
+/// The most bytes one activation of the first stages may take over a slice of the batch
+/// ([`Slicing`]); the later stages run on the whole batch once their activations fit.
+const SLICE_BYTES: usize = 8 << 20;
 
 /// The arithmetic of the backbone's matrix products.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -123,7 +130,7 @@ pub enum LayerKind {
     Conv1x1,
     /// The blocks' 3×3 convolutions.
     Conv3x3,
-    /// The projection shortcuts (strided 1×1 convolutions).
+    /// The projection shortcuts (1×1 convolutions, of stride 2 but in the first stage).
     Downsample,
     /// The global average pool.
     AvgPool,
@@ -147,7 +154,7 @@ impl LayerKind {
             LayerKind::MaxPool => "maxpool",
             LayerKind::Conv1x1 => "conv 1x1",
             LayerKind::Conv3x3 => "conv 3x3",
-            LayerKind::Downsample => "downsample 1x1/2",
+            LayerKind::Downsample => "downsample 1x1",
             LayerKind::AvgPool => "avgpool",
         }
     }
@@ -182,6 +189,11 @@ impl Profile {
         self.flops[kind.index()]
     }
 
+    /// The rate of layers of `kind` in GFLOP/s (0 when none was timed).
+    pub fn gflops(&self, kind: LayerKind) -> f64 {
+        gflops(self.flops(kind), self.seconds(kind))
+    }
+
     /// Seconds over every kind.
     pub fn total_seconds(&self) -> f64 {
         self.seconds.iter().sum()
@@ -197,7 +209,7 @@ impl Profile {
         self.flops[kind.index()] += flops;
     }
 
-    fn add_shape(&mut self, shape: String, seconds: f64, flops: f64) {
+    fn add_shape(&mut self, shape: String, calls: usize, seconds: f64, flops: f64) {
         let i = match self.shapes.iter().position(|s| s.shape == shape) {
             Some(i) => i,
             None => {
@@ -211,7 +223,7 @@ impl Profile {
             }
         };
         let s = &mut self.shapes[i];
-        s.calls += 1;
+        s.calls += calls;
         s.seconds += seconds;
         s.flops += flops;
     }
@@ -233,6 +245,22 @@ pub struct ShapeTime {
     pub flops: f64,
 }
 
+impl ShapeTime {
+    /// The rate of these layers in GFLOP/s (0 when none was timed).
+    pub fn gflops(&self) -> f64 {
+        gflops(self.flops, self.seconds)
+    }
+}
+
+/// `flops` over `seconds` in GFLOP/s, 0 for nothing timed.
+fn gflops(flops: f64, seconds: f64) -> f64 {
+    if seconds > 0.0 {
+        flops / seconds * 1e-9
+    } else {
+        0.0
+    }
+}
+
 /// Per pass: seconds, share and GFLOP/s of each layer kind, then the packing's
 /// thread-seconds; with `{:#}`, then the same per convolution shape, slowest first.
 impl fmt::Display for Profile {
@@ -244,14 +272,11 @@ impl fmt::Display for Profile {
             "{:<18} {:>9} {:>7} {:>8}",
             "layer kind", "s/pass", "share", "GFLOP/s"
         )?;
+        // The shares of an empty profile print as 0.
+        let percent = |s: f64| if total > 0.0 { 100.0 * s / total } else { 0.0 };
         for k in LayerKind::ALL {
             let s = self.seconds(k) / passes;
-            let gflops = if s > 0.0 {
-                self.flops(k) / self.seconds(k) * 1e-9
-            } else {
-                0.0
-            };
-            let share = 100.0 * s / total;
+            let (share, gflops) = (percent(s), self.gflops(k));
             writeln!(f, "{:<18} {s:>9.4} {share:>6.1}% {gflops:>8.1}", k.name())?;
         }
         write!(
@@ -274,8 +299,8 @@ impl fmt::Display for Profile {
                     "\n{:<46} {:>6} {per:>9.4} {:>6.1}% {:>8.1}",
                     s.shape,
                     s.calls as f64 / passes,
-                    100.0 * per / total,
-                    s.flops / s.seconds * 1e-9
+                    percent(per),
+                    s.gflops()
                 )?;
             }
         }
@@ -339,6 +364,20 @@ struct Block {
 /// Buffers reused by every forward pass; they only ever grow.
 #[derive(Debug, Default)]
 struct Workspace {
+    /// The activations the blocks pass along.
+    acts: Acts,
+    /// The input batch, transposed to NHWC.
+    input: AlignedBuf,
+    /// The output of the network's first blocks for the whole batch, gathered slice by slice
+    /// when they run in slices ([`Slicing`]).
+    gather: AlignedBuf,
+    /// One packing buffer per worker thread.
+    scratch: Vec<AlignedBuf>,
+}
+
+/// The activation buffers of a run of blocks.
+#[derive(Debug, Default)]
+struct Acts {
     /// The current block's input, `[batch, h, w, c]`.
     cur: AlignedBuf,
     /// The current block's output (then swapped with `cur`); also the stem's output.
@@ -348,10 +387,18 @@ struct Workspace {
     inner: [AlignedBuf; 2],
     /// Output of the projection shortcut.
     ds: AlignedBuf,
-    /// The input batch, transposed to NHWC.
-    input: AlignedBuf,
-    /// One packing buffer per worker thread.
-    scratch: Vec<AlignedBuf>,
+}
+
+/// How a pass splits its batch: the stem, the max pool and the first `blocks` blocks run
+/// on slices of `images` images, one slice after the other, and the rest of the network on
+/// the whole batch. The first stages' activations are the largest (ResNet-50: 1.6 MB per
+/// 56×56×256 bf16 image); a slice keeps what one layer writes in cache for the next to read
+/// instead of sending it to memory and back, while the deeper layers, whose weights are
+/// larger than their activations, still read each weight once per batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Slicing {
+    blocks: usize,
+    images: usize,
 }
 
 /// A ResNet up to its global average pool on the fast CPU path: images `[batch, 3, h, w]`
@@ -365,6 +412,8 @@ pub struct FastResNet {
     stem: Conv,
     blocks: Vec<Block>,
     workers: Workers,
+    /// The most bytes an activation of the sliced first stages may take ([`Slicing`]).
+    slice_bytes: usize,
     workspace: Mutex<Workspace>,
 }
 
@@ -442,6 +491,7 @@ impl FastResNet {
             stem,
             blocks,
             workers: Workers::new(std::thread::available_parallelism().map_or(1, |n| n.get()))?,
+            slice_bytes: SLICE_BYTES,
             workspace: Mutex::new(Workspace::default()),
         })
     }
@@ -536,13 +586,12 @@ impl FastResNet {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let ws = &mut *guard;
-        self.size_workspace(ws, batch, h, w);
+        let slicing = self.slicing(batch, h, w);
+        self.size_workspace(ws, batch, (h, w), slicing);
         let Workspace {
+            acts,
             input,
-            cur,
-            next,
-            inner,
-            ds,
+            gather,
             scratch,
         } = ws;
         let pack_ns = AtomicU64::new(0);
@@ -552,8 +601,67 @@ impl FastResNet {
             scratch,
             pack_ns: profile.is_some().then_some(&pack_ns),
             profile,
+            counting: true,
         };
 
+        // The first stages, slice by slice, each slice's output gathered into the batch's.
+        let (first_blocks, rest) = self.blocks.split_at(slicing.blocks);
+        let image = 3 * h * w;
+        let mut shape = (0, 0, 0);
+        for first in (0..batch).step_by(slicing.images) {
+            let n = slicing.images.min(batch - first);
+            // Each layer counts once per pass in the profile, however many slices it ran on.
+            pass.counting = first == 0;
+            let x = &x[first * image..][..n * image];
+            shape = self.stem(&mut pass, x, n, (h, w), input, acts)?;
+            shape = run_blocks(&mut pass, first_blocks, acts, n, shape)?;
+            if slicing.images < batch {
+                let len = n * shape.0 * shape.1 * shape.2;
+                let at = first * shape.0 * shape.1 * shape.2;
+                if self.tiling.bf16_act() {
+                    gather.as_bf16_mut()[at..][..len].copy_from_slice(&acts.cur.as_bf16()[..len]);
+                } else {
+                    gather.as_mut_slice()[at..][..len].copy_from_slice(&acts.cur.as_slice()[..len]);
+                }
+            }
+        }
+        if slicing.images < batch {
+            std::mem::swap(&mut acts.cur, gather);
+        }
+        pass.counting = true;
+        let (hc, wc, cc) = run_blocks(&mut pass, rest, acts, batch, shape)?;
+
+        // Global average pool: [b, hc, wc, c] -> [b, c]
+        let mut features = vec![0f32; batch * cc];
+        let bf16 = self.tiling.bf16_act();
+        let cur = &acts.cur;
+        pass.timed(LayerKind::AvgPool, 0.0, || {
+            let dims = (batch, hc * wc, cc);
+            if bf16 {
+                avg_pool(cur.as_bf16(), dims, &mut features, bf16_to_f32);
+            } else {
+                avg_pool(cur.as_slice(), dims, &mut features, |v| v);
+            }
+            Ok(())
+        })?;
+        if let Some(p) = pass.profile {
+            p.pack_thread_seconds += pack_ns.load(Ordering::Relaxed) as f64 * 1e-9;
+            p.passes += 1;
+        }
+        Ok(features)
+    }
+
+    /// The stem and its max pool on `batch` images `x` (`[batch, 3, h, w]`, NCHW) into
+    /// `acts.cur`; returns its shape `[h, w, c]`.
+    fn stem(
+        &self,
+        pass: &mut Pass,
+        x: &[f32],
+        batch: usize,
+        (h, w): (usize, usize),
+        input: &mut AlignedBuf,
+        acts: &mut Acts,
+    ) -> Result<(usize, usize, usize)> {
         // Stem: [b, 3, h, w] (NCHW) -> [b, h1, w1, 64]. Its packer, like every other, reads
         // NHWC: transpose the small 3-channel input, rounding it to bf16 under the bf16
         // dataflow (once, rather than each of the ~12 times the stem's windows read a pixel).
@@ -567,6 +675,7 @@ impl FastResNet {
             }
             Ok(())
         })?;
+        let Acts { cur, next, .. } = acts;
         let stem_in = nhwc(input, batch, (h, w, 3));
         let (h1, w1) = pass.apply(&self.stem, LayerKind::Stem, stem_in, next, None)?;
         // Max pool 3×3 / 2: [b, h1, w1, 64] -> [b, h2, w2, 64]
@@ -588,73 +697,108 @@ impl FastResNet {
             }
             Ok(())
         })?;
-
-        let mut shape = (pool_len(h1), pool_len(w1), c1);
-        for block in &self.blocks {
-            let Some((last, inner_convs)) = block.main.split_last() else {
-                continue;
-            };
-            // Main path but its last convolution, each with ReLU, alternating between the
-            // two inner buffers: [b, h, w, c] -> [b, h', w', width]
-            let mut y = shape;
-            for (i, conv) in inner_convs.iter().enumerate() {
-                let [a, b] = &mut *inner;
-                let (out, prev) = if i % 2 == 0 { (a, &*b) } else { (b, &*a) };
-                let data = if i == 0 { &*cur } else { prev };
-                let (ho, wo) = pass.apply(conv, kind(conv), nhwc(data, batch, y), out, None)?;
-                y = (ho, wo, conv.geom().cout);
-            }
-            // Shortcut: the block input itself, or its strided 1×1 projection.
-            let residual: &AlignedBuf = match &block.downsample {
-                Some(d) => {
-                    pass.apply(d, LayerKind::Downsample, nhwc(cur, batch, shape), ds, None)?;
-                    ds
-                }
-                None => cur,
-            };
-            // Last convolution + residual + ReLU, fused: [b, h', w', width] -> [b, h', w', out]
-            let data = match inner_convs.len() {
-                0 => &*cur,
-                n => &inner[(n - 1) % 2],
-            };
-            let (ho, wo) =
-                pass.apply(last, kind(last), nhwc(data, batch, y), next, Some(residual))?;
-            std::mem::swap(cur, next);
-            shape = (ho, wo, last.geom().cout);
-        }
-
-        // Global average pool: [b, hc, wc, c] -> [b, c]
-        let (hc, wc, cc) = shape;
-        let mut features = vec![0f32; batch * cc];
-        pass.timed(LayerKind::AvgPool, 0.0, || {
-            let dims = (batch, hc * wc, cc);
-            if bf16 {
-                avg_pool(cur.as_bf16(), dims, &mut features, bf16_to_f32);
-            } else {
-                avg_pool(cur.as_slice(), dims, &mut features, |v| v);
-            }
-            Ok(())
-        })?;
-        if let Some(p) = pass.profile {
-            p.pack_thread_seconds += pack_ns.load(Ordering::Relaxed) as f64 * 1e-9;
-            p.passes += 1;
-        }
-        Ok(features)
+        Ok((pool_len(h1), pool_len(w1), c1))
     }
 
-    /// Grows the workspace to what a `[batch, 3, h, w]` pass needs.
-    fn size_workspace(&self, ws: &mut Workspace, batch: usize, h: usize, w: usize) {
+    /// How a `[batch, 3, h, w]` pass is sliced: the leading blocks that write an activation
+    /// of more than `slice_bytes` over the whole batch run (after the stem) on slices small
+    /// enough for their largest activation to fit in `slice_bytes`.
+    fn slicing(&self, batch: usize, h: usize, w: usize) -> Slicing {
+        let whole = Slicing {
+            blocks: self.blocks.len(),
+            images: batch,
+        };
+        let bf16 = self.tiling.bf16_act();
+        let bytes = |values: usize| values * if bf16 { 2 } else { 4 };
+        let (stem, blocks) = self.largest_outputs(h, w);
+        let sliced = blocks
+            .iter()
+            .take_while(|&&v| bytes(batch * v) > self.slice_bytes)
+            .count();
+        let largest = blocks[..sliced].iter().fold(stem, |a, &b| a.max(b));
+        let slices = bytes(batch * largest).div_ceil(self.slice_bytes.max(1));
+        if slices <= 1 {
+            return whole;
+        }
+        let images = batch.div_ceil(slices.min(batch));
+        if images >= batch {
+            return whole;
+        }
+        Slicing {
+            blocks: sliced,
+            images,
+        }
+    }
+
+    /// Per image, the largest activation the stem (with its max pool) writes, and the largest
+    /// each block writes, in values.
+    fn largest_outputs(&self, h: usize, w: usize) -> (usize, Vec<usize>) {
+        let g = self.stem.geom();
+        let (h1, w1) = (g.out_len(h), g.out_len(w));
+        let stem = h1 * w1 * g.cout;
+        let (mut hc, mut wc) = (pool_len(h1), pool_len(w1));
+        let blocks = self
+            .blocks
+            .iter()
+            .map(|b| {
+                let (mut ho, mut wo) = (hc, wc);
+                let mut largest = 0;
+                for conv in &b.main {
+                    let g = conv.geom();
+                    (ho, wo) = (g.out_len(ho), g.out_len(wo));
+                    largest = largest.max(ho * wo * g.cout);
+                }
+                if let Some(d) = &b.downsample {
+                    let g = d.geom();
+                    largest = largest.max(g.out_len(hc) * g.out_len(wc) * g.cout);
+                }
+                (hc, wc) = (ho, wo);
+                largest
+            })
+            .collect();
+        (stem, blocks)
+    }
+
+    /// The activation shape `[h, w, c]` after the stem, the max pool and `blocks` blocks.
+    fn shape_after(&self, blocks: usize, h: usize, w: usize) -> (usize, usize, usize) {
+        let g = self.stem.geom();
+        let mut shape = (pool_len(g.out_len(h)), pool_len(g.out_len(w)), g.cout);
+        for b in &self.blocks[..blocks] {
+            for conv in &b.main {
+                let g = conv.geom();
+                shape = (g.out_len(shape.0), g.out_len(shape.1), g.cout);
+            }
+        }
+        shape
+    }
+
+    /// Grows the workspace to what a `[batch, 3, h, w]` pass sliced as `slicing` needs.
+    fn size_workspace(
+        &self,
+        ws: &mut Workspace,
+        batch: usize,
+        (h, w): (usize, usize),
+        slicing: Slicing,
+    ) {
+        // The stem and the sliced blocks see a slice, the rest the whole batch.
+        let images = |block: usize| {
+            if block < slicing.blocks {
+                slicing.images
+            } else {
+                batch
+            }
+        };
         let g = self.stem.geom();
         let (h1, w1) = (g.out_len(h), g.out_len(w));
         let (mut hc, mut wc) = (pool_len(h1), pool_len(w1));
-        let mut act = batch * h1 * w1 * g.cout;
+        let mut act = slicing.images * h1 * w1 * g.cout;
         let (mut inner, mut ds) = ([0, 0], 0);
-        for b in &self.blocks {
+        for (k, b) in self.blocks.iter().enumerate() {
             let (mut ho, mut wo) = (hc, wc);
             for (i, conv) in b.main.iter().enumerate() {
                 let g = conv.geom();
                 (ho, wo) = (g.out_len(ho), g.out_len(wo));
-                let len = batch * ho * wo * g.cout;
+                let len = images(k) * ho * wo * g.cout;
                 if i + 1 < b.main.len() {
                     inner[i % 2] = inner[i % 2].max(len);
                 } else {
@@ -663,10 +807,19 @@ impl FastResNet {
             }
             if let Some(d) = &b.downsample {
                 let g = d.geom();
-                ds = ds.max(batch * g.out_len(hc) * g.out_len(wc) * g.cout);
+                ds = ds.max(images(k) * g.out_len(hc) * g.out_len(wc) * g.cout);
             }
             (hc, wc) = (ho, wo);
         }
+        // The gathered output of the sliced blocks becomes the next block's input (`cur`),
+        // so it must hold every later activation as `cur` does, and `cur` every earlier one.
+        let gather = if slicing.images < batch {
+            let (oh, ow, oc) = self.shape_after(slicing.blocks, h, w);
+            act = act.max(batch * oh * ow * oc);
+            act
+        } else {
+            0
+        };
         // f32 words: bf16 activations take half as many.
         let words = |len: usize| {
             if self.tiling.bf16_act() {
@@ -675,15 +828,66 @@ impl FastResNet {
                 len
             }
         };
-        ws.input.ensure(words(batch * h * w * 3));
-        ws.cur.ensure(words(act));
-        ws.next.ensure(words(act));
-        ws.inner[0].ensure(words(inner[0]));
-        ws.inner[1].ensure(words(inner[1]));
-        ws.ds.ensure(words(ds));
+        ws.input.ensure(words(slicing.images * h * w * 3));
+        ws.gather.ensure(words(gather));
+        let acts = &mut ws.acts;
+        acts.cur.ensure(words(act));
+        acts.next.ensure(words(act));
+        acts.inner[0].ensure(words(inner[0]));
+        acts.inner[1].ensure(words(inner[1]));
+        acts.ds.ensure(words(ds));
         ws.scratch
             .resize_with(self.workers.threads(), AlignedBuf::default);
     }
+}
+
+/// Runs `blocks` on the `[batch, h, w, c]` activation in `acts.cur`, leaving their output
+/// there; returns its shape.
+fn run_blocks(
+    pass: &mut Pass,
+    blocks: &[Block],
+    acts: &mut Acts,
+    batch: usize,
+    mut shape: (usize, usize, usize),
+) -> Result<(usize, usize, usize)> {
+    let Acts {
+        cur,
+        next,
+        inner,
+        ds,
+    } = acts;
+    for block in blocks {
+        let Some((last, inner_convs)) = block.main.split_last() else {
+            continue;
+        };
+        // Main path but its last convolution, each with ReLU, alternating between the
+        // two inner buffers: [b, h, w, c] -> [b, h', w', width]
+        let mut y = shape;
+        for (i, conv) in inner_convs.iter().enumerate() {
+            let [a, b] = &mut *inner;
+            let (out, prev) = if i % 2 == 0 { (a, &*b) } else { (b, &*a) };
+            let data = if i == 0 { &*cur } else { prev };
+            let (ho, wo) = pass.apply(conv, kind(conv), nhwc(data, batch, y), out, None)?;
+            y = (ho, wo, conv.geom().cout);
+        }
+        // Shortcut: the block input itself, or its strided 1×1 projection.
+        let residual: &AlignedBuf = match &block.downsample {
+            Some(d) => {
+                pass.apply(d, LayerKind::Downsample, nhwc(cur, batch, shape), ds, None)?;
+                ds
+            }
+            None => cur,
+        };
+        // Last convolution + residual + ReLU, fused: [b, h', w', width] -> [b, h', w', out]
+        let data = match inner_convs.len() {
+            0 => &*cur,
+            n => &inner[(n - 1) % 2],
+        };
+        let (ho, wo) = pass.apply(last, kind(last), nhwc(data, batch, y), next, Some(residual))?;
+        std::mem::swap(cur, next);
+        shape = (ho, wo, last.geom().cout);
+    }
+    Ok(shape)
 }
 
 /// A convolution's input: a `[batch, h, w, c]` activation in `buf`, of the pass's activation
@@ -716,6 +920,9 @@ struct Pass<'a> {
     /// Thread-nanoseconds spent packing, when profiling.
     pack_ns: Option<&'a AtomicU64>,
     profile: Option<&'a mut Profile>,
+    /// Whether the layers run now count as layers of the pass in the profile's shapes (not
+    /// on a slice after the first: [`Slicing`]).
+    counting: bool,
 }
 
 impl Pass<'_> {
@@ -784,7 +991,7 @@ impl Pass<'_> {
                 ""
             };
             let shape = format!("{} {h}x{w}x{c} -> {oh}x{ow}x{}{res}", kind.name(), g.cout);
-            p.add_shape(shape, seconds, flops);
+            p.add_shape(shape, usize::from(self.counting), seconds, flops);
         }
         Ok((oh, ow))
     }
@@ -1005,6 +1212,54 @@ mod tests {
         let table = format!("{p:#}");
         assert!(table.contains("convolution shape") && table.contains(&expand.shape));
         assert!(!format!("{p}").contains("convolution shape"));
+        let empty = format!("{:#}", Profile::default());
+        assert!(!empty.contains("NaN") && empty.contains("0.0%"), "{empty}");
+    }
+
+    /// Slicing the first stages ([`Slicing`]) gives the same features bit for bit, with
+    /// uneven slices too, and the profile still counts each layer once per pass.
+    #[test]
+    fn slices_of_the_batch_change_no_bit() {
+        let (n, s) = (5, 32);
+        let x = images(n, s);
+        for precision in [Precision::F32, Precision::Bf16] {
+            let mut model =
+                FastResNet::with_arch(synthetic(), &Arch::default(), precision, Isa::detect())
+                    .unwrap();
+            let whole = model.forward(&x, n, s, s).unwrap();
+            assert_eq!(
+                model.slicing(n, s, s).images,
+                n,
+                "{precision}: 8 MiB hold it all"
+            );
+            // At 32 px layer1 writes 8×8×256 values per image, layer2 at most 8×8×128:
+            // a budget of 5 × the latter slices layer1 alone, in slices of 3 and 2 images.
+            let value = if precision == Precision::Bf16 { 2 } else { 4 };
+            model.slice_bytes = n * 8 * 8 * 128 * value;
+            let slicing = model.slicing(n, s, s);
+            assert_eq!(
+                slicing,
+                Slicing {
+                    blocks: 3,
+                    images: 3
+                },
+                "{precision}"
+            );
+            let mut p = Profile::default();
+            let sliced = model.forward_profiled(&x, n, s, s, &mut p).unwrap();
+            assert!(sliced == whole, "{precision}: slicing changed the features");
+            let calls: usize = p.shapes().iter().map(|s| s.calls).sum();
+            assert_eq!(calls, 53, "{precision}");
+            // One image per slice, through every block.
+            model.slice_bytes = 1;
+            let slicing = model.slicing(n, s, s);
+            let all = Slicing {
+                blocks: 16,
+                images: 1,
+            };
+            assert_eq!(slicing, all, "{precision}");
+            assert!(model.forward(&x, n, s, s).unwrap() == whole, "{precision}");
+        }
     }
 
     /// The whole bf16 dataflow — the stem's input rounded to bf16, k padded to AMX's 32, bf16
