@@ -92,10 +92,10 @@ fn im2col_rows<S: Copy, D: Copy>(
 ) {
     let (ks, cin) = (g.ksize, g.cin);
     let seg = ks * cin;
-    for (r, row) in dst.chunks_exact_mut(kp).take(rows).enumerate() {
-        let m = m0 + r;
-        let (n, rest) = (m / (oh * ow), m % (oh * ow));
-        let (oy, ox) = (rest / ow, rest % ow);
+    // The output pixel of row m0, then stepped along with the rows (no division per row).
+    let (mut n, rest) = (m0 / (oh * ow), m0 % (oh * ow));
+    let (mut oy, mut ox) = (rest / ow, rest % ow);
+    for row in dst.chunks_exact_mut(kp).take(rows) {
         let ix0 = (ox * g.stride) as isize - g.pad as isize;
         // The kx range inside the image.
         let kx_lo = (-ix0).clamp(0, ks as isize) as usize;
@@ -114,10 +114,24 @@ fn im2col_rows<S: Copy, D: Copy>(
                 &src[start as usize * cin..],
                 len,
             );
-            row[at..at + kx_lo * cin].fill(zero);
-            row[at + kx_hi * cin..at + seg].fill(zero);
+            // Only the border pixels' windows reach into the padding.
+            if kx_lo > 0 {
+                row[at..at + kx_lo * cin].fill(zero);
+            }
+            if kx_hi < ks {
+                row[at + kx_hi * cin..at + seg].fill(zero);
+            }
         }
         row[ks * seg..].fill(zero);
+        ox += 1;
+        if ox == ow {
+            ox = 0;
+            oy += 1;
+            if oy == oh {
+                oy = 0;
+                n += 1;
+            }
+        }
     }
 }
 
