@@ -819,15 +819,26 @@ unsafe fn pack_panel(
     // SAFETY: (every write and read below) r < mr and kk + run ≤ kc ≤ lda stay inside
     // `dst`; reads are at ((n·h + iy)·w + ix)·c + ci with iy, ix inside the image and ci < c.
     unsafe {
+        // The output pixel of row m, then stepped along with the rows (no division per row).
+        let (mut n, rest) = (m / (oh * ow), m % (oh * ow));
+        let (mut oy, mut ox) = (rest / ow, rest % ow);
         for r in 0..mr {
             let row = dst.add(r * lda);
             if r >= valid {
                 row.write_bytes(0, kc);
                 continue;
             }
-            let mm = m + r;
-            let (n, rest) = (mm / (oh * ow), mm % (oh * ow));
-            let (oy, ox) = (rest / ow, rest % ow);
+            if r > 0 {
+                ox += 1;
+                if ox == ow {
+                    ox = 0;
+                    oy += 1;
+                    if oy == oh {
+                        oy = 0;
+                        n += 1;
+                    }
+                }
+            }
             // Input column at kx = 0, and the kx range that falls inside the image.
             let ix0 = (ox * g.stride) as isize - g.pad as isize;
             let kx_lo = (-ix0).clamp(0, g.ksize as isize);
