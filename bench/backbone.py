@@ -106,6 +106,8 @@ def main():
     ap.add_argument("--binary", default=os.path.join(ROOT, "target", "release", "examples", "bench_backbone"))
     ap.add_argument("--baseline", help="another build of bench_backbone (e.g. from before a change), "
                     "timed interleaved with ours as 'baseline f32' / 'baseline bf16'")
+    ap.add_argument("--slices", help="slice budgets in MiB, comma-separated (inf: no slicing), to time ours "
+                    "bf16 with beside the default 8 MiB ('ours bf16 slices N MiB'; tunes SLICE_BYTES)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
 
@@ -123,6 +125,9 @@ def main():
     if args.baseline:
         ours += [Ours("baseline f32", args.baseline, images, args, ["--precision", "f32"]),
                  Ours("baseline bf16", args.baseline, images, args, ["--precision", "bf16"])]
+    for mib in args.slices.split(",") if args.slices else []:
+        ours.append(Ours(f"ours bf16 slices {mib} MiB", args.binary, images, args,
+                         ["--precision", "bf16", "--slice-mib", mib]))
     if args.candle:
         ours.append(Ours("ours candle f32", args.binary, images, args, ["--implementation", "candle"]))
     for o in ours:

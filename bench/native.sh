@@ -11,8 +11,9 @@
 #    AVX2): each prints "ran … natively" or "SKIPPED", collected in native-tests.txt;
 #    and the bf16 dataflow with free products (what bounds AMX, bench/README.md);
 # 3. bench/backbone.py --rounds 5 (ours f32, ours bf16, PyTorch's modes; needs torch and
-#    torchvision), then, without --quick, bench/head/bench.py and bench/wholejob.py on 10,000
-#    images for ours bf16 and f32 against PyTorch's fp32 and bf16 channels_last (~35 min on a
+#    torchvision) and the slice budgets of the first stages (ours bf16), then, without
+#    --quick, bench/head/bench.py and bench/wholejob.py on 10,000 images for ours bf16 and
+#    f32 against PyTorch's fp32 and bf16 channels_last (~35 min on a
 #    Zen 4 with native bf16; up to 90 min where bf16 is emulated on both sides).
 #
 # Nothing here is asserted on timings; read the medians and ratios, quote the load average.
@@ -57,6 +58,9 @@ cargo test --release --lib products_cost_nothing -- --ignored --nocapture 2>&1 \
 
 python3 bench/backbone.py --rounds 5 --shapes --json "$OUT/backbone.json" 2>&1 \
   | tee "$OUT/backbone.txt"
+# The first stages' slice budget (SLICE_BYTES in src/backbone/fast/mod.rs, 8 MiB) against
+# others, bf16, interleaved.
+python3 bench/backbone.py --no-torch --rounds 9 --slices 2,4,16,32,inf 2>&1 | tee "$OUT/slices.txt"
 if [[ $QUICK == 0 ]]; then
   python3 bench/head/bench.py 2>&1 | tee "$OUT/head.txt"
   python3 bench/wholejob.py --images 10000 --only ours-bf16,ours-f32,torch-fp32-cl,torch-bf16-cl \

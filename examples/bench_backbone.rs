@@ -62,6 +62,10 @@ struct Args {
     /// Worker threads [default: all cores].
     #[arg(long)]
     threads: Option<usize>,
+    /// Slice budget of the first stages in MiB (`FastResNet::set_slice_bytes`; `inf`: no
+    /// slicing, 0: one image per slice) [default: the library's, 8].
+    #[arg(long)]
+    slice_mib: Option<f64>,
     /// Timed passes in one-shot mode.
     #[arg(long, default_value_t = 3)]
     runs: usize,
@@ -209,6 +213,10 @@ fn main() -> anyhow::Result<()> {
             let mut m = FastResNet::with_arch(sd, &arch, precision, isa)?;
             if let Some(t) = args.threads {
                 m.set_threads(t)?;
+            }
+            if let Some(mib) = args.slice_mib {
+                // `as` saturates: `inf` is usize::MAX, no slicing.
+                m.set_slice_bytes((mib * (1u64 << 20) as f64) as usize);
             }
             Net::Fast(Box::new(m))
         }

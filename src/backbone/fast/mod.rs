@@ -521,6 +521,20 @@ impl FastResNet {
         self.tiling.pairs()
     }
 
+    /// The most bytes one activation of the first stages may take over a slice of the batch
+    /// (default 8 MiB): those stages run slice by slice until their activations over the
+    /// whole batch fit, so that one layer's output stays in cache for the next. Features do
+    /// not depend on it.
+    pub fn slice_bytes(&self) -> usize {
+        self.slice_bytes
+    }
+
+    /// Sets [`FastResNet::slice_bytes`]; `usize::MAX` runs every layer on the whole batch,
+    /// 0 every layer on slices of one image.
+    pub fn set_slice_bytes(&mut self, bytes: usize) {
+        self.slice_bytes = bytes;
+    }
+
     /// Worker threads per matrix product (default: the CPU's available parallelism).
     pub fn threads(&self) -> usize {
         self.workers.threads()
@@ -1235,7 +1249,7 @@ mod tests {
             // At 32 px layer1 writes 8×8×256 values per image, layer2 at most 8×8×128:
             // a budget of 5 × the latter slices layer1 alone, in slices of 3 and 2 images.
             let value = if precision == Precision::Bf16 { 2 } else { 4 };
-            model.slice_bytes = n * 8 * 8 * 128 * value;
+            model.set_slice_bytes(n * 8 * 8 * 128 * value);
             let slicing = model.slicing(n, s, s);
             assert_eq!(
                 slicing,
@@ -1250,8 +1264,8 @@ mod tests {
             assert!(sliced == whole, "{precision}: slicing changed the features");
             let calls: usize = p.shapes().iter().map(|s| s.calls).sum();
             assert_eq!(calls, 53, "{precision}");
-            // One image per slice, through every block.
-            model.slice_bytes = 1;
+            // 0: one image per slice, through every block.
+            model.set_slice_bytes(0);
             let slicing = model.slicing(n, s, s);
             let all = Slicing {
                 blocks: 16,
