@@ -1274,6 +1274,17 @@ mod tests {
             assert_eq!(slicing, all, "{precision}");
             assert!(model.forward(&x, n, s, s).unwrap() == whole, "{precision}");
         }
+        // Basic blocks (ResNet-18) too, one image per slice.
+        let arch = Arch::RESNET18;
+        let sd = StateDict::from_tensors(
+            "synthetic",
+            weights::synthetic_state_dict_of(&arch).unwrap(),
+        );
+        let mut model = FastResNet::with_arch(sd, &arch, Precision::F32, Isa::detect()).unwrap();
+        let whole = model.forward(&x, n, s, s).unwrap();
+        model.set_slice_bytes(0);
+        assert_eq!(model.slicing(n, s, s).blocks, 8);
+        assert!(model.forward(&x, n, s, s).unwrap() == whole, "resnet18");
     }
 
     /// The whole bf16 dataflow — the stem's input rounded to bf16, k padded to AMX's 32, bf16
