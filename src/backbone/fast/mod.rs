@@ -679,13 +679,18 @@ impl FastResNet {
         // Stem: [b, 3, h, w] (NCHW) -> [b, h1, w1, 64]. Its packer, like every other, reads
         // NHWC: transpose the small 3-channel input, rounding it to bf16 under the bf16
         // dataflow (once, rather than each of the ~12 times the stem's windows read a pixel).
-        let dims = (batch, 3, h, w);
+        let len = batch * 3 * h * w;
         let bf16 = self.tiling.bf16_act();
+        let workers = pass.workers;
         pass.timed(LayerKind::Stem, 0.0, || {
             if bf16 {
-                nchw_to_nhwc(x, dims, input.as_bf16_mut(), bf16_bits);
+                workers.split(&mut input.as_bf16_mut()[..len], 3, |first, out| {
+                    nchw_to_nhwc::<_, 3>(x, (h, w), (first, out), bf16_bits);
+                });
             } else {
-                nchw_to_nhwc(x, dims, input.as_mut_slice(), |v| v);
+                workers.split(&mut input.as_mut_slice()[..len], 3, |first, out| {
+                    nchw_to_nhwc::<_, 3>(x, (h, w), (first, out), |v| v);
+                });
             }
             Ok(())
         })?;
@@ -694,7 +699,6 @@ impl FastResNet {
         let (h1, w1) = pass.apply(&self.stem, LayerKind::Stem, stem_in, next, None)?;
         // Max pool 3×3 / 2: [b, h1, w1, 64] -> [b, h2, w2, 64]
         let c1 = self.stem.geom().cout;
-        let workers = pass.workers;
         pass.timed(LayerKind::MaxPool, 0.0, || {
             let dims = (h1, w1, c1);
             let len = batch * pool_len(h1) * pool_len(w1) * c1;
@@ -1025,19 +1029,39 @@ impl Pass<'_> {
     }
 }
 
-/// `[b, c, h, w]` → `[b, h, w, c]`, each value converted by `cvt`.
-fn nchw_to_nhwc<T>(
+/// `[b, C, h, w]` → `[b, h, w, C]`, each value converted by `cvt`, for the output pixels
+/// `first..` that `out` holds (whole pixels: the workers each take a piece).
+fn nchw_to_nhwc<T: Copy + Default, const C: usize>(
     src: &[f32],
-    (batch, c, h, w): (usize, usize, usize, usize),
-    dst: &mut [T],
+    (h, w): (usize, usize),
+    (first, out): (usize, &mut [T]),
     cvt: impl Fn(f32) -> T,
 ) {
-    for n in 0..batch {
-        for ch in 0..c {
-            let plane = &src[(n * c + ch) * h * w..][..h * w];
-            for (i, &v) in plane.iter().enumerate() {
-                dst[(n * h * w + i) * c + ch] = cvt(v);
+    // Runs of up to RUN pixels of one image: each channel's run converted from its plane
+    // in one contiguous (vectorised) loop, then the runs interleaved.
+    const RUN: usize = 64;
+    let hw = h * w;
+    let (mut n, mut i) = (first / hw, first % hw);
+    let mut planes = [[T::default(); RUN]; C];
+    let mut rest = out;
+    while rest.len() >= C {
+        let px = (rest.len() / C).min(RUN).min(hw - i);
+        for (ch, plane) in planes.iter_mut().enumerate() {
+            let from = &src[(n * C + ch) * hw + i..][..px];
+            for (t, &v) in plane.iter_mut().zip(from) {
+                *t = cvt(v);
             }
+        }
+        let (pixels, later) = rest.split_at_mut(px * C);
+        for (p, dst) in pixels.chunks_exact_mut(C).enumerate() {
+            for (ch, v) in dst.iter_mut().enumerate() {
+                *v = planes[ch][p];
+            }
+        }
+        rest = later;
+        i += px;
+        if i == hw {
+            (n, i) = (n + 1, 0);
         }
     }
 }
@@ -1228,6 +1252,27 @@ mod tests {
         assert!(!format!("{p}").contains("convolution shape"));
         let empty = format!("{:#}", Profile::default());
         assert!(!empty.contains("NaN") && empty.contains("0.0%"), "{empty}");
+    }
+
+    /// The transpose to NHWC, in pieces that start and end anywhere: runs cut at image
+    /// ends (35 pixels each) and at the piece's end, against the plain index formula.
+    #[test]
+    fn nchw_to_nhwc_in_pieces_matches_the_formula() {
+        let (b, c, h, w) = (3, 3, 5, 7);
+        let src: Vec<f32> = (0..b * c * h * w).map(|i| i as f32 * 0.5 - 7.0).collect();
+        let want: Vec<f32> = (0..b * h * w * c)
+            .map(|j| {
+                let (p, ch) = (j / c, j % c);
+                src[(p / (h * w) * c + ch) * h * w + p % (h * w)]
+            })
+            .collect();
+        for cut in [0, 1, 34, 35, 36, 70, 104, 105] {
+            let mut got = vec![f32::NAN; want.len()];
+            let (head, tail) = got.split_at_mut(cut * c);
+            nchw_to_nhwc::<_, 3>(&src, (h, w), (0, head), |v| v);
+            nchw_to_nhwc::<_, 3>(&src, (h, w), (cut, tail), |v| v);
+            assert_eq!(got, want, "cut at pixel {cut}");
+        }
     }
 
     /// Slicing the first stages ([`Slicing`]) gives the same features bit for bit, with
