@@ -845,14 +845,13 @@ unsafe fn pack_panel(
             let kx_hi = (w - ix0).clamp(0, g.ksize as isize);
             let (lo, hi) = ((kx_lo * cin) as usize, (kx_hi * cin) as usize);
             let mut kk = 0;
+            // The kernel row of k0 + kk and the offset inside it, stepped along with the runs.
+            let (mut ky, mut within) = (k0 / per_ky, k0 % per_ky);
             while kk < kc {
-                let kg = k0 + kk;
-                if kg >= k {
+                if k0 + kk >= k {
                     row.add(kk).write_bytes(0, kc - kk);
                     break;
                 }
-                let ky = kg / per_ky;
-                let within = kg - ky * per_ky;
                 let row_left = (per_ky - within).min(kc - kk);
                 let iy = (oy * g.stride + ky) as isize - g.pad as isize;
                 let inside = iy >= 0 && iy < src.h as isize;
@@ -871,6 +870,10 @@ unsafe fn pack_panel(
                     row.add(kk).write_bytes(0, run);
                 }
                 kk += run;
+                within += run;
+                if within == per_ky {
+                    (ky, within) = (ky + 1, 0);
+                }
             }
         }
     }
