@@ -819,9 +819,7 @@ unsafe fn pack_panel(
     // SAFETY: (every write and read below) r < mr and kk + run ≤ kc ≤ lda stay inside
     // `dst`; reads are at ((n·h + iy)·w + ix)·c + ci with iy, ix inside the image and ci < c.
     unsafe {
-        // The output pixel of row m, then stepped along with the rows (no division per row).
-        let (mut n, rest) = (m / (oh * ow), m % (oh * ow));
-        let (mut oy, mut ox) = (rest / ow, rest % ow);
+        let mut px = OutPixel::of_row(m, (oh, ow));
         for r in 0..mr {
             let row = dst.add(r * lda);
             if r >= valid {
@@ -829,16 +827,9 @@ unsafe fn pack_panel(
                 continue;
             }
             if r > 0 {
-                ox += 1;
-                if ox == ow {
-                    ox = 0;
-                    oy += 1;
-                    if oy == oh {
-                        oy = 0;
-                        n += 1;
-                    }
-                }
+                px.step((oh, ow));
             }
+            let OutPixel { n, oy, ox } = px;
             // Input column at kx = 0, and the kx range that falls inside the image.
             let ix0 = (ox * g.stride) as isize - g.pad as isize;
             let kx_lo = (-ix0).clamp(0, g.ksize as isize);
@@ -874,6 +865,41 @@ unsafe fn pack_panel(
                 if within == per_ky {
                     (ky, within) = (ky + 1, 0);
                 }
+            }
+        }
+    }
+}
+
+/// The output pixel `[n, oy, ox]` of an im2col row, stepped along with the rows, so that a
+/// packer divides once per block of rows rather than four times per row.
+#[derive(Debug, Clone, Copy)]
+struct OutPixel {
+    n: usize,
+    oy: usize,
+    ox: usize,
+}
+
+impl OutPixel {
+    /// The pixel of row `m` of an output of `oh × ow` pixels per image.
+    fn of_row(m: usize, (oh, ow): (usize, usize)) -> OutPixel {
+        let (n, rest) = (m / (oh * ow), m % (oh * ow));
+        OutPixel {
+            n,
+            oy: rest / ow,
+            ox: rest % ow,
+        }
+    }
+
+    /// Moves to the next row's pixel.
+    #[inline(always)]
+    fn step(&mut self, (oh, ow): (usize, usize)) {
+        self.ox += 1;
+        if self.ox == ow {
+            self.ox = 0;
+            self.oy += 1;
+            if self.oy == oh {
+                self.oy = 0;
+                self.n += 1;
             }
         }
     }

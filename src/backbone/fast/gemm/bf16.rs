@@ -30,7 +30,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{
-    AlignedBuf, ConvGeom, Epilogue, Lens, PackedB, Schedule, Tiling, Workers, bf16_bits,
+    AlignedBuf, ConvGeom, Epilogue, Lens, OutPixel, PackedB, Schedule, Tiling, Workers, bf16_bits,
     check_buffers, check_packing,
 };
 use crate::error::Result;
@@ -92,10 +92,9 @@ fn im2col_rows<S: Copy, D: Copy>(
 ) {
     let (ks, cin) = (g.ksize, g.cin);
     let seg = ks * cin;
-    // The output pixel of row m0, then stepped along with the rows (no division per row).
-    let (mut n, rest) = (m0 / (oh * ow), m0 % (oh * ow));
-    let (mut oy, mut ox) = (rest / ow, rest % ow);
+    let mut px = OutPixel::of_row(m0, (oh, ow));
     for row in dst.chunks_exact_mut(kp).take(rows) {
+        let OutPixel { n, oy, ox } = px;
         let ix0 = (ox * g.stride) as isize - g.pad as isize;
         // The kx range inside the image.
         let kx_lo = (-ix0).clamp(0, ks as isize) as usize;
@@ -123,15 +122,7 @@ fn im2col_rows<S: Copy, D: Copy>(
             }
         }
         row[ks * seg..].fill(zero);
-        ox += 1;
-        if ox == ow {
-            ox = 0;
-            oy += 1;
-            if oy == oh {
-                oy = 0;
-                n += 1;
-            }
-        }
+        px.step((oh, ow));
     }
 }
 
