@@ -729,16 +729,12 @@ impl FastResNet {
         let bf16 = self.tiling.bf16_act();
         let bytes = |values: usize| values * if bf16 { 2 } else { 4 };
         let (stem, blocks) = self.largest_outputs(h, w);
-        let sliced = blocks
-            .iter()
-            .take_while(|&&v| bytes(batch * v) > self.slice_bytes)
-            .count();
-        let largest = blocks[..sliced].iter().fold(stem, |a, &b| a.max(b));
-        let slices = bytes(batch * largest).div_ceil(self.slice_bytes.max(1));
-        if slices <= 1 {
-            return whole;
+        let (mut sliced, mut largest) = (0, stem);
+        for v in blocks.take_while(|&v| bytes(batch * v) > self.slice_bytes) {
+            (sliced, largest) = (sliced + 1, largest.max(v));
         }
-        let images = batch.div_ceil(slices.min(batch));
+        let slices = bytes(batch * largest).div_ceil(self.slice_bytes.max(1));
+        let images = batch.div_ceil(slices.min(batch).max(1));
         if images >= batch {
             return whole;
         }
@@ -749,45 +745,28 @@ impl FastResNet {
     }
 
     /// Per image, the largest activation the stem (with its max pool) writes, and the largest
-    /// each block writes, in values.
-    fn largest_outputs(&self, h: usize, w: usize) -> (usize, Vec<usize>) {
+    /// each block writes in turn, in values.
+    fn largest_outputs(&self, h: usize, w: usize) -> (usize, impl Iterator<Item = usize>) {
         let g = self.stem.geom();
         let (h1, w1) = (g.out_len(h), g.out_len(w));
         let stem = h1 * w1 * g.cout;
         let (mut hc, mut wc) = (pool_len(h1), pool_len(w1));
-        let blocks = self
-            .blocks
-            .iter()
-            .map(|b| {
-                let (mut ho, mut wo) = (hc, wc);
-                let mut largest = 0;
-                for conv in &b.main {
-                    let g = conv.geom();
-                    (ho, wo) = (g.out_len(ho), g.out_len(wo));
-                    largest = largest.max(ho * wo * g.cout);
-                }
-                if let Some(d) = &b.downsample {
-                    let g = d.geom();
-                    largest = largest.max(g.out_len(hc) * g.out_len(wc) * g.cout);
-                }
-                (hc, wc) = (ho, wo);
-                largest
-            })
-            .collect();
-        (stem, blocks)
-    }
-
-    /// The activation shape `[h, w, c]` after the stem, the max pool and `blocks` blocks.
-    fn shape_after(&self, blocks: usize, h: usize, w: usize) -> (usize, usize, usize) {
-        let g = self.stem.geom();
-        let mut shape = (pool_len(g.out_len(h)), pool_len(g.out_len(w)), g.cout);
-        for b in &self.blocks[..blocks] {
+        let blocks = self.blocks.iter().map(move |b| {
+            let (mut ho, mut wo) = (hc, wc);
+            let mut largest = 0;
             for conv in &b.main {
                 let g = conv.geom();
-                shape = (g.out_len(shape.0), g.out_len(shape.1), g.cout);
+                (ho, wo) = (g.out_len(ho), g.out_len(wo));
+                largest = largest.max(ho * wo * g.cout);
             }
-        }
-        shape
+            if let Some(d) = &b.downsample {
+                let g = d.geom();
+                largest = largest.max(g.out_len(hc) * g.out_len(wc) * g.cout);
+            }
+            (hc, wc) = (ho, wo);
+            largest
+        });
+        (stem, blocks)
     }
 
     /// Grows the workspace to what a `[batch, 3, h, w]` pass sliced as `slicing` needs.
@@ -808,10 +787,15 @@ impl FastResNet {
         };
         let g = self.stem.geom();
         let (h1, w1) = (g.out_len(h), g.out_len(w));
-        let (mut hc, mut wc) = (pool_len(h1), pool_len(w1));
+        let (mut hc, mut wc, mut cc) = (pool_len(h1), pool_len(w1), g.cout);
         let mut act = slicing.images * h1 * w1 * g.cout;
         let (mut inner, mut ds) = ([0, 0], 0);
+        // Values per image of the sliced blocks' output, gathered for the whole batch.
+        let mut gathered = hc * wc * cc;
         for (k, b) in self.blocks.iter().enumerate() {
+            if k == slicing.blocks {
+                gathered = hc * wc * cc;
+            }
             let (mut ho, mut wo) = (hc, wc);
             for (i, conv) in b.main.iter().enumerate() {
                 let g = conv.geom();
@@ -821,6 +805,7 @@ impl FastResNet {
                     inner[i % 2] = inner[i % 2].max(len);
                 } else {
                     act = act.max(len);
+                    cc = g.cout;
                 }
             }
             if let Some(d) = &b.downsample {
@@ -829,11 +814,13 @@ impl FastResNet {
             }
             (hc, wc) = (ho, wo);
         }
+        if slicing.blocks == self.blocks.len() {
+            gathered = hc * wc * cc;
+        }
         // The gathered output of the sliced blocks becomes the next block's input (`cur`),
         // so it must hold every later activation as `cur` does, and `cur` every earlier one.
         let gather = if slicing.images < batch {
-            let (oh, ow, oc) = self.shape_after(slicing.blocks, h, w);
-            act = act.max(batch * oh * ow * oc);
+            act = act.max(batch * gathered);
             act
         } else {
             0
