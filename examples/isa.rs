@@ -16,7 +16,7 @@ fn main() {
         let kernels = match kind {
             IsaKind::Amx => "backbone bf16 32x32 AMX tiles (tdpbf16ps)",
             IsaKind::Avx512Bf16 => "backbone bf16 12x32 vdpbf16ps",
-            IsaKind::Avx512 => "backbone f32 12x32 (and bf16 emulated on it)",
+            IsaKind::Avx512 => "backbone f32 6x64 (and bf16 emulated on it)",
             IsaKind::Avx2Fma => "backbone f32 6x16, head 8-lane AVX2",
             IsaKind::Portable => "backbone 4x8 and head 8-lane plain Rust",
         };

@@ -17,10 +17,10 @@
 //!   to the accumulators of the last `KC` block before they are stored: every activation is
 //!   written once per layer.
 //!
-//! Micro-kernels are chosen at run time ([`crate::isa::Isa`]): AVX-512F (12×32) and AVX2 + FMA
+//! Micro-kernels are chosen at run time ([`crate::isa::Isa`]): AVX-512F (6×64) and AVX2 + FMA
 //! (6×16) are one intrinsics macro instantiated per instruction set, with a plain-Rust 4×8
-//! kernel as the portable fallback; the AVX-512 blocking is also tested on CPUs without
-//! AVX-512, with its micro-kernel replaced by the same arithmetic in plain Rust.
+//! kernel as the portable fallback; the AVX-512 blockings are also tested on CPUs without
+//! AVX-512, with their micro-kernels replaced by the same arithmetic in plain Rust.
 //!
 //! This module's [`conv`] is the f32 path. bf16 runs the dataflow of the `bf16` submodule
 //! ([`conv_bf16`]): bf16 activations in memory, row-major `A`, whole-depth products, on AMX
@@ -65,7 +65,7 @@ enum Kernel {
     /// AVX2 + FMA, 6×16.
     #[cfg(target_arch = "x86_64")]
     Avx2(Avx2Fma),
-    /// AVX-512F, 12×32.
+    /// AVX-512F, 6×64.
     #[cfg(target_arch = "x86_64")]
     Avx512(Avx512),
     /// AVX512-BF16 `vdpbf16ps` on bf16 pairs, 12×32.
@@ -74,13 +74,14 @@ enum Kernel {
     /// AMX `tdpbf16ps` on tiles, 32×32.
     #[cfg(target_arch = "x86_64")]
     Amx(AmxBf16),
-    /// Test stand-ins for the two AVX-512 kernels: the same blockings and arithmetic in
-    /// plain Rust, so they run on any CPU.
+    /// Test stand-in for the AVX-512F f32 kernel: its blocking and arithmetic in plain
+    /// Rust, so they run on any CPU.
     #[cfg(all(test, target_arch = "x86_64"))]
-    Emulated12x32 {
-        /// Stands in for the bf16-pair kernel rather than the f32 one.
-        pairs: bool,
-    },
+    EmulatedAvx512,
+    /// Test stand-in for the AVX512-BF16 kernel: its blocking and `vdpbf16ps`'s arithmetic
+    /// in plain Rust.
+    #[cfg(all(test, target_arch = "x86_64"))]
+    EmulatedDpbf16,
     /// Test stand-in for the AMX kernel: its blocking and `tdpbf16ps`'s arithmetic in plain
     /// Rust.
     #[cfg(test)]
@@ -143,22 +144,30 @@ impl Tiling {
     /// The blocking of `kernel`.
     fn for_kernel(kernel: Kernel, bf16: bool) -> Tiling {
         // KC sets one B sliver (KC × NR × 4 bytes): 16 KiB, half of a 32 KiB L1, for the
-        // portable and AVX2 kernels; 32 KiB for AVX-512's 12×32, which ran ResNet-50 ~5 %
-        // faster than 16 KiB on a Zen 4 (3 A/B runs of 9–15 rounds; 64 KiB gained nothing
-        // more, and doubling MC lost 5 %). MC keeps the packed A block (MC × KC × 4 bytes)
-        // well inside a 512 KiB–1 MiB L2. With bf16 pairs KC counts k values, two per word.
+        // portable and AVX2 kernels; 32 KiB for AVX-512's, which ran ResNet-50 ~5 % faster
+        // than 16 KiB on a Zen 4 (12×32 tiles; 3 A/B runs of 9–15 rounds; 64 KiB gained
+        // nothing more, and doubling MC lost 5 %), and as fast as 64 KiB on an Ice Lake
+        // (6×64). MC keeps the packed A block (MC × KC × 4 bytes) well inside a 512 KiB–1 MiB
+        // L2. With bf16 pairs KC counts k values, two per word.
+        //
+        // AVX-512 f32 is 6×64 rather than 12×32: the same 24 accumulators, but 6 broadcasts
+        // and 4 loads of B per step instead of 12 and 2. On an Ice Lake, whose two FMA units
+        // wait on the loads, ResNet-50 ran 1.08–1.14× faster in f32 and 1.13× in emulated
+        // bf16 (bench/README.md); `vdpbf16ps` stays 12×32, as fast as 6×64 on a Zen 4.
         let (mr, nr, kc, mc, pairs) = match kernel {
             Kernel::Portable => (4, 8, 256, 64, false),
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2(_) => (6, 16, 256, 96, false),
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512(_) => (12, 32, 256, 144, false),
+            Kernel::Avx512(_) => (6, 64, 128, 144, false),
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512Bf16(_) => (12, 32, 256, 144, true),
             #[cfg(target_arch = "x86_64")]
             Kernel::Amx(_) => (32, 32, 256, 128, true),
             #[cfg(all(test, target_arch = "x86_64"))]
-            Kernel::Emulated12x32 { pairs } => (12, 32, 256, 144, pairs),
+            Kernel::EmulatedAvx512 => (6, 64, 128, 144, false),
+            #[cfg(all(test, target_arch = "x86_64"))]
+            Kernel::EmulatedDpbf16 => (12, 32, 256, 144, true),
             #[cfg(test)]
             Kernel::EmulatedAmx | Kernel::FreeProducts => (32, 32, 256, 128, true),
         };
@@ -214,9 +223,9 @@ impl Tiling {
             #[cfg(target_arch = "x86_64")]
             Kernel::Amx(_) => bf16::amx::amx_32x32,
             #[cfg(all(test, target_arch = "x86_64"))]
-            Kernel::Emulated12x32 { pairs: false } => tests::f32_12x32,
+            Kernel::EmulatedAvx512 => tests::f32_6x64,
             #[cfg(all(test, target_arch = "x86_64"))]
-            Kernel::Emulated12x32 { pairs: true } => tests::bf16_pairs_12x32,
+            Kernel::EmulatedDpbf16 => tests::bf16_pairs_12x32,
             #[cfg(test)]
             Kernel::EmulatedAmx => bf16::tests::amx_32x32,
             #[cfg(test)]
@@ -280,7 +289,7 @@ pub(crate) fn free_products_tiling() -> Tiling {
 /// The `vdpbf16ps` blocking with the instruction emulated in plain Rust, for tests.
 #[cfg(all(test, target_arch = "x86_64"))]
 pub(crate) fn emulated_dpbf16_tiling() -> Tiling {
-    Tiling::for_kernel(Kernel::Emulated12x32 { pairs: true }, true)
+    Tiling::for_kernel(Kernel::EmulatedDpbf16, true)
 }
 
 /// What to do with a tile's accumulators before storing them.
@@ -480,13 +489,28 @@ mod x86 {
         };
     }
 
-    /// A micro-kernel of `rows` × (2 vectors of `lanes`) accumulators. `mac` is the
+    /// `[$loadu(p), $loadu(p + lanes), …]`: one vector per listed index.
+    macro_rules! load_vectors {
+        ($loadu:ident, $p:expr, $lanes:expr, [$($v:literal),*]) => {
+            [$($loadu($p.add($v * $lanes))),*]
+        };
+    }
+
+    /// `acc[v] = mac(acc[v], a, b[v])` for every listed `v`.
+    macro_rules! mac_row {
+        ($mac:ident, $acc:expr, $a:expr, $b:expr, [$($v:literal),*]) => {
+            $( $acc[$v] = $mac!($acc[$v], $a, $b[$v]); )*
+        };
+    }
+
+    /// A micro-kernel of `rows` × (`vectors` vectors of `lanes`) accumulators. `mac` is the
     /// multiply-accumulate; the bf16 kernel only differs by it (and by `a`, `b` holding
     /// bf16 pairs, moved bit for bit by the f32 loads and broadcasts).
     macro_rules! simd_kernel {
         (
             $(#[$doc:meta])*
             $name:ident, $feat:literal, $V:ty, $lanes:literal, $mr:literal, [$($r:literal),*],
+            $nv:literal, $vs:tt,
             $zero:ident, $splat:ident, $loadu:ident, $storeu:ident, $add:ident, $max:ident,
             $mac:ident
         ) => {
@@ -503,8 +527,9 @@ mod x86 {
             ) {
                 const MR: usize = $mr;
                 const L: usize = $lanes;
-                const NR: usize = 2 * L;
-                let mut acc = [[$zero(); 2]; MR];
+                const NV: usize = $nv;
+                const NR: usize = NV * L;
+                let mut acc = [[$zero(); NV]; MR];
                 // SAFETY: (the whole body) `b` holds `steps` steps of NR words (read with
                 // unaligned loads: nothing relies on `PackedB`'s alignment); `a` holds MR
                 // rows of `steps` words, `lda` apart; `c`, the bias and the residual cover
@@ -514,12 +539,10 @@ mod x86 {
                     let mut bp = b;
                     let mut ap = a;
                     for _ in 0..steps {
-                        let b0 = $loadu(bp);
-                        let b1 = $loadu(bp.add(L));
+                        let bv: [$V; NV] = load_vectors!($loadu, bp, L, $vs);
                         $(
                             let av = $splat(*ap.add($r * lda));
-                            acc[$r][0] = $mac!(acc[$r][0], av, b0);
-                            acc[$r][1] = $mac!(acc[$r][1], av, b1);
+                            mac_row!($mac, acc[$r], av, bv, $vs);
                         )*
                         ap = ap.add(1);
                         bp = bp.add(NR);
@@ -529,7 +552,8 @@ mod x86 {
                         // ReLU, one store.
                         let zero = $zero();
                         $(
-                            for (v, x) in [(0, acc[$r][0]), (L, acc[$r][1])] {
+                            for (j, x) in acc[$r].into_iter().enumerate() {
+                                let v = j * L;
                                 let cp = c.add($r * ldc + v);
                                 let mut x = x;
                                 if ep.accumulate {
@@ -550,8 +574,9 @@ mod x86 {
                     } else {
                         let mut out = [[0f32; NR]; MR];
                         $(
-                            $storeu(out[$r].as_mut_ptr(), acc[$r][0]);
-                            $storeu(out[$r].as_mut_ptr().add(L), acc[$r][1]);
+                            for (j, x) in acc[$r].into_iter().enumerate() {
+                                $storeu(out[$r].as_mut_ptr().add(j * L), x);
+                            }
                         )*
                         finish::<MR, NR>(out, c, ldc, ep);
                     }
@@ -565,17 +590,17 @@ mod x86 {
         ///
         /// # Safety
         /// The CPU supports AVX2 and FMA; pointers as for [`super::MicroFn`].
-        f32_avx2, "avx2,fma", __m256, 8, 6, [0, 1, 2, 3, 4, 5],
+        f32_avx2, "avx2,fma", __m256, 8, 6, [0, 1, 2, 3, 4, 5], 2, [0, 1],
         _mm256_setzero_ps, _mm256_set1_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_add_ps,
         _mm256_max_ps, fma256
     );
 
     simd_kernel!(
-        /// AVX-512F f32 micro-kernel, 12×32: 24 zmm accumulators, 2 for B, 1 broadcast.
+        /// AVX-512F f32 micro-kernel, 6×64: 24 zmm accumulators, 4 for B, 1 broadcast.
         ///
         /// # Safety
         /// The CPU supports AVX-512F; pointers as for [`super::MicroFn`].
-        f32_avx512, "avx512f", __m512, 16, 12, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11],
+        f32_avx512, "avx512f", __m512, 16, 6, [0, 1, 2, 3, 4, 5], 4, [0, 1, 2, 3],
         _mm512_setzero_ps, _mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_add_ps,
         _mm512_max_ps, fma512
     );
@@ -587,7 +612,8 @@ mod x86 {
         /// # Safety
         /// The CPU supports AVX-512F and AVX512-BF16; pointers as for [`super::MicroFn`],
         /// with bf16-pair words.
-        bf16_avx512, "avx512f,avx512bf16", __m512, 16, 12, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11],
+        bf16_avx512, "avx512f,avx512bf16", __m512, 16, 12, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], 2,
+        [0, 1],
         _mm512_setzero_ps, _mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_add_ps,
         _mm512_max_ps, dpbf16
     );
@@ -1360,6 +1386,8 @@ mod tests {
             (geom(20, 36, 1, 1, 0), (2, 10, 9)),
             (geom(32, 36, 1, 1, 0), (2, 10, 9)),
             (geom(64, 64, 1, 1, 0), (1, 8, 8)),
+            // Full 64-wide tiles over more than one KC block (their partial sums reloaded).
+            (geom(300, 130, 1, 1, 0), (1, 3, 5)),
         ];
         let bf16 = t.bf16_act();
         let operand = |v: f32| if bf16 { round_bf16(v) } else { v };
@@ -1455,9 +1483,9 @@ mod tests {
     /// The AVX-512 f32 body, compiled without target features.
     ///
     /// # Safety
-    /// As [`MicroFn`], for a 12×32 tile.
+    /// As [`MicroFn`], for a 6×64 tile.
     #[cfg(target_arch = "x86_64")]
-    pub(super) unsafe fn f32_12x32(
+    pub(super) unsafe fn f32_6x64(
         steps: usize,
         a: *const f32,
         lda: usize,
@@ -1467,7 +1495,7 @@ mod tests {
         ep: &Epilogue,
     ) {
         // SAFETY: forwarded from the caller.
-        unsafe { f32_body::<12, 32, false>(steps, a, lda, b, c, ldc, ep) }
+        unsafe { f32_body::<6, 64, false>(steps, a, lda, b, c, ldc, ep) }
     }
 
     /// `vdpbf16ps` in plain Rust, at the AVX-512 tile size: per 32-bit lane, the product of
@@ -1507,16 +1535,16 @@ mod tests {
         unsafe { finish::<12, 32>(acc, c, ldc, ep) }
     }
 
-    /// The AVX-512 f32 blocking (12×32 tiles, its KC and MC) on any CPU: the micro-kernel is
+    /// The AVX-512 f32 blocking (6×64 tiles, its KC and MC) on any CPU: the micro-kernel is
     /// swapped for the same arithmetic in plain Rust, so everything but the instructions
     /// themselves is checked here.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn avx512_blocking_matches_direct_convolution_on_any_cpu() {
-        let t = Tiling::for_kernel(Kernel::Emulated12x32 { pairs: false }, false);
+        let t = Tiling::for_kernel(Kernel::EmulatedAvx512, false);
         assert_eq!(
             (t.mr, t.nr, t.kc, t.mc, t.pairs, t.round),
-            (12, 32, 256, 144, false, false)
+            (6, 64, 128, 144, false, false)
         );
         if let Some(isa) = Avx512::new() {
             let real = Tiling::for_kernel(Kernel::Avx512(isa), false);
@@ -1525,9 +1553,9 @@ mod tests {
                 (t.mr, t.nr, t.kc, t.mc)
             );
         }
-        check_tiling(&t, "12x32 (emulated)");
+        check_tiling(&t, "6x64 (emulated)");
         // The bf16-pair stand-in is the real kernel's blocking too.
-        let dp = Tiling::for_kernel(Kernel::Emulated12x32 { pairs: true }, true);
+        let dp = Tiling::for_kernel(Kernel::EmulatedDpbf16, true);
         if let Some(isa) = Avx512Bf16::new() {
             let real = Tiling::for_kernel(Kernel::Avx512Bf16(isa), true);
             assert_eq!((real.mr, real.nr, real.kalign), (dp.mr, dp.nr, dp.kalign));
@@ -1557,14 +1585,14 @@ mod tests {
         let mut scratch = vec![AlignedBuf::default()];
         let mut out = vec![0f32; 16 * g.cout];
         let portable = Tiling::new(Isa::Portable, false);
-        // Every pair of distinct tilings: other blockings (a 4×8-packed B read as 12×32
+        // Every pair of distinct tilings: other blockings (a 4×8-packed B read as 6×64
         // panels would make the kernel read and write out of bounds), or the same blocking
         // with other operands (f32 weights read as bf16, or bf16 pairs as f32).
         let mut tilings = vec![portable, Tiling::new(Isa::Portable, true)];
         #[cfg(target_arch = "x86_64")]
         tilings.extend([
-            Tiling::for_kernel(Kernel::Emulated12x32 { pairs: false }, false),
-            Tiling::for_kernel(Kernel::Emulated12x32 { pairs: true }, true),
+            Tiling::for_kernel(Kernel::EmulatedAvx512, false),
+            Tiling::for_kernel(Kernel::EmulatedDpbf16, true),
         ]);
         tilings.push(Tiling::for_kernel(Kernel::EmulatedAmx, true));
         for isa in Isa::available() {

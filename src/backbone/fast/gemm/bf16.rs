@@ -757,7 +757,7 @@ pub(super) mod tests {
         let amx = Tiling::for_kernel(Kernel::EmulatedAmx, true);
         assert_eq!((amx.mr, amx.nr, amx.kalign, amx.pairs), (32, 32, 32, true));
         check_tiling(&amx, "32x32 AMX (emulated)");
-        let dp = Tiling::for_kernel(Kernel::Emulated12x32 { pairs: true }, true);
+        let dp = Tiling::for_kernel(Kernel::EmulatedDpbf16, true);
         assert_eq!((dp.mr, dp.nr, dp.kalign, dp.pairs), (12, 32, 2, true));
         check_tiling(&dp, "12x32 vdpbf16ps (emulated)");
     }
