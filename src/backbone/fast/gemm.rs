@@ -510,7 +510,7 @@ mod x86 {
         (
             $(#[$doc:meta])*
             $name:ident, $feat:literal, $V:ty, $lanes:literal, $mr:literal, [$($r:literal),*],
-            $nv:literal, $vs:tt,
+            $vs:tt,
             $zero:ident, $splat:ident, $loadu:ident, $storeu:ident, $add:ident, $max:ident,
             $mac:ident
         ) => {
@@ -527,7 +527,7 @@ mod x86 {
             ) {
                 const MR: usize = $mr;
                 const L: usize = $lanes;
-                const NV: usize = $nv;
+                const NV: usize = $vs.len();
                 const NR: usize = NV * L;
                 let mut acc = [[$zero(); NV]; MR];
                 // SAFETY: (the whole body) `b` holds `steps` steps of NR words (read with
@@ -590,7 +590,7 @@ mod x86 {
         ///
         /// # Safety
         /// The CPU supports AVX2 and FMA; pointers as for [`super::MicroFn`].
-        f32_avx2, "avx2,fma", __m256, 8, 6, [0, 1, 2, 3, 4, 5], 2, [0, 1],
+        f32_avx2, "avx2,fma", __m256, 8, 6, [0, 1, 2, 3, 4, 5], [0, 1],
         _mm256_setzero_ps, _mm256_set1_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_add_ps,
         _mm256_max_ps, fma256
     );
@@ -600,7 +600,7 @@ mod x86 {
         ///
         /// # Safety
         /// The CPU supports AVX-512F; pointers as for [`super::MicroFn`].
-        f32_avx512, "avx512f", __m512, 16, 6, [0, 1, 2, 3, 4, 5], 4, [0, 1, 2, 3],
+        f32_avx512, "avx512f", __m512, 16, 6, [0, 1, 2, 3, 4, 5], [0, 1, 2, 3],
         _mm512_setzero_ps, _mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_add_ps,
         _mm512_max_ps, fma512
     );
@@ -612,8 +612,7 @@ mod x86 {
         /// # Safety
         /// The CPU supports AVX-512F and AVX512-BF16; pointers as for [`super::MicroFn`],
         /// with bf16-pair words.
-        bf16_avx512, "avx512f,avx512bf16", __m512, 16, 12, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], 2,
-        [0, 1],
+        bf16_avx512, "avx512f,avx512bf16", __m512, 16, 12, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [0, 1],
         _mm512_setzero_ps, _mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_add_ps,
         _mm512_max_ps, dpbf16
     );
