@@ -24,7 +24,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use candle_core::{Device, Tensor};
 use cifar_finetune::backbone::arch::Arch;
-use cifar_finetune::backbone::fast::{FastResNet, LayerKind, Precision, Profile};
+use cifar_finetune::backbone::fast::{Algorithm, FastResNet, LayerKind, Precision, Profile};
 use cifar_finetune::backbone::resnet::ResNet;
 use cifar_finetune::backbone::weights::{self, StateDict};
 use cifar_finetune::isa::{Isa, IsaKind};
@@ -56,6 +56,9 @@ struct Args {
     /// f32 or bf16 (fast path only).
     #[arg(long, default_value = "f32")]
     precision: String,
+    /// The f32 3×3 stride-1 convolutions: `winograd` (where it pays) or `direct`.
+    #[arg(long, default_value = "winograd")]
+    algorithm: String,
     /// Kernel instruction set: avx512-bf16, avx512, avx2-fma, portable [default: best].
     #[arg(long)]
     isa: Option<String>,
@@ -63,7 +66,7 @@ struct Args {
     #[arg(long)]
     threads: Option<usize>,
     /// Slice budget of the first stages in MiB (`FastResNet::set_slice_bytes`; `inf`: no
-    /// slicing, 0: one image per slice) [default: the library's, 8].
+    /// slicing, 0: one image per slice) [default: the library's, 8 for bf16, 16 for f32].
     #[arg(long)]
     slice_mib: Option<f64>,
     /// Timed passes in one-shot mode.
@@ -106,9 +109,10 @@ impl Net {
                 "fast NHWC {} ({} kernels{}, {} threads)",
                 m.precision(),
                 m.isa().name(),
-                match (m.precision(), m.native_bf16()) {
-                    (Precision::Bf16, true) => ", native bf16",
-                    (Precision::Bf16, false) => ", bf16 emulated in f32",
+                match (m.precision(), m.native_bf16(), m.algorithm()) {
+                    (Precision::Bf16, true, _) => ", native bf16",
+                    (Precision::Bf16, false, _) => ", bf16 emulated in f32",
+                    (_, _, Algorithm::Direct) => ", direct 3x3",
                     _ => "",
                 },
                 m.threads()
@@ -210,7 +214,8 @@ fn main() -> anyhow::Result<()> {
                 Some(name) => parse_isa(name)?,
                 None => Isa::detect(),
             };
-            let mut m = FastResNet::with_arch(sd, &arch, precision, isa)?;
+            let algorithm: Algorithm = args.algorithm.parse()?;
+            let mut m = FastResNet::with_algorithm(sd, &arch, precision, isa, algorithm)?;
             if let Some(t) = args.threads {
                 m.set_threads(t)?;
             }

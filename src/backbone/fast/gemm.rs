@@ -22,7 +22,8 @@
 //! kernel as the portable fallback; the AVX-512 blockings are also tested on CPUs without
 //! AVX-512, with their micro-kernels replaced by the same arithmetic in plain Rust.
 //!
-//! This module's [`conv`] is the f32 path. bf16 runs the dataflow of the `bf16` submodule
+//! This module's [`conv`] is the f32 path; its `winograd` submodule runs the wide 3×3
+//! stride-1 layers as 16 such products on Winograd-transformed tiles. bf16 runs the dataflow of the `bf16` submodule
 //! ([`conv_bf16`]): bf16 activations in memory, row-major `A`, whole-depth products, on AMX
 //! tiles (32×32), AVX512-BF16's `vdpbf16ps` (12×32, the same macro as the f32 kernels), or,
 //! without either, the f32 kernels on operands rounded to bf16. [`PackedB`] packs the weights
@@ -37,8 +38,10 @@ use crate::isa::Isa;
 use crate::isa::{AmxBf16, Avx2Fma, Avx512, Avx512Bf16};
 
 mod bf16;
+mod winograd;
 
 pub(crate) use bf16::{Act, bf16_to_f32, conv as conv_bf16};
+pub(crate) use winograd::Winograd;
 
 /// The pointer type every micro-kernel takes: `steps` k-steps of `a` and packed `b` (f32
 /// words; for bf16, each word holds two bf16 values of consecutive k), accumulated into the
@@ -964,6 +967,13 @@ unsafe impl Send for SharedPtr {}
 // SAFETY: as for `Send`.
 unsafe impl Sync for SharedPtr {}
 
+impl SharedPtr {
+    /// The pointer (a method, so that a closure captures the whole `SharedPtr`).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// The threads that run the matrix products: one persistent pool, kept alive for the whole
 /// life of the network, instead of threads spawned in every convolution.
 #[derive(Debug)]
@@ -1013,6 +1023,20 @@ impl Workers {
                 }
             }),
             _ => f(0, data),
+        }
+    }
+
+    /// Runs `f` on consecutive ranges of `0..n`, one per worker.
+    pub fn ranges(&self, n: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
+        let per = n.div_ceil(self.threads).max(1);
+        match &self.pool {
+            Some(pool) if n > per => pool.scope(|s| {
+                for start in (0..n).step_by(per) {
+                    let f = &f;
+                    s.spawn(move |_| f(start..(start + per).min(n)));
+                }
+            }),
+            _ => f(0..n),
         }
     }
 }

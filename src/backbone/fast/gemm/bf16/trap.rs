@@ -31,7 +31,7 @@ use super::super::{Tiling, emulated_amx_tiling};
 use super::tests::check_amx_kernel;
 use crate::backbone::arch::Arch;
 use crate::backbone::fast::tests::{images, synthetic};
-use crate::backbone::fast::{FastResNet, Precision};
+use crate::backbone::fast::{Algorithm, FastResNet, Precision};
 use crate::isa::{AmxBf16, Avx512Bf16, Isa, IsaKind};
 
 /// One thread's software tile state: the palette-1 configuration of tmm0–7 and their rows.
@@ -529,7 +529,7 @@ fn a_bf16_network_on_the_amx_machine_code_equals_the_stand_in() {
         &arch,
         Precision::Bf16,
         Isa::Portable,
-        emulated_amx_tiling(),
+        (emulated_amx_tiling(), Algorithm::Direct),
     )
     .unwrap()
     .forward(&x, n, s, s)
