@@ -41,7 +41,7 @@ mod bf16;
 mod winograd;
 
 pub(crate) use bf16::{Act, bf16_to_f32, conv as conv_bf16};
-pub(crate) use winograd::Winograd;
+pub(crate) use winograd::{Buffers as WinogradBuffers, Winograd};
 
 /// The pointer type every micro-kernel takes: `steps` k-steps of `a` and packed `b` (f32
 /// words; for bf16, each word holds two bf16 values of consecutive k), accumulated into the
@@ -1004,6 +1004,14 @@ impl Workers {
         Ok(Workers { pool, threads })
     }
 
+    /// The caller's thread alone.
+    pub fn single() -> Workers {
+        Workers {
+            pool: None,
+            threads: 1,
+        }
+    }
+
     /// Threads per matrix product.
     pub fn threads(&self) -> usize {
         self.threads
@@ -1023,6 +1031,24 @@ impl Workers {
                 }
             }),
             _ => f(0, data),
+        }
+    }
+
+    /// Runs `work` once on each worker, each with its own element of `state` (one per
+    /// thread), when `parallel`; else once, on the caller's thread, with the first.
+    pub fn each<T: Send>(&self, state: &mut [T], parallel: bool, work: impl Fn(&mut T) + Sync) {
+        let Some((first, rest)) = state.split_first_mut() else {
+            return;
+        };
+        match &self.pool {
+            Some(pool) if parallel => pool.scope(|s| {
+                for one in rest.iter_mut() {
+                    let work = &work;
+                    s.spawn(move |_| work(one));
+                }
+                work(first);
+            }),
+            _ => work(first),
         }
     }
 
@@ -1172,17 +1198,7 @@ impl Schedule {
         scratch: &mut [AlignedBuf],
         work: impl Fn(&mut AlignedBuf) + Sync,
     ) {
-        let (first, rest) = scratch.split_at_mut(1);
-        match &workers.pool {
-            Some(pool) if self.tasks > 1 => pool.scope(|s| {
-                for buf in rest.iter_mut() {
-                    let work = &work;
-                    s.spawn(move |_| work(buf));
-                }
-                work(&mut first[0]);
-            }),
-            _ => work(&mut first[0]),
-        }
+        workers.each(scratch, self.tasks > 1, work);
     }
 }
 

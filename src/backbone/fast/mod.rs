@@ -12,8 +12,8 @@
 //! * weights are packed once, at load, in the micro-kernel's panel order;
 //! * bias (the folded batch norm), the block's residual add and ReLU happen in the
 //!   matrix product's epilogue, on registers, before the single store of each activation;
-//! * the f32 3×3 stride-1 layers of 256 channels and more run Winograd's F(2×2, 3×3)
-//!   (`gemm::winograd`): 16 matrix products on transformed tiles, 2.25× fewer operations;
+//! * the f32 3×3 stride-1 layers run Winograd's F(2×2, 3×3) (`gemm::winograd`): 16 matrix
+//!   products on transformed tiles, 2.25× fewer operations;
 //! * the matrix products share one persistent pool of worker threads (rayon), whose tasks
 //!   own disjoint output tiles, so results do not depend on the number of threads;
 //! * every buffer lives in a workspace reused from batch to batch, so a forward pass neither
@@ -44,7 +44,7 @@ use std::time::Instant;
 use candle_core::Tensor;
 
 use gemm::{Act, bf16_bits, bf16_to_f32};
-use gemm::{AlignedBuf, ConvGeom, PackedB, Source, Tiling, Winograd, Workers};
+use gemm::{AlignedBuf, ConvGeom, PackedB, Source, Tiling, Winograd, WinogradBuffers, Workers};
 
 use super::arch::{Arch, ConvSpec};
 use super::weights::StateDict;
@@ -313,8 +313,8 @@ impl fmt::Display for Profile {
     }
 }
 
-/// How the f32 dataflow computes its 3×3, stride-1 convolutions (ResNet-50: 16 of its 53
-/// layers, 43 % of its direct arithmetic; ResNet-18 and -34: nearly all of it).
+/// How the f32 dataflow computes its 3×3, stride-1 convolutions (ResNet-50: 13 of its 53
+/// layers, a third of its direct arithmetic; ResNet-18 and -34: most of it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Algorithm {
     /// Winograd's F(2×2, 3×3): 2.25× fewer products, results within float rounding of the
@@ -381,7 +381,7 @@ impl Conv {
             pad: shape[2] / 2,
         };
         let w = to_vec(&w, "weight")?;
-        let winograd = algorithm == Algorithm::Winograd && !t.bf16_act() && Winograd::pays(&geom);
+        let winograd = algorithm == Algorithm::Winograd && !t.bf16_act() && Winograd::fits(&geom);
         Ok(Conv {
             product: if winograd {
                 Product::Winograd(Winograd::new(&w, &geom, t)?)
@@ -429,8 +429,8 @@ struct Workspace {
     gather: AlignedBuf,
     /// One packing buffer per worker thread.
     scratch: Vec<AlignedBuf>,
-    /// The transformed input and the products of the Winograd layers.
-    winograd: [AlignedBuf; 2],
+    /// The transformed inputs and the products of the Winograd layers.
+    winograd: WinogradBuffers,
 }
 
 /// The activation buffers of a run of blocks.
@@ -1001,8 +1001,8 @@ struct Pass<'a> {
     tiling: &'a Tiling,
     workers: &'a Workers,
     scratch: &'a mut [AlignedBuf],
-    /// The Winograd layers' transformed input and products.
-    winograd: &'a mut [AlignedBuf; 2],
+    /// The Winograd layers' transformed inputs and products.
+    winograd: &'a mut WinogradBuffers,
     /// Thread-nanoseconds spent packing, when profiling.
     pack_ns: Option<&'a AtomicU64>,
     profile: Option<&'a mut Profile>,
@@ -1073,7 +1073,7 @@ impl Pass<'_> {
                         self.pack_ns,
                     )?,
                     Product::Winograd(wg) => {
-                        let [v, m] = &mut *self.winograd;
+                        let bufs = &mut *self.winograd;
                         wg.conv(
                             &src,
                             bias,
@@ -1083,7 +1083,7 @@ impl Pass<'_> {
                             relu,
                             workers,
                             self.scratch,
-                            (v, m),
+                            bufs,
                             self.pack_ns,
                         )?
                     }
