@@ -345,24 +345,41 @@ impl Winograd {
             unsafe { self.input(t, src, grid, &rows(range), vp.get()) };
         });
         let (vs, ms) = (bufs.v.as_slice(), bufs.m.as_mut_slice());
-        for (xi, b) in self.packed.iter().enumerate() {
-            let a = Source {
-                data: &vs[xi * tiles * cin..][..tiles * cin],
-                batch: 1,
-                h: tiles,
-                w: 1,
-                c: cin,
-            };
-            let mo = &mut ms[xi * tiles * cout..][..tiles * cout];
-            let zeros = &self.zeros[..cout];
-            conv(&a, b, zeros, t, mo, None, false, workers, scratch, pack_ns)?;
-        }
+        self.products((vs, ms), tiles, t, workers, scratch, pack_ns)?;
         let ms = bufs.m.as_slice();
         workers.ranges(tiles, |range| {
             // SAFETY: `out` holds the [batch, h, w, cout] output (checked by `conv`) and
             // the ranges are disjoint.
             unsafe { self.output(t, ms, ep, grid, &rows(range), out.get()) };
         });
+        Ok(())
+    }
+
+    /// The 16 products `M[ξ] = V[ξ] · U[ξ]` of `rows` tiles: `vs` holds the `V[ξ]` one after
+    /// the other (`[rows, cin]` each), `ms` gets the `M[ξ]` likewise (`[rows, cout]`).
+    #[allow(clippy::too_many_arguments)]
+    fn products(
+        &self,
+        (vs, ms): (&[f32], &mut [f32]),
+        rows: usize,
+        t: &Tiling,
+        workers: &Workers,
+        scratch: &mut [AlignedBuf],
+        pack_ns: Option<&AtomicU64>,
+    ) -> Result<()> {
+        let (cin, cout) = (self.geom.cin, self.geom.cout);
+        for (xi, b) in self.packed.iter().enumerate() {
+            let a = Source {
+                data: &vs[xi * rows * cin..][..rows * cin],
+                batch: 1,
+                h: rows,
+                w: 1,
+                c: cin,
+            };
+            let mo = &mut ms[xi * rows * cout..][..rows * cout];
+            let zeros = &self.zeros[..cout];
+            conv(&a, b, zeros, t, mo, None, false, workers, scratch, pack_ns)?;
+        }
         Ok(())
     }
 
@@ -406,21 +423,10 @@ impl Winograd {
                 // the block is this worker's alone.
                 unsafe { self.input(t, src, grid, &rows, v.as_mut_slice().as_mut_ptr()) };
                 let (vs, ms) = (v.as_slice(), m.as_mut_slice());
-                for (xi, b) in self.packed.iter().enumerate() {
-                    let a = Source {
-                        data: &vs[xi * n * cin..][..n * cin],
-                        batch: 1,
-                        h: n,
-                        w: 1,
-                        c: cin,
-                    };
-                    let mo = &mut ms[xi * n * cout..][..n * cout];
-                    let zeros = &self.zeros[..cout];
-                    let pack = std::slice::from_mut(&mut **pack);
-                    if let Err(e) = conv(&a, b, zeros, t, mo, None, false, &one, pack, None) {
-                        *failed.lock().unwrap_or_else(PoisonError::into_inner) = Some(e);
-                        return;
-                    }
+                let pack = std::slice::from_mut(&mut **pack);
+                if let Err(e) = self.products((vs, ms), n, t, &one, pack, None) {
+                    *failed.lock().unwrap_or_else(PoisonError::into_inner) = Some(e);
+                    return;
                 }
                 // SAFETY: `out` holds the [batch, h, w, cout] output (checked by `conv`);
                 // the block's pixels are this worker's alone.
