@@ -465,8 +465,14 @@ mod regressions {
         let path = tmp.path().join("bad.pth");
         std::fs::write(&path, bytes).unwrap();
         let err = StateDict::read(&path).unwrap_err().to_string();
+        // With overflow checks (the test profile) candle's pickle reader panics on the shift
+        // and the panic becomes "malformed"; without them (--release) the shift wraps, the
+        // pickle reads on and the zip's CRC check refuses the entry. Either way an error
+        // that names the file and the format.
         assert!(
-            err.contains("bad.pth") && err.contains("malformed"),
+            err.contains("bad.pth")
+                && err.contains("torch.save zip")
+                && (err.contains("malformed") || err.contains("checksum")),
             "{err}"
         );
         // Reading only the names and shapes goes through the same pickle.
