@@ -108,6 +108,9 @@ def main():
                     "timed interleaved with ours as 'baseline f32' / 'baseline bf16'")
     ap.add_argument("--slices", help="slice budgets in MiB, comma-separated (inf: no slicing), to time ours "
                     "bf16 with beside the default 8 MiB ('ours bf16 slices N MiB'; tunes SLICE_BYTES)")
+    ap.add_argument("--bf16-blockings", help="bf16 blockings to time ours bf16 with beside the default, "
+                    "separated by ';' (each bench_backbone's --bf16-blocking: 'a=256K,rows=128;stream=inf'; "
+                    "'ours bf16 blocking SPEC'; tunes Bf16Blocking's defaults)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
 
@@ -128,6 +131,9 @@ def main():
     for mib in args.slices.split(",") if args.slices else []:
         ours.append(Ours(f"ours bf16 slices {mib} MiB", args.binary, images, args,
                          ["--precision", "bf16", "--slice-mib", mib]))
+    for spec in args.bf16_blockings.split(";") if args.bf16_blockings else []:
+        ours.append(Ours(f"ours bf16 blocking {spec}", args.binary, images, args,
+                         ["--precision", "bf16", "--bf16-blocking", spec]))
     if args.candle:
         ours.append(Ours("ours candle f32", args.binary, images, args, ["--implementation", "candle"]))
     for o in ours:

@@ -11,7 +11,8 @@
 #    AVX2): each prints "ran … natively" or "SKIPPED", collected in native-tests.txt;
 #    and the bf16 dataflow with free products (what bounds AMX, bench/README.md);
 # 3. bench/backbone.py --rounds 5 (ours f32, ours bf16, PyTorch's modes; needs torch and
-#    torchvision) and the slice budgets of the first stages (ours bf16), then, without
+#    torchvision), the slice budgets of the first stages (ours bf16) and, where bf16 is
+#    native, the bf16 blocking (`--bf16-blockings`); then, without
 #    --quick, bench/head/bench.py and bench/wholejob.py on 10,000 images for ours bf16 and
 #    f32 against PyTorch's fp32 and bf16 channels_last (~35 min on a
 #    Zen 4 with native bf16; up to 90 min where bf16 is emulated on both sides).
@@ -61,6 +62,14 @@ python3 bench/backbone.py --rounds 5 --shapes --json "$OUT/backbone.json" 2>&1 \
 # The first stages' slice budget (SLICE_BYTES in src/backbone/fast/mod.rs, 8 MiB) against
 # others, bf16, interleaved.
 python3 bench/backbone.py --no-torch --rounds 9 --slices 2,4,16,32,inf 2>&1 | tee "$OUT/slices.txt"
+# Where bf16 is native (AVX512-BF16, AMX), the bf16 blocking (Bf16Blocking in
+# src/backbone/fast/gemm/bf16.rs: a=512K,rows=256,stream=8M) against others, one key at a
+# time, interleaved; features do not depend on it.
+if grep -qwE "avx512_bf16|amx_bf16" /proc/cpuinfo; then
+  python3 bench/backbone.py --no-torch --rounds 9 \
+    --bf16-blockings "a=256K;a=1M;a=2M;rows=128;rows=512;stream=2M;stream=inf" 2>&1 \
+    | tee "$OUT/bf16-blockings.txt"
+fi
 if [[ $QUICK == 0 ]]; then
   python3 bench/head/bench.py 2>&1 | tee "$OUT/head.txt"
   python3 bench/wholejob.py --images 10000 --only ours-bf16,ours-f32,torch-fp32-cl,torch-bf16-cl \

@@ -24,7 +24,9 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use candle_core::{Device, Tensor};
 use cifar_finetune::backbone::arch::Arch;
-use cifar_finetune::backbone::fast::{Algorithm, FastResNet, LayerKind, Precision, Profile};
+use cifar_finetune::backbone::fast::{
+    Algorithm, Bf16Blocking, FastResNet, LayerKind, Precision, Profile,
+};
 use cifar_finetune::backbone::resnet::ResNet;
 use cifar_finetune::backbone::weights::{self, StateDict};
 use cifar_finetune::isa::{Isa, IsaKind};
@@ -69,6 +71,10 @@ struct Args {
     /// slicing, 0: one image per slice) [default: the library's, 8 for bf16, 16 for f32].
     #[arg(long)]
     slice_mib: Option<f64>,
+    /// How the bf16 dataflow blocks its products, over the defaults (`Bf16Blocking`'s
+    /// `key=value` list: `a=512K,rows=256,stream=8M`; `stream=inf` never streams).
+    #[arg(long)]
+    bf16_blocking: Option<String>,
     /// Timed passes in one-shot mode.
     #[arg(long, default_value_t = 3)]
     runs: usize,
@@ -106,7 +112,7 @@ impl Net {
     fn describe(&self) -> String {
         match self {
             Net::Fast(m) => format!(
-                "fast NHWC {} ({} kernels{}, {} threads)",
+                "fast NHWC {} ({} kernels{}, {} threads{})",
                 m.precision(),
                 m.isa().name(),
                 match (m.precision(), m.native_bf16(), m.algorithm()) {
@@ -115,7 +121,11 @@ impl Net {
                     (_, _, Algorithm::Direct) => ", direct 3x3",
                     _ => "",
                 },
-                m.threads()
+                m.threads(),
+                match m.precision() {
+                    Precision::Bf16 => format!(", blocking {}", m.bf16_blocking()),
+                    _ => String::new(),
+                }
             ),
             Net::Candle(_) => "candle NCHW f32".to_string(),
         }
@@ -222,6 +232,12 @@ fn main() -> anyhow::Result<()> {
             if let Some(mib) = args.slice_mib {
                 // `as` saturates: `inf` is usize::MAX, no slicing.
                 m.set_slice_bytes((mib * (1u64 << 20) as f64) as usize);
+            }
+            if let Some(spec) = &args.bf16_blocking {
+                let b: Bf16Blocking = spec
+                    .parse()
+                    .with_context(|| format!("--bf16-blocking {spec}"))?;
+                m.set_bf16_blocking(b);
             }
             Net::Fast(Box::new(m))
         }

@@ -40,6 +40,7 @@ use crate::isa::{AmxBf16, Avx2Fma, Avx512, Avx512Bf16};
 mod bf16;
 mod winograd;
 
+pub use bf16::Blocking as Bf16Blocking;
 pub(crate) use bf16::{Act, bf16_to_f32, conv as conv_bf16};
 pub(crate) use winograd::{Buffers as WinogradBuffers, Winograd};
 
@@ -121,6 +122,8 @@ pub(crate) struct Tiling {
     kalign: usize,
     /// The micro-kernel.
     kernel: Kernel,
+    /// How the bf16 dataflow blocks its products (not the f32 path's `kc`/`mc`).
+    bf16_blocking: Bf16Blocking,
 }
 
 impl Tiling {
@@ -192,6 +195,7 @@ impl Tiling {
             bf16_act: bf16,
             kalign,
             kernel,
+            bf16_blocking: Bf16Blocking::default(),
         }
     }
 
@@ -264,6 +268,16 @@ impl Tiling {
     /// True when activations are bf16 in memory (run with [`conv_bf16`], not [`conv`]).
     pub fn bf16_act(&self) -> bool {
         self.bf16_act
+    }
+
+    /// How the bf16 dataflow blocks its products.
+    pub fn bf16_blocking(&self) -> Bf16Blocking {
+        self.bf16_blocking
+    }
+
+    /// Sets [`Tiling::bf16_blocking`] (packed weights do not depend on it).
+    pub fn set_bf16_blocking(&mut self, blocking: Bf16Blocking) {
+        self.bf16_blocking = blocking;
     }
 
     /// True when the products run on bf16 pairs with `vdpbf16ps` (native bf16).
@@ -1070,7 +1084,12 @@ impl Workers {
 /// Refuses weights packed for another tiling than `t`, or a tiling of the other dataflow
 /// (`bf16`: the bf16 one).
 fn check_packing(b: &PackedB, t: &Tiling, bf16: bool) -> Result<()> {
-    if b.tiling == *t && t.bf16_act == bf16 {
+    // The bf16 blocking is a setting of the run, which the packing does not depend on.
+    let packed = Tiling {
+        bf16_blocking: t.bf16_blocking,
+        ..b.tiling
+    };
+    if packed == *t && t.bf16_act == bf16 {
         return Ok(());
     }
     Err(Error::invalid(

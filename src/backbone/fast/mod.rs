@@ -43,6 +43,7 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 
+pub use gemm::Bf16Blocking;
 use gemm::{Act, bf16_bits, bf16_to_f32};
 use gemm::{AlignedBuf, ConvGeom, PackedB, Source, Tiling, Winograd, WinogradBuffers, Workers};
 
@@ -610,6 +611,16 @@ impl FastResNet {
     /// 0 every layer on slices of one image.
     pub fn set_slice_bytes(&mut self, bytes: usize) {
         self.slice_bytes = bytes;
+    }
+
+    /// How the bf16 dataflow blocks its products ([`Bf16Blocking`]; f32 ignores it).
+    pub fn bf16_blocking(&self) -> Bf16Blocking {
+        self.tiling.bf16_blocking()
+    }
+
+    /// Sets [`FastResNet::bf16_blocking`], for tuning a CPU kind; features do not depend on it.
+    pub fn set_bf16_blocking(&mut self, blocking: Bf16Blocking) {
+        self.tiling.set_bf16_blocking(blocking);
     }
 
     /// Worker threads per matrix product (default: the CPU's available parallelism).
@@ -1495,6 +1506,29 @@ mod tests {
                     &want[i * 2048..(i + 1) * 2048],
                 );
                 assert!(c >= 0.999, "{tiling:?} image {i}: cosine {c}");
+            }
+        }
+    }
+
+    /// The bf16 blocking changes no bit of the features: blocks of one tile of rows with
+    /// every output streamed, and blocks as large as the layer with none, against the
+    /// defaults, on this CPU's bf16 kernel and the emulated AMX blocking.
+    #[test]
+    fn bf16_blocking_changes_no_feature() {
+        let arch = Arch::default();
+        let (n, s) = (2, 40);
+        let x = images(n, s);
+        let isa = Isa::detect();
+        for tiling in [Tiling::new(isa, true), gemm::emulated_amx_tiling()] {
+            let how = (tiling, Algorithm::Direct);
+            let mut model =
+                FastResNet::with_tiling(synthetic(), &arch, Precision::Bf16, isa, how).unwrap();
+            assert_eq!(model.bf16_blocking(), Bf16Blocking::default());
+            let want = model.forward(&x, n, s, s).unwrap();
+            for spec in ["a=1,rows=1,stream=0", "a=1G,rows=1000000,stream=inf"] {
+                model.set_bf16_blocking(spec.parse().unwrap());
+                let got = model.forward(&x, n, s, s).unwrap();
+                assert!(got == want, "{tiling:?} with {spec}: features differ");
             }
         }
     }

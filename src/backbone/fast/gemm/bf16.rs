@@ -33,21 +33,110 @@ use super::{
     AlignedBuf, ConvGeom, Epilogue, Lens, OutPixel, PackedB, Schedule, Tiling, Workers, bf16_bits,
     check_buffers, check_packing,
 };
-use crate::error::Result;
+use crate::error::{Error, Result};
 
-/// The bytes of `A` one block of rows may take: half of a 1–2 MiB L2, leaving room for the
-/// `B` panel being read.
-const A_BLOCK_BYTES: usize = 512 << 10;
+/// How the bf16 dataflow blocks its products: runtime settings (not constants) so that a CPU
+/// kind can be tuned in one benchmark run (`bench/backbone.py --bf16-blockings`). Every
+/// output tile reduces the whole depth in one kernel call, so features do not depend on them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Blocking {
+    /// The bytes of `A` one block of rows may take (default 512 KiB: half of a 1–2 MiB L2,
+    /// leaving room for the `B` panel being read).
+    pub a_block_bytes: usize,
+    /// Most rows in one block of `A` (default 256: shallow layers would otherwise make blocks
+    /// so tall that there are too few tasks to share between threads). Rounded down to the
+    /// kernel's tile rows, and never below them.
+    pub max_block_rows: usize,
+    /// The output size from which the epilogue writes with non-temporal stores, where the
+    /// instruction set has them (default 8 MiB: an output this large, ResNet-50's first two
+    /// stages at batch 16, does not stay in cache until the next layer reads it anyway, and a
+    /// normal store would first read each line from memory). `usize::MAX`: never.
+    pub stream_min_bytes: usize,
+}
 
-/// The output size from which the epilogue writes with non-temporal stores (where the
-/// instruction set has them): an output this large (ResNet-50's first two stages at batch
-/// 16) does not stay in cache until the next layer reads it anyway, and a normal store would
-/// first read each line from memory.
-const STREAM_MIN_BYTES: usize = 8 << 20;
+impl Default for Blocking {
+    fn default() -> Self {
+        Blocking {
+            a_block_bytes: 512 << 10,
+            max_block_rows: 256,
+            stream_min_bytes: 8 << 20,
+        }
+    }
+}
 
-/// Most rows in one block of `A` (shallow layers would otherwise make blocks so tall that
-/// there are too few tasks to share between threads).
-const MAX_BLOCK_ROWS: usize = 256;
+/// `512K`, `8M`, `1G`, `300` (bytes or rows), `inf`.
+fn parse_size(key: &str, v: &str) -> Result<usize> {
+    let bad = || {
+        Error::invalid(
+            "bf16 blocking",
+            format!("{key}={v}: expected a count with an optional K, M or G suffix, or inf"),
+        )
+    };
+    if v == "inf" {
+        return Ok(usize::MAX);
+    }
+    let (digits, shift) = match v.as_bytes().last() {
+        Some(b'K' | b'k') => (&v[..v.len() - 1], 10),
+        Some(b'M' | b'm') => (&v[..v.len() - 1], 20),
+        Some(b'G' | b'g') => (&v[..v.len() - 1], 30),
+        _ => (v, 0),
+    };
+    let n: usize = digits.parse().map_err(|_| bad())?;
+    n.checked_mul(1 << shift).ok_or_else(bad)
+}
+
+/// `512K`, `8M`, or the count itself when it is not a whole number of KiB.
+fn show_size(n: usize) -> String {
+    match n {
+        usize::MAX => "inf".into(),
+        0 => "0".into(),
+        n if n.is_multiple_of(1 << 20) => format!("{}M", n >> 20),
+        n if n.is_multiple_of(1 << 10) => format!("{}K", n >> 10),
+        n => n.to_string(),
+    }
+}
+
+impl std::str::FromStr for Blocking {
+    type Err = Error;
+
+    /// Comma-separated `key=value` over the defaults: `a` (bytes of an `A` block), `rows`
+    /// (most rows in one), `stream` (output bytes from which stores stream; `inf`: never),
+    /// e.g. `a=256K,rows=128,stream=inf`.
+    fn from_str(s: &str) -> Result<Self> {
+        let mut b = Blocking::default();
+        for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let (key, v) = item.split_once('=').ok_or_else(|| {
+                Error::invalid("bf16 blocking", format!("`{item}` is not key=value"))
+            })?;
+            let field = match key.trim() {
+                "a" => &mut b.a_block_bytes,
+                "rows" => &mut b.max_block_rows,
+                "stream" => &mut b.stream_min_bytes,
+                other => {
+                    return Err(Error::invalid(
+                        "bf16 blocking",
+                        format!("unknown key `{other}` (expected a, rows or stream)"),
+                    ));
+                }
+            };
+            *field = parse_size(key, v.trim())?;
+        }
+        Ok(b)
+    }
+}
+
+impl std::fmt::Display for Blocking {
+    /// The form [`Blocking::from_str`] reads.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "a={},rows={},stream={}",
+            show_size(self.a_block_bytes),
+            self.max_block_rows,
+            show_size(self.stream_min_bytes)
+        )
+    }
+}
 
 /// A channels-last bf16 activation `[batch, h, w, c]`, the input of a bf16 convolution (the
 /// network's f32 input too: rounded to bf16 once, as it is transposed to NHWC, it packs by
@@ -302,7 +391,9 @@ pub(crate) fn conv(
     // A 1×1 stride-1 convolution on bf16 pairs reads its input rows in place when they are
     // exactly the packed rows (no k padding); a partial last tile of rows is still packed.
     let direct = (t.pairs && g.is_pointwise() && kp == g.cin).then_some(src.data);
-    let mc = (A_BLOCK_BYTES / (lda * 4)).clamp(mr, MAX_BLOCK_ROWS.max(mr)) / mr * mr;
+    let blocking = t.bf16_blocking();
+    let mc =
+        (blocking.a_block_bytes / (lda * 4)).clamp(mr, blocking.max_block_rows.max(mr)) / mr * mr;
     let schedule = Schedule::new(m, mc, b.panels, threads);
     let optr = SharedOut(out.as_mut_ptr());
     let res = SharedOut(residual.map_or(std::ptr::null(), |r| r.as_ptr()).cast_mut());
@@ -311,7 +402,7 @@ pub(crate) fn conv(
         buf.ensure(mc * lda);
     }
     let micro = t.micro();
-    let stream = m * n * 2 >= STREAM_MIN_BYTES;
+    let stream = m * n * 2 >= blocking.stream_min_bytes;
     let store = t.store_bf16(stream);
     let bdata = b.data.as_slice();
     let steps = kp >> t.shift();
@@ -747,6 +838,49 @@ pub(super) mod tests {
             // SAFETY: row i < 32 of 32 values (the contract).
             unsafe { std::slice::from_raw_parts_mut(c.add(i * ldc), 32) }.fill(0.0);
         }
+    }
+
+    /// `--bf16-blocking` specs: keys over the defaults, sizes with suffixes, `inf`, and
+    /// errors that name the part at fault; `Display` writes what `from_str` reads.
+    #[test]
+    fn blocking_specs_parse_and_print() {
+        let b: Blocking = "a=256K, rows=128,stream=inf".parse().unwrap();
+        let want = Blocking {
+            a_block_bytes: 256 << 10,
+            max_block_rows: 128,
+            stream_min_bytes: usize::MAX,
+        };
+        assert_eq!(b, want);
+        assert_eq!(b.to_string(), "a=256K,rows=128,stream=inf");
+        assert_eq!(Blocking::default().to_string(), "a=512K,rows=256,stream=8M");
+        for b in [
+            want,
+            Blocking::default(),
+            "a=1000,rows=7,stream=3G".parse().unwrap(),
+        ] {
+            assert_eq!(b.to_string().parse::<Blocking>().unwrap(), b);
+        }
+        assert_eq!("".parse::<Blocking>().unwrap(), Blocking::default());
+        for (spec, names) in [
+            ("a=12Q", "a=12Q"),
+            ("rows", "`rows`"),
+            ("cols=3", "`cols`"),
+            ("stream=99999999999G", "stream=99999999999G"),
+        ] {
+            let err = spec.parse::<Blocking>().unwrap_err().to_string();
+            assert!(
+                err.contains(names) && err.contains("bf16 blocking"),
+                "{spec}: {err}"
+            );
+        }
+    }
+
+    /// Blocks of one tile of rows, every output streamed, still compute the convolution.
+    #[test]
+    fn smallest_blocks_match_direct_convolution() {
+        let mut t = Tiling::new(Isa::detect(), true);
+        t.set_bf16_blocking("a=1,rows=1,stream=0".parse().unwrap());
+        check_tiling(&t, "bf16, one tile of rows per block, streamed");
     }
 
     /// The AMX blocking (32×32 tiles, k padded to 32, whole-depth blocks) on any CPU, with
