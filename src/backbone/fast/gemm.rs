@@ -526,7 +526,7 @@ mod x86 {
     macro_rules! simd_kernel {
         (
             $(#[$doc:meta])*
-            $name:ident, $feat:literal, $V:ty, $lanes:literal, $mr:literal, [$($r:literal),*],
+            $name:ident, $feat:literal, $V:ty, $lanes:literal, [$($r:literal),*],
             $vs:tt,
             $zero:ident, $splat:ident, $loadu:ident, $storeu:ident, $add:ident, $max:ident,
             $mac:ident
@@ -542,7 +542,7 @@ mod x86 {
                 ldc: usize,
                 ep: &Epilogue,
             ) {
-                const MR: usize = $mr;
+                const MR: usize = [$($r),*].len();
                 const L: usize = $lanes;
                 const NV: usize = $vs.len();
                 const NR: usize = NV * L;
@@ -607,7 +607,7 @@ mod x86 {
         ///
         /// # Safety
         /// The CPU supports AVX2 and FMA; pointers as for [`super::MicroFn`].
-        f32_avx2, "avx2,fma", __m256, 8, 6, [0, 1, 2, 3, 4, 5], [0, 1],
+        f32_avx2, "avx2,fma", __m256, 8, [0, 1, 2, 3, 4, 5], [0, 1],
         _mm256_setzero_ps, _mm256_set1_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_add_ps,
         _mm256_max_ps, fma256
     );
@@ -617,7 +617,7 @@ mod x86 {
         ///
         /// # Safety
         /// The CPU supports AVX-512F; pointers as for [`super::MicroFn`].
-        f32_avx512, "avx512f", __m512, 16, 6, [0, 1, 2, 3, 4, 5], [0, 1, 2, 3],
+        f32_avx512, "avx512f", __m512, 16, [0, 1, 2, 3, 4, 5], [0, 1, 2, 3],
         _mm512_setzero_ps, _mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_add_ps,
         _mm512_max_ps, fma512
     );
@@ -629,7 +629,7 @@ mod x86 {
         /// # Safety
         /// The CPU supports AVX-512F and AVX512-BF16; pointers as for [`super::MicroFn`],
         /// with bf16-pair words.
-        bf16_avx512, "avx512f,avx512bf16", __m512, 16, 12, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [0, 1],
+        bf16_avx512, "avx512f,avx512bf16", __m512, 16, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [0, 1],
         _mm512_setzero_ps, _mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_add_ps,
         _mm512_max_ps, dpbf16
     );
