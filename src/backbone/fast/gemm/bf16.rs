@@ -108,7 +108,8 @@ impl std::str::FromStr for Blocking {
             let (key, v) = item.split_once('=').ok_or_else(|| {
                 Error::invalid("bf16 blocking", format!("`{item}` is not key=value"))
             })?;
-            let field = match key.trim() {
+            let key = key.trim();
+            let field = match key {
                 "a" => &mut b.a_block_bytes,
                 "rows" => &mut b.max_block_rows,
                 "stream" => &mut b.stream_min_bytes,
@@ -392,8 +393,10 @@ pub(crate) fn conv(
     // exactly the packed rows (no k padding); a partial last tile of rows is still packed.
     let direct = (t.pairs && g.is_pointwise() && kp == g.cin).then_some(src.data);
     let blocking = t.bf16_blocking();
-    let mc =
-        (blocking.a_block_bytes / (lda * 4)).clamp(mr, blocking.max_block_rows.max(mr)) / mr * mr;
+    // No block needs more rows than the layer has (a large setting would size the packing
+    // buffers to it).
+    let most = blocking.max_block_rows.min(m.next_multiple_of(mr)).max(mr);
+    let mc = (blocking.a_block_bytes / (lda * 4)).clamp(mr, most) / mr * mr;
     let schedule = Schedule::new(m, mc, b.panels, threads);
     let optr = SharedOut(out.as_mut_ptr());
     let res = SharedOut(residual.map_or(std::ptr::null(), |r| r.as_ptr()).cast_mut());
