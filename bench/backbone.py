@@ -111,8 +111,9 @@ def main():
     ap.add_argument("--bf16-blockings", help="bf16 blockings to time ours bf16 with beside the default, "
                     "separated by ';' (each bench_backbone's --bf16-blocking: 'a=256K,rows=128;stream=inf'; "
                     "'ours bf16 blocking SPEC'; tunes Bf16Blocking's defaults)")
-    ap.add_argument("--direct", action="store_true", help="also time ours f32 with every 3x3 layer computed "
-                    "directly ('ours f32 direct': Winograd off), to check that Winograd pays on this CPU")
+    ap.add_argument("--algorithms", help="3x3 algorithms to time ours f32 with beside the default, "
+                    "comma-separated (each bench_backbone's --algorithm: direct, winograd2; "
+                    "'ours f32 ALGORITHM'), to check that Winograd and its tilings pay on this CPU")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
 
@@ -133,9 +134,9 @@ def main():
     for mib in args.slices.split(",") if args.slices else []:
         ours.append(Ours(f"ours bf16 slices {mib} MiB", args.binary, images, args,
                          ["--precision", "bf16", "--slice-mib", mib]))
-    if args.direct:
-        ours.append(Ours("ours f32 direct", args.binary, images, args,
-                         ["--precision", "f32", "--algorithm", "direct"]))
+    for algorithm in args.algorithms.split(",") if args.algorithms else []:
+        ours.append(Ours(f"ours f32 {algorithm}", args.binary, images, args,
+                         ["--precision", "f32", "--algorithm", algorithm]))
     for spec in args.bf16_blockings.split(";") if args.bf16_blockings else []:
         ours.append(Ours(f"ours bf16 blocking {spec}", args.binary, images, args,
                          ["--precision", "bf16", "--bf16-blocking", spec]))

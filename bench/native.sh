@@ -12,8 +12,8 @@
 #    and the bf16 dataflow with free products (what bounds AMX, bench/README.md);
 # 3. bench/backbone.py --rounds 5 (ours f32, ours bf16, PyTorch's modes; needs torch and
 #    torchvision); ours alone: the slice budgets of the first stages (bf16), Winograd
-#    against direct 3x3 layers (f32) and, where bf16 is native, the bf16 blocking
-#    (`--bf16-blockings`); then, without --quick, bench/head/bench.py and
+#    against direct and F(2x2)-only 3x3 layers (f32, the network and each layer) and,
+#    where bf16 is native, the bf16 blocking (`--bf16-blockings`); then, without --quick, bench/head/bench.py and
 #    bench/wholejob.py on 10,000 images for ours bf16 and f32 against PyTorch's fp32 and
 #    bf16 channels_last (~35 min on a Zen 4 with native bf16; up to 90 min where bf16 is
 #    emulated on both sides).
@@ -63,8 +63,11 @@ python3 bench/backbone.py --rounds 5 --shapes --json "$OUT/backbone.json" 2>&1 \
 # The first stages' slice budget (SLICE_BYTES in src/backbone/fast/mod.rs, 8 MiB) against
 # others, bf16, interleaved.
 python3 bench/backbone.py --no-torch --rounds 9 --slices 2,4,16,32,inf 2>&1 | tee "$OUT/slices.txt"
-# Winograd's 3x3 layers against the direct ones, f32 (tuned on an Ice Lake only).
-python3 bench/backbone.py --no-torch --rounds 9 --direct 2>&1 | tee "$OUT/winograd.txt"
+# Winograd's 3x3 layers (F(4x4) under 512 channels, F(2x2) wider) against direct and F(2x2)
+# everywhere, f32, over the network and per layer (tuned on an Ice Lake only).
+python3 bench/backbone.py --no-torch --rounds 9 --algorithms direct,winograd2 2>&1 | tee "$OUT/winograd.txt"
+cargo test --release --lib winograd_layer_timings -- --ignored --nocapture 2>&1 \
+  | tee -a "$OUT/winograd.txt"
 # Where bf16 is native (AVX512-BF16, AMX), the bf16 blocking (Bf16Blocking in
 # src/backbone/fast/gemm/bf16.rs: a=512K,rows=256,stream=8M) against others, one key at a
 # time, interleaved; features do not depend on it.

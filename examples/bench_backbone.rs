@@ -58,7 +58,8 @@ struct Args {
     /// f32 or bf16 (fast path only).
     #[arg(long, default_value = "f32")]
     precision: String,
-    /// The f32 3×3 stride-1 convolutions: `winograd` (where it pays) or `direct`.
+    /// The f32 3×3 stride-1 convolutions: `winograd` (F(4×4, 3×3) under 512 channels,
+    /// F(2×2, 3×3) wider), `winograd2` (F(2×2, 3×3) everywhere) or `direct`.
     #[arg(long, default_value = "winograd")]
     algorithm: String,
     /// Kernel instruction set: avx512-bf16, avx512, avx2-fma, portable [default: best].
@@ -119,6 +120,7 @@ impl Net {
                     (Precision::Bf16, true, _) => ", native bf16",
                     (Precision::Bf16, false, _) => ", bf16 emulated in f32",
                     (_, _, Algorithm::Direct) => ", direct 3x3",
+                    (_, _, Algorithm::Winograd2) => ", Winograd F(2x2) 3x3",
                     _ => "",
                 },
                 m.threads(),

@@ -88,7 +88,7 @@ impl Checksum {
         !matches!(self, Checksum::Sha256Prefix(_))
     }
 
-    /// What the digest must be, for messages: the hex, or "one starting with <hex>".
+    /// What the digest must be, for messages: the hex, or "one starting with `<hex>`".
     pub fn expectation(&self) -> String {
         match self {
             Checksum::Sha256Prefix(h) => format!("one starting with {h}"),

@@ -22,11 +22,12 @@
 //! kernel as the portable fallback; the AVX-512 blockings are also tested on CPUs without
 //! AVX-512, with their micro-kernels replaced by the same arithmetic in plain Rust.
 //!
-//! This module's [`conv`] is the f32 path; its `winograd` submodule runs the wide 3×3
-//! stride-1 layers as 16 such products on Winograd-transformed tiles. bf16 runs the dataflow of the `bf16` submodule
-//! ([`conv_bf16`]): bf16 activations in memory, row-major `A`, whole-depth products, on AMX
-//! tiles (32×32), AVX512-BF16's `vdpbf16ps` (12×32, the same macro as the f32 kernels), or,
-//! without either, the f32 kernels on operands rounded to bf16. [`PackedB`] packs the weights
+//! This module's [`conv`] is the f32 path; its `winograd` submodule runs the 3×3 stride-1
+//! layers as 36 or 16 such products on Winograd-transformed tiles. bf16 runs the dataflow of
+//! the `bf16` submodule ([`conv_bf16`]): bf16 activations in memory, row-major `A`,
+//! whole-depth products, on AMX tiles (32×32), AVX512-BF16's `vdpbf16ps` (12×32, the same
+//! macro as the f32 kernels), or, without either, the f32 kernels on operands rounded to
+//! bf16. [`PackedB`] packs the weights
 //! for all of them: f32, f32 rounded to bf16, or bf16 pairs (two consecutive k per 32-bit
 //! word, the VNNI layout both bf16 instructions read).
 
@@ -42,7 +43,7 @@ mod winograd;
 
 pub use bf16::Blocking as Bf16Blocking;
 pub(crate) use bf16::{Act, bf16_to_f32, conv as conv_bf16};
-pub(crate) use winograd::{Buffers as WinogradBuffers, Winograd};
+pub(crate) use winograd::{Buffers as WinogradBuffers, Tile as WinogradTile, Winograd};
 
 /// The pointer type every micro-kernel takes: `steps` k-steps of `a` and packed `b` (f32
 /// words; for bf16, each word holds two bf16 values of consecutive k), accumulated into the

@@ -127,7 +127,7 @@ impl std::str::FromStr for Blocking {
 }
 
 impl std::fmt::Display for Blocking {
-    /// The form [`Blocking::from_str`] reads.
+    /// The form its [`FromStr`](std::str::FromStr) reads.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
