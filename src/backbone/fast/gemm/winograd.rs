@@ -23,11 +23,10 @@
 //! direct product's error on the points chosen ([`Tile::F4`]), though over a whole network
 //! the difference stays of the same order as F(2×2)'s (the tests print both; ResNet-18's
 //! features at 224 px with F(4×4) on every layer: 4.8e-7 relative to PyTorch's, against
-//! 3.2e-7). Layers under
-//! [`F4_BELOW`] channels take F(4×4) by default, wider ones F(2×2) (`Algorithm::Winograd`);
-//! `Algorithm::Winograd2` is F(2×2) everywhere. bf16 keeps the direct products: its
-//! operands' 8 bits would round the transformed values, and its native kernels are fast
-//! already.
+//! 3.2e-7). Layers under [`F4_BELOW`] channels take F(4×4) by default, wider ones F(2×2)
+//! (`Algorithm::Winograd`); `Algorithm::Winograd2` is F(2×2) everywhere. bf16 keeps the
+//! direct products: its operands' 8 bits would round the transformed values, and its native
+//! kernels are fast already.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -67,8 +66,6 @@ pub(crate) struct Winograd {
     tile: Tile,
     /// Whether the layer runs fused, a block of tiles at a time ([`FUSED_BELOW`]).
     fused: bool,
-    /// The bytes of a fused block's `V` and `M` ([`BLOCK_BYTES`]).
-    block_bytes: usize,
     /// The 3×3 convolution these weights compute.
     geom: ConvGeom,
     /// `max(cin, cout)` zeros: the padding's input pixels and the products' (null) bias.
@@ -355,7 +352,7 @@ impl Winograd {
     /// (whole 4- and 6-row panels).
     fn block_tiles(&self) -> usize {
         let bytes_per_tile = self.packed.len() * 4 * (self.geom.cin + self.geom.cout);
-        (self.block_bytes / bytes_per_tile / 12 * 12).max(12)
+        (BLOCK_BYTES / bytes_per_tile / 12 * 12).max(12)
     }
 
     /// Transforms `w` (`[cout, cin, 3, 3]`, PyTorch's layout) for Winograd's `tile` and packs
@@ -376,11 +373,13 @@ impl Winograd {
         }
         let (cin, cout, gm) = (g.cin, g.cout, tile.g());
         let a = gm.len();
-        // `G v` for one axis of 3 taps.
-        let g_axis = |v: [f64; 3]| -> Vec<f64> {
-            gm.iter()
-                .map(|r| r[0] * v[0] + r[1] * v[1] + r[2] * v[2])
-                .collect()
+        // `G v` for one axis of 3 taps (α values, the rest zeros).
+        let g_axis = |v: [f64; 3]| -> [f64; 6] {
+            let mut u = [0.0; 6];
+            for (u, r) in u.iter_mut().zip(gm) {
+                *u = r[0] * v[0] + r[1] * v[1] + r[2] * v[2];
+            }
+            u
         };
         // u[ξ][co · cin + ci]: each ξ is the weight of a 1×1 convolution cin → cout.
         let mut u = vec![vec![0f32; cout * cin]; a * a];
@@ -411,7 +410,6 @@ impl Winograd {
                 .collect::<Result<_>>()?,
             tile,
             fused: g.cin < FUSED_BELOW,
-            block_bytes: BLOCK_BYTES,
             geom: *g,
             zeros: vec![0.0; cin.max(cout)],
         })
